@@ -1,0 +1,117 @@
+"""The FastAPI application factory and its background scheduler."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from datetime import datetime, timezone
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from coordinator.blobs import BlobStore
+from coordinator.db import make_engine, make_session_factory
+from coordinator.errors import ServiceError
+from coordinator.migrate import upgrade_to_head
+from coordinator.routes import router
+from coordinator.services.scheduling import scheduler_tick
+from coordinator.settings import Settings
+from shared import __version__
+
+log = logging.getLogger("hilora.coordinator")
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Scheduler:
+    """Runs ``scheduler_tick`` every ``interval`` seconds, or at once when woken (after an upload
+    completes). One thread; every tick is a few short transactions."""
+
+    def __init__(self, session_factory, blobs: BlobStore, clock: Clock, interval: float) -> None:  # noqa: ANN001
+        self._session_factory = session_factory
+        self._blobs = blobs
+        self._clock = clock
+        self._interval = interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="hilora-scheduler", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                while scheduler_tick(self._session_factory, self._blobs, self._clock()) and not self._stop.is_set():
+                    pass
+            except Exception:  # keep the loop alive; the failure is logged with its traceback
+                log.exception("scheduler tick failed")
+
+
+def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
+    """Build the coordinator from settings (default: environment variables ``HILORA_*``)."""
+    settings = settings or Settings()
+    clock = clock or utc_now
+    engine = make_engine(settings.database_url)
+    if settings.migrate_on_start:
+        upgrade_to_head(engine)
+    session_factory = make_session_factory(engine)
+    blobs = BlobStore(settings.blob_dir)
+    scheduler = Scheduler(session_factory, blobs, clock, settings.scheduler_interval)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        if settings.run_scheduler:
+            scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.stop()
+            engine.dispose()
+
+    app = FastAPI(title="hilora coordinator", version=__version__, lifespan=lifespan,
+                  description="HiLoRA federated learning: registration, tasks, adapters, clustering.")
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = session_factory
+    app.state.blobs = blobs
+    app.state.clock = clock
+    app.state.scheduler = scheduler
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status_code == 429 else None
+        return JSONResponse(status_code=exc.status_code, content={"error": exc.code, "detail": exc.detail},
+                            headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:10]:
+            loc = ".".join(str(x) for x in err.get("loc", ()))
+            parts.append(f"{loc}: {err.get('msg')}")
+        return JSONResponse(status_code=422, content={"error": "invalid_request", "detail": "; ".join(parts)})
+
+    app.include_router(router)
+    return app

@@ -1,0 +1,70 @@
+"""Content-addressed blob store on the filesystem: ``<root>/<sha[:2]>/<sha>``.
+
+Writes go to a temp file in the store and are renamed into place, so a blob is either absent or
+complete; the name is the sha256 of the bytes, verified before the rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+
+class BlobNotFound(KeyError):
+    pass
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "tmp").mkdir(exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise BlobNotFound(sha256)
+        return self.root / sha256[:2] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        try:
+            return self.path(sha256).is_file()
+        except BlobNotFound:
+            return False
+
+    def put_bytes(self, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        if self.exists(sha):
+            return sha
+        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self._move_into_place(Path(tmp), sha)
+        return sha
+
+    def temp_file(self) -> tuple[int, Path]:
+        """A new temp file inside the store (same filesystem, so adopting it is a rename)."""
+        fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
+        return fd, Path(tmp)
+
+    def adopt(self, tmp: Path, sha256: str) -> str:
+        """Move a fully written temp file whose sha256 the caller computed into the store."""
+        if self.exists(sha256):
+            tmp.unlink(missing_ok=True)
+            return sha256
+        self._move_into_place(tmp, sha256)
+        return sha256
+
+    def get_bytes(self, sha256: str) -> bytes:
+        try:
+            return self.path(sha256).read_bytes()
+        except FileNotFoundError as exc:
+            raise BlobNotFound(sha256) from exc
+
+    def _move_into_place(self, tmp: Path, sha256: str) -> None:
+        dest = self.path(sha256)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)

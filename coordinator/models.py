@@ -1,0 +1,212 @@
+"""SQLAlchemy 2 tables of the coordinator. Every schema change goes through an Alembic migration.
+
+Invariants live in the database: one task per (round, client), one adapter version per
+(federation, tier, scope, version), one round per (federation, stage, scope, number), unique
+token hashes. Status values are documented on the enums in ``shared.schemas``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive UTC text)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):  # noqa: ANN001
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value, dialect):  # noqa: ANN001
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Blob(Base):
+    """A content-addressed file in the blob store, verified against its sha256 before insertion."""
+
+    __tablename__ = "blobs"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(32))  # backbone | upload | adapter | affinity
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Federation(Base):
+    __tablename__ = "federations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    config: Mapped[dict] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))
+    enrollment_secret_hash: Mapped[str] = mapped_column(String(64))
+    backbone_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    last_rho: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Client(Base):
+    """A data owner. ``cohort`` is 'train' for clients registered before the probe stage and
+    'late' for clients onboarded afterwards (the unseen clients of the paper)."""
+
+    __tablename__ = "clients"
+    __table_args__ = (UniqueConstraint("federation_id", "name", name="uq_clients_federation_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16))  # active | revoked
+    cohort: Mapped[str] = mapped_column(String(16))  # train | late
+    num_samples: Mapped[int] = mapped_column(Integer, default=0)
+    cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id"), nullable=True)
+    onboarding: Mapped[str] = mapped_column(String(16), default="none")  # none | probe | leaf | ready
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ClusteringRun(Base):
+    __tablename__ = "clustering_runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id", ondelete="CASCADE"), index=True)
+    probe_round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"))
+    features: Mapped[str] = mapped_column(String(16))
+    k: Mapped[int] = mapped_column(Integer)
+    num_clients: Mapped[int] = mapped_column(Integer)
+    eigengaps: Mapped[list] = mapped_column(JSON)
+    contrast_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
+    affinity_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Cluster(Base):
+    """A cluster; ``label`` is stable across clustering reruns (matched by membership overlap)."""
+
+    __tablename__ = "clusters"
+    __table_args__ = (UniqueConstraint("federation_id", "label", name="uq_clusters_federation_label"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id", ondelete="CASCADE"), index=True)
+    label: Mapped[int] = mapped_column(Integer)
+    created_run_id: Mapped[int] = mapped_column(ForeignKey("clustering_runs.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Assignment(Base):
+    """History of client -> cluster assignments: from a clustering run or from onboarding."""
+
+    __tablename__ = "assignments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"), index=True)
+    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id"))
+    clustering_run_id: Mapped[int | None] = mapped_column(ForeignKey("clustering_runs.id"), nullable=True)
+    source: Mapped[str] = mapped_column(String(16))  # lsac | onboarding
+    similarity: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Round(Base):
+    """A round: open -> done (aggregated or, for probe/leaf, all tasks terminal) | failed.
+
+    ``scope`` is 'all' (every training client), 'root', 'cluster:<id>' or 'client:<id>'
+    (onboarding of one late client)."""
+
+    __tablename__ = "rounds"
+    __table_args__ = (
+        UniqueConstraint("federation_id", "stage", "scope", "number", name="uq_rounds_identity"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id", ondelete="CASCADE"), index=True)
+    stage: Mapped[str] = mapped_column(String(16))
+    scope: Mapped[str] = mapped_column(String(64))
+    number: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    # Plain ids, not foreign keys: adapter_versions -> clusters -> clustering_runs -> rounds would
+    # otherwise form a cycle that SQLite cannot create.
+    input_root_version_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    input_cluster_version_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    result_version_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    rho: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class AdapterVersion(Base):
+    """An immutable adapter version: (federation, tier, scope, version) -> blob."""
+
+    __tablename__ = "adapter_versions"
+    __table_args__ = (
+        UniqueConstraint("federation_id", "tier", "scope", "version", name="uq_adapter_versions_identity"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id", ondelete="CASCADE"), index=True)
+    tier: Mapped[str] = mapped_column(String(16))  # root | cluster
+    scope: Mapped[str] = mapped_column(String(64))  # root | cluster:<cluster id>
+    cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id"), nullable=True)
+    version: Mapped[int] = mapped_column(Integer)
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Task(Base):
+    """One client's work in one round. Status transitions are documented on
+    ``shared.schemas.TaskStatus``; every transition is a guarded UPDATE."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("round_id", "client_id", name="uq_tasks_round_client"),
+        Index("ix_tasks_client_status", "client_id", "status"),
+        Index("ix_tasks_status_expiry", "status", "lease_expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id", ondelete="CASCADE"))
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    stage: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    lease_id: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    reset_leaf: Mapped[bool] = mapped_column(Boolean, default=False)
+    upload_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), nullable=True)
+    upload_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    num_samples: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

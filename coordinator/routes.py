@@ -1,0 +1,347 @@
+"""HTTP routes under /v1. Each route parses, authenticates, calls one service function inside one
+transaction and maps domain errors (``coordinator.errors``) to HTTP codes (in ``app``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from coordinator.errors import (
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    UpgradeRequired,
+)
+from coordinator.migrate import schema_is_at_head
+from coordinator.models import AdapterVersion, Blob, Client
+from coordinator.security import constant_time_equals
+from coordinator.services import federations, registration, reporting, tasks
+from coordinator.services.scheduling import start_training
+from shared import PROTOCOL_VERSION, __version__
+from shared.config import FederationConfig
+from shared.schemas import (
+    PROTOCOL_HEADER,
+    SHA256_HEADER,
+    WORKER_ID_HEADER,
+    ClientRegister,
+    ClientRegistered,
+    ErrorBody,
+    FederationCreate,
+    FederationCreated,
+    FederationReport,
+    FederationState,
+    FederationStatus,
+    Heartbeat,
+    HeartbeatAck,
+    LeaseResponse,
+    TaskComplete,
+    TaskCompleted,
+    TaskStatus,
+    UploadAck,
+    VersionInfo,
+)
+
+MAX_BLOB_BYTES = 4 * 1024**3
+CHUNK = 1 << 20
+
+
+def check_protocol(x_hilora_protocol: Annotated[str | None, Header(alias=PROTOCOL_HEADER)] = None) -> None:
+    """Workers send their protocol version; an incompatible one is refused with 426."""
+    if x_hilora_protocol is not None and x_hilora_protocol.strip() != str(PROTOCOL_VERSION):
+        raise UpgradeRequired(f"this coordinator speaks protocol {PROTOCOL_VERSION} (hilora {__version__}); "
+                              f"the caller sent {x_hilora_protocol!r}: upgrade the worker or coordinator")
+
+
+_errors = {s: {"model": ErrorBody} for s in (401, 403, 404, 409, 413, 422, 426)}
+router = APIRouter(prefix="/v1", dependencies=[Depends(check_protocol)], responses=_errors)
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.session_factory() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def bearer_token(authorization: Annotated[str | None, Header()] = None) -> str:
+    if not authorization or not authorization.startswith("Bearer ") or not authorization[7:].strip():
+        raise Unauthorized("missing 'Authorization: Bearer <token>' header", code="missing_token")
+    return authorization[7:].strip()
+
+
+Token = Annotated[str, Depends(bearer_token)]
+
+
+def _is_admin(request: Request, token: str) -> bool:
+    return constant_time_equals(token, request.app.state.settings.admin_token)
+
+
+def require_admin(request: Request, token: Token) -> None:
+    if not _is_admin(request, token):
+        raise Unauthorized("this route needs the admin token", code="bad_admin_token")
+
+
+AdminAuth = Annotated[None, Depends(require_admin)]
+
+
+def _now(request: Request):  # noqa: ANN202
+    return request.app.state.clock()
+
+
+def _client_or_admin(request: Request, session: Session, token: str, federation_id: int) -> Client | None:
+    """None for the admin; the client for a client token of this federation; else 403/401."""
+    if _is_admin(request, token):
+        return None
+    client = registration.authenticate_client(session, token)
+    if client.federation_id != federation_id:
+        raise Forbidden(f"this client belongs to federation {client.federation_id}, not {federation_id}",
+                        code="other_federation")
+    return client
+
+
+# ---------------------------------------------------------------- health and version
+
+@router.get("/version", response_model=VersionInfo)
+def version() -> VersionInfo:
+    return VersionInfo(version=__version__, protocol=PROTOCOL_VERSION)
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(request: Request, response: Response) -> dict:
+    try:
+        ready = schema_is_at_head(request.app.state.engine)
+    except Exception as exc:  # the database is down or unreachable: not ready, say why
+        response.status_code = 503
+        return {"ready": False, "detail": f"database: {type(exc).__name__}"}
+    if not ready:
+        response.status_code = 503
+        return {"ready": False, "detail": "schema is not at the newest migration: run `hilora migrate`"}
+    return {"ready": True}
+
+
+# ---------------------------------------------------------------- admin
+
+@router.put("/blobs/{sha256}", status_code=201)
+async def put_blob(sha256: str, request: Request, _admin: AdminAuth) -> dict:
+    """Upload a content-addressed blob (a backbone checkpoint); the body must hash to ``sha256``."""
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise Invalid("the blob name must be a lowercase hex sha256", code="bad_sha256")
+    sha, size, tmp = await _stream_to_temp(request, MAX_BLOB_BYTES)
+    if sha != sha256:
+        tmp.unlink(missing_ok=True)
+        raise Invalid(f"the body hashes to {sha}, not {sha256}", code="sha256_mismatch")
+
+    def record() -> None:
+        blobs = request.app.state.blobs
+        blobs.adopt(tmp, sha)
+        with request.app.state.session_factory() as session, session.begin():
+            if session.get(Blob, sha) is None:
+                session.add(Blob(sha256=sha, size=size, kind="backbone", created_at=_now(request)))
+
+    await run_in_threadpool(record)
+    return {"sha256": sha, "bytes": size}
+
+
+@router.post("/federations", response_model=FederationCreated, status_code=201)
+def create_federation(body: FederationCreate, request: Request, session: SessionDep,
+                      _admin: AdminAuth) -> FederationCreated:
+    with session.begin():
+        fed, secret = federations.create_federation(session, request.app.state.blobs, body.config,
+                                                    _now(request))
+        return FederationCreated(federation_id=fed.id, name=fed.name, state=FederationState(fed.state),
+                                 enrollment_secret=secret)
+
+
+@router.get("/federations", response_model=list[FederationStatus])
+def list_federations(session: SessionDep, _admin: AdminAuth) -> list[FederationStatus]:
+    with session.begin():
+        return [reporting.federation_status(session, f) for f in federations.list_federations(session)]
+
+
+@router.get("/federations/{federation_id}", response_model=FederationStatus)
+def federation_status(federation_id: int, session: SessionDep, _admin: AdminAuth) -> FederationStatus:
+    with session.begin():
+        return reporting.federation_status(session, federations.get_federation(session, federation_id))
+
+
+@router.get("/federations/{federation_id}/report", response_model=FederationReport)
+def federation_report(federation_id: int, session: SessionDep, _admin: AdminAuth) -> FederationReport:
+    with session.begin():
+        return reporting.federation_report(session, federations.get_federation(session, federation_id))
+
+
+@router.post("/federations/{federation_id}/start", response_model=FederationStatus)
+def start_federation(federation_id: int, request: Request, session: SessionDep,
+                     _admin: AdminAuth) -> FederationStatus:
+    """Start training now, with the clients registered so far (instead of waiting for min_clients)."""
+    with session.begin():
+        fed = federations.get_federation(session, federation_id)
+        if fed.state != FederationState.enrolling.value:
+            raise Conflict(f"federation {federation_id} is already {fed.state}", code="already_started")
+        start_training(session, fed, federations.federation_config(fed), _now(request))
+        status = reporting.federation_status(session, fed)
+    request.app.state.scheduler.wake()
+    return status
+
+
+# ---------------------------------------------------------------- clients
+
+@router.post("/federations/{federation_id}/clients", response_model=ClientRegistered, status_code=201)
+def register_client(federation_id: int, body: ClientRegister, request: Request, session: SessionDep,
+                    token: Token) -> ClientRegistered:
+    """Register with the federation's enrollment secret; the client token is shown once."""
+    with session.begin():
+        client, client_token = registration.register_client(session, federation_id, token, body.name,
+                                                            body.num_samples, _now(request))
+        result = ClientRegistered(federation_id=federation_id, client_id=client.id, name=client.name,
+                                  token=client_token, cohort=client.cohort)
+    request.app.state.scheduler.wake()
+    return result
+
+
+@router.get("/federations/{federation_id}/config", response_model=FederationConfig)
+def federation_config(federation_id: int, request: Request, session: SessionDep, token: Token) -> FederationConfig:
+    with session.begin():
+        _client_or_admin(request, session, token, federation_id)
+        return federations.federation_config(federations.get_federation(session, federation_id))
+
+
+@router.get("/federations/{federation_id}/backbone", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def backbone(federation_id: int, request: Request, session: SessionDep, token: Token) -> FileResponse:
+    with session.begin():
+        _client_or_admin(request, session, token, federation_id)
+        sha = federations.get_federation(session, federation_id).backbone_sha256
+    return FileResponse(request.app.state.blobs.path(sha), media_type="application/octet-stream",
+                        headers={"ETag": f'"{sha}"', SHA256_HEADER: sha})
+
+
+@router.get("/adapters/{version_id}", responses={200: {"content": {"application/octet-stream": {}}}})
+def adapter(version_id: int, request: Request, session: SessionDep, token: Token,
+            if_none_match: Annotated[str | None, Header()] = None) -> Response:
+    """An immutable adapter version as safetensors. Root versions: any client of the federation;
+    cluster versions: members of that cluster only (and the admin)."""
+    with session.begin():
+        version_row = session.get(AdapterVersion, version_id)
+        if version_row is None:
+            raise NotFound(f"adapter version {version_id} does not exist", code="adapter_not_found")
+        client = _client_or_admin(request, session, token, version_row.federation_id)
+        if client is not None and version_row.tier == "cluster" and client.cluster_id != version_row.cluster_id:
+            raise Forbidden("cluster adapters are readable only by members of that cluster",
+                            code="not_a_member")
+        sha = version_row.blob_sha256
+    etag = f'"{sha}"'
+    if if_none_match == etag:
+        return Response(status_code=304, headers={"ETag": etag})
+    return Response(content=request.app.state.blobs.get_bytes(sha), media_type="application/octet-stream",
+                    headers={"ETag": etag, SHA256_HEADER: sha, "Cache-Control": "private, max-age=31536000, immutable"})
+
+
+# ---------------------------------------------------------------- tasks
+
+@router.post("/clients/{client_id}/lease", response_model=LeaseResponse)
+def lease(client_id: int, request: Request, session: SessionDep, token: Token,
+          worker_id: Annotated[str, Header(alias=WORKER_ID_HEADER, min_length=1, max_length=200)] = "anonymous",
+          ) -> LeaseResponse:
+    """Lease the client's next task, or get 'no work, retry after N s'."""
+    with session.begin():
+        client = registration.authenticate_client(session, token)
+        if client.id != client_id:
+            raise Forbidden(f"this token belongs to client {client.id}; it cannot lease for client {client_id}",
+                            code="not_your_client")
+        return tasks.lease_task(session, client, worker_id, _now(request))
+
+
+@router.post("/tasks/{task_id}/heartbeat", response_model=HeartbeatAck)
+def heartbeat(task_id: int, body: Heartbeat, request: Request, session: SessionDep, token: Token) -> HeartbeatAck:
+    with session.begin():
+        client = registration.authenticate_client(session, token)
+        return HeartbeatAck(lease_expires_at=tasks.heartbeat(session, client, task_id, body.lease_id,
+                                                             _now(request)))
+
+
+async def _stream_to_temp(request: Request, limit: int) -> tuple[str, int, Path]:
+    """Stream the body into a temp file of the blob store, hashing as it goes; never the whole
+    body in memory. Refuses (413) as soon as the body passes ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is {declared} bytes; the limit for this request is {limit}")
+    fd, tmp = request.app.state.blobs.temp_file()
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"the body passed the limit of {limit} bytes for this request")
+                digest.update(chunk)
+                fh.write(chunk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return digest.hexdigest(), size, tmp
+
+
+@router.put("/tasks/{task_id}/upload", response_model=UploadAck,
+            openapi_extra={"requestBody": {"required": True,
+                                           "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+async def upload(task_id: int, request: Request, token: Token,
+                 lease_id: Annotated[str, Query(min_length=1, max_length=64)],
+                 declared_sha: Annotated[str | None, Header(alias=SHA256_HEADER)] = None) -> UploadAck:
+    """Upload the task's tensors (safetensors body) under its lease. Checked against the manifest."""
+    factory = request.app.state.session_factory
+
+    def limit_for_task() -> int:
+        with factory() as session, session.begin():
+            client = registration.authenticate_client(session, token)
+            return tasks.upload_limit_for_task(session, client, task_id)
+
+    limit = await run_in_threadpool(limit_for_task)
+    if limit == 0:
+        raise Conflict("this task takes no upload (leaves never leave the client): complete it with metrics",
+                       code="no_upload_expected")
+    sha, size, tmp = await _stream_to_temp(request, limit)
+    if declared_sha is not None and declared_sha.lower() != sha:
+        tmp.unlink(missing_ok=True)
+        raise Invalid(f"the body hashes to {sha}, but {SHA256_HEADER} says {declared_sha}", code="sha256_mismatch")
+
+    def accept() -> tuple[str, int]:
+        with factory() as session, session.begin():
+            client = registration.authenticate_client(session, token)
+            return tasks.accept_upload(session, request.app.state.blobs, client, task_id, lease_id, tmp, sha,
+                                       size, _now(request))
+
+    try:
+        sha, size = await run_in_threadpool(accept)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return UploadAck(task_id=task_id, sha256=sha, bytes=size)
+
+
+@router.post("/tasks/{task_id}/complete", response_model=TaskCompleted)
+def complete(task_id: int, body: TaskComplete, request: Request, session: SessionDep, token: Token) -> TaskCompleted:
+    with session.begin():
+        client = registration.authenticate_client(session, token)
+        task = tasks.complete_task(session, client, task_id, body.lease_id, body.num_samples, body.metrics,
+                                   _now(request))
+        result = TaskCompleted(task_id=task.id, status=TaskStatus(task.status))
+    request.app.state.scheduler.wake()
+    return result

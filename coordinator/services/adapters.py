@@ -1,0 +1,87 @@
+"""Adapter versions: creation of version 0 in numpy, immutable versions as blobs, loading."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.blobs import BlobStore
+from coordinator.errors import Invalid
+from coordinator.models import AdapterVersion, Blob
+from shared.manifest import AdapterManifest
+from shared.tensors import pack_tensors, unpack_tensors
+
+Tensors = dict[str, np.ndarray]
+
+
+def _seed_for(*parts: object) -> int:
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def initial_tier_tensors(manifest: AdapterManifest, tier: str, head: Tensors, seed_parts: tuple) -> Tensors:
+    """Version 0 of a tier: A uniform in +-1/sqrt(in) (kaiming-uniform with a = sqrt(5), as
+    ``nn.Linear``), B zero (so the tier starts as the identity update), head copied from ``head``."""
+    rng = np.random.default_rng(_seed_for(*seed_parts))
+    out: Tensors = {}
+    for name, shape in manifest.factor_shapes(tier, "A").items():
+        bound = 1.0 / np.sqrt(shape[1])
+        out[name] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
+    for name, shape in manifest.factor_shapes(tier, "B").items():
+        out[name] = np.zeros(shape, dtype=np.float32)
+    for name, shape in manifest.factor_shapes(tier, "head").items():
+        value = np.asarray(head[name], dtype=np.float32)
+        if value.shape != shape:
+            raise Invalid(f"head tensor {name} has shape {value.shape}, manifest expects {shape}")
+        out[name] = value.copy()
+    return out
+
+
+def backbone_head(manifest: AdapterManifest, backbone: bytes) -> Tensors:
+    """The backbone checkpoint's classifier head when its shape fits the manifest, else zeros."""
+    try:
+        tensors = unpack_tensors(backbone)
+    except ValueError as exc:
+        raise Invalid(f"the backbone blob is not a readable safetensors checkpoint: {exc}") from exc
+    shapes = manifest.factor_shapes("root", "head")
+    head: Tensors = {}
+    for name, shape in shapes.items():
+        value = tensors.get(name)
+        head[name] = (np.asarray(value, dtype=np.float32) if value is not None and value.shape == shape
+                      else np.zeros(shape, dtype=np.float32))
+    return head
+
+
+def write_version(session: Session, blobs: BlobStore, *, federation_id: int, tier: str, scope: str,
+                  cluster_id: int | None, version: int, tensors: Tensors, now: datetime) -> AdapterVersion:
+    data = pack_tensors(tensors)
+    sha = blobs.put_bytes(data)
+    if session.get(Blob, sha) is None:
+        session.add(Blob(sha256=sha, size=len(data), kind="adapter", created_at=now))
+        session.flush()
+    row = AdapterVersion(federation_id=federation_id, tier=tier, scope=scope, cluster_id=cluster_id,
+                         version=version, blob_sha256=sha, created_at=now)
+    session.add(row)
+    session.flush()
+    return row
+
+
+def latest_version(session: Session, federation_id: int, scope: str) -> AdapterVersion | None:
+    return session.scalars(
+        select(AdapterVersion)
+        .where(AdapterVersion.federation_id == federation_id, AdapterVersion.scope == scope)
+        .order_by(AdapterVersion.version.desc())
+        .limit(1)
+    ).first()
+
+
+def load_version(blobs: BlobStore, version: AdapterVersion) -> Tensors:
+    return unpack_tensors(blobs.get_bytes(version.blob_sha256))
+
+
+def head_of(tensors: Tensors) -> Tensors:
+    return {k: v for k, v in tensors.items() if k.startswith("head.")}

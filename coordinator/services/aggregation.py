@@ -1,0 +1,76 @@
+"""Aggregation of a finished root or cluster round into a new adapter version.
+
+A pure function of the accepted uploads: they are sorted by client id and combined in float64
+(``shared.aggregate``), so the same uploads always produce the same bytes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.blobs import BlobStore
+from coordinator.models import AdapterVersion, Round, Task
+from coordinator.services.adapters import Tensors, load_version, write_version
+from shared.aggregate import aggregate_product_space, average_factors, relative_change
+from shared.config import FederationConfig, TierPolicy
+from shared.manifest import AdapterManifest
+from shared.schemas import TaskStatus
+from shared.tensors import unpack_tensors
+
+
+def combine_uploads(manifest: AdapterManifest, tier: str, policy: TierPolicy, previous: Tensors,
+                    uploads: list[Tensors], weights: list[float]) -> Tensors:
+    """The next version of a tier from the previous one and the uploads (already in client order).
+
+    Aggregated factors are combined (product space + rank-r SVD, or plain averaging); frozen and
+    local factors keep the previous version's values."""
+    rank = manifest.tiers[tier].rank
+    out: Tensors = {k: v.astype(np.float64) for k, v in previous.items()}
+    if policy.A == "aggregate" and policy.B == "aggregate" and policy.aggregation == "product_svd":
+        for t in manifest.targets:
+            a_name, b_name = f"{t.name}.lora_A", f"{t.name}.lora_B"
+            b, a = aggregate_product_space([u[b_name] for u in uploads], [u[a_name] for u in uploads],
+                                           weights, rank)
+            out[a_name], out[b_name] = a, b
+    else:
+        for factor in ("A", "B"):
+            if getattr(policy, factor) == "aggregate":
+                for name in manifest.factor_shapes(tier, factor):
+                    out[name] = average_factors([u[name] for u in uploads], weights)
+    if policy.head == "aggregate":
+        for name in manifest.factor_shapes(tier, "head"):
+            out[name] = average_factors([u[name] for u in uploads], weights)
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def factor_pairs(manifest: AdapterManifest, tensors: Tensors) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {t.name: (tensors[f"{t.name}.lora_B"].astype(np.float64), tensors[f"{t.name}.lora_A"].astype(np.float64))
+            for t in manifest.targets}
+
+
+def aggregate_round(session: Session, blobs: BlobStore, cfg: FederationConfig, rnd: Round,
+                    now: datetime) -> AdapterVersion:
+    """Aggregate the done tasks of a root or cluster round into version n+1 of its adapter and
+    record rho on the round. MUST NOT be called with no done task."""
+    tier = "root" if rnd.stage == "root" else "cluster"
+    prev_id = rnd.input_root_version_id if tier == "root" else rnd.input_cluster_version_id
+    previous_row = session.get(AdapterVersion, prev_id)
+    previous = load_version(blobs, previous_row)
+    tasks = list(session.scalars(
+        select(Task).where(Task.round_id == rnd.id, Task.status == TaskStatus.done.value)
+        .order_by(Task.client_id)
+    ))
+    if not tasks:
+        raise ValueError(f"round {rnd.id} has no accepted upload to aggregate")
+    policy = cfg.tier_policy(tier)
+    factors = policy.uploaded_factors()
+    uploads = [unpack_tensors(blobs.get_bytes(t.upload_sha256)) if factors else {} for t in tasks]
+    weights = [float(max(t.num_samples or 0, 1)) for t in tasks]
+    new = combine_uploads(cfg.manifest, tier, policy, previous, uploads, weights)
+    rnd.rho = relative_change(factor_pairs(cfg.manifest, new), factor_pairs(cfg.manifest, previous))
+    return write_version(session, blobs, federation_id=rnd.federation_id, tier=tier,
+                         scope=previous_row.scope, cluster_id=previous_row.cluster_id,
+                         version=previous_row.version + 1, tensors=new, now=now)

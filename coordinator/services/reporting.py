@@ -1,0 +1,93 @@
+"""Read models for admins: federation status (progress) and report (per-client results)."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from coordinator.models import Client, Cluster, ClusteringRun, Federation, Round, Task
+from coordinator.services.adapters import latest_version
+from coordinator.services.clustering import latest_run
+from coordinator.services.tasks import count_tasks
+from shared.schemas import (
+    ClientReport,
+    ClusterInfo,
+    ClusteringRunInfo,
+    FederationReport,
+    FederationState,
+    FederationStatus,
+    RoundInfo,
+    TaskStatus,
+)
+
+
+def _round_info(session: Session, rnd: Round) -> RoundInfo:
+    counts = count_tasks(session, rnd.id)
+    return RoundInfo(id=rnd.id, stage=rnd.stage, scope=rnd.scope, number=rnd.number, status=rnd.status,
+                     tasks_total=sum(counts.values()), tasks_done=counts.get(TaskStatus.done.value, 0),
+                     tasks_failed=counts.get(TaskStatus.failed.value, 0), rho=rnd.rho,
+                     created_at=rnd.created_at, closed_at=rnd.closed_at)
+
+
+def _run_info(run: ClusteringRun | None) -> ClusteringRunInfo | None:
+    if run is None:
+        return None
+    return ClusteringRunInfo(id=run.id, k=run.k, features=run.features, num_clients=run.num_clients,
+                             eigengaps=list(run.eigengaps), contrast_ratio=run.contrast_ratio,
+                             created_at=run.created_at)
+
+
+def _uploaded_bytes(session: Session, fed_id: int) -> int:
+    return int(session.scalar(select(func.coalesce(func.sum(Task.upload_bytes), 0)).where(
+        Task.federation_id == fed_id, Task.status == TaskStatus.done.value)) or 0)
+
+
+def federation_status(session: Session, fed: Federation, last_rounds: int = 50) -> FederationStatus:
+    clients = list(session.scalars(select(Client).where(Client.federation_id == fed.id)))
+    rounds = list(session.scalars(select(Round).where(Round.federation_id == fed.id)
+                                  .order_by(Round.id.desc()).limit(last_rounds)))
+    clusters = []
+    for cluster in session.scalars(select(Cluster).where(Cluster.federation_id == fed.id).order_by(Cluster.label)):
+        version = latest_version(session, fed.id, f"cluster:{cluster.id}")
+        clusters.append(ClusterInfo(id=cluster.id, label=cluster.label,
+                                    members=sorted(c.name for c in clients if c.cluster_id == cluster.id),
+                                    adapter_version=version.version if version else None))
+    root = latest_version(session, fed.id, "root")
+    stage_rounds = [r for r in rounds if r.stage == fed.state]
+    return FederationStatus(
+        federation_id=fed.id, name=fed.name, state=FederationState(fed.state),
+        clients_total=len(clients),
+        clients_training=sum(1 for c in clients if c.cohort == "train" and c.status == "active"),
+        stage_round=max((r.number for r in stage_rounds), default=0),
+        root_version=root.version if root else None, last_rho=fed.last_rho,
+        uploaded_bytes=_uploaded_bytes(session, fed.id),
+        rounds=[_round_info(session, r) for r in reversed(rounds)],
+        clusters=clusters, clustering=_run_info(latest_run(session, fed.id)),
+        onboarding_pending=sum(1 for c in clients if c.cohort == "late" and c.onboarding != "ready"
+                               and c.status == "active"),
+    )
+
+
+def federation_report(session: Session, fed: Federation) -> FederationReport:
+    clients = list(session.scalars(select(Client).where(Client.federation_id == fed.id).order_by(Client.id)))
+    labels = {c.id: c.label for c in session.scalars(select(Cluster).where(Cluster.federation_id == fed.id))}
+    reports = []
+    for client in clients:
+        tasks = list(session.scalars(select(Task).where(
+            Task.client_id == client.id, Task.status == TaskStatus.done.value).order_by(Task.id)))
+        metrics: dict[str, float] = {}
+        zero_shot = None
+        for task in tasks:
+            metrics.update(task.metrics or {})
+            if zero_shot is None and task.stage == "leaf" and "acc_cluster" in (task.metrics or {}):
+                zero_shot = float(task.metrics["acc_cluster"])
+        reports.append(ClientReport(
+            client_id=client.id, name=client.name, cohort=client.cohort,
+            cluster_label=labels.get(client.cluster_id) if client.cluster_id else None,
+            num_samples=client.num_samples, metrics=metrics, zero_shot=zero_shot,
+            uploaded_bytes=sum(t.upload_bytes for t in tasks)))
+    rounds = list(session.scalars(select(Round).where(Round.federation_id == fed.id).order_by(Round.id)))
+    return FederationReport(federation_id=fed.id, name=fed.name, state=FederationState(fed.state),
+                            clustering=_run_info(latest_run(session, fed.id)), clients=reports,
+                            uploaded_bytes=_uploaded_bytes(session, fed.id),
+                            rounds=[_round_info(session, r) for r in rounds])

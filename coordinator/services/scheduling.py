@@ -1,0 +1,351 @@
+"""The scheduler: opens rounds, aggregates finished ones and moves federations through their stages.
+
+``advance_federation`` is called by the coordinator's background loop (and by tests, with an
+injected ``now``). Each call makes every transition that is due and returns how many it made; it
+is idempotent when nothing is due. Stage order: enrolling -> root -> probe -> cluster -> leaf ->
+serving (``shared.schemas.FederationState``). Late clients are onboarded while serving:
+waiting -> probe -> leaf -> ready (``Client.onboarding``).
+
+Quorum (v0): a round closes when all its tasks are terminal; it aggregates if at least one task is
+done, otherwise it is recorded as failed and reopened with fresh tasks.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from coordinator.blobs import BlobStore
+from coordinator.errors import Conflict
+from coordinator.models import Client, Cluster, Federation, Round, Task
+from coordinator.services.adapters import latest_version
+from coordinator.services.aggregation import aggregate_round
+from coordinator.services.clustering import assign_late_client, cluster_probes
+from coordinator.services.federations import federation_config, get_federation
+from coordinator.services.tasks import count_tasks, expire_leases
+from shared.config import FederationConfig
+from shared.schemas import FederationState, TaskStatus
+
+TERMINAL = (TaskStatus.done.value, TaskStatus.failed.value)
+MAX_TRANSITIONS_PER_CALL = 64
+
+
+def open_round(session: Session, fed: Federation, stage: str, scope: str, client_ids: list[int],
+               now: datetime, root_version_id: int | None, cluster_version_id: int | None = None,
+               reset_leaf: bool = False) -> Round:
+    """Open the next round of (stage, scope) with one pending task per client."""
+    last = session.scalar(select(func.max(Round.number)).where(
+        Round.federation_id == fed.id, Round.stage == stage, Round.scope == scope))
+    rnd = Round(federation_id=fed.id, stage=stage, scope=scope, number=(last or 0) + 1, status="open",
+                input_root_version_id=root_version_id, input_cluster_version_id=cluster_version_id,
+                created_at=now)
+    session.add(rnd)
+    session.flush()
+    for cid in sorted(client_ids):
+        session.add(Task(round_id=rnd.id, federation_id=fed.id, client_id=cid, stage=stage,
+                         status=TaskStatus.pending.value, attempt=0, reset_leaf=reset_leaf, created_at=now))
+    session.flush()
+    return rnd
+
+
+def _training_clients(session: Session, fed: Federation) -> list[Client]:
+    return list(session.scalars(
+        select(Client).where(Client.federation_id == fed.id, Client.status == "active",
+                             Client.cohort == "train").order_by(Client.id)))
+
+
+def _latest_round(session: Session, fed: Federation, stage: str, scope: str) -> Round | None:
+    return session.scalars(
+        select(Round).where(Round.federation_id == fed.id, Round.stage == stage, Round.scope == scope)
+        .order_by(Round.number.desc()).limit(1)).first()
+
+
+def _done_rounds(session: Session, fed: Federation, stage: str, scope: str) -> int:
+    return session.scalar(select(func.count()).select_from(Round).where(
+        Round.federation_id == fed.id, Round.stage == stage, Round.scope == scope,
+        Round.status == "done")) or 0
+
+
+def _finished(session: Session, rnd: Round) -> tuple[bool, int]:
+    """(all tasks terminal, number done)."""
+    counts = count_tasks(session, rnd.id)
+    total = sum(counts.values())
+    terminal = sum(counts.get(s, 0) for s in TERMINAL)
+    return total == terminal, counts.get(TaskStatus.done.value, 0)
+
+
+def _set_state(fed: Federation, state: FederationState, now: datetime) -> None:
+    fed.state = state.value
+    fed.updated_at = now
+
+
+def _root_version_id(session: Session, fed: Federation) -> int:
+    return latest_version(session, fed.id, "root").id
+
+
+def start_training(session: Session, fed: Federation, cfg: FederationConfig, now: datetime) -> None:
+    clients = _training_clients(session, fed)
+    if not clients:
+        raise Conflict("no client is registered: nothing to train", code="no_clients")
+    if cfg.schedule.root_rounds > 0:
+        _set_state(fed, FederationState.root, now)
+        open_round(session, fed, "root", "root", [c.id for c in clients], now, _root_version_id(session, fed))
+    else:
+        _enter_probe_or_leaf(session, fed, cfg, now)
+
+
+def _enter_probe_or_leaf(session: Session, fed: Federation, cfg: FederationConfig, now: datetime) -> None:
+    clients = [c.id for c in _training_clients(session, fed)]
+    if cfg.cluster.enabled:
+        _set_state(fed, FederationState.probe, now)
+        open_round(session, fed, "probe", "all", clients, now, _root_version_id(session, fed))
+    else:
+        _enter_leaf(session, fed, cfg, now)
+
+
+def _enter_leaf(session: Session, fed: Federation, cfg: FederationConfig, now: datetime) -> None:
+    if cfg.schedule.leaf_rounds > 0:
+        _set_state(fed, FederationState.leaf, now)
+        _open_leaf_rounds(session, fed, now, first=True)
+    else:
+        _set_state(fed, FederationState.serving, now)
+
+
+def _open_leaf_rounds(session: Session, fed: Federation, now: datetime, first: bool) -> None:
+    """Leaf rounds run per client's cluster adapter; one round (scope 'all') per leaf round, each
+    task pointing at the root and the client's cluster through its round inputs. Clients in
+    different clusters need different inputs, so the leaf stage opens one round per cluster
+    (scope 'leaf:<cluster id>') plus one for clients without a cluster ('leaf:none')."""
+    root_id = _root_version_id(session, fed)
+    groups: dict[int | None, list[int]] = {}
+    for c in _training_clients(session, fed):
+        groups.setdefault(c.cluster_id, []).append(c.id)
+    for cluster_id, members in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        cluster_version = latest_version(session, fed.id, f"cluster:{cluster_id}") if cluster_id else None
+        open_round(session, fed, "leaf", f"leaf:{cluster_id if cluster_id else 'none'}", members, now,
+                   root_id, cluster_version.id if cluster_version else None, reset_leaf=first)
+
+
+def advance_federation(session: Session, blobs: BlobStore, federation_id: int, now: datetime) -> int:
+    """Make every transition of one federation that is due. Returns how many were made."""
+    fed = get_federation(session, federation_id)
+    cfg = federation_config(fed)
+    made = 0
+    for _ in range(MAX_TRANSITIONS_PER_CALL):
+        if not _advance_once(session, blobs, fed, cfg, now):
+            break
+        made += 1
+        session.flush()
+    return made
+
+
+def _advance_once(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
+                  now: datetime) -> bool:
+    state = FederationState(fed.state)
+    if state == FederationState.enrolling:
+        if len(_training_clients(session, fed)) >= cfg.schedule.min_clients:
+            start_training(session, fed, cfg, now)
+            return True
+        return False
+    if state == FederationState.root:
+        return _advance_root(session, blobs, fed, cfg, now)
+    if state == FederationState.probe:
+        return _advance_probe(session, blobs, fed, cfg, now)
+    if state == FederationState.cluster:
+        return _advance_cluster(session, blobs, fed, cfg, now)
+    if state == FederationState.leaf:
+        return _advance_leaf(session, fed, cfg, now)
+    return _advance_onboarding(session, blobs, fed, cfg, now)
+
+
+def _close(rnd: Round, status: str, now: datetime) -> None:
+    rnd.status = status
+    rnd.closed_at = now
+
+
+def _advance_root(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
+                  now: datetime) -> bool:
+    rnd = _latest_round(session, fed, "root", "root")
+    if rnd is None or rnd.status != "open":
+        open_round(session, fed, "root", "root", [c.id for c in _training_clients(session, fed)], now,
+                   _root_version_id(session, fed))
+        return True
+    finished, done = _finished(session, rnd)
+    if not finished:
+        return False
+    if done == 0:
+        _close(rnd, "failed", now)
+        return True
+    version = aggregate_round(session, blobs, cfg, rnd, now)
+    rnd.result_version_id = version.id
+    fed.last_rho = rnd.rho
+    _close(rnd, "done", now)
+    done_rounds = _done_rounds(session, fed, "root", "root")
+    converged = cfg.schedule.tau_rel > 0 and rnd.rho is not None and rnd.rho <= cfg.schedule.tau_rel
+    if done_rounds >= cfg.schedule.root_rounds or converged:
+        _enter_probe_or_leaf(session, fed, cfg, now)
+    else:
+        open_round(session, fed, "root", "root", [c.id for c in _training_clients(session, fed)], now,
+                   version.id)
+    return True
+
+
+def _advance_probe(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
+                   now: datetime) -> bool:
+    rnd = _latest_round(session, fed, "probe", "all")
+    finished, done = _finished(session, rnd)
+    if not finished:
+        return False
+    if done == 0:
+        _close(rnd, "failed", now)
+        open_round(session, fed, "probe", "all", [c.id for c in _training_clients(session, fed)], now,
+                   rnd.input_root_version_id)
+        return True
+    cluster_probes(session, blobs, cfg, rnd, now)
+    _close(rnd, "done", now)
+    if cfg.schedule.cluster_rounds > 0:
+        _set_state(fed, FederationState.cluster, now)
+        for cluster in _clusters(session, fed):
+            _open_cluster_round(session, fed, cluster, now)
+    else:
+        _enter_leaf(session, fed, cfg, now)
+    return True
+
+
+def _clusters(session: Session, fed: Federation) -> list[Cluster]:
+    return list(session.scalars(select(Cluster).where(Cluster.federation_id == fed.id).order_by(Cluster.label)))
+
+
+def _open_cluster_round(session: Session, fed: Federation, cluster: Cluster, now: datetime) -> Round | None:
+    members = [c.id for c in _training_clients(session, fed) if c.cluster_id == cluster.id]
+    if not members:
+        return None
+    version = latest_version(session, fed.id, f"cluster:{cluster.id}")
+    return open_round(session, fed, "cluster", f"cluster:{cluster.id}", members, now,
+                      _root_version_id(session, fed), version.id)
+
+
+def _advance_cluster(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
+                     now: datetime) -> bool:
+    progressed = False
+    all_complete = True
+    for cluster in _clusters(session, fed):
+        scope = f"cluster:{cluster.id}"
+        rnd = _latest_round(session, fed, "cluster", scope)
+        if rnd is None:
+            continue  # a cluster without members
+        if rnd.status == "open":
+            finished, done = _finished(session, rnd)
+            if not finished:
+                all_complete = False
+                continue
+            if done == 0:
+                _close(rnd, "failed", now)
+            else:
+                version = aggregate_round(session, blobs, cfg, rnd, now)
+                rnd.result_version_id = version.id
+                _close(rnd, "done", now)
+            progressed = True
+            if _done_rounds(session, fed, "cluster", scope) < cfg.schedule.cluster_rounds:
+                _open_cluster_round(session, fed, cluster, now)
+                all_complete = False
+    if all_complete:
+        _enter_leaf(session, fed, cfg, now)
+        return True
+    return progressed
+
+
+def _advance_leaf(session: Session, fed: Federation, cfg: FederationConfig, now: datetime) -> bool:
+    open_rounds = list(session.scalars(select(Round).where(
+        Round.federation_id == fed.id, Round.stage == "leaf", Round.status == "open",
+        Round.scope.like("leaf:%"))))
+    if not open_rounds:
+        return False
+    if not all(_finished(session, r)[0] for r in open_rounds):
+        return False
+    for rnd in open_rounds:
+        _close(rnd, "done" if _finished(session, rnd)[1] > 0 else "failed", now)
+    completed = max(_done_rounds(session, fed, "leaf", r.scope) for r in open_rounds)
+    if completed >= cfg.schedule.leaf_rounds:
+        _set_state(fed, FederationState.serving, now)
+    else:
+        _open_leaf_rounds(session, fed, now, first=False)
+    return True
+
+
+def _advance_onboarding(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
+                        now: datetime) -> bool:
+    """Serving: move each late client one step: waiting -> probe -> leaf -> ready."""
+    late = list(session.scalars(select(Client).where(
+        Client.federation_id == fed.id, Client.status == "active", Client.cohort == "late",
+        Client.onboarding.in_(("waiting", "probe", "leaf"))).order_by(Client.id)))
+    progressed = False
+    root_id = _root_version_id(session, fed)
+    clustered = cfg.cluster.enabled and _clusters(session, fed)
+    for client in late:
+        scope = f"client:{client.id}"
+        if client.onboarding == "waiting":
+            if clustered:
+                open_round(session, fed, "probe", scope, [client.id], now, root_id)
+                client.onboarding = "probe"
+            else:
+                _open_client_leaf(session, fed, client, now, root_id, first=True)
+                client.onboarding = "leaf"
+            progressed = True
+        elif client.onboarding == "probe":
+            rnd = _latest_round(session, fed, "probe", scope)
+            finished, done = _finished(session, rnd)
+            if not finished:
+                continue
+            if done == 0:
+                _close(rnd, "failed", now)
+                open_round(session, fed, "probe", scope, [client.id], now, root_id)
+            else:
+                task = session.scalars(select(Task).where(Task.round_id == rnd.id)).one()
+                assign_late_client(session, blobs, cfg, client, task, now)
+                _close(rnd, "done", now)
+                _open_client_leaf(session, fed, client, now, root_id, first=True)
+                client.onboarding = "leaf"
+            progressed = True
+        elif client.onboarding == "leaf":
+            rnd = _latest_round(session, fed, "leaf", scope)
+            if rnd is None:
+                _open_client_leaf(session, fed, client, now, root_id, first=True)
+                progressed = True
+                continue
+            if rnd.status == "open":
+                finished, done = _finished(session, rnd)
+                if not finished:
+                    continue
+                _close(rnd, "done" if done else "failed", now)
+                progressed = True
+            if _done_rounds(session, fed, "leaf", scope) >= cfg.schedule.unseen_leaf_rounds:
+                client.onboarding = "ready"
+            else:
+                _open_client_leaf(session, fed, client, now, root_id, first=False)
+            progressed = True
+    return progressed
+
+
+def _open_client_leaf(session: Session, fed: Federation, client: Client, now: datetime, root_id: int,
+                      first: bool) -> Round:
+    cluster_version = (latest_version(session, fed.id, f"cluster:{client.cluster_id}")
+                       if client.cluster_id else None)
+    return open_round(session, fed, "leaf", f"client:{client.id}", [client.id], now, root_id,
+                      cluster_version.id if cluster_version else None, reset_leaf=first)
+
+
+def scheduler_tick(session_factory, blobs: BlobStore, now: datetime) -> int:  # noqa: ANN001
+    """One pass of the background loop: expire leases, then advance every federation, each in its
+    own transaction. Returns the number of changes made."""
+    with session_factory() as session, session.begin():
+        changes = expire_leases(session, now)
+    with session_factory() as session:
+        ids = list(session.scalars(select(Federation.id).order_by(Federation.id)))
+    for fid in ids:
+        with session_factory() as session, session.begin():
+            changes += advance_federation(session, blobs, fid, now)
+    return changes
+

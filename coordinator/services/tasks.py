@@ -1,0 +1,250 @@
+"""Tasks and leases: lease, heartbeat, upload acceptance, completion, expiry.
+
+State contract (``shared.schemas.TaskStatus``):
+- ``lease_task`` MUST hand a task only to the client it belongs to, and only a pending one; the
+  transition pending -> leased is one guarded UPDATE, so two pollers never get the same task.
+- ``heartbeat``, ``accept_upload`` and ``complete_task`` MUST fail with Conflict (409) and change
+  nothing when the lease id is not the task's current one, or the lease has expired.
+- ``accept_upload`` MUST refuse (4xx) a body whose tensors do not match the federation's manifest
+  for this task (names, shapes, dtype float32, finite values, size) before anything refers to it.
+- ``complete_task`` repeated under the same lease returns the first answer.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from coordinator.blobs import BlobStore
+from coordinator.errors import Conflict, Forbidden, Invalid, NotFound, PayloadTooLarge
+from coordinator.models import AdapterVersion, Blob, Client, Federation, Round, Task
+from coordinator.services.federations import federation_config
+from shared.config import FederationConfig
+from shared.manifest import FACTORS
+from shared.schemas import AdapterRef, FederationState, LeaseResponse, TaskAssignment, TaskStatus
+from shared.tensors import TensorValidationError, validate_tensors
+
+STAGE_TIER = {"root": "root", "probe": "root", "cluster": "cluster", "leaf": "leaf"}
+
+
+def expected_upload(cfg: FederationConfig, stage: str) -> tuple[str, ...]:
+    """Factors a task of this stage uploads: the tier's aggregated ones; the probe uploads the whole
+    root tier (clustering needs A, B and head); the leaf uploads nothing."""
+    if stage == "probe":
+        return FACTORS
+    if stage == "leaf":
+        return ()
+    return cfg.tier_policy(STAGE_TIER[stage]).uploaded_factors()
+
+
+def upload_limit(cfg: FederationConfig, stage: str) -> int:
+    factors = expected_upload(cfg, stage)
+    return cfg.manifest.max_body_bytes(STAGE_TIER[stage], factors) if factors else 0
+
+
+def _owned_task(session: Session, client: Client, task_id: int) -> Task:
+    task = session.get(Task, task_id)
+    if task is None:
+        raise NotFound(f"task {task_id} does not exist", code="task_not_found")
+    if task.client_id != client.id:
+        raise Forbidden(f"task {task_id} belongs to another client", code="not_your_task")
+    return task
+
+
+def _adapter_ref(session: Session, version_id: int | None) -> AdapterRef | None:
+    if version_id is None:
+        return None
+    v = session.get(AdapterVersion, version_id)
+    return AdapterRef(id=v.id, tier=v.tier, version=v.version, sha256=v.blob_sha256)
+
+
+def client_state(fed: Federation, client: Client) -> str:
+    if client.status != "active":
+        return "revoked"
+    if client.cohort == "late":
+        return "ready" if client.onboarding == "ready" else "onboarding"
+    if fed.state == FederationState.enrolling.value:
+        return "waiting"
+    if fed.state == FederationState.serving.value:
+        return "ready"
+    return "training"
+
+
+def lease_task(session: Session, client: Client, worker_id: str, now: datetime) -> LeaseResponse:
+    """Lease the client's oldest pending task, or answer 'no work, retry after N s'."""
+    fed = session.get(Federation, client.federation_id)
+    cfg = federation_config(fed)
+    client.last_seen_at = now
+    pick = (select(Task.id)
+            .where(Task.client_id == client.id, Task.status == TaskStatus.pending.value)
+            .order_by(Task.id).limit(1))
+    if session.get_bind().dialect.name == "postgresql":
+        pick = pick.with_for_update(skip_locked=True)
+    lease_id = secrets.token_hex(16)
+    expires = now + timedelta(seconds=cfg.schedule.lease_seconds)
+    leased = session.execute(
+        update(Task)
+        .where(Task.id == pick.scalar_subquery(), Task.status == TaskStatus.pending.value)
+        .values(status=TaskStatus.leased.value, lease_id=lease_id, attempt=Task.attempt + 1,
+                lease_expires_at=expires, worker_id=worker_id[:200])
+        .returning(Task.id)
+    ).scalar_one_or_none()
+    state = FederationState(fed.state)
+    if leased is None:
+        return LeaseResponse(task=None, retry_after=cfg.schedule.retry_after_seconds,
+                             federation_state=state, client_state=client_state(fed, client))
+    task = session.get(Task, leased)
+    session.refresh(task)
+    rnd = session.get(Round, task.round_id)
+    tier = STAGE_TIER[task.stage]
+    policy = cfg.tier_policy(tier)
+    assignment = TaskAssignment(
+        task_id=task.id, lease_id=lease_id, attempt=task.attempt, lease_expires_at=expires,
+        lease_seconds=cfg.schedule.lease_seconds, federation_id=fed.id, client_id=client.id,
+        stage=task.stage, round_number=rnd.number, scope=rnd.scope,
+        root=_adapter_ref(session, rnd.input_root_version_id),
+        cluster=_adapter_ref(session, rnd.input_cluster_version_id),
+        train_tier=tier,
+        epochs=cfg.schedule.probe_epochs if task.stage == "probe" else cfg.schedule.local_epochs,
+        trainable=list(policy.trained_factors()),
+        upload=list(expected_upload(cfg, task.stage)),
+        local=[f for f in FACTORS if getattr(policy, f) == "local"] if task.stage != "probe" else [],
+        reset_leaf=task.reset_leaf,
+        training=cfg.training,
+    )
+    return LeaseResponse(task=assignment, retry_after=0.0, federation_state=state,
+                         client_state=client_state(fed, client))
+
+
+def _require_live_lease(task: Task, lease_id: str, now: datetime) -> None:
+    if task.status != TaskStatus.leased.value or task.lease_id != lease_id:
+        raise Conflict(f"lease {lease_id} is not the current lease of task {task.id} "
+                       f"(task is {task.status})", code="stale_lease")
+    if task.lease_expires_at is not None and task.lease_expires_at < now:
+        raise Conflict(f"the lease of task {task.id} expired at {task.lease_expires_at.isoformat()}",
+                       code="lease_expired")
+
+
+def heartbeat(session: Session, client: Client, task_id: int, lease_id: str, now: datetime) -> datetime:
+    task = _owned_task(session, client, task_id)
+    _require_live_lease(task, lease_id, now)
+    cfg = federation_config(session.get(Federation, task.federation_id))
+    expires = now + timedelta(seconds=cfg.schedule.lease_seconds)
+    updated = session.execute(
+        update(Task)
+        .where(Task.id == task.id, Task.status == TaskStatus.leased.value, Task.lease_id == lease_id)
+        .values(lease_expires_at=expires)
+    ).rowcount
+    if updated != 1:
+        raise Conflict("the lease changed while extending it", code="stale_lease")
+    client.last_seen_at = now
+    return expires
+
+
+def upload_limit_for_task(session: Session, client: Client, task_id: int) -> int:
+    """The largest body a valid upload for this task can have (0: the task takes no upload)."""
+    task = _owned_task(session, client, task_id)
+    cfg = federation_config(session.get(Federation, task.federation_id))
+    return upload_limit(cfg, task.stage)
+
+
+def accept_upload(session: Session, blobs: BlobStore, client: Client, task_id: int, lease_id: str,
+                  tmp: Path, sha256: str, size: int, now: datetime) -> tuple[str, int]:
+    """Validate a streamed upload (already in ``tmp`` with its sha256) and attach it to the task."""
+    task = _owned_task(session, client, task_id)
+    if task.status == TaskStatus.done.value and task.lease_id == lease_id:
+        tmp.unlink(missing_ok=True)
+        if task.upload_sha256 == sha256:
+            return sha256, task.upload_bytes
+        raise Conflict(f"task {task.id} is finished with a different upload", code="task_finished")
+    _require_live_lease(task, lease_id, now)
+    cfg = federation_config(session.get(Federation, task.federation_id))
+    factors = expected_upload(cfg, task.stage)
+    if not factors:
+        tmp.unlink(missing_ok=True)
+        raise Conflict(f"a {task.stage} task takes no upload: leaves never leave the client; "
+                       f"complete it with metrics only", code="no_upload_expected")
+    tier = STAGE_TIER[task.stage]
+    limit = cfg.manifest.max_body_bytes(tier, factors)
+    try:
+        validate_tensors(tmp.read_bytes(), cfg.manifest.tier_shapes(tier, factors), limit)
+    except TensorValidationError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.reason == "too_large":
+            raise PayloadTooLarge(str(exc), code="too_large") from exc
+        raise Invalid(str(exc), code=exc.reason) from exc
+    blobs.adopt(tmp, sha256)
+    if session.get(Blob, sha256) is None:
+        session.add(Blob(sha256=sha256, size=size, kind="upload", created_at=now))
+        session.flush()
+    updated = session.execute(
+        update(Task)
+        .where(Task.id == task.id, Task.status == TaskStatus.leased.value, Task.lease_id == lease_id)
+        .values(upload_sha256=sha256, upload_bytes=size)
+    ).rowcount
+    if updated != 1:
+        raise Conflict("the lease changed while uploading", code="stale_lease")
+    client.last_seen_at = now
+    return sha256, size
+
+
+def complete_task(session: Session, client: Client, task_id: int, lease_id: str, num_samples: int,
+                  metrics: dict[str, float], now: datetime) -> Task:
+    task = _owned_task(session, client, task_id)
+    if task.status == TaskStatus.done.value and task.lease_id == lease_id:
+        return task
+    _require_live_lease(task, lease_id, now)
+    bad = [k for k, v in metrics.items() if not math.isfinite(v) or len(k) > 64]
+    if bad:
+        raise Invalid(f"metrics must be finite numbers with names up to 64 characters: {bad}",
+                      code="bad_metrics")
+    cfg = federation_config(session.get(Federation, task.federation_id))
+    if expected_upload(cfg, task.stage) and task.upload_sha256 is None:
+        raise Conflict(f"task {task.id} ({task.stage}) needs its upload before completion",
+                       code="upload_missing")
+    updated = session.execute(
+        update(Task)
+        .where(Task.id == task.id, Task.status == TaskStatus.leased.value, Task.lease_id == lease_id)
+        .values(status=TaskStatus.done.value, finished_at=now, num_samples=num_samples,
+                metrics=dict(metrics))
+    ).rowcount
+    if updated != 1:
+        raise Conflict("the lease changed while completing", code="stale_lease")
+    client.num_samples = num_samples
+    client.last_seen_at = now
+    session.refresh(task)
+    return task
+
+
+def expire_leases(session: Session, now: datetime) -> int:
+    """Requeue tasks whose lease expired (or fail them at their last attempt). Returns the count."""
+    expired = session.execute(
+        select(Task.id, Task.attempt, Task.lease_id, Federation.config)
+        .join(Federation, Federation.id == Task.federation_id)
+        .where(Task.status == TaskStatus.leased.value, Task.lease_expires_at < now)
+    ).all()
+    for task_id, attempt, lease_id, config in expired:
+        max_attempts = FederationConfig.model_validate(config).schedule.max_attempts
+        final = attempt >= max_attempts
+        session.execute(
+            update(Task)
+            .where(Task.id == task_id, Task.status == TaskStatus.leased.value, Task.lease_id == lease_id)
+            .values(status=TaskStatus.failed.value if final else TaskStatus.pending.value,
+                    lease_id=lease_id if final else None, lease_expires_at=None,
+                    upload_sha256=None, upload_bytes=0,
+                    finished_at=now if final else None,
+                    error=f"lease expired at attempt {attempt}" if final else None)
+        )
+    return len(expired)
+
+
+def count_tasks(session: Session, round_id: int) -> dict[str, int]:
+    rows = session.execute(
+        select(Task.status, func.count()).where(Task.round_id == round_id).group_by(Task.status)
+    ).all()
+    return {status: n for status, n in rows}

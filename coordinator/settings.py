@@ -1,0 +1,36 @@
+"""The coordinator's settings: one pydantic-settings class, environment prefix ``HILORA_``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_ADMIN_TOKEN = "hilora-dev-admin"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HILORA_", extra="ignore")
+
+    database_url: str = Field(default="sqlite:///./hilora-state/coordinator.db")
+    blob_dir: Path = Field(default=Path("./hilora-state/blobs"))
+    admin_token: str = Field(default=DEFAULT_ADMIN_TOKEN)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8700, ge=0, le=65535)
+    dev: bool = Field(default=False, description="development mode: allows the default admin token")
+    scheduler_interval: float = Field(default=0.5, gt=0, description="seconds between scheduler ticks")
+    run_scheduler: bool = True
+    migrate_on_start: bool = True
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> "Settings":
+        if not self.dev and self.admin_token == DEFAULT_ADMIN_TOKEN:
+            raise ValueError(
+                "HILORA_ADMIN_TOKEN is the built-in default; set a secret admin token "
+                "(or HILORA_DEV=1 for a local development run)"
+            )
+        if len(self.admin_token) < 16:
+            raise ValueError("HILORA_ADMIN_TOKEN must be at least 16 characters")
+        return self

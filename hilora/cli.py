@@ -1,0 +1,243 @@
+"""The ``hilora`` command line: coordinator, worker, admin, migrate, demo, pretrain-demo-backbone."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="hilora: HiLoRA federated learning (coordinator, workers, demo).")
+admin_app = typer.Typer(no_args_is_help=True, help="Admin commands against a running coordinator.")
+app.add_typer(admin_app, name="admin")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def coordinator(
+    host: Annotated[Optional[str], typer.Option(help="bind address (default HILORA_HOST or 127.0.0.1)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port (default HILORA_PORT or 8700)")] = None,
+) -> None:
+    """Serve the coordinator API (settings from HILORA_* environment variables)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from coordinator.app import create_app
+    from coordinator.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        _fail("; ".join(e["msg"] for e in exc.errors()))
+    app_ = create_app(settings)
+    uvicorn.run(app_, host=host or settings.host, port=port if port is not None else settings.port,
+                log_level=settings.log_level)
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database (HILORA_DATABASE_URL) to the newest schema."""
+    from coordinator.db import make_engine
+    from coordinator.migrate import upgrade_to_head
+
+    url = os.environ.get("HILORA_DATABASE_URL", "sqlite:///./hilora-state/coordinator.db")
+    upgrade_to_head(make_engine(url))
+    typer.echo(f"schema at head: {url.split('@')[-1]}")
+
+
+@app.command()
+def worker(
+    coordinator_url: Annotated[str, typer.Option("--coordinator", help="coordinator base URL")],
+    config: Annotated[Path, typer.Option(help="worker config file (JSON): federation_id and hosted clients")],
+    state_dir: Annotated[Path, typer.Option(help="where client tokens, leaves and local factors live")] = Path(
+        "./hilora-worker-state"),
+    device: Annotated[str, typer.Option(help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
+    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads for this process")] = 1,
+    worker_id: Annotated[Optional[str], typer.Option(help="name reported on leases")] = None,
+    exit_when_idle: Annotated[bool, typer.Option(help="exit once every hosted client is ready")] = False,
+    max_seconds: Annotated[Optional[float], typer.Option(help="stop after this many seconds")] = None,
+    log_level: Annotated[str, typer.Option()] = "info",
+) -> None:
+    """Run a worker daemon for the clients listed in --config."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    import socket
+
+    import torch
+
+    from worker.client import CoordinatorClient, CoordinatorError
+    from worker.daemon import WorkerDaemon, load_worker_config
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        cfg = load_worker_config(config)
+    except ValueError as exc:
+        _fail(str(exc))
+    wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    with CoordinatorClient(coordinator_url, worker_id=wid) as client:
+        daemon = WorkerDaemon(client, cfg, state_dir, device=device, exit_when_idle=exit_when_idle,
+                              max_seconds=max_seconds)
+
+        def _stop(signum, _frame):  # noqa: ANN001
+            logging.getLogger("hilora.worker").info("signal %s: stopping after the current task", signum)
+            daemon.stop_event.set()
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        try:
+            daemon.setup()
+            code = daemon.run()
+        except CoordinatorError as exc:
+            _fail(f"coordinator refused: {exc}")
+        except ValueError as exc:
+            _fail(str(exc))
+    raise typer.Exit(code)
+
+
+def _admin_token(token: Optional[str]) -> str:
+    token = token or os.environ.get("HILORA_ADMIN_TOKEN")
+    if not token:
+        _fail("give --admin-token or set HILORA_ADMIN_TOKEN")
+    return token
+
+
+AdminToken = Annotated[Optional[str], typer.Option(help="admin token (default: HILORA_ADMIN_TOKEN)")]
+CoordinatorUrl = Annotated[str, typer.Option("--coordinator", help="coordinator base URL")]
+
+
+@admin_app.command("create")
+def admin_create(
+    config: Annotated[Path, typer.Option(help="federation file (JSON); see docs/usage.md")],
+    coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700",
+    admin_token: AdminToken = None,
+) -> None:
+    """Create a federation: upload the backbone, send the config and manifest, print the secret."""
+    from hilora.federation_file import build_federation_config, load_federation_file
+    from worker.client import CoordinatorClient, CoordinatorError
+
+    token = _admin_token(admin_token)
+    try:
+        fed_config, checkpoint = build_federation_config(load_federation_file(config))
+    except ValueError as exc:
+        _fail(str(exc))
+    with CoordinatorClient(coordinator_url) as client:
+        try:
+            client.put_blob(token, checkpoint)
+            created = client.create_federation(token, fed_config)
+        except CoordinatorError as exc:
+            _fail(str(exc))
+    typer.echo(json.dumps({"federation_id": created.federation_id, "name": created.name,
+                           "enrollment_secret": created.enrollment_secret}, indent=2))
+    typer.echo("keep the enrollment secret: it is shown only once", err=True)
+
+
+@admin_app.command("status")
+def admin_status(federation: Annotated[int, typer.Option(help="federation id")],
+                 coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700", admin_token: AdminToken = None) -> None:
+    """Print a federation's state, rounds and clusters (JSON)."""
+    from worker.client import CoordinatorClient, CoordinatorError
+
+    with CoordinatorClient(coordinator_url) as client:
+        try:
+            typer.echo(client.federation_status(_admin_token(admin_token), federation).model_dump_json(indent=2))
+        except CoordinatorError as exc:
+            _fail(str(exc))
+
+
+@admin_app.command("report")
+def admin_report(federation: Annotated[int, typer.Option(help="federation id")],
+                 coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700", admin_token: AdminToken = None) -> None:
+    """Print per-client results of a federation (JSON)."""
+    from worker.client import CoordinatorClient, CoordinatorError
+
+    with CoordinatorClient(coordinator_url) as client:
+        try:
+            typer.echo(client.federation_report(_admin_token(admin_token), federation).model_dump_json(indent=2))
+        except CoordinatorError as exc:
+            _fail(str(exc))
+
+
+@admin_app.command("start")
+def admin_start(federation: Annotated[int, typer.Option(help="federation id")],
+                coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700", admin_token: AdminToken = None) -> None:
+    """Start training now with the clients registered so far."""
+    from worker.client import CoordinatorClient, CoordinatorError
+
+    with CoordinatorClient(coordinator_url) as client:
+        try:
+            typer.echo(client.start_federation(_admin_token(admin_token), federation).state.value)
+        except CoordinatorError as exc:
+            _fail(str(exc))
+
+
+@app.command("pretrain-demo-backbone")
+def pretrain_demo_backbone_cmd(
+    force: Annotated[bool, typer.Option(help="retrain even if cached")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="default: HILORA_CACHE_DIR or ~/.cache/hilora")] = None,
+) -> None:
+    """Pretrain the tiny demo ViT on upright digits (cached by a hash of its recipe)."""
+    from worker.backbone import pretrain_demo_backbone
+
+    artifact = pretrain_demo_backbone(cache_dir=cache_dir, force=force, progress=typer.echo)
+    typer.echo(json.dumps({"path": str(artifact.path), "sha256": artifact.sha256, "model": artifact.model}))
+
+
+@app.command()
+def demo(
+    partition: Annotated[str, typer.Option(help="built-in partition name or a partition file")] = "demo",
+    workers: Annotated[int, typer.Option(min=1, help="worker processes for the training clients")] = 3,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads per worker process")] = 1,
+    root_rounds: Annotated[Optional[int], typer.Option(min=0)] = None,
+    cluster_rounds: Annotated[Optional[int], typer.Option(min=0)] = None,
+    leaf_rounds: Annotated[Optional[int], typer.Option(min=0)] = None,
+    local_epochs: Annotated[Optional[int], typer.Option(min=1)] = None,
+    features: Annotated[Optional[str], typer.Option(help="LSAC features: update | subspace")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    report: Annotated[Optional[Path], typer.Option(help="write the numbers as JSON here")] = None,
+    workdir: Annotated[Optional[Path], typer.Option(help="keep the coordinator DB, blobs and logs here")] = None,
+    timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 900.0,
+) -> None:
+    """Run the whole cascade on one machine over real HTTP and print the results."""
+    os.environ["HILORA_DEV"] = "1"
+    from hilora.demo import DemoOptions, format_table, run_demo, write_report
+
+    opts = DemoOptions(partition=partition, workers=workers, threads=threads, seed=seed, timeout=timeout,
+                       workdir=str(workdir) if workdir else None)
+    for name, value in (("root_rounds", root_rounds), ("cluster_rounds", cluster_rounds),
+                        ("leaf_rounds", leaf_rounds), ("local_epochs", local_epochs), ("features", features)):
+        if value is not None:
+            setattr(opts, name, value)
+    if opts.features not in ("update", "subspace"):
+        _fail("--features must be 'update' or 'subspace'")
+    try:
+        summary = run_demo(opts, say=lambda m: typer.echo(m))
+    except (RuntimeError, ValueError) as exc:
+        _fail(str(exc), code=1)
+    typer.echo(format_table(summary))
+    if report is not None:
+        write_report(summary, report)
+        typer.echo(f"report written to {report}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

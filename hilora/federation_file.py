@@ -1,0 +1,110 @@
+"""The admin's federation file (JSON): a FederationConfig without the computed parts.
+
+``hilora admin create --config FILE`` reads it, builds the adapter manifest from the timm model
+(or takes an explicit ``manifest``), uploads the backbone checkpoint and creates the federation::
+
+    {
+      "name": "my-federation",
+      "backbone": {"model": "vit_base_patch16_224", "model_kwargs": {"num_classes": 100},
+                   "checkpoint": "/data/vit_b16_in21k.safetensors"},
+      "adapter": {"rank": 8, "alpha": 8},
+      "schedule": {"root_rounds": 20, "cluster_rounds": 20, "leaf_rounds": 10, "local_epochs": 2},
+      "training": {"lr": 0.003}, "clustering": {"features": "update"}
+    }
+
+``"checkpoint": "demo"`` uses the cached demo backbone (pretrained on first use).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.config import Backbone, FederationConfig
+from shared.manifest import AdapterManifest
+
+
+class BackboneSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str = Field(description="path to a safetensors checkpoint, or 'demo'")
+
+
+class AdapterShape(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(default=8, gt=0)
+    alpha: float | None = Field(default=None, gt=0)
+    ranks: dict[str, int] | None = None
+
+
+class FederationFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    backbone: BackboneSource
+    adapter: AdapterShape = Field(default_factory=AdapterShape)
+    manifest: AdapterManifest | None = None
+    root: dict[str, Any] | None = None
+    cluster: dict[str, Any] | None = None
+    leaf: dict[str, Any] | None = None
+    schedule: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    clustering: dict[str, Any] = Field(default_factory=dict)
+
+
+def load_federation_file(path: str | Path) -> FederationFile:
+    try:
+        return FederationFile.model_validate(json.loads(Path(path).read_text()))
+    except FileNotFoundError as exc:
+        raise ValueError(f"federation file {path} does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"federation file {path} is not valid JSON: {exc}") from exc
+
+
+def resolve_checkpoint(source: BackboneSource) -> tuple[bytes, str, dict[str, Any]]:
+    """The checkpoint bytes, the timm model name and kwargs to record in the federation."""
+    if source.checkpoint == "demo":
+        from worker.backbone import pretrain_demo_backbone
+
+        artifact = pretrain_demo_backbone()
+        return Path(artifact.path).read_bytes(), artifact.model, dict(artifact.model_kwargs)
+    path = Path(source.checkpoint)
+    if not path.is_file():
+        raise ValueError(f"backbone checkpoint {path} does not exist")
+    return path.read_bytes(), source.model, dict(source.model_kwargs)
+
+
+def build_manifest(file: FederationFile, model: str, model_kwargs: dict[str, Any]) -> AdapterManifest:
+    if file.manifest is not None:
+        return file.manifest
+    try:
+        from worker.backbone import build_backbone, manifest_for_model
+    except ImportError as exc:  # a coordinator-only install
+        raise ValueError("building the adapter manifest from the model needs torch and timm "
+                         "(pip install 'hilora[worker]'), or give an explicit \"manifest\"") from exc
+    backbone = build_backbone(model, model_kwargs, None)
+    return manifest_for_model(backbone, rank=file.adapter.rank, alpha=file.adapter.alpha, ranks=file.adapter.ranks)
+
+
+def build_federation_config(file: FederationFile) -> tuple[FederationConfig, bytes]:
+    """The validated FederationConfig and the checkpoint bytes to upload."""
+    checkpoint, model, model_kwargs = resolve_checkpoint(file.backbone)
+    manifest = build_manifest(file, model, model_kwargs)
+    doc: dict[str, Any] = {
+        "name": file.name,
+        "backbone": Backbone(model=model, model_kwargs=model_kwargs,
+                             sha256=hashlib.sha256(checkpoint).hexdigest()).model_dump(),
+        "manifest": manifest.model_dump(),
+        "schedule": file.schedule, "training": file.training, "clustering": file.clustering,
+    }
+    for tier in ("root", "cluster", "leaf"):
+        if getattr(file, tier) is not None:
+            doc[tier] = getattr(file, tier)
+    return FederationConfig.model_validate(doc), checkpoint

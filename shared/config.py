@@ -1,0 +1,125 @@
+"""The federation configuration: everything a training job is, as one validated document.
+
+Baselines are configurations of the same machinery: each tier says whether it exists and, per
+factor (A, B, head), whether the coordinator aggregates it, the client keeps it local, or it stays
+frozen at version 0. ``aggregation`` says how aggregated factors are combined.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.manifest import AdapterManifest
+
+FactorPolicy = Literal["aggregate", "local", "frozen"]
+
+
+class TierPolicy(BaseModel):
+    """How one tier trains and travels. The leaf is always local (it never leaves the client)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    A: FactorPolicy = "aggregate"
+    B: FactorPolicy = "aggregate"
+    head: FactorPolicy = "aggregate"
+    aggregation: Literal["product_svd", "factor_avg"] = "product_svd"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TierPolicy":
+        if self.aggregation == "product_svd" and (self.A == "aggregate") != (self.B == "aggregate"):
+            raise ValueError("product_svd aggregation needs both A and B aggregated; "
+                             "use factor_avg to aggregate only one factor")
+        if self.head == "frozen":
+            raise ValueError("a tier's head is trained: use 'aggregate' or 'local'")
+        return self
+
+    def uploaded_factors(self) -> tuple[str, ...]:
+        """Factors a client uploads for this tier: exactly the aggregated ones."""
+        return tuple(f for f in ("A", "B", "head") if getattr(self, f) == "aggregate")
+
+    def trained_factors(self) -> tuple[str, ...]:
+        return tuple(f for f in ("A", "B", "head") if getattr(self, f) != "frozen")
+
+
+def _leaf_default() -> TierPolicy:
+    return TierPolicy(A="local", B="local", head="local")
+
+
+class Schedule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_clients: int = Field(default=2, ge=1, description="training starts once this many clients registered")
+    root_rounds: int = Field(default=20, ge=0)
+    cluster_rounds: int = Field(default=20, ge=0)
+    leaf_rounds: int = Field(default=10, ge=0)
+    unseen_leaf_rounds: int = Field(default=5, ge=0, description="leaf rounds of a client onboarded while serving")
+    local_epochs: int = Field(default=1, ge=1)
+    probe_epochs: int = Field(default=1, ge=1)
+    tau_rel: float = Field(default=0.0, ge=0, description="root stage stops early when rho <= tau_rel")
+    lease_seconds: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    retry_after_seconds: float = Field(default=1.0, gt=0)
+
+
+class Training(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(default=3e-3, gt=0)
+    head_lr: float = Field(default=3e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=32, ge=1)
+    gamma_c: float = Field(default=0.1, ge=0)
+    gamma_l: float = Field(default=0.1, ge=0)
+    seed: int = 0
+
+
+class Clustering(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    features: Literal["update", "subspace"] = "update"
+    k_min: int = Field(default=1, ge=1)
+    k_max: int = Field(default=10, ge=1)
+    knn: int = Field(default=5, ge=1)
+    contrast: float = Field(default=1.25, gt=0, description="accept K>1 only if between/within distance >= contrast")
+    force_k: int | None = Field(default=None, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> "Clustering":
+        if self.k_max < self.k_min:
+            raise ValueError("k_max must be >= k_min")
+        return self
+
+
+class Backbone(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="timm model name, e.g. 'vit_base_patch16_224' or 'vit_tiny_digits'")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the safetensors checkpoint blob")
+
+
+class FederationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    backbone: Backbone
+    manifest: AdapterManifest
+    root: TierPolicy = Field(default_factory=TierPolicy)
+    cluster: TierPolicy = Field(default_factory=TierPolicy)
+    leaf: TierPolicy = Field(default_factory=_leaf_default)
+    schedule: Schedule = Field(default_factory=Schedule)
+    training: Training = Field(default_factory=Training)
+    clustering: Clustering = Field(default_factory=Clustering)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FederationConfig":
+        if (self.leaf.A, self.leaf.B, self.leaf.head) != ("local", "local", "local"):
+            raise ValueError("the leaf tier is always local: its factors never leave the client")
+        return self
+
+    def tier_policy(self, tier: str) -> TierPolicy:
+        return {"root": self.root, "cluster": self.cluster, "leaf": self.leaf}[tier]

@@ -1,0 +1,249 @@
+"""Tensor bodies on the wire: safetensors, float32, checked strictly before anything uses them.
+
+A safetensors body is an 8-byte little-endian header length N, N bytes of JSON header, then the
+data section. The header maps each tensor name to ``{"dtype", "shape", "data_offsets"}`` (offsets
+relative to the data section) and may carry a ``"__metadata__"`` map of strings.
+
+``validate_tensors`` is what the coordinator runs on every upload: size limit first, then a strict
+header check of our own (``read_safetensors_header``), then names, dtypes and shapes against the
+manifest, and finally finiteness of the values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+METADATA_KEY = "__metadata__"
+MAX_HEADER_BYTES = 100_000_000
+HEADER_LENGTH_BYTES = 8
+
+REASONS: frozenset[str] = frozenset({
+    "too_large", "corrupt", "missing_key", "extra_key", "wrong_shape", "wrong_dtype", "non_finite",
+})
+
+# Item size in bytes of each dtype the safetensors format defines.
+SAFETENSORS_DTYPE_ITEMSIZE: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}
+_ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
+
+
+class TensorValidationError(ValueError):
+    """A tensor body was refused.
+
+    Attributes:
+        reason: machine-readable cause, one of ``REASONS``: "too_large", "corrupt",
+            "missing_key", "extra_key", "wrong_shape", "wrong_dtype" or "non_finite".
+        message: human-readable text naming the tensor and what was expected versus got.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        if reason not in REASONS:
+            raise ValueError(f"unknown tensor validation reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _corrupt(message: str) -> TensorValidationError:
+    return TensorValidationError("corrupt", f"corrupt safetensors body: {message}")
+
+
+def pack_tensors(
+    tensors: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> bytes:
+    """Serialise named arrays to safetensors bytes, each as contiguous float32.
+
+    Raises:
+        TensorValidationError: reason "non_finite" if any value is NaN or infinite after the
+            cast to float32 (float64 values beyond the float32 range included).
+    """
+    packed: dict[str, np.ndarray] = {}
+    for name, value in tensors.items():
+        with np.errstate(over="ignore", invalid="ignore"):
+            array = np.ascontiguousarray(np.asarray(value), dtype=np.float32)
+        if not np.all(np.isfinite(array)):
+            bad = int(np.count_nonzero(~np.isfinite(array)))
+            raise TensorValidationError(
+                "non_finite", f"tensor {name!r}: expected finite float32 values, "
+                              f"got {bad} NaN or infinite of {array.size}")
+        packed[name] = array
+    return safetensors.numpy.save(packed, metadata=metadata)
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"JSON constant {token} not allowed")
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _is_non_negative_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_safetensors_header(data: bytes) -> dict[str, Any]:
+    """Parse and strictly check the header of a safetensors body.
+
+    Checks: at least 8 bytes; header length <= 100 MB and within the buffer; UTF-8 JSON object
+    without duplicate keys; an optional ``"__metadata__"`` object of strings; every other entry
+    has exactly ``dtype`` (a safetensors dtype), ``shape`` (non-negative ints) and
+    ``data_offsets`` ([begin, end], begin <= end) with ``end - begin`` equal to the byte size
+    implied by dtype and shape; the entries' byte ranges do not overlap, leave no gaps and cover
+    the data section exactly.
+
+    Returns:
+        The header dict as parsed (``"__metadata__"`` included when present).
+
+    Raises:
+        TensorValidationError: reason "corrupt" on any violation.
+    """
+    data = bytes(data)
+    if len(data) < HEADER_LENGTH_BYTES:
+        raise _corrupt(f"{len(data)} bytes, shorter than the 8-byte header length")
+    header_length = int.from_bytes(data[:HEADER_LENGTH_BYTES], "little")
+    if header_length > MAX_HEADER_BYTES:
+        raise _corrupt(f"header length {header_length} exceeds {MAX_HEADER_BYTES}")
+    if HEADER_LENGTH_BYTES + header_length > len(data):
+        raise _corrupt(f"header length {header_length} points past the end of "
+                       f"{len(data)} bytes")
+    try:
+        header = json.loads(
+            data[HEADER_LENGTH_BYTES : HEADER_LENGTH_BYTES + header_length].decode("utf-8"),
+            object_pairs_hook=_object_without_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise _corrupt(f"header is not valid JSON: {error}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(f"header is a JSON {type(header).__name__}, expected an object")
+
+    metadata = header.get(METADATA_KEY)
+    if METADATA_KEY in header and not (
+        isinstance(metadata, dict)
+        and all(isinstance(value, str) for value in metadata.values())
+    ):
+        raise _corrupt("__metadata__ must be an object of strings")
+
+    data_section_length = len(data) - HEADER_LENGTH_BYTES - header_length
+    ranges: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if name == METADATA_KEY:
+            continue
+        if not isinstance(entry, dict) or set(entry) != _ENTRY_FIELDS:
+            raise _corrupt(f"tensor {name!r}: expected exactly the fields "
+                           f"{sorted(_ENTRY_FIELDS)}, got {entry!r:.200}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in SAFETENSORS_DTYPE_ITEMSIZE:
+            raise _corrupt(f"tensor {name!r}: unknown dtype {dtype!r:.50}")
+        if not isinstance(shape, list) or not all(_is_non_negative_int(d) for d in shape):
+            raise _corrupt(f"tensor {name!r}: shape must be a list of non-negative integers, "
+                           f"got {shape!r:.200}")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(_is_non_negative_int(o) for o in offsets) and offsets[0] <= offsets[1]):
+            raise _corrupt(f"tensor {name!r}: data_offsets must be [begin, end] with "
+                           f"0 <= begin <= end, got {offsets!r:.200}")
+        expected_size = math.prod(shape) * SAFETENSORS_DTYPE_ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != expected_size:
+            raise _corrupt(f"tensor {name!r}: {dtype} {shape} needs {expected_size} bytes, "
+                           f"data_offsets span {offsets[1] - offsets[0]}")
+        ranges.append((offsets[0], offsets[1], name))
+
+    position = 0
+    for begin, end, name in sorted(ranges):
+        if begin != position:
+            what = "overlaps the previous tensor" if begin < position else "leaves a gap"
+            raise _corrupt(f"tensor {name!r}: data_offsets [{begin}, {end}] {what} "
+                           f"(expected begin {position})")
+        position = end
+    if position != data_section_length:
+        raise _corrupt(f"tensors cover {position} bytes of a {data_section_length}-byte "
+                       f"data section")
+    return header
+
+
+def unpack_tensors(data: bytes) -> dict[str, np.ndarray]:
+    """Deserialise a safetensors body into named numpy arrays (their stored dtypes).
+
+    Raises:
+        TensorValidationError: reason "corrupt" on anything unparsable, including a header that
+            fails ``read_safetensors_header``.
+    """
+    data = bytes(data)
+    read_safetensors_header(data)
+    try:
+        return dict(safetensors.numpy.load(data))
+    except Exception as error:  # the library raises several types; all mean "unparsable"
+        raise _corrupt(f"{type(error).__name__}: {error}") from None
+
+
+def validate_tensors(
+    data: bytes, expected: Mapping[str, tuple[int, ...]], max_bytes: int
+) -> dict[str, np.ndarray]:
+    """Check an uploaded body against the expected names and shapes and return its arrays.
+
+    Order of checks: size (``len(data) > max_bytes`` -> "too_large", before any parsing), header
+    (``read_safetensors_header`` -> "corrupt"), names ("missing_key", then "extra_key";
+    ``"__metadata__"`` is not a tensor), per tensor in sorted name order dtype != F32
+    ("wrong_dtype") and shape ("wrong_shape"), then values ("non_finite").
+
+    Returns:
+        name -> float32 array of the expected shape (fresh, writable copies).
+
+    Raises:
+        TensorValidationError: with the reason above and a message naming the tensor.
+    """
+    if len(data) > max_bytes:
+        raise TensorValidationError(
+            "too_large", f"body of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    data = bytes(data)
+    header = read_safetensors_header(data)
+    expected_shapes = {name: tuple(int(d) for d in shape) for name, shape in expected.items()}
+    present = set(header) - {METADATA_KEY}
+    missing = sorted(set(expected_shapes) - present)
+    if missing:
+        raise TensorValidationError(
+            "missing_key", f"missing tensors {missing}; expected {sorted(expected_shapes)}")
+    extra = sorted(present - set(expected_shapes))
+    if extra:
+        raise TensorValidationError(
+            "extra_key", f"unexpected tensors {extra}; expected {sorted(expected_shapes)}")
+
+    data_start = HEADER_LENGTH_BYTES + int.from_bytes(data[:HEADER_LENGTH_BYTES], "little")
+    arrays: dict[str, np.ndarray] = {}
+    for name in sorted(expected_shapes):
+        entry = header[name]
+        if entry["dtype"] != "F32":
+            raise TensorValidationError(
+                "wrong_dtype", f"tensor {name!r}: expected dtype F32, got {entry['dtype']}")
+        shape = tuple(entry["shape"])
+        if shape != expected_shapes[name]:
+            raise TensorValidationError(
+                "wrong_shape",
+                f"tensor {name!r}: expected shape {expected_shapes[name]}, got {shape}")
+        begin = data_start + entry["data_offsets"][0]
+        array = np.frombuffer(data, dtype="<f4", count=math.prod(shape), offset=begin)
+        arrays[name] = array.astype(np.float32).reshape(shape)
+    for name, array in arrays.items():
+        if not np.all(np.isfinite(array)):
+            bad = int(np.count_nonzero(~np.isfinite(array)))
+            raise TensorValidationError(
+                "non_finite",
+                f"tensor {name!r}: expected finite values, got {bad} NaN or infinite "
+                f"of {array.size}")
+    return arrays

@@ -1,0 +1,141 @@
+"""The coordinator's whole stage machine driven by simulated clients (no torch): root rounds,
+probe, LSAC, cluster rounds, leaf rounds, serving, and onboarding of a late client."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import CLASSES, DEPTH, DIM, RANK, admin_headers, bearer, create_federation, register, tick
+from sqlalchemy import select
+
+from coordinator.models import Round
+from shared.manifest import qv_targets
+from shared.tensors import pack_tensors, unpack_tensors
+
+pytestmark = pytest.mark.api
+
+GROUP_OF = {"a0": 0, "a1": 0, "a2": 0, "b0": 1, "b1": 1, "b2": 1}
+
+
+def group_directions(seed: int = 7) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{t.name: rng.normal(size=(DIM, RANK)) for t in qv_targets(DEPTH, DIM)} for _ in range(2)]
+
+
+def simulated_upload(received: dict[str, np.ndarray], group: int, seed: int, dirs) -> dict[str, np.ndarray]:
+    """What a client of ``group`` would upload: the received factors moved along its group's
+    direction, plus noise."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for t in qv_targets(DEPTH, DIM):
+        out[f"{t.name}.lora_A"] = received[f"{t.name}.lora_A"] + 0.01 * rng.normal(size=(RANK, DIM))
+        out[f"{t.name}.lora_B"] = received[f"{t.name}.lora_B"] + dirs[group][t.name] + 0.05 * rng.normal(size=(DIM, RANK))
+    out["head.weight"] = received["head.weight"] + (group + 1) * 0.1 + 0.01 * rng.normal(size=(CLASSES, DIM))
+    out["head.bias"] = received["head.bias"] + 0.01 * rng.normal(size=(CLASSES,))
+    return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def run_pending(api, clients: dict[str, tuple[int, str]], dirs, seed: int, groups=GROUP_OF) -> list[dict]:
+    """Every client leases and finishes its task (if it has one). Returns the tasks run."""
+    ran = []
+    for name, (cid, token) in sorted(clients.items()):
+        body = api.post(f"/v1/clients/{cid}/lease", headers=bearer(token)).json()
+        task = body["task"]
+        if task is None:
+            continue
+        ran.append(task)
+        received = unpack_tensors(api.get(f"/v1/adapters/{(task['cluster'] or task['root'])['id']}",
+                                          headers=bearer(token)).content)
+        if task["upload"]:
+            tensors = simulated_upload(received, groups[name], seed, dirs)
+            keep = {k: v for k, v in tensors.items()
+                    if ("A" in task["upload"] and k.endswith("lora_A")) or ("B" in task["upload"] and k.endswith("lora_B"))
+                    or ("head" in task["upload"] and k.startswith("head."))}
+            r = api.put(f"/v1/tasks/{task['task_id']}/upload", params={"lease_id": task["lease_id"]},
+                        content=pack_tensors(keep), headers=bearer(token))
+            assert r.status_code == 200, r.text
+        else:
+            r = api.put(f"/v1/tasks/{task['task_id']}/upload", params={"lease_id": task["lease_id"]},
+                        content=b"x", headers=bearer(token))
+            assert r.status_code == 409 and r.json()["error"] == "no_upload_expected"
+        metrics = {"acc_root": 0.5, "acc_cluster": 0.7, "acc_leaf": 0.9} if task["stage"] == "leaf" else {}
+        r = api.post(f"/v1/tasks/{task['task_id']}/complete",
+                     json={"lease_id": task["lease_id"], "num_samples": 10, "metrics": metrics}, headers=bearer(token))
+        assert r.status_code == 200, r.text
+    tick(app_of(api))
+    return ran
+
+
+def app_of(api):
+    return api.app
+
+
+def status(api, fid):
+    return api.get(f"/v1/federations/{fid}", headers=admin_headers()).json()
+
+
+def test_full_cascade_with_simulated_clients(api, app):
+    dirs = group_directions()
+    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 2, "cluster_rounds": 2,
+                                                   "leaf_rounds": 2, "unseen_leaf_rounds": 1})
+    clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
+    tick(app)
+    assert status(api, fid)["state"] == "root"
+    for r in range(2):
+        ran = run_pending(api, clients, dirs, seed=r)
+        assert len(ran) == 6 and {t["stage"] for t in ran} == {"root"}
+    s = status(api, fid)
+    assert s["state"] == "probe" and s["root_version"] == 2
+    ran = run_pending(api, clients, dirs, seed=10)
+    assert {t["stage"] for t in ran} == {"probe"} and all(sorted(t["upload"]) == ["A", "B", "head"] for t in ran)
+    s = status(api, fid)
+    assert s["state"] == "cluster"
+    assert s["clustering"]["k"] == 2
+    members = sorted(sorted(c["members"]) for c in s["clusters"])
+    assert members == [["a0", "a1", "a2"], ["b0", "b1", "b2"]]
+    # a client can read its own cluster's adapter, not the other cluster's
+    a0_cid, a0_token = clients["a0"]
+    task = api.post(f"/v1/clients/{a0_cid}/lease", headers=bearer(a0_token)).json()["task"]
+    assert task["stage"] == "cluster" and task["cluster"]["version"] == 0
+    other = [c for c in s["clusters"] if "a0" not in c["members"]][0]
+    with app.state.session_factory() as session:
+        from coordinator.models import AdapterVersion
+
+        other_version = session.scalars(select(AdapterVersion).where(AdapterVersion.cluster_id == other["id"])).first()
+    assert api.get(f"/v1/adapters/{other_version.id}", headers=bearer(a0_token)).status_code == 403
+    assert api.get(f"/v1/adapters/{task['cluster']['id']}", headers=bearer(a0_token)).status_code == 200
+    # release the lease by letting it expire, then run the cluster rounds
+    app.state.clock.advance(31)
+    tick(app)
+    for r in range(2):
+        ran = run_pending(api, clients, dirs, seed=20 + r)
+        assert {t["stage"] for t in ran} == {"cluster"} and len(ran) == 6
+        assert all(t["cluster"] is not None and t["train_tier"] == "cluster" for t in ran)
+    s = status(api, fid)
+    assert s["state"] == "leaf"
+    assert all(c["adapter_version"] == 2 for c in s["clusters"])
+    ran = run_pending(api, clients, dirs, seed=30)
+    assert {t["stage"] for t in ran} == {"leaf"} and all(t["reset_leaf"] and t["upload"] == [] for t in ran)
+    ran = run_pending(api, clients, dirs, seed=31)
+    assert all(not t["reset_leaf"] for t in ran)
+    s = status(api, fid)
+    assert s["state"] == "serving"
+    # a late client is onboarded: probe from the final root, nearest cluster, then its leaf
+    late = {"b-late": register(api, fid, secret, "b-late")}
+    late_groups = {"b-late": 1}
+    tick(app)
+    ran = run_pending(api, late, dirs, seed=40, groups=late_groups)
+    assert [t["stage"] for t in ran] == ["probe"] and ran[0]["scope"].startswith("client:")
+    ran = run_pending(api, late, dirs, seed=41, groups=late_groups)
+    assert [t["stage"] for t in ran] == ["leaf"] and ran[0]["cluster"] is not None
+    s = status(api, fid)
+    b_cluster = [c for c in s["clusters"] if "b0" in c["members"]][0]
+    assert "b-late" in b_cluster["members"]
+    assert s["onboarding_pending"] == 0
+    report = api.get(f"/v1/federations/{fid}/report", headers=admin_headers()).json()
+    late_report = [c for c in report["clients"] if c["name"] == "b-late"][0]
+    assert late_report["cohort"] == "late" and late_report["zero_shot"] == 0.7
+    assert report["uploaded_bytes"] > 0
+    with app.state.session_factory() as session:
+        stages = [r.stage for r in session.scalars(select(Round).order_by(Round.id))]
+    assert stages[:3] == ["root", "root", "probe"]

@@ -1,0 +1,191 @@
+"""Typed httpx client of the coordinator API, with retries (backoff + jitter) on transient failures.
+
+Transient: connection errors, timeouts, 5xx, 429 (honouring Retry-After). Everything else is a
+``CoordinatorError`` carrying the coordinator's JSON error code and detail. This module imports no
+torch, so the admin CLI and the demo launcher use it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from typing import Any
+
+import httpx
+
+from shared import PROTOCOL_VERSION, __version__
+from shared.config import FederationConfig
+from shared.schemas import (
+    PROTOCOL_HEADER,
+    SHA256_HEADER,
+    WORKER_ID_HEADER,
+    ClientRegistered,
+    FederationCreated,
+    FederationReport,
+    FederationStatus,
+    LeaseResponse,
+    TaskCompleted,
+    UploadAck,
+    VersionInfo,
+)
+
+
+class CoordinatorError(RuntimeError):
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+
+
+class CoordinatorUnavailable(RuntimeError):
+    """The coordinator could not be reached (or kept failing) within the retry budget."""
+
+
+class CoordinatorClient:
+    def __init__(self, base_url: str, worker_id: str = "hilora-cli", timeout: float = 60.0,
+                 max_retries: int = 8, max_backoff: float = 10.0, transport: httpx.BaseTransport | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self.max_backoff = max_backoff
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
+                                  headers={PROTOCOL_HEADER: str(PROTOCOL_VERSION), WORKER_ID_HEADER: worker_id,
+                                           "User-Agent": f"hilora/{__version__}"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "CoordinatorClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ transport
+
+    def request(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}) or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                response = self._http.request(method, path, headers=headers, **kwargs)
+            except (httpx.TransportError,) as exc:
+                last = exc
+                self._sleep_backoff(attempt, None)
+                continue
+            if response.status_code == 429 or response.status_code >= 500:
+                last = CoordinatorError(response.status_code, *self._error_of(response))
+                self._sleep_backoff(attempt, response.headers.get("Retry-After"))
+                continue
+            if response.status_code >= 400:
+                raise CoordinatorError(response.status_code, *self._error_of(response))
+            return response
+        raise CoordinatorUnavailable(f"{method} {self.base_url}{path} failed {self.max_retries + 1} times: {last}")
+
+    def _sleep_backoff(self, attempt: int, retry_after: str | None) -> None:
+        if attempt >= self.max_retries:
+            return
+        delay = min(self.max_backoff, 0.25 * 2**attempt) * (0.5 + random.random() / 2)
+        if retry_after is not None:
+            try:
+                delay = max(delay, float(retry_after))
+            except ValueError:
+                pass
+        time.sleep(delay)
+
+    @staticmethod
+    def _error_of(response: httpx.Response) -> tuple[str, str]:
+        try:
+            body = response.json()
+            return str(body.get("error", "error")), str(body.get("detail", body))
+        except ValueError:
+            return "error", response.text[:500]
+
+    # ------------------------------------------------------------------ public routes
+
+    def version(self) -> VersionInfo:
+        info = VersionInfo.model_validate(self.request("GET", "/v1/version").json())
+        if info.protocol != PROTOCOL_VERSION:
+            raise CoordinatorError(426, "protocol_mismatch",
+                                   f"coordinator speaks protocol {info.protocol} (hilora {info.version}); "
+                                   f"this worker speaks {PROTOCOL_VERSION} (hilora {__version__})")
+        return info
+
+    def ready(self) -> bool:
+        try:
+            return self._http.get("/v1/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    # ------------------------------------------------------------------ client routes
+
+    def register(self, federation_id: int, enrollment_secret: str, name: str, num_samples: int) -> ClientRegistered:
+        r = self.request("POST", f"/v1/federations/{federation_id}/clients", token=enrollment_secret,
+                         json={"name": name, "num_samples": num_samples})
+        return ClientRegistered.model_validate(r.json())
+
+    def federation_config(self, federation_id: int, token: str) -> FederationConfig:
+        return FederationConfig.model_validate(
+            self.request("GET", f"/v1/federations/{federation_id}/config", token=token).json())
+
+    def backbone(self, federation_id: int, token: str, expected_sha256: str) -> bytes:
+        data = self.request("GET", f"/v1/federations/{federation_id}/backbone", token=token).content
+        _verify(data, expected_sha256, "backbone")
+        return data
+
+    def adapter(self, version_id: int, token: str, expected_sha256: str) -> bytes:
+        data = self.request("GET", f"/v1/adapters/{version_id}", token=token).content
+        _verify(data, expected_sha256, f"adapter version {version_id}")
+        return data
+
+    def lease(self, client_id: int, token: str) -> LeaseResponse:
+        return LeaseResponse.model_validate(self.request("POST", f"/v1/clients/{client_id}/lease", token=token).json())
+
+    def heartbeat(self, task_id: int, token: str, lease_id: str) -> None:
+        self.request("POST", f"/v1/tasks/{task_id}/heartbeat", token=token, json={"lease_id": lease_id})
+
+    def upload(self, task_id: int, token: str, lease_id: str, body: bytes) -> UploadAck:
+        sha = hashlib.sha256(body).hexdigest()
+        r = self.request("PUT", f"/v1/tasks/{task_id}/upload", token=token, params={"lease_id": lease_id},
+                         content=body, headers={SHA256_HEADER: sha, "Content-Type": "application/octet-stream"})
+        return UploadAck.model_validate(r.json())
+
+    def complete(self, task_id: int, token: str, lease_id: str, num_samples: int,
+                 metrics: dict[str, float]) -> TaskCompleted:
+        r = self.request("POST", f"/v1/tasks/{task_id}/complete", token=token,
+                         json={"lease_id": lease_id, "num_samples": num_samples, "metrics": metrics})
+        return TaskCompleted.model_validate(r.json())
+
+    # ------------------------------------------------------------------ admin routes
+
+    def put_blob(self, admin_token: str, data: bytes) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        self.request("PUT", f"/v1/blobs/{sha}", token=admin_token, content=data,
+                     headers={"Content-Type": "application/octet-stream"})
+        return sha
+
+    def create_federation(self, admin_token: str, config: FederationConfig) -> FederationCreated:
+        r = self.request("POST", "/v1/federations", token=admin_token,
+                         json={"config": config.model_dump(mode="json")})
+        return FederationCreated.model_validate(r.json())
+
+    def federation_status(self, admin_token: str, federation_id: int) -> FederationStatus:
+        return FederationStatus.model_validate(
+            self.request("GET", f"/v1/federations/{federation_id}", token=admin_token).json())
+
+    def federation_report(self, admin_token: str, federation_id: int) -> FederationReport:
+        return FederationReport.model_validate(
+            self.request("GET", f"/v1/federations/{federation_id}/report", token=admin_token).json())
+
+    def start_federation(self, admin_token: str, federation_id: int) -> FederationStatus:
+        return FederationStatus.model_validate(
+            self.request("POST", f"/v1/federations/{federation_id}/start", token=admin_token).json())
+
+
+def _verify(data: bytes, expected: str, what: str) -> None:
+    got = hashlib.sha256(data).hexdigest()
+    if got != expected:
+        raise CoordinatorError(0, "sha256_mismatch", f"{what}: received bytes hash to {got}, expected {expected}")

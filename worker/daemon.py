@@ -1,0 +1,293 @@
+"""The worker daemon: poll -> lease -> fetch adapters -> train -> heartbeat -> upload -> complete.
+
+One process hosts several clients (their data, tokens, leaves and local factors). Tokens and
+leaves live under ``--state-dir/<federation>/<client>/``; nothing a client keeps local is ever
+uploaded. SIGTERM/SIGINT stop the loop after the current task (its lease simply expires if the
+process dies mid-task, and the coordinator requeues it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from shared.config import FederationConfig
+from shared.schemas import TaskAssignment
+from shared.tensors import pack_tensors, unpack_tensors
+from worker.client import CoordinatorClient, CoordinatorError
+
+log = logging.getLogger("hilora.worker")
+
+
+class DataSpec(BaseModel):
+    """Where a client's data comes from: a client of a partition file (built-in name or path)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    partition: str = Field(min_length=1)
+    client: str = Field(min_length=1)
+
+
+class HostedClient(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")
+    data: DataSpec
+    token: str | None = None
+    client_id: int | None = None
+    enrollment_secret: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "HostedClient":
+        if self.token is not None and self.client_id is None:
+            raise ValueError(f"client {self.name}: a token needs its client_id")
+        return self
+
+
+class WorkerConfig(BaseModel):
+    """The ``--config`` file of ``hilora worker`` (JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    federation_id: int = Field(ge=1)
+    enrollment_secret: str | None = None
+    clients: list[HostedClient] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "WorkerConfig":
+        names = [c.name for c in self.clients]
+        if len(set(names)) != len(names):
+            raise ValueError("client names in a worker config must be unique")
+        return self
+
+
+def load_worker_config(path: str | Path) -> WorkerConfig:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ValueError(f"worker config {path} does not exist") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"worker config {path} is not valid JSON: {exc}") from exc
+    return WorkerConfig.model_validate(raw)
+
+
+@dataclass
+class ClientSlot:
+    spec: HostedClient
+    client_id: int
+    token: str
+    state_dir: Path
+    data: Any = None
+    last_state: str = "waiting"
+    tasks_done: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _task_seed(base: int, *parts: object) -> int:
+    digest = hashlib.sha256("/".join(str(p) for p in (base, *parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class Heartbeater:
+    """Extends a lease every lease/3 seconds while a task trains."""
+
+    def __init__(self, client: CoordinatorClient, token: str, task: TaskAssignment) -> None:
+        self._client, self._token, self._task = client, token, task
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat-{task.task_id}")
+        self.lost: str | None = None
+
+    def __enter__(self) -> "Heartbeater":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        interval = max(0.5, self._task.lease_seconds / 3)
+        while not self._stop.wait(interval):
+            try:
+                self._client.heartbeat(self._task.task_id, self._token, self._task.lease_id)
+            except CoordinatorError as exc:  # the lease is gone: the upload will be refused too
+                self.lost = str(exc)
+                return
+            except Exception as exc:  # noqa: BLE001 - network trouble: keep trying until the lease ends
+                log.warning("heartbeat for task %s failed: %s", self._task.task_id, exc)
+
+
+class WorkerDaemon:
+    def __init__(self, client: CoordinatorClient, config: WorkerConfig, state_dir: Path, device: str = "cpu",
+                 exit_when_idle: bool = False, max_seconds: float | None = None) -> None:
+        self.client = client
+        self.config = config
+        self.state_dir = Path(state_dir)
+        self.device = device
+        self.exit_when_idle = exit_when_idle
+        self.max_seconds = max_seconds
+        self.stop_event = threading.Event()
+        self.slots: list[ClientSlot] = []
+        self._runtime: tuple[FederationConfig, Any] | None = None
+        self._adapter_cache: dict[int, dict] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def _client_dir(self, name: str) -> Path:
+        return self.state_dir / f"federation-{self.config.federation_id}" / name
+
+    def setup(self) -> None:
+        """Load or create every hosted client's credentials (registering with the secret once)."""
+        from worker.data import client_arrays, load_partition
+
+        self.client.version()
+        for spec in self.config.clients:
+            cdir = self._client_dir(spec.name)
+            cdir.mkdir(parents=True, exist_ok=True)
+            data = client_arrays(load_partition(spec.data.partition), spec.data.client)
+            token_file = cdir / "credentials.json"
+            if spec.token is not None:
+                client_id, token = spec.client_id, spec.token
+            elif token_file.exists():
+                saved = json.loads(token_file.read_text())
+                client_id, token = int(saved["client_id"]), saved["token"]
+            else:
+                secret = spec.enrollment_secret or self.config.enrollment_secret
+                if not secret:
+                    raise ValueError(f"client {spec.name} has no token and no enrollment secret to register with")
+                reg = self.client.register(self.config.federation_id, secret, spec.name, len(data.y_train))
+                client_id, token = reg.client_id, reg.token
+                fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    json.dump({"client_id": client_id, "token": token, "name": spec.name}, fh)
+                log.info("registered client %s as id %s", spec.name, client_id)
+            self.slots.append(ClientSlot(spec=spec, client_id=client_id, token=token, state_dir=cdir, data=data))
+
+    def _model(self, token: str):  # noqa: ANN202
+        """The federation's model, built once per process and reused by every hosted client."""
+        if self._runtime is None:
+            from worker.backbone import build_backbone
+            from worker.lora import TieredLoRAModel, check_manifest_matches
+
+            cfg = self.client.federation_config(self.config.federation_id, token)
+            checkpoint = self.client.backbone(self.config.federation_id, token, cfg.backbone.sha256)
+            backbone = build_backbone(cfg.backbone.model, cfg.backbone.model_kwargs, checkpoint)
+            check_manifest_matches(backbone, cfg.manifest)
+            model = TieredLoRAModel(backbone, cfg.manifest).to(self.device)
+            self._runtime = (cfg, model)
+        return self._runtime
+
+    def _adapter(self, ref, token: str) -> dict:  # noqa: ANN001
+        if ref.id not in self._adapter_cache:
+            if len(self._adapter_cache) > 64:
+                self._adapter_cache.clear()
+            self._adapter_cache[ref.id] = unpack_tensors(self.client.adapter(ref.id, token, ref.sha256))
+        return self._adapter_cache[ref.id]
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> int:
+        """Poll until stopped (or, with exit_when_idle, until every hosted client is ready)."""
+        started = time.monotonic()
+        while not self.stop_event.is_set():
+            if self.max_seconds is not None and time.monotonic() - started > self.max_seconds:
+                log.warning("stopping after --max-seconds=%s", self.max_seconds)
+                return 3
+            worked = False
+            wait = 5.0
+            for slot in self.slots:
+                if self.stop_event.is_set():
+                    break
+                response = self.client.lease(slot.client_id, slot.token)
+                slot.last_state = response.client_state
+                if response.task is not None:
+                    self.execute(slot, response.task)
+                    worked = True
+                else:
+                    wait = min(wait, response.retry_after)
+            if self.exit_when_idle and not worked and all(
+                    s.last_state in ("ready", "revoked") for s in self.slots):
+                log.info("every hosted client is ready: exiting")
+                return 0
+            if not worked:
+                self.stop_event.wait(wait)
+        return 0
+
+    def execute(self, slot: ClientSlot, task: TaskAssignment) -> dict[str, float]:
+        """Run one task for one hosted client and report it."""
+        from worker.train import evaluate_tiers, train_tier
+
+        cfg, model = self._model(slot.token)
+        t0 = time.monotonic()
+        tier = task.train_tier
+        model.load_tier("root", self._adapter(task.root, slot.token))
+        tiers = ["root"]
+        if task.cluster is not None:
+            model.load_tier("cluster", self._adapter(task.cluster, slot.token))
+            tiers.append("cluster")
+        if tier == "leaf":
+            leaf_file = slot.state_dir / "leaf.safetensors"
+            if task.reset_leaf or not leaf_file.exists():
+                head_from = "cluster" if task.cluster is not None else "root"
+                model.init_tier("leaf", seed=_task_seed(cfg.training.seed, "leaf", slot.client_id),
+                                head_from=head_from)
+            else:
+                model.load_tier("leaf", unpack_tensors(leaf_file.read_bytes()))
+            tiers.append("leaf")
+        elif task.local:
+            local_file = slot.state_dir / f"local-{tier}.safetensors"
+            if local_file.exists():
+                model.load_tier(tier, unpack_tensors(local_file.read_bytes()), partial=True)
+        metrics: dict[str, float] = {}
+        if tier in ("root", "cluster") and task.stage != "probe":
+            # accuracy of the adapter as received: the federation's model on this client's data
+            metrics.update(evaluate_tiers(model, slot.data, tuple(tiers), self.device))
+        with Heartbeater(self.client, slot.token, task) as hb:
+            train_metrics = train_tier(
+                model, tier, slot.data, epochs=task.epochs, lr=task.training.lr, head_lr=task.training.head_lr,
+                batch_size=task.training.batch_size, weight_decay=task.training.weight_decay,
+                gamma_c=task.training.gamma_c, gamma_l=task.training.gamma_l,
+                seed=_task_seed(task.training.seed, task.stage, task.round_number, slot.client_id),
+                trainable=tuple(task.trainable), device=self.device)
+        if hb.lost:
+            log.warning("task %s lost its lease while training (%s); not uploading", task.task_id, hb.lost)
+            return {}
+        metrics.update({k: float(v) for k, v in train_metrics.items()})
+        if tier == "leaf":
+            metrics.update(evaluate_tiers(model, slot.data, tuple(tiers), self.device))
+            _atomic_write(slot.state_dir / "leaf.safetensors", pack_tensors(model.export_tier("leaf")))
+        elif task.local:
+            _atomic_write(slot.state_dir / f"local-{tier}.safetensors",
+                          pack_tensors(model.export_tier(tier, factors=tuple(task.local))))
+        metrics["train_seconds"] = time.monotonic() - t0
+        try:
+            if task.upload:
+                body = pack_tensors(model.export_tier(tier, factors=tuple(task.upload)))
+                self.client.upload(task.task_id, slot.token, task.lease_id, body)
+            self.client.complete(task.task_id, slot.token, task.lease_id, len(slot.data.y_train), metrics)
+        except CoordinatorError as exc:
+            if exc.code in ("stale_lease", "lease_expired"):
+                log.warning("task %s: %s (the coordinator requeued it)", task.task_id, exc.detail)
+                return {}
+            raise
+        slot.tasks_done += 1
+        slot.metrics.update(metrics)
+        log.info("client %s: %s round %s done in %.2fs %s", slot.spec.name, task.stage, task.round_number,
+                 time.monotonic() - t0, {k: round(v, 4) for k, v in metrics.items() if k.startswith("acc")})
+        return metrics
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
