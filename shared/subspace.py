@@ -65,7 +65,7 @@ def _chunk_size(count: int, block_width: int) -> int:
 
 
 def _pairwise_product_inner(lefts: np.ndarray, rights: np.ndarray) -> np.ndarray:
-    """``G[i, j] = <X_i Y_i, X_j Y_j>_F`` for ``lefts[i] = X_i`` (d x k), ``rights[i] = Y_i`` (k x e).
+    """``G[i, j] = <X_i Y_i, X_j Y_j>_F`` for ``lefts[i] = X_i`` (d x k), ``rights[i] = Y_i``.
 
     Uses ``<X Y, X' Y'>_F = sum_ab (X^T X')_ab (Y Y'^T)_ab``, as two big matrix products over all
     clients (chunked over rows), never forming a d x e product.
@@ -391,6 +391,9 @@ def lsac(
        accepted only if the between/within mean distance ratio is >= ``contrast``; else K = 1
        (all labels 0) unless ``k_min >= 2``, in which case K* is kept.
     3. K in the result is the number of distinct labels actually produced.
+
+    D must be square, finite and non-negative; it is symmetrised and its diagonal set to zero.
+    Groups smaller than ``knn + 1`` points tend to merge with a neighbour: lower ``knn`` for them.
     """
     distance = _square_matrix(D, "D")
     n = distance.shape[0]

@@ -34,7 +34,7 @@ def random_root(rng, d_out=24, d_in=20, rank=4):
             for t in TARGETS}
 
 
-def planted_population(rng, group_sizes, noise=0.3, step=0.1, head_dim=10, root=None,
+def planted_population(rng, group_sizes, noise=0.6, step=0.1, head_dim=10, root=None,
                        directions=None):
     """Clients whose updates share their group's random direction (B and A and head) plus noise.
 
@@ -371,11 +371,16 @@ def test_lsac_on_update_distance_finds_three_planted_groups():
     assert result.eigenvalues.shape == (18,) and result.affinity.shape == (18, 18)
 
 
-def test_lsac_on_update_distance_finds_four_unequal_groups():
+@pytest.mark.parametrize("group_sizes,knn", [
+    ([6, 7, 9, 12], 5),
+    # Groups smaller than knn + 1 need a smaller knn: with knn = 5 the groups of 3 and 4 merge.
+    ([3, 4, 6, 8], 2),
+])
+def test_lsac_on_update_distance_finds_four_unequal_groups(group_sizes, knn):
     rng = np.random.default_rng(11)
-    clients, root, heads, truth, _ = planted_population(rng, [3, 4, 6, 8])
+    clients, root, heads, truth, _ = planted_population(rng, group_sizes)
 
-    result = lsac(update_distance(clients, root, heads))
+    result = lsac(update_distance(clients, root, heads), knn=knn)
 
     assert result.k == 4
     assert adjusted_rand_score(truth, result.labels) == 1.0

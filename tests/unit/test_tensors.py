@@ -1,0 +1,272 @@
+"""Wire tensors: round trips, and every refusal reason on a crafted bad body."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import safetensors.numpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.tensors import (
+    TensorValidationError,
+    pack_tensors,
+    read_safetensors_header,
+    unpack_tensors,
+    validate_tensors,
+)
+
+pytestmark = pytest.mark.unit
+
+EXPECTED = {"blocks.0.q.lora_A": (2, 3), "blocks.0.q.lora_B": (4, 2), "head.bias": (5,)}
+LIMIT = 1 << 20
+
+
+def valid_tensors():
+    rng = np.random.default_rng(0)
+    return {name: rng.standard_normal(shape).astype(np.float32)
+            for name, shape in EXPECTED.items()}
+
+
+def craft_body(header: dict, payload: bytes) -> bytes:
+    """A safetensors body written by hand: 8-byte little-endian length, JSON header, data."""
+    header_bytes = json.dumps(header).encode()
+    return struct.pack("<Q", len(header_bytes)) + header_bytes + payload
+
+
+def refusal(data, expected=EXPECTED, max_bytes=LIMIT) -> TensorValidationError:
+    with pytest.raises(TensorValidationError) as caught:
+        validate_tensors(data, expected, max_bytes)
+    return caught.value
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+def test_pack_validate_round_trip_preserves_values_and_metadata():
+    tensors = valid_tensors()
+
+    body = pack_tensors(tensors, metadata={"tier": "root", "round": "3"})
+    validated = validate_tensors(body, EXPECTED, LIMIT)
+    unpacked = unpack_tensors(body)
+
+    assert sorted(validated) == sorted(EXPECTED)
+    for name, array in tensors.items():
+        assert validated[name].dtype == np.float32
+        np.testing.assert_array_equal(validated[name], array)
+        np.testing.assert_array_equal(unpacked[name], array)
+    assert read_safetensors_header(body)["__metadata__"] == {"tier": "root", "round": "3"}
+    validated["head.bias"][0] = 42.0  # returned arrays are writable copies
+
+
+def test_pack_casts_to_contiguous_float32():
+    source = np.arange(12, dtype=np.float64).reshape(3, 4).T  # non-contiguous float64
+
+    unpacked = unpack_tensors(pack_tensors({"x": source}))
+
+    assert unpacked["x"].dtype == np.float32
+    np.testing.assert_array_equal(unpacked["x"], source.astype(np.float32))
+    assert read_safetensors_header(pack_tensors({"x": source}))["x"]["shape"] == [4, 3]
+
+
+def test_round_trip_of_empty_and_zero_size_tensors():
+    body = pack_tensors({"empty": np.zeros((0, 3)), "scalar_like": np.ones((1,))})
+
+    validated = validate_tensors(body, {"empty": (0, 3), "scalar_like": (1,)}, LIMIT)
+
+    assert validated["empty"].shape == (0, 3)
+    assert validated["scalar_like"].tolist() == [1.0]
+    assert validate_tensors(pack_tensors({}), {}, LIMIT) == {}
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf, 1e300])
+def test_pack_refuses_non_finite_values(bad_value):
+    with pytest.raises(TensorValidationError) as caught:
+        pack_tensors({"w": np.array([1.0, bad_value])})
+
+    assert caught.value.reason == "non_finite"
+    assert "'w'" in str(caught.value)
+
+
+def test_error_reason_must_be_known():
+    with pytest.raises(ValueError, match="unknown"):
+        TensorValidationError("bad_mood", "no")
+    error = TensorValidationError("corrupt", "details")
+    assert isinstance(error, ValueError) and error.reason == "corrupt" and str(error) == "details"
+
+
+# --- each refusal reason ----------------------------------------------------------------------
+
+def test_wrong_shape_is_refused_with_expected_and_got():
+    tensors = valid_tensors()
+    tensors["blocks.0.q.lora_B"] = np.zeros((2, 4), dtype=np.float32)
+
+    error = refusal(pack_tensors(tensors))
+
+    assert error.reason == "wrong_shape"
+    assert "blocks.0.q.lora_B" in str(error) and "(4, 2)" in str(error) and "(2, 4)" in str(error)
+
+
+def test_missing_key_is_refused():
+    tensors = valid_tensors()
+    del tensors["head.bias"]
+
+    error = refusal(pack_tensors(tensors))
+
+    assert error.reason == "missing_key" and "head.bias" in str(error)
+
+
+def test_extra_key_is_refused():
+    tensors = valid_tensors()
+    tensors["blocks.0.k.lora_A"] = np.zeros((2, 3), dtype=np.float32)
+
+    error = refusal(pack_tensors(tensors, metadata={"note": "metadata is not a tensor"}))
+
+    assert error.reason == "extra_key" and "blocks.0.k.lora_A" in str(error)
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_refused(bad_value):
+    tensors = valid_tensors()
+    tensors["blocks.0.q.lora_A"][1, 2] = bad_value
+    body = safetensors.numpy.save(tensors)  # pack_tensors would refuse to write it
+
+    error = refusal(body)
+
+    assert error.reason == "non_finite" and "blocks.0.q.lora_A" in str(error)
+
+
+@pytest.mark.parametrize("dtype,name", [(np.float64, "F64"), (np.int32, "I32"),
+                                        (np.float16, "F16")])
+def test_wrong_dtype_is_refused(dtype, name):
+    tensors = valid_tensors()
+    tensors["head.bias"] = np.ones(5, dtype=dtype)
+    body = safetensors.numpy.save(tensors)
+
+    error = refusal(body)
+
+    assert error.reason == "wrong_dtype"
+    assert "head.bias" in str(error) and "F32" in str(error) and name in str(error)
+
+
+def test_body_over_max_bytes_is_refused_before_parsing():
+    body = pack_tensors(valid_tensors())
+
+    assert refusal(body, max_bytes=len(body) - 1).reason == "too_large"
+    assert refusal(b"\xff" * 100, max_bytes=99).reason == "too_large"
+    assert sorted(validate_tensors(body, EXPECTED, max_bytes=len(body))) == sorted(EXPECTED)
+
+
+def _two_tensor_header(a_offsets, b_offsets, a_shape=(4,), b_shape=(4,)):
+    return {"a": {"dtype": "F32", "shape": list(a_shape), "data_offsets": list(a_offsets)},
+            "b": {"dtype": "F32", "shape": list(b_shape), "data_offsets": list(b_offsets)}}
+
+
+GOOD_TWO = craft_body(_two_tensor_header([0, 16], [16, 32]), bytes(32))
+HEADER_LENGTH_OF_GOOD_TWO = struct.unpack("<Q", GOOD_TWO[:8])[0]
+
+CORRUPT_BODIES = {
+    "truncated body": GOOD_TWO[:-1],
+    "extra trailing bytes": GOOD_TWO + b"\x00" * 4,
+    "shorter than the length field": b"\x01\x02\x03",
+    "empty": b"",
+    "garbage header": struct.pack("<Q", 9) + b"not json!" + bytes(8),
+    "header not utf-8": struct.pack("<Q", 2) + b"\xff\xfe",
+    "header is a list": craft_body([1, 2], b""),  # type: ignore[arg-type]
+    "header length past the end": struct.pack("<Q", len(GOOD_TWO)) + GOOD_TWO[8:],
+    "header length over 100 MB": struct.pack("<Q", 100_000_001) + b"{}",
+    "overlapping offsets": craft_body(_two_tensor_header([0, 16], [8, 24]), bytes(24)),
+    "gap between tensors": craft_body(_two_tensor_header([0, 16], [20, 36]), bytes(36)),
+    "not starting at zero": craft_body(_two_tensor_header([4, 20], [20, 36]), bytes(36)),
+    "size inconsistent with shape": craft_body(_two_tensor_header([0, 16], [16, 28]),
+                                               bytes(28)),
+    "end before begin": craft_body(_two_tensor_header([16, 0], [16, 32]), bytes(32)),
+    "negative dimension": craft_body(_two_tensor_header([0, 16], [16, 32], b_shape=(-4,)),
+                                     bytes(32)),
+    "float dimension": craft_body(_two_tensor_header([0, 16], [16, 32], b_shape=(4.0,)),
+                                  bytes(32)),
+    "unknown dtype": craft_body({"a": {"dtype": "F33", "shape": [1], "data_offsets": [0, 4]}},
+                                bytes(4)),
+    "missing data_offsets": craft_body({"a": {"dtype": "F32", "shape": [1]}}, bytes(4)),
+    "extra entry field": craft_body({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4],
+                                           "sha": "x"}}, bytes(4)),
+    "entry not an object": craft_body({"a": [0, 4]}, bytes(4)),
+    "metadata not strings": craft_body({"__metadata__": {"round": 3}}, b""),
+    "duplicate tensor name": (lambda h: struct.pack("<Q", len(h)) + h + bytes(8))(
+        b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+        b'"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}'),
+    "NaN constant in header": (lambda h: struct.pack("<Q", len(h)) + h + bytes(4))(
+        b'{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,4]}}'),
+}
+
+
+@pytest.mark.parametrize("body", CORRUPT_BODIES.values(), ids=CORRUPT_BODIES.keys())
+def test_corrupt_bodies_are_refused(body):
+    with pytest.raises(TensorValidationError) as from_header:
+        read_safetensors_header(body)
+    with pytest.raises(TensorValidationError) as from_unpack:
+        unpack_tensors(body)
+
+    assert from_header.value.reason == "corrupt"
+    assert from_unpack.value.reason == "corrupt"
+    assert refusal(body, expected={"a": (4,), "b": (4,)}).reason == "corrupt"
+
+
+def test_hand_crafted_good_body_is_accepted():
+    header = read_safetensors_header(GOOD_TWO)
+    arrays = validate_tensors(GOOD_TWO, {"a": (4,), "b": (4,)}, LIMIT)
+
+    assert header["b"]["data_offsets"] == [16, 32]
+    assert arrays["a"].tolist() == [0.0] * 4 and arrays["b"].dtype == np.float32
+
+
+def test_offsets_are_read_from_the_header_not_the_name_order():
+    values = np.arange(8, dtype="<f4").tobytes()
+    # "b" is stored first in the data section although it sorts after "a".
+    body = craft_body(_two_tensor_header([16, 32], [0, 16]), values)
+
+    arrays = validate_tensors(body, {"a": (4,), "b": (4,)}, LIMIT)
+
+    assert arrays["b"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert arrays["a"].tolist() == [4.0, 5.0, 6.0, 7.0]
+
+
+def test_corrupt_is_reported_before_name_checks_and_names_before_dtype():
+    body_with_wrong_dtype_and_extra = safetensors.numpy.save(
+        {"a": np.zeros(4, dtype=np.float64), "zz": np.zeros(1, dtype=np.float32)})
+
+    assert refusal(body_with_wrong_dtype_and_extra, {"a": (4,)}).reason == "extra_key"
+    assert refusal(body_with_wrong_dtype_and_extra[:-2], {"a": (4,)}).reason == "corrupt"
+
+
+# --- properties -------------------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_property_random_bytes_only_ever_raise_tensor_validation_error(data):
+    try:
+        result = validate_tensors(data, {"a": (4,), "b": (4,)}, max_bytes=150)
+    except TensorValidationError as error:
+        assert error.reason in {"too_large", "corrupt", "missing_key", "extra_key",
+                                "wrong_shape", "wrong_dtype", "non_finite"}
+    else:
+        assert sorted(result) == ["a", "b"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(position=st.integers(0, len(GOOD_TWO) - 1), byte=st.integers(0, 255),
+       cut=st.integers(0, len(GOOD_TWO)))
+def test_property_mutated_valid_body_only_ever_raises_tensor_validation_error(position, byte,
+                                                                             cut):
+    mutated = bytearray(GOOD_TWO)
+    mutated[position] = byte
+    mutated = bytes(mutated[:cut])
+    try:
+        result = validate_tensors(mutated, {"a": (4,), "b": (4,)}, max_bytes=LIMIT)
+    except TensorValidationError as error:
+        assert error.reason in {"corrupt", "missing_key", "extra_key", "wrong_shape",
+                                "wrong_dtype", "non_finite"}
+    else:
+        assert result["a"].shape == (4,) and np.all(np.isfinite(result["b"]))
