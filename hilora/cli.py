@@ -73,10 +73,15 @@ def worker(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import socket
 
-    import torch
-
     from worker.client import CoordinatorClient, CoordinatorError
     from worker.daemon import WorkerDaemon, load_worker_config
+
+    try:
+        cfg = load_worker_config(config)
+    except ValueError as exc:
+        _fail(str(exc))
+
+    import torch
 
     torch.set_num_threads(threads)
     try:
@@ -85,10 +90,6 @@ def worker(
         pass
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        cfg = load_worker_config(config)
-    except ValueError as exc:
-        _fail(str(exc))
     wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     with CoordinatorClient(coordinator_url, worker_id=wid) as client:
         daemon = WorkerDaemon(client, cfg, state_dir, device=device, exit_when_idle=exit_when_idle,

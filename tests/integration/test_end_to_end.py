@@ -1,0 +1,126 @@
+"""The real thing on loopback: a coordinator subprocess (uvicorn, SQLite), worker subprocesses
+training the tiny ViT, the whole cascade to serving, and the ``hilora demo`` command itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hilora.launcher import LocalCluster, wait_for
+from worker.client import CoordinatorClient
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def demo_backbone():
+    from worker.backbone import pretrain_demo_backbone
+
+    return pretrain_demo_backbone()
+
+
+def _federation_file(num_clients: int) -> dict:
+    from worker.backbone import DEMO_BACKBONE_KWARGS, DEMO_BACKBONE_MODEL
+
+    return {"name": "it", "backbone": {"model": DEMO_BACKBONE_MODEL, "model_kwargs": DEMO_BACKBONE_KWARGS,
+                                       "checkpoint": "demo"},
+            "adapter": {"rank": 4},
+            "schedule": {"min_clients": num_clients, "root_rounds": 2, "cluster_rounds": 1, "leaf_rounds": 1,
+                         "unseen_leaf_rounds": 1, "local_epochs": 2, "probe_epochs": 2, "lease_seconds": 60,
+                         "retry_after_seconds": 0.25},
+            "clustering": {"knn": 2, "k_max": 4}}
+
+
+def test_cascade_over_real_http_with_worker_processes(tmp_path, demo_backbone):
+    from hilora.federation_file import FederationFile, build_federation_config
+    from worker.data import load_partition, partition_clients
+
+    clients = [c for c in partition_clients(load_partition("tiny")) if not c.unseen]
+    config, checkpoint = build_federation_config(FederationFile.model_validate(_federation_file(len(clients))))
+    cluster = LocalCluster(tmp_path / "run")
+    try:
+        cluster.start_coordinator()
+        with CoordinatorClient(cluster.url) as client:
+            client.put_blob(cluster.admin_token, checkpoint)
+            created = client.create_federation(cluster.admin_token, config)
+            fid = created.federation_id
+            for w in range(2):
+                cluster.start_worker(f"w{w}", {
+                    "federation_id": fid, "enrollment_secret": created.enrollment_secret,
+                    "clients": [{"name": c.name, "data": {"partition": "tiny", "client": c.name}}
+                                for c in clients[w::2]]}, max_seconds=400)
+
+            def serving() -> bool:
+                cluster.check_workers()
+                return client.federation_status(cluster.admin_token, fid).state.value == "serving"
+
+            assert wait_for(serving, 400, interval=1.0), cluster.tail("w0.log")
+            status = client.federation_status(cluster.admin_token, fid)
+            report = client.federation_report(cluster.admin_token, fid)
+        # every stage ran, in order, and finished
+        stages = [r.stage for r in report.rounds]
+        assert stages[:3] == ["root", "root", "probe"] and "cluster" in stages and stages[-1] == "leaf"
+        assert all(r.status == "done" for r in report.rounds)
+        assert status.root_version == 2 and status.clustering is not None and status.clustering.k >= 1
+        # every client reported all three tiers, each a real accuracy
+        assert len(report.clients) == len(clients)
+        for c in report.clients:
+            for key in ("acc_root", "acc_cluster", "acc_leaf"):
+                assert 0.0 <= c.metrics[key] <= 1.0
+            assert c.uploaded_bytes > 0 and c.cluster_label is not None
+        # the backbone alone is poor on the permuted group; the cascade must beat chance clearly
+        assert sum(c.metrics["acc_leaf"] for c in report.clients) / len(clients) > 0.5
+        # tokens and leaves stayed on the worker side
+        saved = list((tmp_path / "run" / "state").glob("federation-*/*/leaf.safetensors"))
+        assert len(saved) == len(clients)
+        creds = list((tmp_path / "run" / "state").glob("federation-*/*/credentials.json"))
+        assert all(oct(p.stat().st_mode)[-3:] == "600" for p in creds)
+        # workers exit by themselves once their clients are ready
+        assert wait_for(lambda: all(p.poll() is not None for p in cluster.workers), 60)
+        assert all(p.returncode == 0 for p in cluster.workers)
+    finally:
+        cluster.stop()
+
+
+def test_worker_with_a_wrong_enrollment_secret_fails_clearly(tmp_path, demo_backbone):
+    from hilora.federation_file import FederationFile, build_federation_config
+
+    config, checkpoint = build_federation_config(FederationFile.model_validate(_federation_file(2)))
+    cluster = LocalCluster(tmp_path / "run")
+    try:
+        cluster.start_coordinator()
+        with CoordinatorClient(cluster.url) as client:
+            client.put_blob(cluster.admin_token, checkpoint)
+            fid = client.create_federation(cluster.admin_token, config).federation_id
+        proc = cluster.start_worker("bad", {"federation_id": fid, "enrollment_secret": "hle_wrong",
+                                            "clients": [{"name": "x", "data": {"partition": "tiny",
+                                                                               "client": "a-00"}}]})
+        proc.wait(timeout=120)
+        assert proc.returncode == 2
+        assert "enrollment secret is wrong" in cluster.tail("bad.log")
+    finally:
+        cluster.stop()
+
+
+def test_hilora_demo_command_smoke(tmp_path, demo_backbone):
+    report = tmp_path / "report.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "hilora.cli", "demo", "--partition", "tiny", "--workers", "2", "--root-rounds", "1",
+         "--cluster-rounds", "1", "--leaf-rounds", "1", "--report", str(report), "--timeout", "400"],
+        env=env, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ARI" in proc.stdout and "training: +leaf" in proc.stdout
+    data = json.loads(report.read_text())
+    for key in ("root", "cluster", "leaf"):
+        assert 0.0 <= data["tiers"][key]["mean"] <= 1.0 and data["tiers"][key]["p10"] is not None
+    assert data["clustering"]["k"] >= 1 and data["clustering"]["ari"] is not None
+    assert 0 < data["wall_seconds"] < time.monotonic() - t0 + 1
+    assert Path(report).stat().st_size > 0
