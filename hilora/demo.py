@@ -138,7 +138,7 @@ def _progress_printer(client: CoordinatorClient, token: str, fid: int, say: Call
         total = sum(r.tasks_total for r in open_rounds)
         stage = status.state.value
         number = max((r.number for r in open_rounds), default=status.stage_round)
-        key = (stage, number, done)
+        key = (stage, number, status.onboarding_pending if stage == "serving" else None)
         if key != last["key"]:
             last["key"] = key
             extra = ""
@@ -146,7 +146,7 @@ def _progress_printer(client: CoordinatorClient, token: str, fid: int, say: Call
                 extra = f"  K={status.clustering.k}"
             if status.last_rho is not None and stage == "root":
                 extra += f"  rho={status.last_rho:.3f}"
-            work = f"round {number}: {done}/{total} tasks done" if total else "idle"
+            work = f"round {number} ({total} tasks, {done} done)" if total else "waiting for clients"
             if stage == "serving":
                 work = f"onboarding unseen clients: {status.onboarding_pending} pending"
             say(f"[{time.monotonic() - t0:6.1f}s] {stage:<9} {work}{extra}")

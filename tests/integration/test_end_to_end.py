@@ -100,7 +100,7 @@ def test_worker_with_a_wrong_enrollment_secret_fails_clearly(tmp_path, demo_back
             fid = client.create_federation(cluster.admin_token, config).federation_id
         proc = cluster.start_worker("bad", {"federation_id": fid, "enrollment_secret": "hle_wrong",
                                             "clients": [{"name": "x", "data": {"partition": "tiny",
-                                                                               "client": "a-00"}}]})
+                                                                               "client": "upright-00"}}]})
         proc.wait(timeout=120)
         assert proc.returncode == 2
         assert "enrollment secret is wrong" in cluster.tail("bad.log")

@@ -1,0 +1,124 @@
+"""Local training and evaluation of one tier of a ``TieredLoRAModel`` on one client's data.
+
+The frozen backbone runs in eval mode throughout (no dropout), so training is a deterministic
+function of the model state, the data and the seed on CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from shared.manifest import TIERS
+from worker.data import ClientData
+from worker.lora import TieredLoRAModel
+
+
+def tiers_up_to(tier: str) -> tuple[str, ...]:
+    """The tiers active when ``tier`` trains: every tier up to and including it."""
+    if tier not in TIERS:
+        raise ValueError(f"unknown tier {tier!r}; tiers are {list(TIERS)}")
+    return TIERS[: TIERS.index(tier) + 1]
+
+
+def _as_tensor(array: object, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
+    if isinstance(array, torch.Tensor):
+        return array.to(device=device, dtype=dtype)
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+
+
+def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int, lr: float, head_lr: float,
+               batch_size: int, weight_decay: float, gamma_c: float, gamma_l: float, seed: int,
+               trainable: Sequence[str] = ("A", "B", "head"), device: str | torch.device = "cpu") -> dict[str, float]:
+    """Train the ``trainable`` factors of ``tier`` on ``data.x_train``/``data.y_train``.
+
+    Active tiers are all tiers up to and including ``tier``; everything else is frozen. AdamW with
+    ``lr`` for the LoRA factors and ``head_lr`` for the head (both with ``weight_decay``); the loss
+    is cross entropy plus ``model.orthogonality_loss(tier, gamma_c, gamma_l)``. Mini-batches are
+    shuffled with a generator seeded by ``seed``. Every parameter is frozen again afterwards.
+
+    Returns:
+        ``{"train_loss": mean loss over the last epoch's samples, "steps": optimizer steps}``.
+
+    Raises:
+        ValueError: no training samples, epochs < 1, batch_size < 1 or nothing trainable.
+    """
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    trainable = tuple(trainable)
+    if not trainable:
+        raise ValueError("nothing to train: trainable is empty")
+    x = _as_tensor(data.x_train, torch.float32, device)
+    y = _as_tensor(data.y_train, torch.int64, device)
+    n = int(y.shape[0])
+    if n == 0:
+        raise ValueError("the client has no training samples")
+    model.to(device)
+    model.eval()
+    model.set_active_tiers(tiers_up_to(tier))
+    model.set_trainable(tier, trainable)
+    groups = []
+    lora = model.tier_parameters(tier, [f for f in trainable if f in ("A", "B")])
+    if lora:
+        groups.append({"params": lora, "lr": lr})
+    if "head" in trainable:
+        groups.append({"params": model.tier_parameters(tier, ["head"]), "lr": head_lr})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(int(seed))
+    steps = 0
+    epoch_loss = 0.0
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator).to(device)
+            total = torch.zeros((), device=device)
+            for start in range(0, n, batch_size):
+                index = order[start:start + batch_size]
+                logits = model(x[index])
+                loss = F.cross_entropy(logits, y[index]) + model.orthogonality_loss(tier, gamma_c, gamma_l)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                total += loss.detach() * index.shape[0]
+            epoch_loss = float(total) / n
+    finally:
+        model.freeze_all()
+    return {"train_loss": epoch_loss, "steps": float(steps)}
+
+
+@torch.no_grad()
+def predict(model: TieredLoRAModel, x: object, tiers: Iterable[str], device: str | torch.device = "cpu",
+            batch_size: int = 256) -> np.ndarray:
+    """Predicted labels (N,) with exactly ``tiers`` active."""
+    model.to(device)
+    model.eval()
+    model.set_active_tiers(tiers)
+    inputs = _as_tensor(x, torch.float32, device)
+    out = [model(inputs[start:start + batch_size]).argmax(dim=1).cpu() for start in range(0, inputs.shape[0], batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+def evaluate(model: TieredLoRAModel, x: object, y: object, tiers: Iterable[str], device: str | torch.device = "cpu",
+             batch_size: int = 256) -> float:
+    """Accuracy on (x, y) with exactly ``tiers`` active (the highest active tier's head predicts)."""
+    labels = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y)
+    if labels.shape[0] == 0:
+        raise ValueError("cannot evaluate on zero samples")
+    return float((predict(model, x, tiers, device, batch_size) == labels).mean())
+
+
+def evaluate_tiers(model: TieredLoRAModel, data: ClientData, tiers_available: Iterable[str],
+                   device: str | torch.device = "cpu") -> dict[str, float]:
+    """Test accuracy per available tier T, with every available tier up to T active.
+
+    Keys ``acc_root`` (root), ``acc_cluster`` (root + cluster, cluster head) and ``acc_leaf``
+    (root + cluster + leaf, leaf head), each only when that tier is available.
+    """
+    available = [t for t in TIERS if t in set(tiers_available)]
+    metrics: dict[str, float] = {}
+    for i, tier in enumerate(available):
+        metrics[f"acc_{tier}"] = evaluate(model, data.x_test, data.y_test, available[: i + 1], device)
+    return metrics
