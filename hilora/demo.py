@@ -35,6 +35,7 @@ class DemoOptions:
     probe_epochs: int = 2
     rank: int = 4
     lr: float = 3e-3
+    head_lr: float = 3e-2
     batch_size: int = 32
     features: str = "update"
     seed: int = 0
@@ -62,7 +63,7 @@ def federation_file(opts: DemoOptions, num_train_clients: int) -> dict[str, Any]
                      "cluster_rounds": opts.cluster_rounds, "leaf_rounds": opts.leaf_rounds,
                      "unseen_leaf_rounds": opts.unseen_leaf_rounds, "local_epochs": opts.local_epochs,
                      "probe_epochs": opts.probe_epochs, "lease_seconds": 60, "retry_after_seconds": 0.25},
-        "training": {"lr": opts.lr, "head_lr": opts.lr, "batch_size": opts.batch_size, "seed": opts.seed},
+        "training": {"lr": opts.lr, "head_lr": opts.head_lr, "batch_size": opts.batch_size, "seed": opts.seed},
         "clustering": {"features": opts.features, "seed": opts.seed},
     }
 
@@ -134,7 +135,6 @@ def _progress_printer(client: CoordinatorClient, token: str, fid: int, say: Call
     def tick() -> None:
         status = client.federation_status(token, fid)
         open_rounds = [r for r in status.rounds if r.status == "open"]
-        done = sum(r.tasks_done for r in open_rounds)
         total = sum(r.tasks_total for r in open_rounds)
         stage = status.state.value
         number = max((r.number for r in open_rounds), default=status.stage_round)
@@ -146,9 +146,10 @@ def _progress_printer(client: CoordinatorClient, token: str, fid: int, say: Call
                 extra = f"  K={status.clustering.k}"
             if status.last_rho is not None and stage == "root":
                 extra += f"  rho={status.last_rho:.3f}"
-            work = f"round {number} ({total} tasks, {done} done)" if total else "waiting for clients"
+            work = f"round {number} ({total} clients)" if total else "waiting for clients"
             if stage == "serving":
-                work = f"onboarding unseen clients: {status.onboarding_pending} pending"
+                work = (f"onboarding unseen clients: {status.onboarding_pending} pending"
+                        if status.clients_total > status.clients_training else "training done")
             say(f"[{time.monotonic() - t0:6.1f}s] {stage:<9} {work}{extra}")
         last["status"] = status
 

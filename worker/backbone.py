@@ -121,7 +121,7 @@ def demo_recipe(epochs: int = 60) -> dict[str, Any]:
     """Everything that determines the demo backbone's weights (its hash is the cache key)."""
     return {"version": DEMO_RECIPE_VERSION, "model": DEMO_BACKBONE_MODEL, "model_kwargs": DEMO_BACKBONE_KWARGS,
             "data": "digits/pretrain", "epochs": epochs, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3,
-            "weight_decay": 0.05, "schedule": "onecycle", "seed": 0}
+            "weight_decay": 0.0, "schedule": "onecycle", "seed": 0}
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -176,6 +176,13 @@ def _train_demo_backbone(recipe: dict[str, Any], progress: Callable[[str], None]
     return model
 
 
+def demo_backbone_path(cache_dir: str | os.PathLike | None = None, epochs: int = 60) -> Path:
+    """Where the demo backbone of this recipe is cached:
+    ``{cache_dir}/backbones/<sha256 of the recipe JSON>[:16].safetensors``."""
+    key = hashlib.sha256(json.dumps(demo_recipe(epochs), sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / "backbones" / f"{key}.safetensors"
+
+
 def pretrain_demo_backbone(cache_dir: str | os.PathLike | None = None, force: bool = False, epochs: int = 60,
                            progress: Callable[[str], None] | None = None) -> BackboneArtifact:
     """The demo backbone, pretrained on the upright digits once and cached.
@@ -189,8 +196,7 @@ def pretrain_demo_backbone(cache_dir: str | os.PathLike | None = None, force: bo
     from safetensors.torch import save
 
     recipe = demo_recipe(epochs)
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "backbones" / f"{key}.safetensors"
+    path = demo_backbone_path(cache_dir, epochs)
     if path.is_file() and not force:
         if progress is not None:
             progress(f"using cached {path}")

@@ -272,8 +272,11 @@ class TieredLoRAModel(nn.Module):
         """Fresh factors for ``tier``: A kaiming-uniform (seeded, a = sqrt(5), as nn.Linear), B zero,
         and the head copied from tier ``head_from`` (None: the backbone's own head)."""
         _check_tier(tier)
-        source = self.backbone.head if head_from is None else self.heads[head_from] if head_from in TIERS else None
-        if source is None:
+        if head_from is None:
+            source = self.backbone.head
+        elif head_from in TIERS:
+            source = self.heads[head_from]
+        else:
             raise ValueError(f"head_from must be None or one of {list(TIERS)}, got {head_from!r}")
         generator = torch.Generator().manual_seed(int(seed))
         for target in self.manifest.targets:
@@ -282,10 +285,8 @@ class TieredLoRAModel(nn.Module):
             nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=generator)
             a.copy_(fresh)
             self.factor(tier, target.name, "B").zero_()
-        head = self.heads[tier]
-        weight, bias = source.weight.detach().clone(), source.bias.detach().clone()
-        head.weight.copy_(weight)
-        head.bias.copy_(bias)
+        self.heads[tier].weight.copy_(source.weight.detach().clone())
+        self.heads[tier].bias.copy_(source.bias.detach().clone())
 
     @torch.no_grad()
     def load_tier(self, tier: str, tensors: Mapping[str, object], partial: bool = False) -> None:

@@ -32,7 +32,7 @@ def _as_tensor(array: object, dtype: torch.dtype, device: str | torch.device) ->
 
 def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int, lr: float, head_lr: float,
                batch_size: int, weight_decay: float, gamma_c: float, gamma_l: float, seed: int,
-               trainable: Sequence[str] = ("A", "B", "head"), device: str | torch.device = "cpu") -> dict[str, float]:
+               trainable: Sequence[str] = ("A", "B", "head"), device: str | torch.device = "cpu") -> dict[str, float | int]:
     """Train the ``trainable`` factors of ``tier`` on ``data.x_train``/``data.y_train``.
 
     Active tiers are all tiers up to and including ``tier``; everything else is frozen. AdamW with
@@ -86,7 +86,7 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
             epoch_loss = float(total) / n
     finally:
         model.freeze_all()
-    return {"train_loss": epoch_loss, "steps": float(steps)}
+    return {"train_loss": epoch_loss, "steps": steps}
 
 
 @torch.no_grad()

@@ -70,7 +70,10 @@ def aggregate_round(session: Session, blobs: BlobStore, cfg: FederationConfig, r
     uploads = [unpack_tensors(blobs.get_bytes(t.upload_sha256)) if factors else {} for t in tasks]
     weights = [float(max(t.num_samples or 0, 1)) for t in tasks]
     new = combine_uploads(cfg.manifest, tier, policy, previous, uploads, weights)
-    rnd.rho = relative_change(factor_pairs(cfg.manifest, new), factor_pairs(cfg.manifest, previous))
+    old_pairs = factor_pairs(cfg.manifest, previous)
+    # rho is undefined against a zero update (version 0 has B = 0): record None, not 1/eps
+    starts_at_zero = all(not np.any(b) or not np.any(a) for b, a in old_pairs.values())
+    rnd.rho = None if starts_at_zero else relative_change(factor_pairs(cfg.manifest, new), old_pairs)
     return write_version(session, blobs, federation_id=rnd.federation_id, tier=tier,
                          scope=previous_row.scope, cluster_id=previous_row.cluster_id,
                          version=previous_row.version + 1, tensors=new, now=now)

@@ -1,0 +1,188 @@
+"""Local training and evaluation (worker/train.py) and the cached demo backbone (worker/backbone.py)."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from shared.manifest import TIERS
+from worker.backbone import (
+    DEMO_BACKBONE_KWARGS,
+    DEMO_BACKBONE_MODEL,
+    build_backbone,
+    checkpoint_sha256,
+    create_model,
+    demo_backbone_path,
+    manifest_for_model,
+    pretrain_demo_backbone,
+)
+from worker.data import ClientData, client_arrays, load_partition, parse_partition
+from worker.lora import TieredLoRAModel
+from worker.train import evaluate, evaluate_tiers, predict, tiers_up_to, train_tier
+
+pytestmark = pytest.mark.unit
+
+SHORT_EPOCHS = 10
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def short_backbone(tmp_path_factory):
+    """The demo recipe with 10 epochs, cached in a temp dir (about 6 s on 2 cores)."""
+    torch.set_num_threads(2)
+    cache = tmp_path_factory.mktemp("hilora-cache")
+    messages: list[str] = []
+    artifact = pretrain_demo_backbone(cache_dir=cache, epochs=SHORT_EPOCHS, progress=messages.append)
+    return artifact, cache, messages
+
+
+def small_model(seed: int = 0, rank: int = 2) -> TieredLoRAModel:
+    torch.manual_seed(seed)
+    backbone = create_model(DEMO_BACKBONE_MODEL, dict(DEMO_BACKBONE_KWARGS, embed_dim=16, depth=2, num_heads=2))
+    model = TieredLoRAModel(backbone.eval(), manifest_for_model(backbone, rank=rank))
+    for i, tier in enumerate(TIERS):
+        model.init_tier(tier, seed=100 + i)
+    return model
+
+
+def small_data(n: int = 48, seed: int = 0) -> ClientData:
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, 1, 16, 16)).astype(np.float32)
+    y = rng.integers(0, 10, n).astype(np.int64)
+    return ClientData(x_train=x, y_train=y, x_test=x[:16], y_test=y[:16], train_indices=np.arange(n),
+                      test_indices=np.arange(16))
+
+
+def _train(model, tier="root", data=None, seed=0, **kw):
+    args = dict(epochs=2, lr=1e-2, head_lr=1e-2, batch_size=16, weight_decay=0.0, gamma_c=0.1, gamma_l=0.1,
+                seed=seed)
+    args.update(kw)
+    return train_tier(model, tier, data if data is not None else small_data(), **args)
+
+
+def _snapshot(model: TieredLoRAModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_tiers_up_to():
+    assert tiers_up_to("root") == ("root",)
+    assert tiers_up_to("cluster") == ("root", "cluster")
+    assert tiers_up_to("leaf") == TIERS
+    with pytest.raises(ValueError, match="unknown tier"):
+        tiers_up_to("stem")
+
+
+def test_train_tier_changes_exactly_the_trainable_factors():
+    model = small_model()
+    with torch.no_grad():   # non-zero root and cluster B so every factor would get a gradient
+        for t in model.manifest.targets:
+            model.factor("root", t.name, "B").normal_()
+            model.factor("cluster", t.name, "B").normal_()
+    before = _snapshot(model)
+    result = _train(model, "cluster", trainable=("B",))
+    assert result["steps"] == 2 * 3
+    after = _snapshot(model)
+    trained = {name for name in before if not torch.equal(before[name], after[name])}
+    expected = {name for name, p in model.named_parameters()
+                if any(p is q for q in model.tier_parameters("cluster", ("B",)))}
+    assert trained == expected and len(expected) == len(model.manifest.targets)
+    assert not any(p.requires_grad for p in model.parameters())   # frozen again afterwards
+
+
+def test_train_tier_with_head_uses_the_head_learning_rate():
+    model = small_model()
+    before = model.export_tier("leaf")
+    _train(model, "leaf", trainable=("A", "B", "head"), head_lr=1e-12, lr=1e-2)
+    after = model.export_tier("leaf")
+    assert np.abs(after["head.weight"] - before["head.weight"]).max() < 1e-6
+    assert np.abs(after["blocks.0.attn.qkv.q.lora_B"] - before["blocks.0.attn.qkv.q.lora_B"]).max() > 1e-4
+
+
+def test_train_tier_is_deterministic_for_a_seed():
+    first, second, third = small_model(), small_model(), small_model()
+    r1 = _train(first, seed=5)
+    r2 = _train(second, seed=5)
+    _train(third, seed=6)
+    assert r1 == r2
+    e1, e2, e3 = first.export_tier("root"), second.export_tier("root"), third.export_tier("root")
+    for name in e1:
+        np.testing.assert_array_equal(e1[name], e2[name])
+    assert any(not np.array_equal(e1[n], e3[n]) for n in e1)
+
+
+def test_train_tier_fits_a_small_training_set():
+    model = small_model(rank=4)
+    data = small_data(20)
+    before = evaluate(model, data.x_train, data.y_train, ("root",))
+    result = _train(model, data=data, epochs=60, lr=3e-2, head_lr=3e-2, batch_size=20)
+    after = evaluate(model, data.x_train, data.y_train, ("root",))
+    assert result["train_loss"] < 1.0
+    assert after >= 0.9 > before
+
+
+def test_train_tier_rejects_bad_arguments():
+    model = small_model()
+    with pytest.raises(ValueError, match="nothing to train"):
+        _train(model, trainable=())
+    with pytest.raises(ValueError, match="epochs"):
+        _train(model, epochs=0)
+    empty = small_data(0)
+    with pytest.raises(ValueError, match="no training samples"):
+        _train(model, data=empty)
+
+
+def test_evaluate_and_evaluate_tiers_compute_accuracies():
+    model = small_model()
+    data = small_data(40)
+    predicted = predict(model, data.x_test, ("root",))
+    labels = predicted.copy()
+    labels[:4] = (labels[:4] + 1) % 10   # exactly 4 of 16 wrong
+    assert evaluate(model, data.x_test, labels, ("root",), batch_size=5) == pytest.approx(12 / 16)
+    metrics = evaluate_tiers(model, data, ("root", "cluster"), "cpu")
+    assert set(metrics) == {"acc_root", "acc_cluster"}
+    assert metrics["acc_root"] == pytest.approx(float(np.mean(predicted == data.y_test)))
+    with torch.no_grad():
+        model.heads["cluster"].bias.copy_(torch.tensor([0.0] * 3 + [1e6] + [0.0] * 6))
+        model.heads["leaf"].bias.copy_(torch.tensor([0.0] * 7 + [1e6] + [0.0] * 2))
+    metrics = evaluate_tiers(model, data, TIERS, "cpu")
+    assert metrics["acc_cluster"] == pytest.approx(float(np.mean(data.y_test == 3)))
+    assert metrics["acc_leaf"] == pytest.approx(float(np.mean(data.y_test == 7)))
+    assert set(evaluate_tiers(model, data, ("root", "leaf"), "cpu")) == {"acc_root", "acc_leaf"}
+
+
+def test_pretrained_backbone_is_cached_and_root_training_learns_a_label_permutation(short_backbone):
+    artifact, cache, messages = short_backbone
+    assert artifact.path.parent == cache / "backbones" and artifact.path.suffix == ".safetensors"
+    assert artifact.sha256 == checkpoint_sha256(artifact.path)
+    assert artifact.model == DEMO_BACKBONE_MODEL and artifact.model_kwargs == DEMO_BACKBONE_KWARGS
+    assert any("pretraining" in m for m in messages)
+    started = time.monotonic()
+    again = pretrain_demo_backbone(cache_dir=cache, epochs=SHORT_EPOCHS)
+    assert again.path == artifact.path and again.sha256 == artifact.sha256
+    assert time.monotonic() - started < 1.0              # from the cache, not retrained
+    assert demo_backbone_path(cache, SHORT_EPOCHS) == artifact.path
+    assert demo_backbone_path(cache, SHORT_EPOCHS + 1) != artifact.path   # the recipe is the cache key
+
+    backbone = build_backbone(artifact.model, artifact.model_kwargs, artifact.path)
+    spec = parse_partition({**load_partition("tiny").model_dump(mode="json"), "train_per_client": 100})
+    upright = client_arrays(spec, "upright-00")
+    permuted = client_arrays(spec, "permuted-00")
+    reference = copy.deepcopy(backbone)
+    with torch.no_grad():
+        upright_acc = float((reference(torch.from_numpy(upright.x_test)).argmax(1).numpy() == upright.y_test).mean())
+    assert upright_acc >= 0.6                            # pretrained on upright digits
+    model = TieredLoRAModel(backbone, manifest_for_model(backbone, rank=4))
+    model.init_tier("root", seed=0)
+    before = evaluate_tiers(model, permuted, ("root",), "cpu")["acc_root"]
+    train_tier(model, "root", permuted, epochs=15, lr=3e-3, head_lr=1e-2, batch_size=32, weight_decay=0.0,
+               gamma_c=0.1, gamma_l=0.1, seed=0)
+    after = evaluate_tiers(model, permuted, ("root",), "cpu")["acc_root"]
+    assert before < 0.3 and after > before + 0.3
