@@ -20,7 +20,6 @@ clients, and wall time per stage. Run::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -34,15 +33,11 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from shared.aggregate import aggregate_product_space, average_factors, relative_change  # noqa: E402
+from shared.aggregate import combine_tier_uploads, relative_change  # noqa: E402
+from shared.config import TierPolicy  # noqa: E402
 from shared.manifest import AdapterManifest  # noqa: E402
-from shared.subspace import (  # noqa: E402
-    assign_to_clusters,
-    lsac,
-    subspace_bases,
-    subspace_distance,
-    update_distance,
-)
+from shared.probes import factor_pairs, probe_distance  # noqa: E402
+from shared.subspace import assign_to_clusters, lsac  # noqa: E402
 
 Tensors = dict[str, np.ndarray]
 
@@ -79,47 +74,10 @@ class CascadeOptions:
     cache_dir: str | None = None
 
 
-def task_seed(base: int, *parts: object) -> int:
-    """The per-task seed, derived like the worker daemon's: sha256 of the parts, first 4 bytes."""
-    digest = hashlib.sha256("/".join(str(p) for p in (base, *parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
-def factor_pairs(manifest: AdapterManifest, tensors: Tensors) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """target name -> (B, A) in float64, from wire tensors."""
-    return {t.name: (tensors[f"{t.name}.lora_B"].astype(np.float64), tensors[f"{t.name}.lora_A"].astype(np.float64))
-            for t in manifest.targets}
-
-
-def aggregate_tier(manifest: AdapterManifest, tier: str, uploads: Sequence[Tensors], weights: Sequence[float]) -> Tensors:
-    """Product-space + rank-r SVD aggregation of every target, weighted head average (float32 out)."""
-    rank = manifest.tiers[tier].rank
-    out: Tensors = {}
-    for target in manifest.targets:
-        a_name, b_name = f"{target.name}.lora_A", f"{target.name}.lora_B"
-        b, a = aggregate_product_space([u[b_name] for u in uploads], [u[a_name] for u in uploads], weights, rank)
-        out[a_name], out[b_name] = a, b
-    for name in ("head.weight", "head.bias"):
-        out[name] = average_factors([u[name] for u in uploads], weights)
-    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
-
-
-def head_delta(tensors: Tensors, root: Tensors) -> np.ndarray:
-    """Flattened (head.weight, head.bias) difference of an upload from the root."""
-    return np.concatenate([(tensors[k].astype(np.float64) - root[k].astype(np.float64)).ravel()
-                           for k in ("head.weight", "head.bias")])
-
-
-def probe_distance(manifest: AdapterManifest, features: str, root: Tensors,
-                   probes: Sequence[Tensors]) -> np.ndarray:
-    """Pairwise distance of probe uploads: ``update`` (cosine of dW + head delta) or ``subspace``."""
-    clients = [factor_pairs(manifest, p) for p in probes]
-    root_pairs = factor_pairs(manifest, root)
-    if features == "update":
-        return update_distance(clients, root_pairs, [head_delta(p, root) for p in probes])
-    if features == "subspace":
-        return subspace_distance(subspace_bases(clients, root_pairs, manifest.tiers["root"].rank))
-    raise ValueError(f"unknown features {features!r}")
+def aggregate_tier(manifest: AdapterManifest, tier: str, previous: Tensors, uploads: Sequence[Tensors],
+                   weights: Sequence[float]) -> Tensors:
+    """The coordinator's aggregation of a fully aggregated tier (product space + SVD, head mean)."""
+    return combine_tier_uploads(manifest, tier, TierPolicy(), previous, uploads, weights)
 
 
 def _stats(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -134,6 +92,7 @@ def run_cascade(opts: CascadeOptions, say: Callable[[str], None] | None = None) 
     from sklearn.metrics import adjusted_rand_score
 
     from worker.backbone import build_backbone, manifest_for_model, pretrain_demo_backbone
+    from worker.daemon import task_seed
     from worker.data import client_arrays, load_partition, partition_clients
     from worker.lora import TieredLoRAModel
     from worker.train import evaluate_tiers, train_tier
@@ -178,7 +137,7 @@ def run_cascade(opts: CascadeOptions, say: Callable[[str], None] | None = None) 
             train_tier(model, "root", data[c.name], epochs=opts.local_epochs,
                        seed=task_seed(opts.seed, "root", rnd, c.name), **fit)
             uploads.append(model.export_tier("root"))
-        new_root = aggregate_tier(manifest, "root", uploads, weights)
+        new_root = aggregate_tier(manifest, "root", root, uploads, weights)
         if rnd > 0:
             rhos.append(relative_change(factor_pairs(manifest, new_root), factor_pairs(manifest, root)))
         root = new_root
@@ -219,7 +178,7 @@ def run_cascade(opts: CascadeOptions, say: Callable[[str], None] | None = None) 
                 train_tier(model, "cluster", data[c.name], epochs=opts.local_epochs,
                            seed=task_seed(opts.seed, "cluster", rnd, c.name), **fit)
                 uploads.append(model.export_tier("cluster"))
-            cluster_state[label] = aggregate_tier(manifest, "cluster", uploads,
+            cluster_state[label] = aggregate_tier(manifest, "cluster", cluster_state[label], uploads,
                                                   [float(len(data[c.name].y_train)) for c in members])
         log(f"cluster round {rnd + 1}/{opts.cluster_rounds}")
     acc_cluster: dict[str, float] = {}

@@ -13,9 +13,13 @@ same order, always give the same bytes. Callers pass uploads sorted by client id
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from shared.config import TierPolicy
+    from shared.manifest import AdapterManifest
 
 AggregationMethod = Literal["auto", "qr", "dense"]
 
@@ -285,3 +289,29 @@ def relative_change(
         change_squared += _frobenius_norm_of_product(X, Y) ** 2
         reference_squared += _frobenius_norm_of_product(B_old, A_old) ** 2
     return float(np.sqrt(change_squared) / (np.sqrt(reference_squared) + eps))
+
+
+def combine_tier_uploads(manifest: "AdapterManifest", tier: str, policy: "TierPolicy",
+                         previous: Mapping[str, np.ndarray], uploads: Sequence[Mapping[str, np.ndarray]],
+                         weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """The next version of a tier from the previous one and the uploads (already in client order).
+
+    Aggregated factors are combined (product space + rank-r SVD, or plain averaging); frozen and
+    local factors keep the previous version's values."""
+    rank = manifest.tiers[tier].rank
+    out: dict[str, np.ndarray] = {k: v.astype(np.float64) for k, v in previous.items()}
+    if policy.A == "aggregate" and policy.B == "aggregate" and policy.aggregation == "product_svd":
+        for t in manifest.targets:
+            a_name, b_name = f"{t.name}.lora_A", f"{t.name}.lora_B"
+            b, a = aggregate_product_space([u[b_name] for u in uploads], [u[a_name] for u in uploads],
+                                           weights, rank)
+            out[a_name], out[b_name] = a, b
+    else:
+        for factor in ("A", "B"):
+            if getattr(policy, factor) == "aggregate":
+                for name in manifest.factor_shapes(tier, factor):
+                    out[name] = average_factors([u[name] for u in uploads], weights)
+    if policy.head == "aggregate":
+        for name in manifest.factor_shapes(tier, "head"):
+            out[name] = average_factors([u[name] for u in uploads], weights)
+    return {k: v.astype(np.float32) for k, v in out.items()}

@@ -92,7 +92,8 @@ class ClientSlot:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def _task_seed(base: int, *parts: object) -> int:
+def task_seed(base: int, *parts: object) -> int:
+    """The seed of one piece of training work: sha256 of its parts, first 4 bytes."""
     digest = hashlib.sha256("/".join(str(p) for p in (base, *parts)).encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
@@ -238,7 +239,7 @@ class WorkerDaemon:
             leaf_file = slot.state_dir / "leaf.safetensors"
             if task.reset_leaf or not leaf_file.exists():
                 head_from = "cluster" if task.cluster is not None else "root"
-                model.init_tier("leaf", seed=_task_seed(cfg.training.seed, "leaf", slot.client_id),
+                model.init_tier("leaf", seed=task_seed(cfg.training.seed, "leaf", slot.client_id),
                                 head_from=head_from)
             else:
                 model.load_tier("leaf", unpack_tensors(leaf_file.read_bytes()))
@@ -256,7 +257,7 @@ class WorkerDaemon:
                 model, tier, slot.data, epochs=task.epochs, lr=task.training.lr, head_lr=task.training.head_lr,
                 batch_size=task.training.batch_size, weight_decay=task.training.weight_decay,
                 gamma_c=task.training.gamma_c, gamma_l=task.training.gamma_l,
-                seed=_task_seed(task.training.seed, task.stage, task.round_number, slot.client_id),
+                seed=task_seed(task.training.seed, task.stage, task.round_number, slot.client_id),
                 trainable=tuple(task.trainable), device=self.device)
         if hb.lost:
             log.warning("task %s lost its lease while training (%s); not uploading", task.task_id, hb.lost)

@@ -13,42 +13,12 @@ from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobStore
 from coordinator.models import AdapterVersion, Round, Task
-from coordinator.services.adapters import Tensors, load_version, write_version
-from shared.aggregate import aggregate_product_space, average_factors, relative_change
-from shared.config import FederationConfig, TierPolicy
-from shared.manifest import AdapterManifest
+from coordinator.services.adapters import load_version, write_version
+from shared.aggregate import combine_tier_uploads, relative_change
+from shared.config import FederationConfig
+from shared.probes import factor_pairs
 from shared.schemas import TaskStatus
 from shared.tensors import unpack_tensors
-
-
-def combine_uploads(manifest: AdapterManifest, tier: str, policy: TierPolicy, previous: Tensors,
-                    uploads: list[Tensors], weights: list[float]) -> Tensors:
-    """The next version of a tier from the previous one and the uploads (already in client order).
-
-    Aggregated factors are combined (product space + rank-r SVD, or plain averaging); frozen and
-    local factors keep the previous version's values."""
-    rank = manifest.tiers[tier].rank
-    out: Tensors = {k: v.astype(np.float64) for k, v in previous.items()}
-    if policy.A == "aggregate" and policy.B == "aggregate" and policy.aggregation == "product_svd":
-        for t in manifest.targets:
-            a_name, b_name = f"{t.name}.lora_A", f"{t.name}.lora_B"
-            b, a = aggregate_product_space([u[b_name] for u in uploads], [u[a_name] for u in uploads],
-                                           weights, rank)
-            out[a_name], out[b_name] = a, b
-    else:
-        for factor in ("A", "B"):
-            if getattr(policy, factor) == "aggregate":
-                for name in manifest.factor_shapes(tier, factor):
-                    out[name] = average_factors([u[name] for u in uploads], weights)
-    if policy.head == "aggregate":
-        for name in manifest.factor_shapes(tier, "head"):
-            out[name] = average_factors([u[name] for u in uploads], weights)
-    return {k: v.astype(np.float32) for k, v in out.items()}
-
-
-def factor_pairs(manifest: AdapterManifest, tensors: Tensors) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return {t.name: (tensors[f"{t.name}.lora_B"].astype(np.float64), tensors[f"{t.name}.lora_A"].astype(np.float64))
-            for t in manifest.targets}
 
 
 def aggregate_round(session: Session, blobs: BlobStore, cfg: FederationConfig, rnd: Round,
@@ -69,7 +39,7 @@ def aggregate_round(session: Session, blobs: BlobStore, cfg: FederationConfig, r
     factors = policy.uploaded_factors()
     uploads = [unpack_tensors(blobs.get_bytes(t.upload_sha256)) if factors else {} for t in tasks]
     weights = [float(max(t.num_samples or 0, 1)) for t in tasks]
-    new = combine_uploads(cfg.manifest, tier, policy, previous, uploads, weights)
+    new = combine_tier_uploads(cfg.manifest, tier, policy, previous, uploads, weights)
     old_pairs = factor_pairs(cfg.manifest, previous)
     # rho is undefined against a zero update (version 0 has B = 0): record None, not 1/eps
     starts_at_zero = all(not np.any(b) or not np.any(a) for b, a in old_pairs.values())

@@ -10,28 +10,12 @@ from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobStore
 from coordinator.models import AdapterVersion, Assignment, Blob, Client, Cluster, ClusteringRun, Round, Task
-from coordinator.services.adapters import Tensors, head_of, initial_tier_tensors, load_version, write_version
-from coordinator.services.aggregation import factor_pairs
+from coordinator.services.adapters import head_of, initial_tier_tensors, load_version, write_version
 from shared.config import FederationConfig
 from shared.schemas import TaskStatus
-from shared.subspace import assign_to_clusters, lsac, subspace_bases, subspace_distance, update_distance
+from shared.probes import probe_distance
+from shared.subspace import assign_to_clusters, lsac
 from shared.tensors import pack_tensors, unpack_tensors
-
-
-def _head_delta(tensors: Tensors, root: Tensors) -> np.ndarray:
-    return np.concatenate([(tensors[k].astype(np.float64) - root[k].astype(np.float64)).ravel()
-                           for k in ("head.weight", "head.bias")])
-
-
-def probe_distance(cfg: FederationConfig, root: Tensors, probes: list[Tensors]) -> np.ndarray:
-    """Pairwise distances between probe uploads under the federation's feature set."""
-    manifest = cfg.manifest
-    clients = [factor_pairs(manifest, p) for p in probes]
-    root_pairs = factor_pairs(manifest, root)
-    if cfg.clustering.features == "update":
-        return update_distance(clients, root_pairs, [_head_delta(p, root) for p in probes])
-    bases = subspace_bases(clients, root_pairs, manifest.tiers["root"].rank)
-    return subspace_distance(bases)
 
 
 def _done_probe_tasks(session: Session, round_id: int) -> list[Task]:
@@ -51,7 +35,7 @@ def cluster_probes(session: Session, blobs: BlobStore, cfg: FederationConfig, pr
     root_row = session.get(AdapterVersion, probe_round.input_root_version_id)
     root = load_version(blobs, root_row)
     probes = [unpack_tensors(blobs.get_bytes(t.upload_sha256)) for t in tasks]
-    distance = probe_distance(cfg, root, probes)
+    distance = probe_distance(cfg.manifest, cfg.clustering.features, root, probes)
     c = cfg.clustering
     result = lsac(distance, k_min=c.k_min, k_max=c.k_max, knn=c.knn, contrast=c.contrast,
                   force_k=c.force_k, seed=c.seed)
@@ -112,7 +96,7 @@ def assign_late_client(session: Session, blobs: BlobStore, cfg: FederationConfig
     root = load_version(blobs, session.get(AdapterVersion, probe_round.input_root_version_id))
     probes = [unpack_tensors(blobs.get_bytes(t.upload_sha256)) for t in members]
     probes.append(unpack_tensors(blobs.get_bytes(probe_task.upload_sha256)))
-    similarity = 1.0 - probe_distance(cfg, root, probes)
+    similarity = 1.0 - probe_distance(cfg.manifest, cfg.clustering.features, root, probes)
     member_clusters = np.array([labels_by_client[t.client_id] for t in members])
     chosen = int(assign_to_clusters(similarity[-1:, :-1], member_clusters)[0])
     score = float(similarity[-1, :-1][member_clusters == chosen].mean())
