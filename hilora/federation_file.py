@@ -12,7 +12,9 @@
       "training": {"lr": 0.003}, "clustering": {"features": "update"}
     }
 
-``"checkpoint": "demo"`` uses the cached demo backbone (pretrained on first use).
+``"checkpoint": "demo"`` uses the cached demo backbone (pretrained on first use);
+``"checkpoint": "pretrained"`` asks timm for the model's published weights (network needed on the
+admin's machine only: workers get the checkpoint from the coordinator).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class BackboneSource(BaseModel):
 
     model: str
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: str = Field(description="path to a safetensors checkpoint, or 'demo'")
+    checkpoint: str = Field(description="path to a safetensors checkpoint, 'pretrained' (timm's weights) or 'demo'")
 
 
 class AdapterShape(BaseModel):
@@ -75,10 +77,27 @@ def resolve_checkpoint(source: BackboneSource) -> tuple[bytes, str, dict[str, An
 
         artifact = pretrain_demo_backbone()
         return Path(artifact.path).read_bytes(), artifact.model, dict(artifact.model_kwargs)
+    if source.checkpoint == "pretrained":
+        return _timm_pretrained_checkpoint(source), source.model, dict(source.model_kwargs)
     path = Path(source.checkpoint)
     if not path.is_file():
         raise ValueError(f"backbone checkpoint {path} does not exist")
     return path.read_bytes(), source.model, dict(source.model_kwargs)
+
+
+def _timm_pretrained_checkpoint(source: BackboneSource) -> bytes:
+    """timm's published weights for the model (downloaded by timm, once, on the admin's machine),
+    re-serialised as the safetensors blob that workers verify by sha256."""
+    try:
+        import timm
+        from safetensors.torch import save
+    except ImportError as exc:
+        raise ValueError("'checkpoint': 'pretrained' needs torch and timm (pip install 'hilora[worker]')") from exc
+    try:
+        model = timm.create_model(source.model, pretrained=True, **source.model_kwargs)
+    except Exception as exc:  # noqa: BLE001 - unknown model, no network, no published weights
+        raise ValueError(f"timm could not provide pretrained weights for {source.model!r}: {exc}") from exc
+    return save({k: v.detach().contiguous() for k, v in model.state_dict().items()})
 
 
 def build_manifest(file: FederationFile, model: str, model_kwargs: dict[str, Any]) -> AdapterManifest:
