@@ -66,6 +66,7 @@ def worker(
     worker_id: Annotated[Optional[str], typer.Option(help="name reported on leases")] = None,
     exit_when_idle: Annotated[bool, typer.Option(help="exit once every hosted client is ready")] = False,
     max_seconds: Annotated[Optional[float], typer.Option(help="stop after this many seconds")] = None,
+    retries: Annotated[int, typer.Option(min=0, help="retries of a failed request (backoff + jitter)")] = 8,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
     """Run a worker daemon for the clients listed in --config."""
@@ -73,7 +74,7 @@ def worker(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import socket
 
-    from worker.client import CoordinatorClient, CoordinatorError
+    from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
     from worker.daemon import WorkerDaemon, load_worker_config
 
     try:
@@ -91,7 +92,7 @@ def worker(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    with CoordinatorClient(coordinator_url, worker_id=wid) as client:
+    with CoordinatorClient(coordinator_url, worker_id=wid, max_retries=retries) as client:
         daemon = WorkerDaemon(client, cfg, state_dir, device=device, exit_when_idle=exit_when_idle,
                               max_seconds=max_seconds)
 
@@ -106,6 +107,8 @@ def worker(
             code = daemon.run()
         except CoordinatorError as exc:
             _fail(f"coordinator refused: {exc}")
+        except CoordinatorUnavailable as exc:
+            _fail(f"cannot reach the coordinator: {exc}")
         except ValueError as exc:
             _fail(str(exc))
     raise typer.Exit(code)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from shared.config import FederationConfig
 from shared.schemas import TaskAssignment
 from shared.tensors import pack_tensors, unpack_tensors
-from worker.client import CoordinatorClient, CoordinatorError
+from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 
 log = logging.getLogger("hilora.worker")
 
@@ -208,7 +208,11 @@ class WorkerDaemon:
             for slot in self.slots:
                 if self.stop_event.is_set():
                     break
-                response = self.client.lease(slot.client_id, slot.token)
+                try:
+                    response = self.client.lease(slot.client_id, slot.token)
+                except CoordinatorUnavailable as exc:  # keep polling: the coordinator may come back
+                    log.warning("coordinator unavailable (%s); polling again", exc)
+                    break
                 slot.last_state = response.client_state
                 if response.task is not None:
                     self.execute(slot, response.task)

@@ -56,3 +56,17 @@ def test_admin_create_needs_a_token_and_a_valid_file(tmp_path):
     f.write_text(json.dumps({"name": "x", "backbone": {"model": "m", "checkpoint": str(tmp_path / "missing.st")}}))
     proc = hilora("admin", "create", "--config", str(f), env={"HILORA_ADMIN_TOKEN": "t" * 20})
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_worker_says_when_the_coordinator_cannot_be_reached(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tmp_path / "w.json"
+    cfg.write_text(json.dumps({"federation_id": 1, "enrollment_secret": "hle_x", "clients": [
+        {"name": "a", "data": {"partition": "tiny", "client": "upright-00"}}]}))
+    proc = hilora("worker", "--coordinator", f"http://127.0.0.1:{port}", "--config", str(cfg), "--retries", "1",
+                  "--state-dir", str(tmp_path / "state"))
+    assert proc.returncode == 2 and "cannot reach the coordinator" in proc.stderr
