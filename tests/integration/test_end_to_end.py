@@ -133,3 +133,47 @@ def test_hilora_demo_command_smoke(tmp_path, demo_backbone):
     assert data["clustering"]["k"] >= 1 and data["clustering"]["ari"] is not None
     assert 0 < data["wall_seconds"] < time.monotonic() - t0 + 1
     assert Path(report).stat().st_size > 0
+
+
+def test_fedsa_configuration_keeps_b_on_the_workers(tmp_path, demo_backbone):
+    """A FedSA-style federation (A averaged, B local, no clusters) through real workers: B lives
+    only in the workers' state directories and the coordinator's root keeps B at zero."""
+    from hilora.federation_file import FederationFile, build_federation_config
+    from shared.tensors import unpack_tensors
+    from worker.data import load_partition, partition_clients
+
+    clients = [c for c in partition_clients(load_partition("tiny")) if not c.unseen][:4]
+    doc = _federation_file(len(clients))
+    doc.update(name="fedsa", root={"B": "local", "aggregation": "factor_avg"}, cluster={"enabled": False})
+    config, checkpoint = build_federation_config(FederationFile.model_validate(doc))
+    cluster = LocalCluster(tmp_path / "run")
+    try:
+        cluster.start_coordinator()
+        with CoordinatorClient(cluster.url) as client:
+            client.put_blob(cluster.admin_token, checkpoint)
+            created = client.create_federation(cluster.admin_token, config)
+            fid = created.federation_id
+            cluster.start_worker("w0", {"federation_id": fid, "enrollment_secret": created.enrollment_secret,
+                                        "clients": [{"name": c.name, "data": {"partition": "tiny", "client": c.name}}
+                                                    for c in clients]}, max_seconds=300)
+
+            def serving() -> bool:
+                cluster.check_workers()
+                return client.federation_status(cluster.admin_token, fid).state.value == "serving"
+
+            assert wait_for(serving, 300, interval=1.0), cluster.tail("w0.log")
+            report = client.federation_report(cluster.admin_token, fid)
+            stages = [r.stage for r in report.rounds]
+            assert stages == ["root", "root", "leaf"]
+            assert client.federation_status(cluster.admin_token, fid).root_version == 2
+        local = sorted((tmp_path / "run" / "state").glob("federation-*/*/local-root.safetensors"))
+        assert len(local) == len(clients)
+        tensors = unpack_tensors(local[0].read_bytes())
+        assert tensors and all(k.endswith("lora_B") for k in tensors)
+        assert any(float(abs(v).max()) > 0 for v in tensors.values())  # B trained, on the worker
+        # the root versions (the only blobs holding both A and B) never saw a client's B
+        stored = [p.read_bytes() for p in (tmp_path / "run" / "blobs").glob("??/*")]
+        roots = [unpack_tensors(b) for b in stored if b"lora_A" in b[:4096] and b"lora_B" in b[:4096]]
+        assert roots and all(float(abs(v).max()) == 0.0 for r in roots for k, v in r.items() if k.endswith("lora_B"))
+    finally:
+        cluster.stop()
