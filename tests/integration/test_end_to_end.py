@@ -38,30 +38,39 @@ def _federation_file(num_clients: int) -> dict:
             "clustering": {"knn": 2, "k_max": 4}}
 
 
-def test_cascade_over_real_http_with_worker_processes(tmp_path, demo_backbone):
+def _run_to_serving(cluster: LocalCluster, doc: dict, clients: list, workers: int, timeout: float = 400) -> int:
+    """Start the coordinator, create the federation of ``doc``, host ``clients`` on ``workers``
+    worker processes and wait until the federation serves. Returns its id."""
     from hilora.federation_file import FederationFile, build_federation_config
+
+    config, checkpoint = build_federation_config(FederationFile.model_validate(doc))
+    cluster.start_coordinator()
+    with CoordinatorClient(cluster.url) as client:
+        client.put_blob(cluster.admin_token, checkpoint)
+        created = client.create_federation(cluster.admin_token, config)
+        fid = created.federation_id
+        for w in range(workers):
+            cluster.start_worker(f"w{w}", {
+                "federation_id": fid, "enrollment_secret": created.enrollment_secret,
+                "clients": [{"name": c.name, "data": {"partition": "tiny", "client": c.name}}
+                            for c in clients[w::workers]]}, max_seconds=timeout)
+
+        def serving() -> bool:
+            cluster.check_workers()
+            return client.federation_status(cluster.admin_token, fid).state.value == "serving"
+
+        assert wait_for(serving, timeout, interval=1.0), cluster.tail("w0.log")
+    return fid
+
+
+def test_cascade_over_real_http_with_worker_processes(tmp_path, demo_backbone):
     from worker.data import load_partition, partition_clients
 
     clients = [c for c in partition_clients(load_partition("tiny")) if not c.unseen]
-    config, checkpoint = build_federation_config(FederationFile.model_validate(_federation_file(len(clients))))
     cluster = LocalCluster(tmp_path / "run")
     try:
-        cluster.start_coordinator()
+        fid = _run_to_serving(cluster, _federation_file(len(clients)), clients, workers=2)
         with CoordinatorClient(cluster.url) as client:
-            client.put_blob(cluster.admin_token, checkpoint)
-            created = client.create_federation(cluster.admin_token, config)
-            fid = created.federation_id
-            for w in range(2):
-                cluster.start_worker(f"w{w}", {
-                    "federation_id": fid, "enrollment_secret": created.enrollment_secret,
-                    "clients": [{"name": c.name, "data": {"partition": "tiny", "client": c.name}}
-                                for c in clients[w::2]]}, max_seconds=400)
-
-            def serving() -> bool:
-                cluster.check_workers()
-                return client.federation_status(cluster.admin_token, fid).state.value == "serving"
-
-            assert wait_for(serving, 400, interval=1.0), cluster.tail("w0.log")
             status = client.federation_status(cluster.admin_token, fid)
             report = client.federation_report(cluster.admin_token, fid)
         # every stage ran, in order, and finished
@@ -138,30 +147,16 @@ def test_hilora_demo_command_smoke(tmp_path, demo_backbone):
 def test_fedsa_configuration_keeps_b_on_the_workers(tmp_path, demo_backbone):
     """A FedSA-style federation (A averaged, B local, no clusters) through real workers: B lives
     only in the workers' state directories and the coordinator's root keeps B at zero."""
-    from hilora.federation_file import FederationFile, build_federation_config
     from shared.tensors import unpack_tensors
     from worker.data import load_partition, partition_clients
 
     clients = [c for c in partition_clients(load_partition("tiny")) if not c.unseen][:4]
     doc = _federation_file(len(clients))
     doc.update(name="fedsa", root={"B": "local", "aggregation": "factor_avg"}, cluster={"enabled": False})
-    config, checkpoint = build_federation_config(FederationFile.model_validate(doc))
     cluster = LocalCluster(tmp_path / "run")
     try:
-        cluster.start_coordinator()
+        fid = _run_to_serving(cluster, doc, clients, workers=1, timeout=300)
         with CoordinatorClient(cluster.url) as client:
-            client.put_blob(cluster.admin_token, checkpoint)
-            created = client.create_federation(cluster.admin_token, config)
-            fid = created.federation_id
-            cluster.start_worker("w0", {"federation_id": fid, "enrollment_secret": created.enrollment_secret,
-                                        "clients": [{"name": c.name, "data": {"partition": "tiny", "client": c.name}}
-                                                    for c in clients]}, max_seconds=300)
-
-            def serving() -> bool:
-                cluster.check_workers()
-                return client.federation_status(cluster.admin_token, fid).state.value == "serving"
-
-            assert wait_for(serving, 300, interval=1.0), cluster.tail("w0.log")
             report = client.federation_report(cluster.admin_token, fid)
             stages = [r.stage for r in report.rounds]
             assert stages == ["root", "root", "leaf"]
