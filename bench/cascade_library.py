@@ -33,6 +33,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hilora.demo import DemoOptions  # noqa: E402
 from shared.aggregate import combine_tier_uploads, relative_change  # noqa: E402
 from shared.config import TierPolicy  # noqa: E402
 from shared.manifest import AdapterManifest  # noqa: E402
@@ -42,28 +43,31 @@ from shared.subspace import assign_to_clusters, lsac  # noqa: E402
 Tensors = dict[str, np.ndarray]
 
 
+_DEMO = DemoOptions()  # the tuned demo settings are defined once, in hilora.demo
+
+
 @dataclass
 class CascadeOptions:
     """Every knob of one cascade run (the defaults are the tuned demo settings)."""
 
-    partition: str = "demo"
+    partition: str = _DEMO.partition
     partition_seed: int | None = None   # override the partition file's data seed
     seed: int = 0                       # training, initialisation and clustering seed
-    root_rounds: int = 4
-    cluster_rounds: int = 3
-    leaf_rounds: int = 2
-    unseen_leaf_rounds: int = 2
-    local_epochs: int = 2
-    probe_epochs: int = 2
-    rank: int = 4
+    root_rounds: int = _DEMO.root_rounds
+    cluster_rounds: int = _DEMO.cluster_rounds
+    leaf_rounds: int = _DEMO.leaf_rounds
+    unseen_leaf_rounds: int = _DEMO.unseen_leaf_rounds
+    local_epochs: int = _DEMO.local_epochs
+    probe_epochs: int = _DEMO.probe_epochs
+    rank: int = _DEMO.rank
     alpha: float | None = None
-    lr: float = 3e-3
-    head_lr: float = 3e-2
-    batch_size: int = 32
+    lr: float = _DEMO.lr
+    head_lr: float = _DEMO.head_lr
+    batch_size: int = _DEMO.batch_size
     weight_decay: float = 0.0
     gamma_c: float = 0.1
     gamma_l: float = 0.1
-    features: str = "update"
+    features: str = _DEMO.features
     k_min: int = 1
     k_max: int = 10
     knn: int = 5
