@@ -33,7 +33,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hilora.demo import DemoOptions  # noqa: E402
+from hilora.demo import DemoOptions, accuracy_stats  # noqa: E402
 from shared.aggregate import combine_tier_uploads, relative_change  # noqa: E402
 from shared.config import TierPolicy  # noqa: E402
 from shared.manifest import AdapterManifest  # noqa: E402
@@ -82,12 +82,6 @@ def aggregate_tier(manifest: AdapterManifest, tier: str, previous: Tensors, uplo
                    weights: Sequence[float]) -> Tensors:
     """The coordinator's aggregation of a fully aggregated tier (product space + SVD, head mean)."""
     return combine_tier_uploads(manifest, tier, TierPolicy(), previous, uploads, weights)
-
-
-def _stats(values: Sequence[float]) -> dict[str, float | int | None]:
-    if not values:
-        return {"mean": None, "p10": None, "n": 0}
-    return {"mean": float(np.mean(values)), "p10": float(np.percentile(values, 10)), "n": len(values)}
 
 
 def run_cascade(opts: CascadeOptions, say: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -234,12 +228,12 @@ def run_cascade(opts: CascadeOptions, say: Callable[[str], None] | None = None) 
         "clustering": {"k": int(result.k), "ari": ari, "planted_groups": len({c.group for c in train}),
                        "contrast_ratio": result.contrast_ratio,
                        "eigengaps": [float(x) for x in result.eigengaps]},
-        "tiers": {"root": _stats([r["acc_root"] for r in train_rows]),
-                  "cluster": _stats([r["acc_cluster"] for r in train_rows]),
-                  "leaf": _stats([r["acc_leaf"] for r in train_rows])},
-        "unseen": {"root": _stats([r["acc_root"] for r in unseen_rows]),
-                   "zero_shot": _stats([r["zero_shot"] for r in unseen_rows]),
-                   "after_leaf": _stats([r["after_leaf"] for r in unseen_rows]),
+        "tiers": {"root": accuracy_stats([r["acc_root"] for r in train_rows]),
+                  "cluster": accuracy_stats([r["acc_cluster"] for r in train_rows]),
+                  "leaf": accuracy_stats([r["acc_leaf"] for r in train_rows])},
+        "unseen": {"root": accuracy_stats([r["acc_root"] for r in unseen_rows]),
+                   "zero_shot": accuracy_stats([r["zero_shot"] for r in unseen_rows]),
+                   "after_leaf": accuracy_stats([r["after_leaf"] for r in unseen_rows]),
                    "assigned_to_majority_cluster": (float(np.mean([r["correct_cluster"] for r in unseen_rows]))
                                                     if unseen_rows else None)},
         "root_rho": rhos,

@@ -44,12 +44,11 @@ class DemoOptions:
     keep: bool = False
 
 
-def percentile10(values: list[float]) -> float | None:
-    return float(np.percentile(values, 10)) if values else None
-
-
-def _stats(values: list[float]) -> dict[str, float | None]:
-    return {"mean": float(np.mean(values)) if values else None, "p10": percentile10(values), "n": len(values)}
+def accuracy_stats(values: list[float]) -> dict[str, float | int | None]:
+    """Mean and 10th percentile (the paper's worst-case metric) of per-client accuracies."""
+    if not values:
+        return {"mean": None, "p10": None, "n": 0}
+    return {"mean": float(np.mean(values)), "p10": float(np.percentile(values, 10)), "n": len(values)}
 
 
 def federation_file(opts: DemoOptions, num_train_clients: int) -> dict[str, Any]:
@@ -94,10 +93,10 @@ def summarize(report: dict, groups: dict[str, str], wall_seconds: float) -> dict
         "clustering": {"k": clustering.get("k"), "ari": ari, "planted_groups": len(set(groups.values())),
                        "features": clustering.get("features"), "eigengaps": clustering.get("eigengaps"),
                        "contrast_ratio": clustering.get("contrast_ratio")},
-        "tiers": {"root": _stats(metric(train, "acc_root")), "cluster": _stats(metric(train, "acc_cluster")),
-                  "leaf": _stats(metric(train, "acc_leaf"))},
-        "unseen": {"zero_shot": _stats([float(c["zero_shot"]) for c in late if c["zero_shot"] is not None]),
-                   "after_leaf": _stats(metric(late, "acc_leaf")),
+        "tiers": {"root": accuracy_stats(metric(train, "acc_root")), "cluster": accuracy_stats(metric(train, "acc_cluster")),
+                  "leaf": accuracy_stats(metric(train, "acc_leaf"))},
+        "unseen": {"zero_shot": accuracy_stats([float(c["zero_shot"]) for c in late if c["zero_shot"] is not None]),
+                   "after_leaf": accuracy_stats(metric(late, "acc_leaf")),
                    "assigned_to_majority_cluster": unseen_correct},
         "clients": [{"name": c["name"], "group": groups.get(c["name"]), "cohort": c["cohort"],
                      "cluster": c["cluster_label"], **{k: c["metrics"][k] for k in ("acc_root", "acc_cluster", "acc_leaf")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -222,5 +222,3 @@ class FederationReport(BaseModel):
     uploaded_bytes: int
     rounds: list[RoundInfo]
 
-
-JSONValue = Any

@@ -72,7 +72,7 @@ class CoordinatorClient:
         for attempt in range(self.max_retries + 1):
             try:
                 response = self._http.request(method, path, headers=headers, **kwargs)
-            except (httpx.TransportError,) as exc:
+            except httpx.TransportError as exc:
                 last = exc
                 self._sleep_backoff(attempt, None)
                 continue

@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +88,6 @@ class ClientSlot:
     state_dir: Path
     data: Any = None
     last_state: str = "waiting"
-    tasks_done: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def task_seed(base: int, *parts: object) -> int:
@@ -284,8 +282,6 @@ class WorkerDaemon:
                 log.warning("task %s: %s (the coordinator requeued it)", task.task_id, exc.detail)
                 return {}
             raise
-        slot.tasks_done += 1
-        slot.metrics.update(metrics)
         log.info("client %s: %s round %s done in %.2fs %s", slot.spec.name, task.stage, task.round_number,
                  time.monotonic() - t0, {k: round(v, 4) for k, v in metrics.items() if k.startswith("acc")})
         return metrics

@@ -114,10 +114,9 @@ def _enter_leaf(session: Session, fed: Federation, cfg: FederationConfig, now: d
 
 
 def _open_leaf_rounds(session: Session, fed: Federation, now: datetime, first: bool) -> None:
-    """Leaf rounds run per client's cluster adapter; one round (scope 'all') per leaf round, each
-    task pointing at the root and the client's cluster through its round inputs. Clients in
-    different clusters need different inputs, so the leaf stage opens one round per cluster
-    (scope 'leaf:<cluster id>') plus one for clients without a cluster ('leaf:none')."""
+    """Open the next leaf round. A round's inputs name one cluster adapter, so each leaf round is
+    one round per cluster (scope 'leaf:<cluster id>') plus one for clients without a cluster
+    ('leaf:none'); together they are one leaf round of the federation."""
     root_id = _root_version_id(session, fed)
     groups: dict[int | None, list[int]] = {}
     for c in _training_clients(session, fed):
@@ -263,10 +262,11 @@ def _advance_leaf(session: Session, fed: Federation, cfg: FederationConfig, now:
         Round.scope.like("leaf:%"))))
     if not open_rounds:
         return False
-    if not all(_finished(session, r)[0] for r in open_rounds):
+    results = [_finished(session, r) for r in open_rounds]
+    if not all(finished for finished, _ in results):
         return False
-    for rnd in open_rounds:
-        _close(rnd, "done" if _finished(session, rnd)[1] > 0 else "failed", now)
+    for rnd, (_, done) in zip(open_rounds, results):
+        _close(rnd, "done" if done > 0 else "failed", now)
     completed = max(_done_rounds(session, fed, "leaf", r.scope) for r in open_rounds)
     if completed >= cfg.schedule.leaf_rounds:
         _set_state(fed, FederationState.serving, now)
@@ -320,7 +320,6 @@ def _advance_onboarding(session: Session, blobs: BlobStore, fed: Federation, cfg
                 if not finished:
                     continue
                 _close(rnd, "done" if done else "failed", now)
-                progressed = True
             if _done_rounds(session, fed, "leaf", scope) >= cfg.schedule.unseen_leaf_rounds:
                 client.onboarding = "ready"
             else:

@@ -170,9 +170,8 @@ def accept_upload(session: Session, blobs: BlobStore, client: Client, task_id: i
         raise Conflict(f"a {task.stage} task takes no upload: leaves never leave the client; "
                        f"complete it with metrics only", code="no_upload_expected")
     tier = STAGE_TIER[task.stage]
-    limit = cfg.manifest.max_body_bytes(tier, factors)
     try:
-        validate_tensors(tmp.read_bytes(), cfg.manifest.tier_shapes(tier, factors), limit)
+        validate_tensors(tmp.read_bytes(), cfg.manifest.tier_shapes(tier, factors), upload_limit(cfg, task.stage))
     except TensorValidationError as exc:
         tmp.unlink(missing_ok=True)
         if exc.reason == "too_large":

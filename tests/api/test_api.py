@@ -15,6 +15,7 @@ from conftest import (
     create_federation,
     register,
     tick,
+    tiny_checkpoint,
     tiny_config,
 )
 from sqlalchemy import select
@@ -98,8 +99,22 @@ def test_create_federation_makes_root_version_zero_with_the_backbone_head(api, a
     assert r.status_code == 200
     body = r.json()
     assert body["state"] == "enrolling" and body["root_version"] == 0
-    r = api.post("/v1/federations", json={"config": tiny_config("fed", body and "0" * 64)}, headers=admin_headers())
-    assert r.status_code in (409, 422)
+    from coordinator.models import AdapterVersion, Federation
+    from shared.tensors import unpack_tensors
+
+    with app.state.session_factory() as s:
+        v0 = s.scalars(select(AdapterVersion).where(AdapterVersion.version == 0)).one()
+        backbone_sha = s.get(Federation, fid).backbone_sha256
+        root = unpack_tensors(app.state.blobs.get_bytes(v0.blob_sha256))
+    head = unpack_tensors(tiny_checkpoint())
+    np.testing.assert_array_equal(root["head.weight"], head["head.weight"])
+    np.testing.assert_array_equal(root["head.bias"], head["head.bias"])
+    b = root["blocks.0.attn.qkv.q.lora_B"]
+    a = root["blocks.0.attn.qkv.q.lora_A"]
+    assert b.shape == (DIM, RANK) and not b.any()  # the root starts as the identity update
+    assert a.shape == (RANK, DIM) and a.any() and np.abs(a).max() <= 1 / np.sqrt(DIM)
+    r = api.post("/v1/federations", json={"config": tiny_config("fed", backbone_sha)}, headers=admin_headers())
+    assert r.status_code == 409 and r.json()["error"] == "name_taken"
 
 
 def test_registration_with_a_wrong_secret_fails_and_creates_nothing(api):

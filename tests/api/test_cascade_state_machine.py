@@ -62,12 +62,8 @@ def run_pending(api, clients: dict[str, tuple[int, str]], dirs, seed: int, group
         r = api.post(f"/v1/tasks/{task['task_id']}/complete",
                      json={"lease_id": task["lease_id"], "num_samples": 10, "metrics": metrics}, headers=bearer(token))
         assert r.status_code == 200, r.text
-    tick(app_of(api))
+    tick(api.app)
     return ran
-
-
-def app_of(api):
-    return api.app
 
 
 def status(api, fid):

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -141,7 +140,6 @@ def test_hilora_demo_command_smoke(tmp_path, demo_backbone):
         assert 0.0 <= data["tiers"][key]["mean"] <= 1.0 and data["tiers"][key]["p10"] is not None
     assert data["clustering"]["k"] >= 1 and data["clustering"]["ari"] is not None
     assert 0 < data["wall_seconds"] < time.monotonic() - t0 + 1
-    assert Path(report).stat().st_size > 0
 
 
 def test_fedsa_configuration_keeps_b_on_the_workers(tmp_path, demo_backbone):
