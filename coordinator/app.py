@@ -12,11 +12,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from coordinator import faults
 from coordinator.blobs import BlobStore
 from coordinator.db import make_engine, make_session_factory
 from coordinator.errors import ServiceError
 from coordinator.migrate import upgrade_to_head
 from coordinator.routes import router
+from coordinator.routes_models import router as models_router
 from coordinator.services.scheduling import scheduler_tick
 from coordinator.settings import Settings
 from shared import __version__
@@ -73,6 +75,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     """Build the coordinator from settings (default: environment variables ``HILORA_*``)."""
     settings = settings or Settings()
     clock = clock or utc_now
+    faults.configure(settings.fault_at)
     engine = make_engine(settings.database_url)
     if settings.migrate_on_start:
         upgrade_to_head(engine)
@@ -114,4 +117,5 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         return JSONResponse(status_code=422, content={"error": "invalid_request", "detail": "; ".join(parts)})
 
     app.include_router(router)
+    app.include_router(models_router)
     return app

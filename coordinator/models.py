@@ -159,6 +159,9 @@ class Round(Base):
     input_cluster_version_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     result_version_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     rho: Mapped[float | None] = mapped_column(Float, nullable=True)
+    quorum: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    failure: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
@@ -200,6 +203,8 @@ class Task(Base):
     status: Mapped[str] = mapped_column(String(16))
     lease_id: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
+    # Leases given back by their worker (SIGTERM, pre-emption): they do not count toward max_attempts.
+    releases: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
     reset_leaf: Mapped[bool] = mapped_column(Boolean, default=False)

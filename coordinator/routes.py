@@ -23,6 +23,7 @@ from coordinator.errors import (
     Unauthorized,
     UpgradeRequired,
 )
+from coordinator.faults import fault_point
 from coordinator.migrate import schema_is_at_head
 from coordinator.models import AdapterVersion, Blob, Client
 from coordinator.security import constant_time_equals
@@ -192,7 +193,7 @@ def start_federation(federation_id: int, request: Request, session: SessionDep,
                      _admin: AdminAuth) -> FederationStatus:
     """Start training now, with the clients registered so far (instead of waiting for min_clients)."""
     with session.begin():
-        fed = federations.get_federation(session, federation_id)
+        fed = federations.get_federation(session, federation_id, lock=True)
         if fed.state != FederationState.enrolling.value:
             raise Conflict(f"federation {federation_id} is already {fed.state}", code="already_started")
         start_training(session, fed, federations.federation_config(fed), _now(request))
@@ -333,7 +334,19 @@ async def upload(task_id: int, request: Request, token: Token,
         sha, size = await run_in_threadpool(accept)
     finally:
         tmp.unlink(missing_ok=True)
+    fault_point("after_accept")
     return UploadAck(task_id=task_id, sha256=sha, bytes=size)
+
+
+@router.post("/tasks/{task_id}/release", response_model=TaskCompleted)
+def release(task_id: int, body: Heartbeat, request: Request, session: SessionDep, token: Token) -> TaskCompleted:
+    """Give the lease back (the worker is stopping): the task is pending again at once for another
+    worker, and the release does not count toward max_attempts."""
+    with session.begin():
+        client = registration.authenticate_client(session, token)
+        task = tasks.release_task(session, client, task_id, body.lease_id, _now(request))
+        result = TaskCompleted(task_id=task.id, status=TaskStatus(task.status))
+    return result
 
 
 @router.post("/tasks/{task_id}/complete", response_model=TaskCompleted)

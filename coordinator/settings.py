@@ -23,6 +23,8 @@ class Settings(BaseSettings):
     run_scheduler: bool = True
     migrate_on_start: bool = True
     log_level: str = "info"
+    fault_at: str | None = Field(default=None, description="test only: '<point>[:<n>]' kills the process "
+                                 "at the n-th hit of a fault point (coordinator.faults)")
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> "Settings":
@@ -31,6 +33,9 @@ class Settings(BaseSettings):
                 "HILORA_ADMIN_TOKEN is the built-in default; set a secret admin token "
                 "(or HILORA_DEV=1 for a local development run)"
             )
+        from coordinator.faults import parse
+
+        parse(self.fault_at)
         if len(self.admin_token) < 16:
             raise ValueError("HILORA_ADMIN_TOKEN must be at least 16 characters")
         return self

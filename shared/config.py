@@ -7,6 +7,8 @@ frozen at version 0. ``aggregation`` says how aggregated factors are combined.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -62,6 +64,21 @@ class Schedule(BaseModel):
     lease_seconds: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
     retry_after_seconds: float = Field(default=1.0, gt=0)
+    quorum_min_clients: int = Field(
+        default=1, ge=1,
+        description="a root, cluster or probe round aggregates only with at least this many accepted "
+                    "uploads (capped at the round's number of clients, so a small cluster can aggregate)")
+    quorum_min_fraction: float = Field(
+        default=0.0, ge=0, le=1,
+        description="... and at least this fraction of the round's clients (rounded up)")
+    round_deadline_seconds: float | None = Field(
+        default=None, gt=0,
+        description="a round is decided at this age even if tasks are still open: aggregated if the "
+                    "quorum is met (open tasks are cancelled), else failed and reopened; null: no deadline")
+
+    def quorum(self, num_tasks: int) -> int:
+        """Accepted uploads a round of ``num_tasks`` clients needs before it may aggregate."""
+        return max(1, min(self.quorum_min_clients, num_tasks), math.ceil(self.quorum_min_fraction * num_tasks - 1e-9))
 
 
 class Training(BaseModel):

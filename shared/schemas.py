@@ -43,13 +43,16 @@ class FederationState(str, Enum):
 
 
 class TaskStatus(str, Enum):
-    """A task: pending -> leased -> done; leased -> pending when its lease expires (attempt < max);
-    leased -> failed when its lease expires at the last attempt. done and failed are terminal."""
+    """A task: pending -> leased -> done; leased -> pending when its lease expires (attempt < max)
+    or its worker releases it; leased -> failed when its lease expires at the last attempt;
+    pending|leased -> cancelled when its round is decided at the deadline without it.
+    done, failed and cancelled are terminal."""
 
     pending = "pending"
     leased = "leased"
     done = "done"
     failed = "failed"
+    cancelled = "cancelled"
 
 
 class ErrorBody(BaseModel):
@@ -84,6 +87,10 @@ class RoundInfo(BaseModel):
     tasks_total: int
     tasks_done: int
     tasks_failed: int
+    tasks_cancelled: int = 0
+    quorum: int | None = Field(default=None, description="accepted uploads this round needs to aggregate")
+    deadline_at: datetime | None = None
+    failure: str | None = Field(default=None, description="why the round failed, in words")
     rho: float | None = None
     created_at: datetime
     closed_at: datetime | None = None
@@ -142,6 +149,13 @@ class AdapterRef(BaseModel):
     tier: Literal["root", "cluster"]
     version: int
     sha256: str
+
+
+class ClientAdapters(BaseModel):
+    """The newest adapter versions a client's model is made of (its leaf stays on its worker)."""
+
+    root: AdapterRef | None
+    cluster: AdapterRef | None = Field(description="newest version of the client's cluster; null without one")
 
 
 class TaskAssignment(BaseModel):

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobStore
+from coordinator.faults import fault_point
 from coordinator.models import AdapterVersion, Round, Task
 from coordinator.services.adapters import load_version, write_version
 from shared.aggregate import combine_tier_uploads, relative_change
@@ -44,6 +45,8 @@ def aggregate_round(session: Session, blobs: BlobStore, cfg: FederationConfig, r
     # rho is undefined against a zero update (version 0 has B = 0): record None, not 1/eps
     starts_at_zero = all(not np.any(b) or not np.any(a) for b, a in old_pairs.values())
     rnd.rho = None if starts_at_zero else relative_change(factor_pairs(cfg.manifest, new), old_pairs)
-    return write_version(session, blobs, federation_id=rnd.federation_id, tier=tier,
-                         scope=previous_row.scope, cluster_id=previous_row.cluster_id,
-                         version=previous_row.version + 1, tensors=new, now=now)
+    version = write_version(session, blobs, federation_id=rnd.federation_id, tier=tier,
+                            scope=previous_row.scope, cluster_id=previous_row.cluster_id,
+                            version=previous_row.version + 1, tensors=new, now=now)
+    fault_point("during_aggregation")
+    return version

@@ -46,8 +46,10 @@ def create_federation(session: Session, blobs: BlobStore, config: FederationConf
     return fed, secret
 
 
-def get_federation(session: Session, federation_id: int) -> Federation:
-    fed = session.get(Federation, federation_id)
+def get_federation(session: Session, federation_id: int, lock: bool = False) -> Federation:
+    """The federation; ``lock`` takes its row lock (Postgres ``FOR UPDATE``) for the transaction,
+    so that state transitions of one federation never run concurrently on two replicas."""
+    fed = session.get(Federation, federation_id, with_for_update=lock or None)
     if fed is None:
         raise NotFound(f"federation {federation_id} does not exist", code="federation_not_found")
     return fed

@@ -25,7 +25,9 @@ def _round_info(session: Session, rnd: Round) -> RoundInfo:
     counts = count_tasks(session, rnd.id)
     return RoundInfo(id=rnd.id, stage=rnd.stage, scope=rnd.scope, number=rnd.number, status=rnd.status,
                      tasks_total=sum(counts.values()), tasks_done=counts.get(TaskStatus.done.value, 0),
-                     tasks_failed=counts.get(TaskStatus.failed.value, 0), rho=rnd.rho,
+                     tasks_failed=counts.get(TaskStatus.failed.value, 0),
+                     tasks_cancelled=counts.get(TaskStatus.cancelled.value, 0), quorum=rnd.quorum,
+                     deadline_at=rnd.deadline_at, failure=rnd.failure, rho=rnd.rho,
                      created_at=rnd.created_at, closed_at=rnd.closed_at)
 
 

@@ -6,19 +6,30 @@ is idempotent when nothing is due. Stage order: enrolling -> root -> probe -> cl
 serving (``shared.schemas.FederationState``). Late clients are onboarded while serving:
 waiting -> probe -> leaf -> ready (``Client.onboarding``).
 
-Quorum (v0): a round closes when all its tasks are terminal; it aggregates if at least one task is
-done, otherwise it is recorded as failed and reopened with fresh tasks.
+Quorum and deadlines (``shared.config.Schedule``): a root, cluster or probe round is decided when
+all its tasks are terminal, at its deadline, or as soon as its quorum can no longer be reached. It
+aggregates only when at least ``Round.quorum`` tasks are done; otherwise it is recorded as failed
+(with the reason) and a fresh round with fresh tasks opens. Tasks still open when a round is decided
+are cancelled, so a late upload for them is refused. Leaf rounds aggregate nothing: they close when
+all tasks are terminal or at the deadline.
+
+Several replicas may run this loop; ``scheduler_tick`` takes a Postgres advisory lock so exactly
+one runs a tick at a time, and each federation is advanced under a row lock of the federation.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import func, select
+from contextlib import contextmanager
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobStore
 from coordinator.errors import Conflict
+from coordinator.faults import fault_point
 from coordinator.models import Client, Cluster, Federation, Round, Task
 from coordinator.services.adapters import latest_version
 from coordinator.services.aggregation import aggregate_round
@@ -28,8 +39,11 @@ from coordinator.services.tasks import count_tasks, expire_leases
 from shared.config import FederationConfig
 from shared.schemas import FederationState, TaskStatus
 
-TERMINAL = (TaskStatus.done.value, TaskStatus.failed.value)
+TERMINAL = (TaskStatus.done.value, TaskStatus.failed.value, TaskStatus.cancelled.value)
+OPEN = (TaskStatus.pending.value, TaskStatus.leased.value)
+QUORUM_STAGES = ("root", "cluster", "probe")
 MAX_TRANSITIONS_PER_CALL = 64
+SCHEDULER_LOCK_KEY = 0x68696C6F7261  # 'hilora': the Postgres advisory lock of scheduler ticks
 
 
 def open_round(session: Session, fed: Federation, stage: str, scope: str, client_ids: list[int],
@@ -38,15 +52,20 @@ def open_round(session: Session, fed: Federation, stage: str, scope: str, client
     """Open the next round of (stage, scope) with one pending task per client."""
     last = session.scalar(select(func.max(Round.number)).where(
         Round.federation_id == fed.id, Round.stage == stage, Round.scope == scope))
+    schedule = federation_config(fed).schedule
+    deadline = (now + timedelta(seconds=schedule.round_deadline_seconds)
+                if schedule.round_deadline_seconds else None)
     rnd = Round(federation_id=fed.id, stage=stage, scope=scope, number=(last or 0) + 1, status="open",
                 input_root_version_id=root_version_id, input_cluster_version_id=cluster_version_id,
-                created_at=now)
+                quorum=schedule.quorum(len(client_ids)) if stage in QUORUM_STAGES else None,
+                deadline_at=deadline, created_at=now)
     session.add(rnd)
     session.flush()
     for cid in sorted(client_ids):
         session.add(Task(round_id=rnd.id, federation_id=fed.id, client_id=cid, stage=stage,
                          status=TaskStatus.pending.value, attempt=0, reset_leaf=reset_leaf, created_at=now))
     session.flush()
+    fault_point("round_open")
     return rnd
 
 
@@ -68,12 +87,39 @@ def _done_rounds(session: Session, fed: Federation, stage: str, scope: str) -> i
         Round.status == "done")) or 0
 
 
-def _finished(session: Session, rnd: Round) -> tuple[bool, int]:
-    """(all tasks terminal, number done)."""
+WAIT, AGGREGATE, FAIL = "wait", "aggregate", "fail"
+
+
+def _decide(session: Session, rnd: Round, now: datetime) -> str:
+    """WAIT, AGGREGATE (close as done; for root/cluster rounds: aggregate the done tasks) or FAIL.
+
+    Deciding cancels the round's open tasks and, on FAIL, records the reason on the round."""
     counts = count_tasks(session, rnd.id)
-    total = sum(counts.values())
-    terminal = sum(counts.get(s, 0) for s in TERMINAL)
-    return total == terminal, counts.get(TaskStatus.done.value, 0)
+    done = counts.get(TaskStatus.done.value, 0)
+    still_open = sum(counts.get(s, 0) for s in OPEN)
+    need = rnd.quorum if rnd.quorum is not None else 1
+    at_deadline = rnd.deadline_at is not None and now >= rnd.deadline_at
+    if still_open and not at_deadline and done + still_open >= need:
+        return WAIT
+    if still_open:
+        session.execute(update(Task).where(Task.round_id == rnd.id, Task.status.in_(OPEN))
+                        .values(status=TaskStatus.cancelled.value, lease_expires_at=None, finished_at=now,
+                                error="the round was decided without this task"))
+    if done >= need:
+        return AGGREGATE
+    why = "the deadline passed" if at_deadline and still_open else (
+        "too few tasks can still finish" if still_open else "all tasks ended")
+    rnd.failure = f"{why} with {done} accepted of {sum(counts.values())}; the quorum is {need}"
+    return FAIL
+
+
+def _leaf_verdict(session: Session, rnd: Round, now: datetime) -> str:
+    """Like ``_decide`` but without side effects: leaf rounds of a federation close together."""
+    counts = count_tasks(session, rnd.id)
+    still_open = sum(counts.get(s, 0) for s in OPEN)
+    if still_open and not (rnd.deadline_at is not None and now >= rnd.deadline_at):
+        return WAIT
+    return AGGREGATE if counts.get(TaskStatus.done.value, 0) else FAIL
 
 
 def _set_state(fed: Federation, state: FederationState, now: datetime) -> None:
@@ -129,7 +175,7 @@ def _open_leaf_rounds(session: Session, fed: Federation, now: datetime, first: b
 
 def advance_federation(session: Session, blobs: BlobStore, federation_id: int, now: datetime) -> int:
     """Make every transition of one federation that is due. Returns how many were made."""
-    fed = get_federation(session, federation_id)
+    fed = get_federation(session, federation_id, lock=True)
     cfg = federation_config(fed)
     made = 0
     for _ in range(MAX_TRANSITIONS_PER_CALL):
@@ -171,11 +217,13 @@ def _advance_root(session: Session, blobs: BlobStore, fed: Federation, cfg: Fede
         open_round(session, fed, "root", "root", [c.id for c in _training_clients(session, fed)], now,
                    _root_version_id(session, fed))
         return True
-    finished, done = _finished(session, rnd)
-    if not finished:
+    verdict = _decide(session, rnd, now)
+    if verdict == WAIT:
         return False
-    if done == 0:
+    if verdict == FAIL:
         _close(rnd, "failed", now)
+        open_round(session, fed, "root", "root", [c.id for c in _training_clients(session, fed)], now,
+                   rnd.input_root_version_id)
         return True
     version = aggregate_round(session, blobs, cfg, rnd, now)
     rnd.result_version_id = version.id
@@ -194,10 +242,10 @@ def _advance_root(session: Session, blobs: BlobStore, fed: Federation, cfg: Fede
 def _advance_probe(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
                    now: datetime) -> bool:
     rnd = _latest_round(session, fed, "probe", "all")
-    finished, done = _finished(session, rnd)
-    if not finished:
+    verdict = _decide(session, rnd, now)
+    if verdict == WAIT:
         return False
-    if done == 0:
+    if verdict == FAIL:
         _close(rnd, "failed", now)
         open_round(session, fed, "probe", "all", [c.id for c in _training_clients(session, fed)], now,
                    rnd.input_root_version_id)
@@ -236,11 +284,11 @@ def _advance_cluster(session: Session, blobs: BlobStore, fed: Federation, cfg: F
         if rnd is None:
             continue  # a cluster without members
         if rnd.status == "open":
-            finished, done = _finished(session, rnd)
-            if not finished:
+            verdict = _decide(session, rnd, now)
+            if verdict == WAIT:
                 all_complete = False
                 continue
-            if done == 0:
+            if verdict == FAIL:
                 _close(rnd, "failed", now)
             else:
                 version = aggregate_round(session, blobs, cfg, rnd, now)
@@ -262,11 +310,10 @@ def _advance_leaf(session: Session, fed: Federation, cfg: FederationConfig, now:
         Round.scope.like("leaf:%"))))
     if not open_rounds:
         return False
-    results = [_finished(session, r) for r in open_rounds]
-    if not all(finished for finished, _ in results):
+    if any(_leaf_verdict(session, r, now) == WAIT for r in open_rounds):
         return False
-    for rnd, (_, done) in zip(open_rounds, results):
-        _close(rnd, "done" if done > 0 else "failed", now)
+    for rnd in open_rounds:
+        _close(rnd, "done" if _decide(session, rnd, now) == AGGREGATE else "failed", now)
     completed = max(_done_rounds(session, fed, "leaf", r.scope) for r in open_rounds)
     if completed >= cfg.schedule.leaf_rounds:
         _set_state(fed, FederationState.serving, now)
@@ -296,10 +343,10 @@ def _advance_onboarding(session: Session, blobs: BlobStore, fed: Federation, cfg
             progressed = True
         elif client.onboarding == "probe":
             rnd = _latest_round(session, fed, "probe", scope)
-            finished, done = _finished(session, rnd)
-            if not finished:
+            verdict = _decide(session, rnd, now)
+            if verdict == WAIT:
                 continue
-            if done == 0:
+            if verdict == FAIL:
                 _close(rnd, "failed", now)
                 open_round(session, fed, "probe", scope, [client.id], now, root_id)
             else:
@@ -316,10 +363,10 @@ def _advance_onboarding(session: Session, blobs: BlobStore, fed: Federation, cfg
                 progressed = True
                 continue
             if rnd.status == "open":
-                finished, done = _finished(session, rnd)
-                if not finished:
+                verdict = _decide(session, rnd, now)
+                if verdict == WAIT:
                     continue
-                _close(rnd, "done" if done else "failed", now)
+                _close(rnd, "done" if verdict == AGGREGATE else "failed", now)
             if _done_rounds(session, fed, "leaf", scope) >= cfg.schedule.unseen_leaf_rounds:
                 client.onboarding = "ready"
             else:
@@ -336,15 +383,38 @@ def _open_client_leaf(session: Session, fed: Federation, client: Client, now: da
                       cluster_version.id if cluster_version else None, reset_leaf=first)
 
 
+@contextmanager
+def exclusive_tick(session_factory):  # noqa: ANN001, ANN201
+    """Yield True when this process may run a scheduler tick now. On Postgres that is when it holds
+    the scheduler's session-level advisory lock (so of several replicas exactly one ticks at a
+    time); on SQLite always (one database file, one writer at a time anyway)."""
+    engine = session_factory.kw["bind"]
+    if engine.dialect.name != "postgresql":
+        yield True
+        return
+    with engine.connect() as conn:
+        got = bool(conn.execute(select(func.pg_try_advisory_lock(SCHEDULER_LOCK_KEY))).scalar())
+        conn.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                conn.execute(select(func.pg_advisory_unlock(SCHEDULER_LOCK_KEY)))
+                conn.commit()
+
+
 def scheduler_tick(session_factory, blobs: BlobStore, now: datetime) -> int:  # noqa: ANN001
     """One pass of the background loop: expire leases, then advance every federation, each in its
-    own transaction. Returns the number of changes made."""
-    with session_factory() as session, session.begin():
-        changes = expire_leases(session, now)
-    with session_factory() as session:
-        ids = list(session.scalars(select(Federation.id).order_by(Federation.id)))
-    for fid in ids:
+    own transaction. Returns the number of changes made (0 when another replica holds the lock)."""
+    with exclusive_tick(session_factory) as mine:
+        if not mine:
+            return 0
         with session_factory() as session, session.begin():
-            changes += advance_federation(session, blobs, fid, now)
-    return changes
+            changes = expire_leases(session, now)
+        with session_factory() as session:
+            ids = list(session.scalars(select(Federation.id).order_by(Federation.id)))
+        for fid in ids:
+            with session_factory() as session, session.begin():
+                changes += advance_federation(session, blobs, fid, now)
+        return changes
 

@@ -122,6 +122,9 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime) 
 
 
 def _require_live_lease(task: Task, lease_id: str, now: datetime) -> None:
+    if task.lease_id == lease_id and task.status in (TaskStatus.cancelled.value, TaskStatus.failed.value):
+        raise Conflict(f"task {task.id} is {task.status}: its round was decided without it "
+                       f"({task.error or 'no detail'}); drop this result", code=f"task_{task.status}")
     if task.status != TaskStatus.leased.value or task.lease_id != lease_id:
         raise Conflict(f"lease {lease_id} is not the current lease of task {task.id} "
                        f"(task is {task.status})", code="stale_lease")
@@ -144,6 +147,24 @@ def heartbeat(session: Session, client: Client, task_id: int, lease_id: str, now
         raise Conflict("the lease changed while extending it", code="stale_lease")
     client.last_seen_at = now
     return expires
+
+
+def release_task(session: Session, client: Client, task_id: int, lease_id: str, now: datetime) -> Task:
+    """Give a live lease back (a worker stopping or pre-empted): the task is pending again at once,
+    and the release does not count toward ``max_attempts``. Releasing twice is refused (409)."""
+    task = _owned_task(session, client, task_id)
+    _require_live_lease(task, lease_id, now)
+    updated = session.execute(
+        update(Task)
+        .where(Task.id == task.id, Task.status == TaskStatus.leased.value, Task.lease_id == lease_id)
+        .values(status=TaskStatus.pending.value, lease_id=None, lease_expires_at=None, worker_id=None,
+                upload_sha256=None, upload_bytes=0, releases=Task.releases + 1)
+    ).rowcount
+    if updated != 1:
+        raise Conflict("the lease changed while releasing it", code="stale_lease")
+    client.last_seen_at = now
+    session.refresh(task)
+    return task
 
 
 def upload_limit_for_task(session: Session, client: Client, task_id: int) -> int:
@@ -223,13 +244,13 @@ def complete_task(session: Session, client: Client, task_id: int, lease_id: str,
 def expire_leases(session: Session, now: datetime) -> int:
     """Requeue tasks whose lease expired (or fail them at their last attempt). Returns the count."""
     expired = session.execute(
-        select(Task.id, Task.attempt, Task.lease_id, Federation.config)
+        select(Task.id, Task.attempt, Task.releases, Task.lease_id, Federation.config)
         .join(Federation, Federation.id == Task.federation_id)
         .where(Task.status == TaskStatus.leased.value, Task.lease_expires_at < now)
     ).all()
-    for task_id, attempt, lease_id, config in expired:
+    for task_id, attempt, releases, lease_id, config in expired:
         max_attempts = FederationConfig.model_validate(config).schedule.max_attempts
-        final = attempt >= max_attempts
+        final = attempt - (releases or 0) >= max_attempts
         session.execute(
             update(Task)
             .where(Task.id == task_id, Task.status == TaskStatus.leased.value, Task.lease_id == lease_id)
