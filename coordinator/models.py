@@ -160,6 +160,7 @@ class Round(Base):
     result_version_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
     rho: Mapped[float | None] = mapped_column(Float, nullable=True)
     quorum: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    aggregation_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     failure: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

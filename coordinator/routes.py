@@ -20,6 +20,7 @@ from coordinator.errors import (
     Invalid,
     NotFound,
     PayloadTooLarge,
+    ServiceError,
     Unauthorized,
     UpgradeRequired,
 )
@@ -267,7 +268,9 @@ def lease(client_id: int, request: Request, session: SessionDep, token: Token,
         if client.id != client_id:
             raise Forbidden(f"this token belongs to client {client.id}; it cannot lease for client {client_id}",
                             code="not_your_client")
-        return tasks.lease_task(session, client, worker_id, _now(request))
+        answer = tasks.lease_task(session, client, worker_id, _now(request))
+    request.app.state.metrics.leases.labels("granted" if answer.task is not None else "empty").inc()
+    return answer
 
 
 @router.post("/tasks/{task_id}/heartbeat", response_model=HeartbeatAck)
@@ -308,6 +311,20 @@ async def upload(task_id: int, request: Request, token: Token,
                  lease_id: Annotated[str, Query(min_length=1, max_length=64)],
                  declared_sha: Annotated[str | None, Header(alias=SHA256_HEADER)] = None) -> UploadAck:
     """Upload the task's tensors (safetensors body) under its lease. Checked against the manifest."""
+    metrics = request.app.state.metrics
+    try:
+        ack = await _upload(task_id, request, token, lease_id, declared_sha)
+    except ServiceError as exc:
+        metrics.uploads.labels("rejected", exc.code).inc()
+        raise
+    metrics.uploads.labels("accepted", "").inc()
+    metrics.upload_bytes.inc(ack.bytes)
+    fault_point("after_accept")
+    return ack
+
+
+async def _upload(task_id: int, request: Request, token: str, lease_id: str,
+                  declared_sha: str | None) -> UploadAck:
     factory = request.app.state.session_factory
 
     def limit_for_task() -> int:
@@ -334,7 +351,6 @@ async def upload(task_id: int, request: Request, token: Token,
         sha, size = await run_in_threadpool(accept)
     finally:
         tmp.unlink(missing_ok=True)
-    fault_point("after_accept")
     return UploadAck(task_id=task_id, sha256=sha, bytes=size)
 
 

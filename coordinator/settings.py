@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     run_scheduler: bool = True
     migrate_on_start: bool = True
     log_level: str = "info"
+    metrics_token: str | None = Field(default=None, description="if set, /metrics needs it as a Bearer token")
     fault_at: str | None = Field(default=None, description="test only: '<point>[:<n>]' kills the process "
                                  "at the n-th hit of a fault point (coordinator.faults)")
 

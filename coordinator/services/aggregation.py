@@ -5,6 +5,7 @@ A pure function of the accepted uploads: they are sorted by client id and combin
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 
 import numpy as np
@@ -26,6 +27,7 @@ def aggregate_round(session: Session, blobs: BlobStore, cfg: FederationConfig, r
                     now: datetime) -> AdapterVersion:
     """Aggregate the done tasks of a root or cluster round into version n+1 of its adapter and
     record rho on the round. MUST NOT be called with no done task."""
+    start = time.perf_counter()
     tier = "root" if rnd.stage == "root" else "cluster"
     prev_id = rnd.input_root_version_id if tier == "root" else rnd.input_cluster_version_id
     previous_row = session.get(AdapterVersion, prev_id)
@@ -45,6 +47,7 @@ def aggregate_round(session: Session, blobs: BlobStore, cfg: FederationConfig, r
     # rho is undefined against a zero update (version 0 has B = 0): record None, not 1/eps
     starts_at_zero = all(not np.any(b) or not np.any(a) for b, a in old_pairs.values())
     rnd.rho = None if starts_at_zero else relative_change(factor_pairs(cfg.manifest, new), old_pairs)
+    rnd.aggregation_seconds = time.perf_counter() - start  # reading the uploads, the math, the rho
     version = write_version(session, blobs, federation_id=rnd.federation_id, tier=tier,
                             scope=previous_row.scope, cluster_id=previous_row.cluster_id,
                             version=previous_row.version + 1, tensors=new, now=now)

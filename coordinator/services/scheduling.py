@@ -405,10 +405,10 @@ def exclusive_tick(session_factory):  # noqa: ANN001, ANN201
 
 def scheduler_tick(session_factory, blobs: BlobStore, now: datetime) -> int:  # noqa: ANN001
     """One pass of the background loop: expire leases, then advance every federation, each in its
-    own transaction. Returns the number of changes made (0 when another replica holds the lock)."""
+    own transaction. Returns the number of changes made, or -1 when another replica holds the lock."""
     with exclusive_tick(session_factory) as mine:
         if not mine:
-            return 0
+            return -1
         with session_factory() as session, session.begin():
             changes = expire_leases(session, now)
         with session_factory() as session:

@@ -1,4 +1,4 @@
-"""quorum, deadlines and failure reasons on rounds; voluntary lease releases on tasks
+"""quorum, deadlines, failure reasons and aggregation time on rounds; voluntary lease releases on tasks
 
 Revision ID: 0002
 Revises: 0001
@@ -17,6 +17,7 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('rounds') as batch:
         batch.add_column(sa.Column('quorum', sa.Integer(), nullable=True))
+        batch.add_column(sa.Column('aggregation_seconds', sa.Float(), nullable=True))
         batch.add_column(sa.Column('deadline_at', sa.DateTime(), nullable=True))
         batch.add_column(sa.Column('failure', sa.Text(), nullable=True))
     with op.batch_alter_table('tasks') as batch:
@@ -29,4 +30,5 @@ def downgrade() -> None:
     with op.batch_alter_table('rounds') as batch:
         batch.drop_column('failure')
         batch.drop_column('deadline_at')
+        batch.drop_column('aggregation_seconds')
         batch.drop_column('quorum')
