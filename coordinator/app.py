@@ -7,18 +7,21 @@ import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from coordinator import faults
 from coordinator.blobs import BlobStore
 from coordinator.db import make_engine, make_session_factory
 from coordinator.errors import ServiceError
+from coordinator.metrics import Metrics, MetricsMiddleware
 from coordinator.migrate import upgrade_to_head
 from coordinator.routes import router
-from coordinator.routes_models import router as models_router
+from coordinator.security import constant_time_equals
 from coordinator.services.scheduling import scheduler_tick
 from coordinator.settings import Settings
 from shared import __version__
@@ -36,7 +39,9 @@ class Scheduler:
     """Runs ``scheduler_tick`` every ``interval`` seconds, or at once when woken (after an upload
     completes). One thread; every tick is a few short transactions."""
 
-    def __init__(self, session_factory, blobs: BlobStore, clock: Clock, interval: float) -> None:  # noqa: ANN001
+    def __init__(self, session_factory, blobs: BlobStore, clock: Clock, interval: float,  # noqa: ANN001
+                 metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
         self._session_factory = session_factory
         self._blobs = blobs
         self._clock = clock
@@ -65,10 +70,18 @@ class Scheduler:
             if self._stop.is_set():
                 break
             try:
-                while scheduler_tick(self._session_factory, self._blobs, self._clock()) and not self._stop.is_set():
+                while self.tick() and not self._stop.is_set():
                     pass
             except Exception:  # keep the loop alive; the failure is logged with its traceback
+                if self._metrics is not None:
+                    self._metrics.ticks.labels("failed").inc()
                 log.exception("scheduler tick failed")
+
+    def tick(self) -> int:
+        changes = scheduler_tick(self._session_factory, self._blobs, self._clock())
+        if self._metrics is not None:
+            self._metrics.ticks.labels("ok" if changes >= 0 else "skipped").inc()
+        return max(changes, 0)
 
 
 def create_app(settings: Settings | None = None, clock: Clock | None = None) -> FastAPI:
@@ -81,7 +94,8 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         upgrade_to_head(engine)
     session_factory = make_session_factory(engine)
     blobs = BlobStore(settings.blob_dir)
-    scheduler = Scheduler(session_factory, blobs, clock, settings.scheduler_interval)
+    metrics = Metrics(session_factory)
+    scheduler = Scheduler(session_factory, blobs, clock, settings.scheduler_interval, metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -101,6 +115,18 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.state.blobs = blobs
     app.state.clock = clock
     app.state.scheduler = scheduler
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics_of=lambda: metrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics(authorization: Annotated[str | None, Header()] = None) -> Response:
+        """Prometheus exposition. Open unless HILORA_METRICS_TOKEN is set (then Bearer it)."""
+        want = settings.metrics_token
+        if want and not (authorization and authorization.startswith("Bearer ")
+                         and constant_time_equals(authorization[7:].strip(), want)):
+            return JSONResponse(status_code=401, content={"error": "bad_metrics_token",
+                                                          "detail": "this /metrics needs HILORA_METRICS_TOKEN as a Bearer token"})
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
@@ -117,5 +143,4 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         return JSONResponse(status_code=422, content={"error": "invalid_request", "detail": "; ".join(parts)})
 
     app.include_router(router)
-    app.include_router(models_router)
     return app
