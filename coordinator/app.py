@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
@@ -22,6 +23,7 @@ from coordinator.metrics import Metrics, MetricsMiddleware
 from coordinator.migrate import upgrade_to_head
 from coordinator.routes import router
 from coordinator.security import constant_time_equals
+from coordinator.services.retention import collect_garbage
 from coordinator.services.scheduling import scheduler_tick
 from coordinator.settings import Settings
 from shared import __version__
@@ -40,8 +42,10 @@ class Scheduler:
     completes). One thread; every tick is a few short transactions."""
 
     def __init__(self, session_factory, blobs: BlobStore, clock: Clock, interval: float,  # noqa: ANN001
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, settings: Settings | None = None) -> None:
         self._metrics = metrics
+        self._settings = settings
+        self._last_gc: float | None = None
         self._session_factory = session_factory
         self._blobs = blobs
         self._clock = clock
@@ -72,10 +76,24 @@ class Scheduler:
             try:
                 while self.tick() and not self._stop.is_set():
                     pass
+                self.collect_garbage_if_due()
             except Exception:  # keep the loop alive; the failure is logged with its traceback
                 if self._metrics is not None:
                     self._metrics.ticks.labels("failed").inc()
                 log.exception("scheduler tick failed")
+
+    def collect_garbage_if_due(self) -> None:
+        if self._settings is None:
+            return
+        now = time.monotonic()
+        if self._last_gc is not None and now - self._last_gc < self._settings.gc_interval_seconds:
+            return
+        self._last_gc = now
+        report = collect_garbage(self._session_factory, self._blobs, self._clock(),
+                                 retention_seconds=self._settings.upload_retention_seconds,
+                                 grace_seconds=self._settings.gc_grace_seconds)
+        if report.blobs_deleted or report.orphan_files_deleted or report.temp_files_deleted:
+            log.info("garbage collection: %s", report.as_dict())
 
     def tick(self) -> int:
         changes = scheduler_tick(self._session_factory, self._blobs, self._clock())
@@ -95,7 +113,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     session_factory = make_session_factory(engine)
     blobs = BlobStore(settings.blob_dir)
     metrics = Metrics(session_factory)
-    scheduler = Scheduler(session_factory, blobs, clock, settings.scheduler_interval, metrics)
+    scheduler = Scheduler(session_factory, blobs, clock, settings.scheduler_interval, metrics, settings)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

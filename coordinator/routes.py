@@ -28,7 +28,7 @@ from coordinator.faults import fault_point
 from coordinator.migrate import schema_is_at_head
 from coordinator.models import AdapterVersion, Blob, Client
 from coordinator.security import constant_time_equals
-from coordinator.services import federations, registration, reporting, tasks
+from coordinator.services import federations, registration, reporting, retention, tasks
 from coordinator.services.scheduling import start_training
 from shared import PROTOCOL_VERSION, __version__
 from shared.config import FederationConfig
@@ -216,6 +216,21 @@ def register_client(federation_id: int, body: ClientRegister, request: Request, 
                                   token=client_token, cohort=client.cohort)
     request.app.state.scheduler.wake()
     return result
+
+
+@router.delete("/federations/{federation_id}/clients/{client_id}")
+def delete_client(federation_id: int, client_id: int, request: Request, session: SessionDep,
+                  _admin: AdminAuth) -> dict:
+    """Delete a client: its token stops working, its tasks, uploads and task metrics are removed;
+    the adapter versions it contributed to are kept. Its upload blobs are freed at once."""
+    with session.begin():
+        federations.get_federation(session, federation_id)
+        removed = retention.delete_client(session, federation_id, client_id)
+    settings = request.app.state.settings
+    gc = retention.collect_garbage(request.app.state.session_factory, request.app.state.blobs, _now(request),
+                                   retention_seconds=None, grace_seconds=settings.gc_grace_seconds)
+    request.app.state.scheduler.wake()
+    return {**removed, "blobs_deleted": gc.blobs_deleted, "bytes_freed": gc.bytes_freed}
 
 
 @router.get("/federations/{federation_id}/config", response_model=FederationConfig)

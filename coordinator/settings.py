@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     run_scheduler: bool = True
     migrate_on_start: bool = True
     log_level: str = "info"
+    upload_retention_seconds: float | None = Field(
+        default=7 * 86400, ge=0, description="uploads of rounds closed longer ago are deleted (the newest "
+        "probe round of each scope is kept); null keeps every upload")
+    gc_interval_seconds: float = Field(default=3600.0, gt=0, description="seconds between garbage collections")
+    gc_grace_seconds: float = Field(default=3600.0, ge=0, description="blob-store files without a row are "
+                                    "deleted only once this old (uploads in flight are younger)")
     metrics_token: str | None = Field(default=None, description="if set, /metrics needs it as a Bearer token")
     fault_at: str | None = Field(default=None, description="test only: '<point>[:<n>]' kills the process "
                                  "at the n-th hit of a fault point (coordinator.faults)")

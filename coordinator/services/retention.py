@@ -1,0 +1,157 @@
+"""Lifecycle of data: retention of uploads, garbage collection of blobs, deletion of clients.
+
+What is kept, always: every adapter version (the federation's history; clients and exports refer
+to them by id), every backbone, clustering affinities, and the uploads of open rounds. What goes:
+
+- uploads of rounds closed more than ``upload_retention_seconds`` ago, except the probe uploads
+  of the newest done probe round of each scope (a clustering rerun needs them);
+- blob rows of kind upload that nothing refers to any more, and their files;
+- files in the blob store with no row (left by a crash between writing a blob and committing its
+  row), and temp files, once older than ``grace_seconds`` (an upload in flight is younger).
+
+Rows are deleted in one transaction; files are unlinked after it commits, so a crash in between
+leaves only orphan files, which the next collection removes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, func, select, union, update
+from sqlalchemy.orm import Session
+
+from coordinator.blobs import BlobStore
+from coordinator.errors import NotFound
+from coordinator.models import AdapterVersion, Blob, Client, ClusteringRun, Federation, Round, Task
+
+COLLECTABLE_KINDS = ("upload",)
+
+
+@dataclass
+class GcReport:
+    uploads_released: int = 0
+    blobs_deleted: int = 0
+    bytes_freed: int = 0
+    orphan_files_deleted: int = 0
+    temp_files_deleted: int = 0
+    dry_run: bool = False
+    deleted_sha256: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = dict(self.__dict__)
+        out["deleted_sha256"] = len(self.deleted_sha256)
+        return out
+
+
+def _referenced():  # noqa: ANN202
+    """Every sha256 some row still refers to."""
+    return union(
+        select(Task.upload_sha256).where(Task.upload_sha256.is_not(None)),
+        select(AdapterVersion.blob_sha256),
+        select(Federation.backbone_sha256),
+        select(ClusteringRun.affinity_sha256).where(ClusteringRun.affinity_sha256.is_not(None)),
+    )
+
+
+def _kept_probe_rounds(session: Session):  # noqa: ANN202
+    """Ids of the newest done probe round of every (federation, scope)."""
+    newest = (select(func.max(Round.id)).where(Round.stage == "probe", Round.status == "done")
+              .group_by(Round.federation_id, Round.scope))
+    return set(session.scalars(newest))
+
+
+def release_old_uploads(session: Session, now: datetime, retention_seconds: float) -> int:
+    """Drop the reference from tasks of rounds closed before ``now - retention``. Returns the count."""
+    cutoff = now - timedelta(seconds=retention_seconds)
+    keep = _kept_probe_rounds(session)
+    old_rounds = select(Round.id).where(Round.status.in_(("done", "failed")), Round.closed_at < cutoff)
+    if keep:
+        old_rounds = old_rounds.where(Round.id.not_in(keep))
+    return session.execute(
+        update(Task).where(Task.round_id.in_(old_rounds), Task.upload_sha256.is_not(None))
+        .values(upload_sha256=None)
+    ).rowcount or 0
+
+
+def delete_unreferenced_blobs(session: Session, limit: int = 10_000) -> list[tuple[str, int]]:
+    """Delete rows of collectable blobs nothing refers to; return (sha256, size) of each."""
+    rows = session.execute(
+        select(Blob.sha256, Blob.size)
+        .where(Blob.kind.in_(COLLECTABLE_KINDS), Blob.sha256.not_in(_referenced()))
+        .order_by(Blob.sha256).limit(limit)
+    ).all()
+    if rows:
+        session.execute(delete(Blob).where(Blob.sha256.in_([sha for sha, _ in rows])))
+    return [(sha, size) for sha, size in rows]
+
+
+def _sweep_files(blobs: BlobStore, known: set[str], grace_seconds: float, dry_run: bool) -> tuple[int, int]:
+    """Remove blob files without a row and stale temp files, both older than the grace period."""
+    cutoff = time.time() - grace_seconds
+    orphans = temps = 0
+    for entry in sorted(blobs.root.iterdir()):
+        if not entry.is_dir():
+            continue
+        for path in entry.iterdir():
+            try:
+                old = path.stat().st_mtime < cutoff
+            except FileNotFoundError:
+                continue
+            if not old:
+                continue
+            if entry.name == "tmp":
+                temps += 1
+            elif path.name not in known:
+                orphans += 1
+            else:
+                continue
+            if not dry_run:
+                path.unlink(missing_ok=True)
+    return orphans, temps
+
+
+def collect_garbage(session_factory, blobs: BlobStore, now: datetime, *,  # noqa: ANN001
+                    retention_seconds: float | None, grace_seconds: float = 3600.0,
+                    dry_run: bool = False) -> GcReport:
+    report = GcReport(dry_run=dry_run)
+    with session_factory() as session:
+        with session.begin():
+            if retention_seconds is not None:
+                report.uploads_released = release_old_uploads(session, now, retention_seconds)
+            deleted = delete_unreferenced_blobs(session)
+            report.blobs_deleted = len(deleted)
+            report.bytes_freed = sum(size for _, size in deleted)
+            report.deleted_sha256 = [sha for sha, _ in deleted]
+            if dry_run:
+                session.rollback()
+        known = set(session.scalars(select(Blob.sha256)))
+    if not dry_run:
+        for sha in report.deleted_sha256:
+            try:
+                os.unlink(blobs.path(sha))
+            except FileNotFoundError:
+                pass
+    report.orphan_files_deleted, report.temp_files_deleted = _sweep_files(
+        blobs, known | (set(report.deleted_sha256) if dry_run else set()), grace_seconds, dry_run)
+    return report
+
+
+def delete_client(session: Session, federation_id: int, client_id: int) -> dict:
+    """Delete a client: its row, token, assignments, tasks (so its uploads and per-task metrics)
+    go; the adapter versions it contributed to stay. Open tasks of it disappear from their rounds,
+    whose quorum is then judged on the remaining tasks. Returns what was removed."""
+    client = session.get(Client, client_id)
+    if client is None or client.federation_id != federation_id:
+        raise NotFound(f"client {client_id} is not in federation {federation_id}", code="client_not_found")
+    counts = dict(session.execute(
+        select(Task.status, func.count()).where(Task.client_id == client_id).group_by(Task.status)).all())
+    uploads = session.scalar(select(func.count()).select_from(Task).where(
+        Task.client_id == client_id, Task.upload_sha256.is_not(None))) or 0
+    session.execute(delete(Task).where(Task.client_id == client_id))
+    session.delete(client)
+    session.flush()
+    return {"client_id": client_id, "name": client.name, "tasks_deleted": sum(counts.values()),
+            "uploads_released": uploads}
