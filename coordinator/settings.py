@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ADMIN_TOKEN = "hilora-dev-admin"
@@ -25,13 +25,20 @@ class Settings(BaseSettings):
     log_level: str = "info"
     upload_retention_seconds: float | None = Field(
         default=7 * 86400, ge=0, description="uploads of rounds closed longer ago are deleted (the newest "
-        "probe round of each scope is kept); null keeps every upload")
+        "probe round of each scope is kept); 'never' keeps every upload")
     gc_interval_seconds: float = Field(default=3600.0, gt=0, description="seconds between garbage collections")
     gc_grace_seconds: float = Field(default=3600.0, ge=0, description="blob-store files without a row are "
                                     "deleted only once this old (uploads in flight are younger)")
     metrics_token: str | None = Field(default=None, description="if set, /metrics needs it as a Bearer token")
     fault_at: str | None = Field(default=None, description="test only: '<point>[:<n>]' kills the process "
                                  "at the n-th hit of a fault point (coordinator.faults)")
+
+    @field_validator("upload_retention_seconds", mode="before")
+    @classmethod
+    def _never(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("", "none", "null", "never"):
+            return None
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> "Settings":
