@@ -22,6 +22,7 @@ from coordinator.errors import ServiceError
 from coordinator.metrics import Metrics, MetricsMiddleware
 from coordinator.migrate import upgrade_to_head
 from coordinator.routes import router
+from coordinator.routes_models import router as models_router
 from coordinator.security import constant_time_equals
 from coordinator.services.retention import collect_garbage
 from coordinator.services.scheduling import scheduler_tick
@@ -161,4 +162,5 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         return JSONResponse(status_code=422, content={"error": "invalid_request", "detail": "; ".join(parts)})
 
     app.include_router(router)
+    app.include_router(models_router)
     return app
