@@ -1,5 +1,6 @@
-"""Shared fixtures: a coordinator app on a fresh SQLite file per test, an injectable clock, and a
-tiny federation (a fake checkpoint holding only a head, a hand-made manifest) that needs no torch."""
+"""Shared fixtures: a coordinator app on a fresh database per test (SQLite, and PostgreSQL on a
+throwaway server, see tests/pg.py), an injectable clock, and a tiny federation (a fake checkpoint
+holding only a head, a hand-made manifest) that needs no torch."""
 
 from __future__ import annotations
 
@@ -37,11 +38,48 @@ def clock() -> MutableClock:
     return MutableClock()
 
 
+@pytest.fixture(scope="session")
+def pg_server():
+    """One throwaway PostgreSQL server for the session (tests/pg.py). Without PostgreSQL binaries the
+    postgres tests are skipped, unless HILORA_TEST_POSTGRES=required (CI), where they fail."""
+    from pg import PostgresServer, PostgresUnavailable  # tests/pg.py (tests/ is on sys.path)
+
+    try:
+        server = PostgresServer()
+    except PostgresUnavailable as exc:
+        unavailable = str(exc)
+    else:
+        unavailable = None
+    if unavailable is not None:
+        if os.environ.get("HILORA_TEST_POSTGRES", "").lower() == "required":
+            pytest.fail(f"HILORA_TEST_POSTGRES=required but {unavailable}", pytrace=False)
+        pytest.skip(f"postgres backend skipped: {unavailable}")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request, tmp_path):
+    """A fresh, empty database per test, on each backend (select one with -m 'not postgres')."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'coordinator.db'}"
+        return
+    server = request.getfixturevalue("pg_server")
+    url = server.create_database()
+    try:
+        yield url
+    finally:
+        server.drop_database(url)
+
+
 @pytest.fixture
-def settings(tmp_path):
+def settings(tmp_path, database_url):
     from coordinator.settings import Settings
 
-    return Settings(database_url=f"sqlite:///{tmp_path / 'coordinator.db'}", blob_dir=tmp_path / "blobs",
+    return Settings(database_url=database_url, blob_dir=tmp_path / "blobs",
                     admin_token=ADMIN_TOKEN, dev=False, run_scheduler=False)
 
 
@@ -49,7 +87,9 @@ def settings(tmp_path):
 def app(settings, clock):
     from coordinator.app import create_app
 
-    return create_app(settings, clock=clock)
+    app = create_app(settings, clock=clock)
+    yield app
+    app.state.engine.dispose()
 
 
 @pytest.fixture
