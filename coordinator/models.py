@@ -70,6 +70,9 @@ class Federation(Base):
     enrollment_secret_hash: Mapped[str] = mapped_column(String(64))
     backbone_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
     last_rho: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Paused: the scheduler makes no transition and leases hand out nothing; deadlines of open
+    # rounds are pushed back by the paused time on resume.
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -216,3 +219,18 @@ class Task(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class AuditEvent(Base):
+    """An admin action (revoke, pause, resume, deadline change, recluster, client deletion): who,
+    when, on what, with which parameters. Append-only."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))
+    federation_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    target: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    detail: Mapped[dict] = mapped_column(JSON, default=dict)

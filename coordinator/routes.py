@@ -28,7 +28,14 @@ from coordinator.faults import fault_point
 from coordinator.migrate import schema_is_at_head
 from coordinator.models import AdapterVersion, Blob, Client
 from coordinator.security import constant_time_equals
-from coordinator.services import federations, registration, reporting, retention, tasks
+from coordinator.services import (
+    admin_actions,
+    federations,
+    registration,
+    reporting,
+    retention,
+    tasks,
+)
 from coordinator.services.scheduling import start_training
 from shared import PROTOCOL_VERSION, __version__
 from shared.config import FederationConfig
@@ -36,8 +43,11 @@ from shared.schemas import (
     PROTOCOL_HEADER,
     SHA256_HEADER,
     WORKER_ID_HEADER,
+    AdminNote,
+    AuditEventInfo,
     ClientRegister,
     ClientRegistered,
+    DeadlineChange,
     ErrorBody,
     FederationCreate,
     FederationCreated,
@@ -47,6 +57,7 @@ from shared.schemas import (
     Heartbeat,
     HeartbeatAck,
     LeaseResponse,
+    RoundInfo,
     TaskComplete,
     TaskCompleted,
     TaskStatus,
@@ -226,11 +237,64 @@ def delete_client(federation_id: int, client_id: int, request: Request, session:
     with session.begin():
         federations.get_federation(session, federation_id)
         removed = retention.delete_client(session, federation_id, client_id)
+        admin_actions.audit(session, _now(request), "delete_client", federation_id, f"client:{client_id}",
+                            dict(removed))
     settings = request.app.state.settings
     gc = retention.collect_garbage(request.app.state.session_factory, request.app.state.blobs, _now(request),
                                    retention_seconds=None, grace_seconds=settings.gc_grace_seconds)
     request.app.state.scheduler.wake()
     return {**removed, "blobs_deleted": gc.blobs_deleted, "bytes_freed": gc.bytes_freed}
+
+
+@router.post("/federations/{federation_id}/clients/{client_id}/revoke")
+def revoke_client(federation_id: int, client_id: int, body: AdminNote, request: Request, session: SessionDep,
+                  _admin: AdminAuth) -> dict:
+    """Revoke a client: its token is refused from now on, its open tasks are cancelled (so its
+    leases end and later uploads are refused); what it contributed so far is kept."""
+    with session.begin():
+        result = admin_actions.revoke_client(session, federation_id, client_id, _now(request), body.reason)
+    request.app.state.scheduler.wake()
+    return result
+
+
+@router.post("/federations/{federation_id}/pause", response_model=FederationStatus)
+def pause_federation(federation_id: int, body: AdminNote, request: Request, session: SessionDep,
+                     _admin: AdminAuth) -> FederationStatus:
+    """Pause: no round opens or closes and no lease is handed out until resumed."""
+    with session.begin():
+        fed = admin_actions.pause_federation(session, federation_id, _now(request), body.reason)
+        return reporting.federation_status(session, fed)
+
+
+@router.post("/federations/{federation_id}/resume", response_model=FederationStatus)
+def resume_federation(federation_id: int, request: Request, session: SessionDep,
+                      _admin: AdminAuth) -> FederationStatus:
+    """Resume a paused federation; open rounds' deadlines move back by the paused time."""
+    with session.begin():
+        fed = admin_actions.resume_federation(session, federation_id, _now(request))
+        status = reporting.federation_status(session, fed)
+    request.app.state.scheduler.wake()
+    return status
+
+
+@router.post("/rounds/{round_id}/deadline", response_model=RoundInfo)
+def set_round_deadline(round_id: int, body: DeadlineChange, request: Request, session: SessionDep,
+                       _admin: AdminAuth) -> RoundInfo:
+    """Set or extend the deadline of an open round."""
+    with session.begin():
+        rnd = admin_actions.set_round_deadline(session, round_id, _now(request), deadline_at=body.deadline_at,
+                                               extend_seconds=body.extend_seconds)
+        return reporting.round_info(session, rnd)
+
+
+@router.get("/federations/{federation_id}/audit", response_model=list[AuditEventInfo])
+def audit_log(federation_id: int, session: SessionDep, _admin: AdminAuth,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[AuditEventInfo]:
+    """Admin actions on this federation, newest first."""
+    with session.begin():
+        federations.get_federation(session, federation_id)
+        return [AuditEventInfo.model_validate(e, from_attributes=True)
+                for e in admin_actions.audit_events(session, federation_id, limit)]
 
 
 @router.get("/federations/{federation_id}/config", response_model=FederationConfig)

@@ -127,6 +127,31 @@ class FederationStatus(BaseModel):
     clusters: list[ClusterInfo]
     clustering: ClusteringRunInfo | None
     onboarding_pending: int
+    paused_at: datetime | None = Field(default=None, description="set while an admin has paused the federation")
+
+
+class AdminNote(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(default="", max_length=500, description="recorded in the audit table")
+
+
+class DeadlineChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    deadline_at: datetime | None = Field(default=None, description="new deadline (with a timezone)")
+    extend_seconds: float | None = Field(default=None, gt=0, le=30 * 86400,
+                                         description="push the deadline (or now, if it has none) back")
+
+
+class AuditEventInfo(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    federation_id: int | None
+    target: str | None
+    detail: dict
 
 
 class ClientRegister(BaseModel):
@@ -184,7 +209,7 @@ class LeaseResponse(BaseModel):
     task: TaskAssignment | None
     retry_after: float
     federation_state: FederationState
-    client_state: Literal["waiting", "training", "onboarding", "ready", "revoked"]
+    client_state: Literal["waiting", "training", "onboarding", "ready", "revoked", "paused"]
 
 
 class Heartbeat(BaseModel):

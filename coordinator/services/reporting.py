@@ -21,7 +21,7 @@ from shared.schemas import (
 )
 
 
-def _round_info(session: Session, rnd: Round) -> RoundInfo:
+def round_info(session: Session, rnd: Round) -> RoundInfo:
     counts = count_tasks(session, rnd.id)
     return RoundInfo(id=rnd.id, stage=rnd.stage, scope=rnd.scope, number=rnd.number, status=rnd.status,
                      tasks_total=sum(counts.values()), tasks_done=counts.get(TaskStatus.done.value, 0),
@@ -63,10 +63,11 @@ def federation_status(session: Session, fed: Federation, last_rounds: int = 50) 
         stage_round=max((r.number for r in stage_rounds), default=0),
         root_version=root.version if root else None, last_rho=fed.last_rho,
         uploaded_bytes=_uploaded_bytes(session, fed.id),
-        rounds=[_round_info(session, r) for r in reversed(rounds)],
+        rounds=[round_info(session, r) for r in reversed(rounds)],
         clusters=clusters, clustering=_run_info(latest_run(session, fed.id)),
         onboarding_pending=sum(1 for c in clients if c.cohort == "late" and c.onboarding != "ready"
                                and c.status == "active"),
+        paused_at=fed.paused_at,
     )
 
 
@@ -92,4 +93,4 @@ def federation_report(session: Session, fed: Federation) -> FederationReport:
     return FederationReport(federation_id=fed.id, name=fed.name, state=FederationState(fed.state),
                             clustering=_run_info(latest_run(session, fed.id)), clients=reports,
                             uploaded_bytes=_uploaded_bytes(session, fed.id),
-                            rounds=[_round_info(session, r) for r in rounds])
+                            rounds=[round_info(session, r) for r in rounds])

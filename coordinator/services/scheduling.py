@@ -19,10 +19,8 @@ one runs a tick at a time, and each federation is advanced under a row lock of t
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -176,6 +174,8 @@ def _open_leaf_rounds(session: Session, fed: Federation, now: datetime, first: b
 def advance_federation(session: Session, blobs: BlobStore, federation_id: int, now: datetime) -> int:
     """Make every transition of one federation that is due. Returns how many were made."""
     fed = get_federation(session, federation_id, lock=True)
+    if fed.paused_at is not None:
+        return 0
     cfg = federation_config(fed)
     made = 0
     for _ in range(MAX_TRANSITIONS_PER_CALL):

@@ -26,7 +26,13 @@ from coordinator.models import AdapterVersion, Blob, Client, Federation, Round, 
 from coordinator.services.federations import federation_config
 from shared.config import FederationConfig
 from shared.manifest import FACTORS
-from shared.schemas import AdapterRef, FederationState, LeaseResponse, TaskAssignment, TaskStatus
+from shared.schemas import (
+    AdapterRef,
+    FederationState,
+    LeaseResponse,
+    TaskAssignment,
+    TaskStatus,
+)
 from shared.tensors import TensorValidationError, validate_tensors
 
 STAGE_TIER = {"root": "root", "probe": "root", "cluster": "cluster", "leaf": "leaf"}
@@ -85,6 +91,10 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime) 
             .order_by(Task.id).limit(1))
     if session.get_bind().dialect.name == "postgresql":
         pick = pick.with_for_update(skip_locked=True)
+    state = FederationState(fed.state)
+    if fed.paused_at is not None:
+        return LeaseResponse(task=None, retry_after=max(cfg.schedule.retry_after_seconds, 5.0),
+                             federation_state=state, client_state="paused")
     lease_id = secrets.token_hex(16)
     expires = now + timedelta(seconds=cfg.schedule.lease_seconds)
     leased = session.execute(
@@ -94,7 +104,6 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime) 
                 lease_expires_at=expires, worker_id=worker_id[:200])
         .returning(Task.id)
     ).scalar_one_or_none()
-    state = FederationState(fed.state)
     if leased is None:
         return LeaseResponse(task=None, retry_after=cfg.schedule.retry_after_seconds,
                              federation_state=state, client_state=client_state(fed, client))

@@ -1,0 +1,116 @@
+"""Admin actions on a running federation, each recorded in the audit table:
+revoke a client, pause and resume a federation, move a round's deadline.
+
+Contracts:
+- ``revoke_client``: the client's token is refused from now on (403 ``revoked``); its pending and
+  leased tasks are cancelled, so its live leases end and any later upload is refused; its done
+  tasks and every aggregate it contributed to are kept. Revoking twice is a 409.
+- ``pause_federation``: no scheduler transition and no new lease until resumed; live leases may
+  still finish. ``resume_federation`` pushes the deadlines of open rounds back by the paused time.
+- ``set_round_deadline``: only an open round; the new deadline must be in the future.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from coordinator.errors import Conflict, Invalid, NotFound
+from coordinator.models import AuditEvent, Client, Federation, Round, Task
+from coordinator.services.federations import get_federation
+from shared.schemas import TaskStatus
+
+OPEN_TASK = (TaskStatus.pending.value, TaskStatus.leased.value)
+
+
+def audit(session: Session, now: datetime, action: str, federation_id: int | None, target: str | None,
+          detail: dict | None = None, actor: str = "admin") -> AuditEvent:
+    event = AuditEvent(at=now, actor=actor, action=action, federation_id=federation_id, target=target,
+                       detail=detail or {})
+    session.add(event)
+    session.flush()
+    return event
+
+
+def audit_events(session: Session, federation_id: int | None = None, limit: int = 200) -> list[AuditEvent]:
+    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
+    if federation_id is not None:
+        query = query.where(AuditEvent.federation_id == federation_id)
+    return list(session.scalars(query))
+
+
+def revoke_client(session: Session, federation_id: int, client_id: int, now: datetime,
+                  reason: str = "") -> dict:
+    get_federation(session, federation_id)
+    client = session.get(Client, client_id)
+    if client is None or client.federation_id != federation_id:
+        raise NotFound(f"client {client_id} is not in federation {federation_id}", code="client_not_found")
+    if client.status == "revoked":
+        raise Conflict(f"client {client_id} is already revoked", code="already_revoked")
+    client.status = "revoked"
+    cancelled = session.execute(
+        update(Task).where(Task.client_id == client_id, Task.status.in_(OPEN_TASK))
+        .values(status=TaskStatus.cancelled.value, lease_expires_at=None, finished_at=now,
+                error="the client was revoked")
+    ).rowcount or 0
+    audit(session, now, "revoke_client", federation_id, f"client:{client_id}",
+          {"name": client.name, "reason": reason[:500], "tasks_cancelled": cancelled})
+    return {"client_id": client_id, "name": client.name, "status": "revoked", "tasks_cancelled": cancelled}
+
+
+def pause_federation(session: Session, federation_id: int, now: datetime, reason: str = "") -> Federation:
+    fed = get_federation(session, federation_id, lock=True)
+    if fed.paused_at is not None:
+        raise Conflict(f"federation {federation_id} is already paused", code="already_paused")
+    fed.paused_at = now
+    fed.updated_at = now
+    audit(session, now, "pause", federation_id, f"federation:{federation_id}", {"reason": reason[:500]})
+    return fed
+
+
+def resume_federation(session: Session, federation_id: int, now: datetime) -> Federation:
+    fed = get_federation(session, federation_id, lock=True)
+    if fed.paused_at is None:
+        raise Conflict(f"federation {federation_id} is not paused", code="not_paused")
+    paused_for = now - fed.paused_at
+    moved = 0
+    for rnd in session.scalars(select(Round).where(Round.federation_id == federation_id, Round.status == "open",
+                                                   Round.deadline_at.is_not(None))):
+        rnd.deadline_at = rnd.deadline_at + paused_for
+        moved += 1
+    fed.paused_at = None
+    fed.updated_at = now
+    audit(session, now, "resume", federation_id, f"federation:{federation_id}",
+          {"paused_seconds": paused_for.total_seconds(), "deadlines_moved": moved})
+    return fed
+
+
+def set_round_deadline(session: Session, round_id: int, now: datetime, *, deadline_at: datetime | None = None,
+                       extend_seconds: float | None = None) -> Round:
+    """Set (``deadline_at``) or extend (``extend_seconds``, from the current deadline or from now)
+    the deadline of an open round. Exactly one of the two."""
+    if (deadline_at is None) == (extend_seconds is None):
+        raise Invalid("give exactly one of deadline_at and extend_seconds", code="bad_deadline")
+    rnd = session.get(Round, round_id, with_for_update=True)
+    if rnd is None:
+        raise NotFound(f"round {round_id} does not exist", code="round_not_found")
+    if rnd.status != "open":
+        raise Conflict(f"round {round_id} is {rnd.status}: only an open round has a deadline to move",
+                       code="round_closed")
+    old = rnd.deadline_at
+    if extend_seconds is not None:
+        if extend_seconds <= 0:
+            raise Invalid("extend_seconds must be positive", code="bad_deadline")
+        new = max(old or now, now) + timedelta(seconds=extend_seconds)
+    else:
+        if deadline_at.tzinfo is None:
+            raise Invalid("deadline_at needs a timezone (e.g. 2026-01-01T12:00:00Z)", code="bad_deadline")
+        if deadline_at <= now:
+            raise Invalid("deadline_at must be in the future", code="bad_deadline")
+        new = deadline_at
+    rnd.deadline_at = new
+    audit(session, now, "set_deadline", rnd.federation_id, f"round:{round_id}",
+          {"old": old.isoformat() if old else None, "new": new.isoformat()})
+    return rnd
