@@ -1,4 +1,5 @@
-"""The ``hilora`` command line: coordinator, worker, admin, migrate, demo, pretrain-demo-backbone."""
+"""The ``hilora`` command line: coordinator, worker, admin, migrate, export, predict, demo,
+pretrain-demo-backbone."""
 
 from __future__ import annotations
 
@@ -56,6 +57,32 @@ def migrate() -> None:
 
 
 @app.command()
+def gc(dry_run: Annotated[bool, typer.Option(help="report what would be deleted, delete nothing")] = False) -> None:
+    """Garbage-collect now: uploads past HILORA_UPLOAD_RETENTION_SECONDS, unreferenced upload blobs,
+    orphan and stale temp files of HILORA_BLOB_DIR. The coordinator also does this every
+    HILORA_GC_INTERVAL_SECONDS; adapter versions and backbones are never collected."""
+    from datetime import datetime, timezone
+
+    from coordinator.blobs import BlobStore
+    from coordinator.db import make_engine, make_session_factory
+    from coordinator.migrate import schema_is_at_head
+    from coordinator.services.retention import collect_garbage
+    from coordinator.settings import Settings
+
+    try:
+        settings = Settings()
+    except ValueError as exc:
+        _fail(str(exc))
+    engine = make_engine(settings.database_url)
+    if not schema_is_at_head(engine):
+        _fail("the database schema is not at the newest migration: run `hilora migrate` first")
+    report = collect_garbage(make_session_factory(engine), BlobStore(settings.blob_dir), datetime.now(timezone.utc),
+                             retention_seconds=settings.upload_retention_seconds,
+                             grace_seconds=settings.gc_grace_seconds, dry_run=dry_run)
+    typer.echo(json.dumps(report.as_dict(), indent=2))
+
+
+@app.command()
 def worker(
     coordinator_url: Annotated[str, typer.Option("--coordinator", help="coordinator base URL")],
     config: Annotated[Path, typer.Option(help="worker config file (JSON): federation_id and hosted clients")],
@@ -67,9 +94,12 @@ def worker(
     exit_when_idle: Annotated[bool, typer.Option(help="exit once every hosted client is ready")] = False,
     max_seconds: Annotated[Optional[float], typer.Option(help="stop after this many seconds")] = None,
     retries: Annotated[int, typer.Option(min=0, help="retries of a failed request (backoff + jitter)")] = 8,
+    grace_seconds: Annotated[float, typer.Option(
+        min=0, help="on SIGTERM/SIGINT, let a running task finish if it does within this many seconds; "
+                    "else (or on a second signal) release its lease and exit")] = 30.0,
     log_level: Annotated[str, typer.Option()] = "info",
 ) -> None:
-    """Run a worker daemon for the clients listed in --config."""
+    """Run a worker daemon for the clients listed in --config (exit 0 after a clean stop)."""
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import socket
@@ -94,11 +124,10 @@ def worker(
     wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     with CoordinatorClient(coordinator_url, worker_id=wid, max_retries=retries) as client:
         daemon = WorkerDaemon(client, cfg, state_dir, device=device, exit_when_idle=exit_when_idle,
-                              max_seconds=max_seconds)
+                              max_seconds=max_seconds, grace_seconds=grace_seconds)
 
         def _stop(signum, _frame):  # noqa: ANN001
-            logging.getLogger("hilora.worker").info("signal %s: stopping after the current task", signum)
-            daemon.stop_event.set()
+            daemon.request_stop(signal.Signals(signum).name)
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
@@ -188,6 +217,100 @@ def admin_start(federation: Annotated[int, typer.Option(help="federation id")],
             typer.echo(client.start_federation(_admin_token(admin_token), federation).state.value)
         except CoordinatorError as exc:
             _fail(str(exc))
+
+
+@admin_app.command("delete-client")
+def admin_delete_client(federation: Annotated[int, typer.Option(help="federation id")],
+                        client: Annotated[int, typer.Option(help="client id")],
+                        coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700",
+                        admin_token: AdminToken = None) -> None:
+    """Delete a client: its token, tasks, uploads and task metrics go; aggregates stay."""
+    from worker.client import CoordinatorClient, CoordinatorError
+
+    with CoordinatorClient(coordinator_url) as http:
+        try:
+            r = http.request("DELETE", f"/v1/federations/{federation}/clients/{client}",
+                             token=_admin_token(admin_token))
+        except CoordinatorError as exc:
+            _fail(str(exc))
+    typer.echo(json.dumps(r.json(), indent=2))
+
+
+@admin_app.command("export-model")
+def admin_export_model(
+    federation: Annotated[int, typer.Option(help="federation id")],
+    out: Annotated[Path, typer.Option(help="where to write the model (safetensors)")],
+    cluster: Annotated[Optional[int], typer.Option(help="cluster label (stable); omit for the root-only model")] = None,
+    coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700",
+    admin_token: AdminToken = None,
+) -> None:
+    """Download the merged cluster-level (backbone + root + cluster) or root-only model."""
+    import hashlib
+
+    from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
+    from worker.export import atomic_write
+
+    token = _admin_token(admin_token)
+    with CoordinatorClient(coordinator_url) as client:
+        try:
+            data = client.merged_model(token, federation, cluster)
+        except CoordinatorError as exc:
+            _fail(str(exc))
+        except CoordinatorUnavailable as exc:
+            _fail(f"cannot reach the coordinator: {exc}")
+    atomic_write(out, data)
+    typer.echo(json.dumps({"path": str(out), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}))
+
+
+@app.command("export")
+def export_cmd(
+    federation: Annotated[int, typer.Option(help="federation id")],
+    client_name: Annotated[str, typer.Option("--client", help="name of a client the worker hosts")],
+    out: Annotated[Path, typer.Option(help="where to write the model (safetensors)")],
+    coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700",
+    state_dir: Annotated[Path, typer.Option(help="the worker's state directory (credentials, leaf)")] = Path(
+        "./hilora-worker-state"),
+    leaf: Annotated[bool, typer.Option("--leaf/--no-leaf", help="merge the client's private leaf")] = True,
+) -> None:
+    """Write a client's model: backbone + newest root + its cluster + its leaf, merged into one file."""
+    from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
+    from worker.export import export_client_model
+
+    with CoordinatorClient(coordinator_url) as client:
+        try:
+            result = export_client_model(client, state_dir, federation, client_name, out, include_leaf=leaf)
+        except CoordinatorError as exc:
+            _fail(f"coordinator refused: {exc}")
+        except CoordinatorUnavailable as exc:
+            _fail(f"cannot reach the coordinator: {exc}")
+        except ValueError as exc:
+            _fail(str(exc))
+    typer.echo(json.dumps({"path": str(result.path), "sha256": result.sha256, "bytes": result.bytes,
+                           "tiers": result.tiers, "versions": result.versions}))
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option(help="a model file from `hilora export` or `hilora admin export-model`")],
+    images: Annotated[Path, typer.Option(help="directory of PNG/JPEG images")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of file<TAB>class<TAB>probability")] = False,
+    threads: Annotated[int, typer.Option(min=1, help="torch CPU threads")] = 1,
+) -> None:
+    """Classify every image in a directory with a merged model."""
+    import torch
+
+    from worker.export import predict_directory
+
+    torch.set_num_threads(threads)
+    try:
+        rows = predict_directory(model, images)
+    except ValueError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+    else:
+        for row in rows:
+            typer.echo(f"{row['file']}\t{row['class']}\t{row['probability']:.6f}")
 
 
 @app.command("pretrain-demo-backbone")

@@ -8,8 +8,10 @@ torch, so the admin CLI and the demo launcher use it too.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -20,6 +22,7 @@ from shared.schemas import (
     PROTOCOL_HEADER,
     SHA256_HEADER,
     WORKER_ID_HEADER,
+    ClientAdapters,
     ClientRegistered,
     FederationCreated,
     FederationReport,
@@ -29,6 +32,8 @@ from shared.schemas import (
     UploadAck,
     VersionInfo,
 )
+
+log = logging.getLogger("hilora.client")
 
 
 class CoordinatorError(RuntimeError):
@@ -49,6 +54,8 @@ class CoordinatorClient:
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self.max_backoff = max_backoff
+        # When set and true, requests stop retrying (one try each): the worker is shutting down.
+        self.interrupted: Callable[[], bool] | None = None
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
                                   headers={PROTOCOL_HEADER: str(PROTOCOL_VERSION), WORKER_ID_HEADER: worker_id,
                                            "User-Agent": f"hilora/{__version__}"})
@@ -64,29 +71,43 @@ class CoordinatorClient:
 
     # ------------------------------------------------------------------ transport
 
-    def request(self, method: str, path: str, token: str | None = None, **kwargs: Any) -> httpx.Response:
+    def request(self, method: str, path: str, token: str | None = None, *, max_retries: int | None = None,
+                **kwargs: Any) -> httpx.Response:
         headers = dict(kwargs.pop("headers", {}) or {})
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
+        retries = self.max_retries if max_retries is None else max_retries
         last: Exception | None = None
-        for attempt in range(self.max_retries + 1):
+        tries = 0
+        for attempt in range(retries + 1):
+            if attempt > 0 and self.interrupted is not None and self.interrupted():
+                break
+            tries += 1
             try:
                 response = self._http.request(method, path, headers=headers, **kwargs)
             except httpx.TransportError as exc:
                 last = exc
-                self._sleep_backoff(attempt, None)
+                self._retry_note(method, path, attempt, retries, exc)
+                self._sleep_backoff(attempt, None, retries)
                 continue
             if response.status_code == 429 or response.status_code >= 500:
                 last = CoordinatorError(response.status_code, *self._error_of(response))
-                self._sleep_backoff(attempt, response.headers.get("Retry-After"))
+                self._retry_note(method, path, attempt, retries, last)
+                self._sleep_backoff(attempt, response.headers.get("Retry-After"), retries)
                 continue
             if response.status_code >= 400:
                 raise CoordinatorError(response.status_code, *self._error_of(response))
             return response
-        raise CoordinatorUnavailable(f"{method} {self.base_url}{path} failed {self.max_retries + 1} times: {last}")
+        raise CoordinatorUnavailable(f"{method} {self.base_url}{path} failed {tries} times: {last}")
 
-    def _sleep_backoff(self, attempt: int, retry_after: str | None) -> None:
-        if attempt >= self.max_retries:
+    @staticmethod
+    def _retry_note(method: str, path: str, attempt: int, retries: int, error: Exception) -> None:
+        if attempt < retries:
+            log.info("%s %s failed (%s: %s); retry %d/%d", method, path, type(error).__name__, error,
+                     attempt + 1, retries)
+
+    def _sleep_backoff(self, attempt: int, retry_after: str | None, retries: int | None = None) -> None:
+        if attempt >= (self.max_retries if retries is None else retries):
             return
         delay = min(self.max_backoff, 0.25 * 2**attempt) * (0.5 + random.random() / 2)
         if retry_after is not None:
@@ -94,7 +115,12 @@ class CoordinatorClient:
                 delay = max(delay, float(retry_after))
             except ValueError:
                 pass
-        time.sleep(delay)
+        # sleep in short steps so that a shutdown (``interrupted``) cuts the wait short
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            if self.interrupted is not None and self.interrupted():
+                return
+            time.sleep(min(left, 0.2))
 
     @staticmethod
     def _error_of(response: httpx.Response) -> tuple[str, str]:
@@ -141,11 +167,23 @@ class CoordinatorClient:
         _verify(data, expected_sha256, f"adapter version {version_id}")
         return data
 
+    def client_adapters(self, client_id: int, token: str) -> ClientAdapters:
+        """The newest root version and the newest version of the client's cluster (or null)."""
+        return ClientAdapters.model_validate(
+            self.request("GET", f"/v1/clients/{client_id}/adapters", token=token).json())
+
     def lease(self, client_id: int, token: str) -> LeaseResponse:
         return LeaseResponse.model_validate(self.request("POST", f"/v1/clients/{client_id}/lease", token=token).json())
 
     def heartbeat(self, task_id: int, token: str, lease_id: str) -> None:
         self.request("POST", f"/v1/tasks/{task_id}/heartbeat", token=token, json={"lease_id": lease_id})
+
+    def release(self, task_id: int, token: str, lease_id: str, max_retries: int | None = 2) -> None:
+        """Give a leased task back (shutdown, pre-emption): it is pending again at once and the
+        release does not count as an attempt. 409 ``stale_lease``/``lease_expired`` when the
+        lease is no longer current."""
+        self.request("POST", f"/v1/tasks/{task_id}/release", token=token, json={"lease_id": lease_id},
+                     max_retries=max_retries)
 
     def upload(self, task_id: int, token: str, lease_id: str, body: bytes) -> UploadAck:
         sha = hashlib.sha256(body).hexdigest()
@@ -179,6 +217,18 @@ class CoordinatorClient:
     def federation_report(self, admin_token: str, federation_id: int) -> FederationReport:
         return FederationReport.model_validate(
             self.request("GET", f"/v1/federations/{federation_id}/report", token=admin_token).json())
+
+    def merged_model(self, admin_token: str, federation_id: int, cluster_label: int | None = None) -> bytes:
+        """The merged root-only (no label) or cluster-level model as safetensors bytes, checked
+        against the coordinator's X-Hilora-Sha256."""
+        path = (f"/v1/federations/{federation_id}/root/model" if cluster_label is None
+                else f"/v1/federations/{federation_id}/clusters/{cluster_label}/model")
+        response = self.request("GET", path, token=admin_token)
+        expected = response.headers.get(SHA256_HEADER)
+        if expected is None:
+            raise CoordinatorError(0, "sha256_missing", f"GET {path}: the response has no {SHA256_HEADER} header")
+        _verify(response.content, expected, "merged model")
+        return response.content
 
     def start_federation(self, admin_token: str, federation_id: int) -> FederationStatus:
         return FederationStatus.model_validate(

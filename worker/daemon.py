@@ -2,8 +2,19 @@
 
 One process hosts several clients (their data, tokens, leaves and local factors). Tokens and
 leaves live under ``--state-dir/<federation>/<client>/``; nothing a client keeps local is ever
-uploaded. SIGTERM/SIGINT stop the loop after the current task (its lease simply expires if the
-process dies mid-task, and the coordinator requeues it).
+uploaded.
+
+Shutdown (``request_stop``, called on SIGTERM/SIGINT): no new task is taken; a running task may
+finish within ``grace_seconds``, otherwise (or on a second signal) its training stops between two
+mini-batches, its lease is released (the coordinator hands the task out again at once, without
+counting an attempt) and ``run`` returns 0. If the process dies instead, the lease expires and the
+coordinator requeues the task.
+
+Failures while reporting a result: a 4xx answer (404 task gone, 409 stale/expired lease, task
+finished or cancelled, ...) drops the result with one log line; an unreachable coordinator
+(connection errors, 5xx, after the client's own retries) is retried for ``report_timeout`` seconds
+and then the result is dropped. Either way the daemon goes on polling. A heartbeat refused with a
+4xx means the lease is lost: training of that task stops at the next mini-batch.
 """
 
 from __future__ import annotations
@@ -111,7 +122,9 @@ class Heartbeater:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        # a heartbeat stuck in its retries (coordinator away) must not hold up the next task: the
+        # thread is a daemon and ends after that request
+        self._thread.join(timeout=1)
 
     def _run(self) -> None:
         interval = max(0.5, self._task.lease_seconds / 3)
@@ -126,15 +139,24 @@ class Heartbeater:
 
 
 class WorkerDaemon:
+    report_pause = 1.0  # seconds between report attempts (each one already retries with backoff)
+
     def __init__(self, client: CoordinatorClient, config: WorkerConfig, state_dir: Path, device: str = "cpu",
-                 exit_when_idle: bool = False, max_seconds: float | None = None) -> None:
+                 exit_when_idle: bool = False, max_seconds: float | None = None, grace_seconds: float = 30.0,
+                 report_timeout: float = 300.0) -> None:
         self.client = client
+        client.interrupted = self.interrupted  # requests stop retrying once the daemon is stopping
         self.config = config
         self.state_dir = Path(state_dir)
         self.device = device
         self.exit_when_idle = exit_when_idle
         self.max_seconds = max_seconds
-        self.stop_event = threading.Event()
+        self.grace_seconds = grace_seconds
+        self.report_timeout = report_timeout
+        self.stop_event = threading.Event()  # no new tasks
+        self.abort_event = threading.Event()  # give up the running task now
+        self._stop_deadline: float | None = None
+        self._busy = False
         self.slots: list[ClientSlot] = []
         self._runtime: tuple[FederationConfig, Any] | None = None
         self._adapter_cache: dict[int, dict] = {}
@@ -192,6 +214,31 @@ class WorkerDaemon:
             self._adapter_cache[ref.id] = unpack_tensors(self.client.adapter(ref.id, token, ref.sha256))
         return self._adapter_cache[ref.id]
 
+    # ------------------------------------------------------------------ stopping
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """First call: take no new task; a running one gets ``grace_seconds`` to finish. Second
+        call: give the running task up now. Safe to call from a signal handler."""
+        if not self.stop_event.is_set():
+            self._stop_deadline = time.monotonic() + self.grace_seconds
+            self.stop_event.set()
+            log.info("%s: taking no new task; a running task has %.0fs to finish, else its lease is released",
+                     reason, self.grace_seconds)
+        elif not self.abort_event.is_set():
+            self.abort_event.set()
+            log.info("%s again: releasing the running task's lease and exiting", reason)
+
+    def past_grace(self) -> bool:
+        """True once a running task must be given up: second stop request, or the grace is over."""
+        if self.abort_event.is_set():
+            return True
+        deadline = self._stop_deadline
+        return self.stop_event.is_set() and deadline is not None and time.monotonic() >= deadline
+
+    def interrupted(self) -> bool:
+        """For the client: stop retrying requests (stopping while idle, or past the grace)."""
+        return (self.stop_event.is_set() and not self._busy) or self.past_grace()
+
     # ------------------------------------------------------------------ loop
 
     def run(self) -> int:
@@ -209,11 +256,15 @@ class WorkerDaemon:
                 try:
                     response = self.client.lease(slot.client_id, slot.token)
                 except CoordinatorUnavailable as exc:  # keep polling: the coordinator may come back
-                    log.warning("coordinator unavailable (%s); polling again", exc)
+                    if not self.stop_event.is_set():
+                        log.warning("coordinator unavailable (%s); polling again", exc)
                     break
                 slot.last_state = response.client_state
                 if response.task is not None:
-                    self.execute(slot, response.task)
+                    if self.stop_event.is_set():  # leased while the stop came in: give it straight back
+                        self._release(slot, response.task, "the worker is stopping")
+                        break
+                    self._run_task(slot, response.task)
                     worked = True
                 else:
                     wait = min(wait, response.retry_after)
@@ -225,9 +276,29 @@ class WorkerDaemon:
                 self.stop_event.wait(wait)
         return 0
 
+    def _run_task(self, slot: ClientSlot, task: TaskAssignment) -> None:
+        """``execute`` that never takes the daemon down for a coordinator failure: the task is
+        dropped (its lease expires and the coordinator requeues it) and polling goes on."""
+        self._busy = True
+        try:
+            self.execute(slot, task)
+        except CoordinatorUnavailable as exc:
+            log.warning("task %s (client %s): dropped, the coordinator is unreachable (%s); its lease expires "
+                        "and the coordinator requeues it", task.task_id, slot.spec.name, exc)
+        except CoordinatorError as exc:
+            log.error("task %s (client %s): dropped, the coordinator refused a request: %s",
+                      task.task_id, slot.spec.name, exc)
+        finally:
+            self._busy = False
+
     def execute(self, slot: ClientSlot, task: TaskAssignment) -> dict[str, float]:
-        """Run one task for one hosted client and report it."""
-        from worker.train import evaluate_tiers, train_tier
+        """Run one task for one hosted client and report it. Returns its metrics ({} when the
+        task was given up or its result dropped)."""
+        with Heartbeater(self.client, slot.token, task) as hb:
+            return self._execute(slot, task, hb)
+
+    def _execute(self, slot: ClientSlot, task: TaskAssignment, hb: Heartbeater) -> dict[str, float]:
+        from worker.train import TrainingStopped, evaluate_tiers, train_tier
 
         cfg, model = self._model(slot.token)
         t0 = time.monotonic()
@@ -254,13 +325,23 @@ class WorkerDaemon:
         if tier in ("root", "cluster") and task.stage != "probe":
             # accuracy of the adapter as received: the federation's model on this client's data
             metrics.update(evaluate_tiers(model, slot.data, tuple(tiers), self.device))
-        with Heartbeater(self.client, slot.token, task) as hb:
+        log.info("client %s: training task %s (%s round %s, %s epochs)", slot.spec.name, task.task_id, task.stage,
+                 task.round_number, task.epochs)
+        try:
             train_metrics = train_tier(
                 model, tier, slot.data, epochs=task.epochs, lr=task.training.lr, head_lr=task.training.head_lr,
                 batch_size=task.training.batch_size, weight_decay=task.training.weight_decay,
                 gamma_c=task.training.gamma_c, gamma_l=task.training.gamma_l,
                 seed=task_seed(task.training.seed, task.stage, task.round_number, slot.client_id),
-                trainable=tuple(task.trainable), device=self.device)
+                trainable=tuple(task.trainable), device=self.device,
+                should_stop=lambda: hb.lost is not None or self.past_grace())
+        except TrainingStopped:
+            if hb.lost:
+                log.warning("task %s lost its lease while training (%s); training stopped, nothing uploaded",
+                            task.task_id, hb.lost)
+            else:
+                self._release(slot, task, "stopping: it did not finish within the grace period")
+            return {}
         if hb.lost:
             log.warning("task %s lost its lease while training (%s); not uploading", task.task_id, hb.lost)
             return {}
@@ -272,19 +353,64 @@ class WorkerDaemon:
             _atomic_write(slot.state_dir / f"local-{tier}.safetensors",
                           pack_tensors(model.export_tier(tier, factors=tuple(task.local))))
         metrics["train_seconds"] = time.monotonic() - t0
-        try:
-            if task.upload:
-                body = pack_tensors(model.export_tier(tier, factors=tuple(task.upload)))
-                self.client.upload(task.task_id, slot.token, task.lease_id, body)
-            self.client.complete(task.task_id, slot.token, task.lease_id, len(slot.data.y_train), metrics)
-        except CoordinatorError as exc:
-            if exc.code in ("stale_lease", "lease_expired"):
-                log.warning("task %s: %s (the coordinator requeued it)", task.task_id, exc.detail)
-                return {}
-            raise
+        body = pack_tensors(model.export_tier(tier, factors=tuple(task.upload))) if task.upload else None
+        if not self.report(slot, task, body, metrics):
+            return {}
         log.info("client %s: %s round %s done in %.2fs %s", slot.spec.name, task.stage, task.round_number,
                  time.monotonic() - t0, {k: round(v, 4) for k, v in metrics.items() if k.startswith("acc")})
         return metrics
+
+    def report(self, slot: ClientSlot, task: TaskAssignment, body: bytes | None, metrics: dict[str, float]) -> bool:
+        """Upload ``body`` (if any) and complete the task. True when the coordinator took it;
+        False when the result was dropped (a 4xx answer, or unreachable for ``report_timeout``
+        seconds, or the daemon is past its shutdown grace). Never raises for coordinator trouble."""
+        deadline = time.monotonic() + self.report_timeout
+        uploaded = body is None
+        while True:
+            try:
+                if not uploaded:
+                    self.client.upload(task.task_id, slot.token, task.lease_id, body)
+                    uploaded = True
+                self.client.complete(task.task_id, slot.token, task.lease_id, len(slot.data.y_train), metrics)
+                return True
+            except CoordinatorError as exc:
+                level = logging.WARNING if exc.status in (404, 409, 410) else logging.ERROR
+                log.log(level, "task %s (client %s, %s round %s): result dropped, the coordinator answered %s %s: %s",
+                        task.task_id, slot.spec.name, task.stage, task.round_number, exc.status, exc.code,
+                        _DROP_REASONS.get(exc.code, exc.detail))
+                return False
+            except CoordinatorUnavailable as exc:
+                if self.past_grace():
+                    log.warning("task %s: result dropped, stopping while the coordinator is unreachable (%s)",
+                                task.task_id, exc)
+                    return False
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("task %s (client %s): result dropped, the coordinator stayed unreachable for %.0fs "
+                                "(%s)", task.task_id, slot.spec.name, self.report_timeout, exc)
+                    return False
+                log.warning("task %s: coordinator unreachable (%s); retrying the report for up to %.0fs more",
+                            task.task_id, exc, left)
+                self.abort_event.wait(min(self.report_pause, left))
+
+    def _release(self, slot: ClientSlot, task: TaskAssignment, why: str) -> None:
+        """Give the task's lease back so the coordinator can hand the task out again at once."""
+        try:
+            self.client.release(task.task_id, slot.token, task.lease_id)
+            log.info("task %s (client %s): lease released (%s)", task.task_id, slot.spec.name, why)
+        except CoordinatorError as exc:
+            log.warning("task %s: release refused (%s); nothing to give back", task.task_id, exc)
+        except CoordinatorUnavailable as exc:
+            log.warning("task %s: could not release the lease (%s); it expires within %.0fs and the task is "
+                        "requeued", task.task_id, exc, task.lease_seconds)
+
+
+_DROP_REASONS = {
+    "task_not_found": "the task no longer exists",
+    "stale_lease": "this lease is no longer the task's current one (it was requeued, finished or cancelled)",
+    "lease_expired": "the lease expired (the coordinator requeues the task)",
+    "task_finished": "the task is already finished",
+}
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

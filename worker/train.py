@@ -6,7 +6,7 @@ function of the model state, the data and the seed on CPU.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +15,11 @@ from torch.nn import functional as F
 from shared.manifest import TIERS
 from worker.data import ClientData
 from worker.lora import TieredLoRAModel
+
+
+class TrainingStopped(Exception):
+    """``train_tier`` stopped early because its ``should_stop`` callback said so (the worker is
+    shutting down, or the task's lease was lost). The model's tier is then partly trained."""
 
 
 def tiers_up_to(tier: str) -> tuple[str, ...]:
@@ -32,19 +37,23 @@ def _as_tensor(array: object, dtype: torch.dtype, device: str | torch.device) ->
 
 def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int, lr: float, head_lr: float,
                batch_size: int, weight_decay: float, gamma_c: float, gamma_l: float, seed: int,
-               trainable: Sequence[str] = ("A", "B", "head"), device: str | torch.device = "cpu") -> dict[str, float | int]:
+               trainable: Sequence[str] = ("A", "B", "head"), device: str | torch.device = "cpu",
+               should_stop: Callable[[], bool] | None = None) -> dict[str, float | int]:
     """Train the ``trainable`` factors of ``tier`` on ``data.x_train``/``data.y_train``.
 
     Active tiers are all tiers up to and including ``tier``; everything else is frozen. AdamW with
     ``lr`` for the LoRA factors and ``head_lr`` for the head (both with ``weight_decay``); the loss
     is cross entropy plus ``model.orthogonality_loss(tier, gamma_c, gamma_l)``. Mini-batches are
     shuffled with a generator seeded by ``seed``. Every parameter is frozen again afterwards.
+    ``should_stop``, when given, is called before every mini-batch; when it returns true training
+    stops at once with ``TrainingStopped``.
 
     Returns:
         ``{"train_loss": mean loss over the last epoch's samples, "steps": optimizer steps}``.
 
     Raises:
         ValueError: no training samples, epochs < 1, batch_size < 1 or nothing trainable.
+        TrainingStopped: ``should_stop`` returned true.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -75,6 +84,8 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
             order = torch.randperm(n, generator=generator).to(device)
             total = torch.zeros((), device=device)
             for start in range(0, n, batch_size):
+                if should_stop is not None and should_stop():
+                    raise TrainingStopped(f"stopped after {steps} steps")
                 index = order[start:start + batch_size]
                 logits = model(x[index])
                 loss = F.cross_entropy(logits, y[index]) + model.orthogonality_loss(tier, gamma_c, gamma_l)

@@ -1,0 +1,340 @@
+"""The worker daemon against a fake coordinator client: results dropped on 404/409, bounded retries
+when the coordinator is away, shutdown with a grace period and a lease release, training stopped
+when the heartbeat says the lease is lost. No server, no subprocess."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from shared.config import Training
+from shared.schemas import FederationState, LeaseResponse, TaskAssignment
+from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
+from worker.daemon import ClientSlot, HostedClient, WorkerConfig, WorkerDaemon
+from worker.data import ClientData
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
+
+
+def _task(task_id: int = 7, stage: str = "root", upload: tuple[str, ...] = ("A", "B", "head"), epochs: int = 1,
+          lease_seconds: float = 60.0, root=None) -> TaskAssignment:
+    return TaskAssignment(
+        task_id=task_id, lease_id=f"lease-{task_id}", attempt=1, lease_expires_at=datetime.now(timezone.utc),
+        lease_seconds=lease_seconds, federation_id=1, client_id=3, stage=stage, round_number=1, scope="all",
+        root=root, cluster=None, train_tier="root", epochs=epochs, trainable=["A", "B", "head"],
+        upload=list(upload), local=[], training=Training(batch_size=4))
+
+
+def _data(n: int = 16) -> ClientData:
+    rng = np.random.default_rng(0)
+    x = rng.random((n, 1, 16, 16)).astype(np.float32)
+    y = rng.integers(0, 10, n).astype(np.int64)
+    return ClientData(x_train=x, y_train=y, x_test=x[:8], y_test=y[:8], train_indices=np.arange(n),
+                      test_indices=np.arange(8))
+
+
+def _lease(task: TaskAssignment | None) -> LeaseResponse:
+    return LeaseResponse(task=task, retry_after=0.01, federation_state=FederationState.root,
+                         client_state="training")
+
+
+class FakeClient:
+    """Records calls; each route answers from a script: a list of values or exceptions (the last
+    entry repeats), or a callable."""
+
+    def __init__(self, **scripts) -> None:
+        self.scripts = scripts
+        self.calls: list[tuple] = []
+        self.interrupted = None
+
+    def _answer(self, route: str, *args):
+        self.calls.append((route, *args))
+        script = self.scripts.get(route)
+        if callable(script):
+            return script(*args)
+        if not script:
+            return None
+        entry = script.pop(0) if len(script) > 1 else script[0]
+        if isinstance(entry, BaseException):
+            raise entry
+        return entry
+
+    def routes(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+    def lease(self, client_id, token):
+        return self._answer("lease", client_id)
+
+    def heartbeat(self, task_id, token, lease_id):
+        return self._answer("heartbeat", task_id, lease_id)
+
+    def upload(self, task_id, token, lease_id, body):
+        return self._answer("upload", task_id, lease_id)
+
+    def complete(self, task_id, token, lease_id, num_samples, metrics):
+        return self._answer("complete", task_id, lease_id)
+
+    def release(self, task_id, token, lease_id):
+        return self._answer("release", task_id, lease_id)
+
+    def adapter(self, version_id, token, sha):
+        return self._answer("adapter", version_id)
+
+
+def _daemon(client: FakeClient, tmp_path: Path, **kw) -> tuple[WorkerDaemon, ClientSlot]:
+    spec = HostedClient(name="site-a", data={"partition": "tiny", "client": "upright-00"}, client_id=3, token="t")
+    daemon = WorkerDaemon(client, WorkerConfig(federation_id=1, clients=[spec]), tmp_path, **kw)  # type: ignore[arg-type]
+    daemon.report_pause = 0.01
+    slot = ClientSlot(spec=spec, client_id=3, token="t", state_dir=tmp_path, data=_data())
+    daemon.slots.append(slot)
+    return daemon, slot
+
+
+def conflict(code: str) -> CoordinatorError:
+    return CoordinatorError(409, code, f"the coordinator says {code}")
+
+
+# ---------------------------------------------------------------- reporting a result
+
+@pytest.mark.parametrize("failing, error", [
+    ("upload", conflict("stale_lease")),
+    ("upload", conflict("lease_expired")),
+    ("upload", CoordinatorError(404, "task_not_found", "task 7 does not exist")),
+    ("complete", conflict("task_finished")),
+    ("complete", conflict("stale_lease")),
+    ("complete", CoordinatorError(404, "task_not_found", "task 7 does not exist")),
+])
+def test_a_refused_result_is_dropped_with_one_line_and_never_retried(tmp_path, caplog, failing, error):
+    client = FakeClient(**{failing: [error]})
+    daemon, slot = _daemon(client, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hilora.worker"):
+        assert daemon.report(slot, _task(), b"body", {"acc_root": 0.5}) is False
+    assert client.routes().count(failing) == 1
+    if failing == "upload":
+        assert "complete" not in client.routes()
+    dropped = [r for r in caplog.records if "result dropped" in r.getMessage()]
+    assert len(dropped) == 1 and str(error.status) in dropped[0].getMessage()
+    assert error.code in dropped[0].getMessage()
+
+
+def test_an_unreachable_coordinator_is_retried_then_the_report_goes_through(tmp_path):
+    down = CoordinatorUnavailable("connection refused")
+    client = FakeClient(upload=[down, down, {"ok": 1}], complete=[down, {"ok": 1}])
+    daemon, slot = _daemon(client, tmp_path, report_timeout=30)
+    assert daemon.report(slot, _task(), b"body", {}) is True
+    # the upload is not repeated once it went through; complete is retried on its own
+    assert client.routes() == ["upload", "upload", "upload", "complete", "complete"]
+
+
+def test_a_coordinator_that_stays_away_drops_the_result_after_the_report_timeout(tmp_path, caplog):
+    client = FakeClient(upload=[CoordinatorUnavailable("connection refused")])
+    daemon, slot = _daemon(client, tmp_path, report_timeout=0.3)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="hilora.worker"):
+        assert daemon.report(slot, _task(), b"body", {}) is False
+    assert time.monotonic() - t0 < 5
+    assert "complete" not in client.routes()
+    assert any("stayed unreachable" in r.getMessage() for r in caplog.records)
+
+
+def test_a_leaf_task_completes_without_upload(tmp_path):
+    client = FakeClient(complete=[{"ok": 1}])
+    daemon, slot = _daemon(client, tmp_path)
+    assert daemon.report(slot, _task(stage="leaf", upload=()), None, {"acc_leaf": 1.0}) is True
+    assert client.routes() == ["complete"]
+
+
+# ---------------------------------------------------------------- the polling loop
+
+def test_the_loop_survives_a_task_whose_coordinator_vanished_and_keeps_polling(tmp_path):
+    leases = [_lease(_task(1)), _lease(None), _lease(_task(2)), _lease(None)]
+    daemon: WorkerDaemon
+
+    def lease(_client_id):
+        if not leases:
+            daemon.request_stop("test")
+            return _lease(None)
+        return leases.pop(0)
+
+    client = FakeClient(lease=lease)
+    daemon, _slot = _daemon(client, tmp_path)
+    seen = []
+
+    def execute(slot, task):
+        seen.append(task.task_id)
+        if task.task_id == 1:
+            raise CoordinatorUnavailable("GET /v1/adapters/1 failed 9 times")
+        raise CoordinatorError(404, "adapter_not_found", "adapter version 9 does not exist")
+
+    daemon.execute = execute  # type: ignore[method-assign]
+    assert daemon.run() == 0
+    assert seen == [1, 2] and client.routes().count("lease") == 5
+
+
+def test_polling_through_an_outage_and_stopping_while_idle(tmp_path):
+    client = FakeClient(lease=[CoordinatorUnavailable("connection refused"), _lease(None)])
+    daemon, _slot = _daemon(client, tmp_path)
+    threading.Timer(0.5, daemon.request_stop, args=("SIGTERM",)).start()
+    t0 = time.monotonic()
+    assert daemon.run() == 0
+    assert time.monotonic() - t0 < 5
+
+
+def test_a_task_leased_as_the_stop_arrives_is_given_straight_back(tmp_path):
+    daemon: WorkerDaemon
+
+    def lease(_client_id):
+        daemon.request_stop("SIGTERM")
+        return _lease(_task(5))
+
+    client = FakeClient(lease=lease, release=[None])
+    daemon, _slot = _daemon(client, tmp_path)
+    daemon.execute = lambda *a: pytest.fail("a stopping worker must not start a task")  # type: ignore[method-assign]
+    assert daemon.run() == 0
+    assert ("release", 5, "lease-5") in client.calls
+
+
+def test_stop_requests_grace_then_abort(tmp_path):
+    daemon, _slot = _daemon(FakeClient(), tmp_path, grace_seconds=30)
+    assert not daemon.past_grace() and not daemon.interrupted()
+    daemon.request_stop("SIGTERM")
+    assert daemon.stop_event.is_set() and not daemon.past_grace()
+    assert daemon.interrupted()  # idle: requests stop retrying at once
+    daemon._busy = True
+    assert not daemon.interrupted()  # a running task's requests keep retrying within the grace
+    daemon.request_stop("SIGTERM")
+    assert daemon.past_grace() and daemon.interrupted()
+
+    daemon2, _ = _daemon(FakeClient(), tmp_path, grace_seconds=0.2)
+    daemon2.request_stop("SIGINT")
+    assert not daemon2.past_grace()
+    time.sleep(0.3)
+    assert daemon2.past_grace()
+
+
+def test_release_failures_are_logged_not_raised(tmp_path, caplog):
+    for error in (conflict("stale_lease"), CoordinatorUnavailable("down"),
+                  CoordinatorError(404, "error", "Not Found")):
+        client = FakeClient(release=[error])
+        daemon, slot = _daemon(client, tmp_path)
+        with caplog.at_level(logging.WARNING, logger="hilora.worker"):
+            daemon._release(slot, _task(), "test")
+        assert client.routes() == ["release"]
+
+
+# ---------------------------------------------------------------- heartbeats
+
+def test_heartbeats_keep_going_through_errors_and_stop_on_a_lost_lease(tmp_path):
+    from worker.daemon import Heartbeater
+
+    client = FakeClient(heartbeat=[CoordinatorUnavailable("down"), None, conflict("lease_expired")])
+    task = _task(lease_seconds=0.3)  # a heartbeat every 0.5 s
+    with Heartbeater(client, "t", task) as hb:  # type: ignore[arg-type]
+        deadline = time.monotonic() + 10
+        while hb.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert hb.lost is not None and "lease_expired" in hb.lost
+    assert client.routes() == ["heartbeat"] * 3
+
+
+# ---------------------------------------------------------------- execute with a real (small) model
+
+@pytest.fixture
+def small_runtime():
+    import torch
+
+    from shared.manifest import TIERS
+    from worker.backbone import (
+        DEMO_BACKBONE_KWARGS,
+        DEMO_BACKBONE_MODEL,
+        create_model,
+        manifest_for_model,
+    )
+    from worker.lora import TieredLoRAModel
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    backbone = create_model(DEMO_BACKBONE_MODEL, dict(DEMO_BACKBONE_KWARGS, embed_dim=16, depth=2, num_heads=2))
+    model = TieredLoRAModel(backbone.eval(), manifest_for_model(backbone, rank=2))
+    for i, tier in enumerate(TIERS):
+        model.init_tier(tier, seed=100 + i)
+    return model
+
+
+def _long_root_task(lease_seconds: float) -> TaskAssignment:
+    from shared.schemas import AdapterRef
+
+    return _task(epochs=100_000, lease_seconds=lease_seconds,
+                 root=AdapterRef(id=1, tier="root", version=1, sha256="0" * 64))
+
+
+def test_a_lost_lease_stops_training_early_and_uploads_nothing(tmp_path, small_runtime, caplog):
+    from types import SimpleNamespace
+
+    from shared.tensors import pack_tensors
+
+    client = FakeClient(adapter=[pack_tensors(small_runtime.export_tier("root"))],
+                        heartbeat=[conflict("stale_lease")])
+    daemon, slot = _daemon(client, tmp_path)
+    daemon._runtime = (SimpleNamespace(training=Training()), small_runtime)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="hilora.worker"):
+        assert daemon.execute(slot, _long_root_task(lease_seconds=0.3)) == {}
+    assert time.monotonic() - t0 < 20
+    assert "upload" not in client.routes() and "complete" not in client.routes()
+    assert any("lost its lease" in r.getMessage() for r in caplog.records)
+
+
+def test_a_task_past_the_grace_stops_training_and_releases_its_lease(tmp_path, small_runtime):
+    from types import SimpleNamespace
+
+    from shared.tensors import pack_tensors
+
+    daemon: WorkerDaemon
+    client = FakeClient(adapter=[pack_tensors(small_runtime.export_tier("root"))],
+                        heartbeat=lambda *a: daemon.request_stop("SIGTERM"), release=[None])
+    daemon, slot = _daemon(client, tmp_path, grace_seconds=0.5)
+    daemon._runtime = (SimpleNamespace(training=Training()), small_runtime)
+    t0 = time.monotonic()
+    assert daemon.execute(slot, _long_root_task(lease_seconds=0.3)) == {}
+    assert time.monotonic() - t0 < 20
+    assert ("release", 7, "lease-7") in client.calls
+    assert "upload" not in client.routes() and "complete" not in client.routes()
+
+
+# ---------------------------------------------------------------- the real client's retry loop
+
+def test_client_release_route_and_interrupted_retries():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path, request.content))
+        if request.url.path.endswith("/release"):
+            return httpx.Response(200, json={"task_id": 7, "status": "pending"})
+        return httpx.Response(503, json={"error": "unavailable", "detail": "restarting"})
+
+    client = CoordinatorClient("http://coord", transport=httpx.MockTransport(handler), max_retries=8)
+    client.release(7, "tok", "lease-7")
+    assert [(m, p, json.loads(c)) for m, p, c in seen] == [("POST", "/v1/tasks/7/release", {"lease_id": "lease-7"})]
+    # a shutdown cuts the backoff short: one try, then CoordinatorUnavailable
+    client.interrupted = lambda: True
+    t0 = time.monotonic()
+    with pytest.raises(CoordinatorUnavailable, match="1 times"):
+        client.heartbeat(7, "tok", "lease-7")
+    assert time.monotonic() - t0 < 1
+
+
+def test_client_release_conflict_is_a_coordinator_error():
+    transport = httpx.MockTransport(lambda r: httpx.Response(409, json={"error": "stale_lease", "detail": "no"}))
+    client = CoordinatorClient("http://coord", transport=transport)
+    with pytest.raises(CoordinatorError) as info:
+        client.release(7, "tok", "lease-7")
+    assert info.value.status == 409 and info.value.code == "stale_lease"
