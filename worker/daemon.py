@@ -253,12 +253,22 @@ class WorkerDaemon:
             for slot in self.slots:
                 if self.stop_event.is_set():
                     break
+                if slot.last_state == "revoked":
+                    continue
                 try:
                     response = self.client.lease(slot.client_id, slot.token)
                 except CoordinatorUnavailable as exc:  # keep polling: the coordinator may come back
                     if not self.stop_event.is_set():
                         log.warning("coordinator unavailable (%s); polling again", exc)
                     break
+                except CoordinatorError as exc:
+                    if exc.status not in (401, 403):
+                        raise
+                    # revoked or deleted by the admin: this client is done; the others go on
+                    log.error("client %s: the coordinator no longer accepts its token (%s); not polling for it "
+                              "any more", slot.spec.name, exc)
+                    slot.last_state = "revoked"
+                    continue
                 slot.last_state = response.client_state
                 if response.task is not None:
                     if self.stop_event.is_set():  # leased while the stop came in: give it straight back
@@ -268,6 +278,9 @@ class WorkerDaemon:
                     worked = True
                 else:
                     wait = min(wait, response.retry_after)
+            if all(s.last_state == "revoked" for s in self.slots):
+                log.error("every hosted client was revoked or deleted: nothing left to do")
+                return 2
             if self.exit_when_idle and not worked and all(
                     s.last_state in ("ready", "revoked") for s in self.slots):
                 log.info("every hosted client is ready: exiting")
@@ -308,6 +321,14 @@ class WorkerDaemon:
         if task.cluster is not None:
             model.load_tier("cluster", self._adapter(task.cluster, slot.token))
             tiers.append("cluster")
+        if task.stage != "probe":
+            # Factors a tier keeps local (e.g. FedSA's B) are this client's own: lay them over the
+            # coordinator's version for every tier in use, as export does. A probe starts from the
+            # federation's root alone, so that every client's probe has the same starting point.
+            for used in tiers:
+                local_file = slot.state_dir / f"local-{used}.safetensors"
+                if local_file.exists():
+                    model.load_tier(used, unpack_tensors(local_file.read_bytes()), partial=True)
         if tier == "leaf":
             leaf_file = slot.state_dir / "leaf.safetensors"
             if task.reset_leaf or not leaf_file.exists():
@@ -317,10 +338,6 @@ class WorkerDaemon:
             else:
                 model.load_tier("leaf", unpack_tensors(leaf_file.read_bytes()))
             tiers.append("leaf")
-        elif task.local:
-            local_file = slot.state_dir / f"local-{tier}.safetensors"
-            if local_file.exists():
-                model.load_tier(tier, unpack_tensors(local_file.read_bytes()), partial=True)
         metrics: dict[str, float] = {}
         if tier in ("root", "cluster") and task.stage != "probe":
             # accuracy of the adapter as received: the federation's model on this client's data

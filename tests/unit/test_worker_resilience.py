@@ -179,6 +179,42 @@ def test_the_loop_survives_a_task_whose_coordinator_vanished_and_keeps_polling(t
     assert seen == [1, 2] and client.routes().count("lease") == 5
 
 
+def test_a_revoked_client_is_dropped_and_the_other_hosted_clients_go_on(tmp_path, caplog):
+    polled: list[int] = []
+    daemon: WorkerDaemon
+
+    def lease(client_id):
+        polled.append(client_id)
+        if client_id == 3:
+            raise CoordinatorError(403, "revoked", "this client has been revoked")
+        if polled.count(4) >= 3:
+            daemon.request_stop("test")
+        return _lease(None)
+
+    client = FakeClient(lease=lease)
+    daemon, _slot = _daemon(client, tmp_path)
+    other = HostedClient(name="site-b", data={"partition": "tiny", "client": "upright-00"}, client_id=4, token="u")
+    daemon.slots.append(ClientSlot(spec=other, client_id=4, token="u", state_dir=tmp_path, data=_data()))
+    with caplog.at_level(logging.ERROR, logger="hilora.worker"):
+        assert daemon.run() == 0
+    assert polled.count(3) == 1 and polled.count(4) == 3
+    assert sum("no longer accepts its token" in r.message for r in caplog.records) == 1
+
+
+def test_a_worker_whose_clients_are_all_revoked_exits_2(tmp_path):
+    client = FakeClient(lease=[CoordinatorError(401, "bad_token", "unknown client token")])
+    daemon, _slot = _daemon(client, tmp_path)
+    assert daemon.run() == 2
+    assert client.routes() == ["lease"]
+
+
+def test_an_unexpected_refusal_of_a_lease_stops_the_worker_loudly(tmp_path):
+    client = FakeClient(lease=[CoordinatorError(400, "bad_request", "odd")])
+    daemon, _slot = _daemon(client, tmp_path)
+    with pytest.raises(CoordinatorError):
+        daemon.run()
+
+
 def test_polling_through_an_outage_and_stopping_while_idle(tmp_path):
     client = FakeClient(lease=[CoordinatorUnavailable("connection refused"), _lease(None)])
     daemon, _slot = _daemon(client, tmp_path)
