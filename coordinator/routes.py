@@ -241,7 +241,8 @@ def delete_client(federation_id: int, client_id: int, request: Request, session:
                             dict(removed))
     settings = request.app.state.settings
     gc = retention.collect_garbage(request.app.state.session_factory, request.app.state.blobs, _now(request),
-                                   retention_seconds=None, grace_seconds=settings.gc_grace_seconds)
+                                   retention_seconds=None, grace_seconds=settings.gc_grace_seconds,
+                                   sweep_files=False)
     request.app.state.scheduler.wake()
     return {**removed, "blobs_deleted": gc.blobs_deleted, "bytes_freed": gc.bytes_freed}
 

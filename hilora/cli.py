@@ -248,7 +248,7 @@ def admin_export_model(
     import hashlib
 
     from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
-    from worker.export import atomic_write
+    from worker.files import atomic_write
 
     token = _admin_token(admin_token)
     with CoordinatorClient(coordinator_url) as client:

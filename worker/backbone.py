@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from shared.manifest import TIERS, AdapterManifest, HeadSpec, TierSpec, qv_targets
+from worker.files import atomic_write
 
 DEMO_BACKBONE_MODEL = "vit_tiny_patch16_224"
 DEMO_BACKBONE_KWARGS: dict[str, Any] = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=64,
@@ -124,20 +124,6 @@ def demo_recipe(epochs: int = 60) -> dict[str, Any]:
             "weight_decay": 0.0, "schedule": "onecycle", "seed": 0}
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
 
 def _train_demo_backbone(recipe: dict[str, Any], progress: Callable[[str], None] | None) -> nn.Module:
     from worker.data import pool_arrays, pretrain_arrays
@@ -205,7 +191,7 @@ def pretrain_demo_backbone(cache_dir: str | os.PathLike | None = None, force: bo
             progress(f"pretraining {DEMO_BACKBONE_MODEL} on upright digits for {epochs} epochs")
         model = _train_demo_backbone(recipe, progress)
         state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-        _atomic_write_bytes(path, save(state, metadata={"recipe": json.dumps(recipe, sort_keys=True)}))
+        atomic_write(path, save(state, metadata={"recipe": json.dumps(recipe, sort_keys=True)}))
     return BackboneArtifact(path=path, sha256=checkpoint_sha256(path), model=recipe["model"],
                             model_kwargs=dict(recipe["model_kwargs"]))
 

@@ -35,6 +35,7 @@ from shared.config import FederationConfig
 from shared.schemas import TaskAssignment
 from shared.tensors import pack_tensors, unpack_tensors
 from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
+from worker.files import atomic_write
 
 log = logging.getLogger("hilora.worker")
 
@@ -365,10 +366,10 @@ class WorkerDaemon:
         metrics.update({k: float(v) for k, v in train_metrics.items()})
         if tier == "leaf":
             metrics.update(evaluate_tiers(model, slot.data, tuple(tiers), self.device))
-            _atomic_write(slot.state_dir / "leaf.safetensors", pack_tensors(model.export_tier("leaf")))
+            atomic_write(slot.state_dir / "leaf.safetensors", pack_tensors(model.export_tier("leaf")))
         elif task.local:
-            _atomic_write(slot.state_dir / f"local-{tier}.safetensors",
-                          pack_tensors(model.export_tier(tier, factors=tuple(task.local))))
+            atomic_write(slot.state_dir / f"local-{tier}.safetensors",
+                         pack_tensors(model.export_tier(tier, factors=tuple(task.local))))
         metrics["train_seconds"] = time.monotonic() - t0
         body = pack_tensors(model.export_tier(tier, factors=tuple(task.upload))) if task.upload else None
         if not self.report(slot, task, body, metrics):
@@ -428,10 +429,3 @@ _DROP_REASONS = {
     "lease_expired": "the lease expired (the coordinator requeues the task)",
     "task_finished": "the task is already finished",
 }
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-

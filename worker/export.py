@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from shared.manifest import AdapterManifest
 from shared.merge import merge_lora, model_metadata, pack_model, read_model_metadata
 from shared.tensors import TensorValidationError, unpack_tensors
 from worker.client import CoordinatorClient
+from worker.files import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -93,21 +93,6 @@ def compose_tier(manifest: AdapterManifest, tier: str, received: Mapping[str, np
     tensors.update(local)
     return tensors, sorted(local)
 
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temp file next to ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_client_model(client: CoordinatorClient, state_dir: str | os.PathLike, federation_id: int,

@@ -115,7 +115,9 @@ def _sweep_files(blobs: BlobStore, known: set[str], grace_seconds: float, dry_ru
 
 def collect_garbage(session_factory, blobs: BlobStore, now: datetime, *,  # noqa: ANN001
                     retention_seconds: float | None, grace_seconds: float = 3600.0,
-                    dry_run: bool = False) -> GcReport:
+                    dry_run: bool = False, sweep_files: bool = True) -> GcReport:
+    """Release old uploads, delete unreferenced upload blobs and, with ``sweep_files``, walk the
+    store for orphan and stale temp files (the one step whose cost grows with the store)."""
     report = GcReport(dry_run=dry_run)
     with session_factory() as session:
         with session.begin():
@@ -134,8 +136,8 @@ def collect_garbage(session_factory, blobs: BlobStore, now: datetime, *,  # noqa
                 os.unlink(blobs.path(sha))
             except FileNotFoundError:
                 pass
-    report.orphan_files_deleted, report.temp_files_deleted = _sweep_files(
-        blobs, known | (set(report.deleted_sha256) if dry_run else set()), grace_seconds, dry_run)
+    if sweep_files:
+        report.orphan_files_deleted, report.temp_files_deleted = _sweep_files(blobs, known, grace_seconds, dry_run)
     return report
 
 

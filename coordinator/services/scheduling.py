@@ -88,36 +88,39 @@ def _done_rounds(session: Session, fed: Federation, stage: str, scope: str) -> i
 WAIT, AGGREGATE, FAIL = "wait", "aggregate", "fail"
 
 
-def _decide(session: Session, rnd: Round, now: datetime) -> str:
-    """WAIT, AGGREGATE (close as done; for root/cluster rounds: aggregate the done tasks) or FAIL.
-
-    Deciding cancels the round's open tasks and, on FAIL, records the reason on the round."""
-    counts = count_tasks(session, rnd.id)
+def _verdict(rnd: Round, counts: dict[str, int], now: datetime) -> str:
+    """What the round's task counts call for, without acting on it: WAIT while open tasks can
+    still matter (before the deadline, with the quorum still reachable); else AGGREGATE with the
+    quorum done (leaf rounds: at least one), else FAIL."""
     done = counts.get(TaskStatus.done.value, 0)
     still_open = sum(counts.get(s, 0) for s in OPEN)
     need = rnd.quorum if rnd.quorum is not None else 1
     at_deadline = rnd.deadline_at is not None and now >= rnd.deadline_at
     if still_open and not at_deadline and done + still_open >= need:
         return WAIT
+    return AGGREGATE if done >= need else FAIL
+
+
+def _decide(session: Session, rnd: Round, now: datetime) -> str:
+    """WAIT, AGGREGATE (close as done; for root/cluster rounds: aggregate the done tasks) or FAIL.
+
+    Deciding cancels the round's open tasks and, on FAIL, records the reason on the round."""
+    counts = count_tasks(session, rnd.id)
+    verdict = _verdict(rnd, counts, now)
+    if verdict == WAIT:
+        return WAIT
+    still_open = sum(counts.get(s, 0) for s in OPEN)
     if still_open:
         session.execute(update(Task).where(Task.round_id == rnd.id, Task.status.in_(OPEN))
                         .values(status=TaskStatus.cancelled.value, lease_expires_at=None, finished_at=now,
                                 error="the round was decided without this task"))
-    if done >= need:
-        return AGGREGATE
-    why = "the deadline passed" if at_deadline and still_open else (
-        "too few tasks can still finish" if still_open else "all tasks ended")
-    rnd.failure = f"{why} with {done} accepted of {sum(counts.values())}; the quorum is {need}"
-    return FAIL
-
-
-def _leaf_verdict(session: Session, rnd: Round, now: datetime) -> str:
-    """Like ``_decide`` but without side effects: leaf rounds of a federation close together."""
-    counts = count_tasks(session, rnd.id)
-    still_open = sum(counts.get(s, 0) for s in OPEN)
-    if still_open and not (rnd.deadline_at is not None and now >= rnd.deadline_at):
-        return WAIT
-    return AGGREGATE if counts.get(TaskStatus.done.value, 0) else FAIL
+    if verdict == FAIL:
+        at_deadline = rnd.deadline_at is not None and now >= rnd.deadline_at
+        why = "the deadline passed" if at_deadline and still_open else (
+            "too few tasks can still finish" if still_open else "all tasks ended")
+        rnd.failure = (f"{why} with {counts.get(TaskStatus.done.value, 0)} accepted of {sum(counts.values())}; "
+                       f"the quorum is {rnd.quorum if rnd.quorum is not None else 1}")
+    return verdict
 
 
 def _set_state(fed: Federation, state: FederationState, now: datetime) -> None:
@@ -310,7 +313,8 @@ def _advance_leaf(session: Session, fed: Federation, cfg: FederationConfig, now:
         Round.scope.like("leaf:%"))))
     if not open_rounds:
         return False
-    if any(_leaf_verdict(session, r, now) == WAIT for r in open_rounds):
+    # the leaf rounds of a federation (one per cluster) close together
+    if any(_verdict(r, count_tasks(session, r.id), now) == WAIT for r in open_rounds):
         return False
     for rnd in open_rounds:
         _close(rnd, "done" if _decide(session, rnd, now) == AGGREGATE else "failed", now)
