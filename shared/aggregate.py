@@ -27,9 +27,19 @@ AggregationMethod = Literal["auto", "qr", "dense"]
 # ||dW||_2, hence of the floating-point noise scale of any way of computing dW) count as zero:
 # their singular vectors are noise, so they are replaced by a deterministic padding.
 _ZERO_SINGULAR_VALUE_RTOL = 1e-12
-# The dense path multiplies stacked factors in chunks of at most this many columns, so memory
-# stays O(d_out * d_in + d * chunk) whatever the number of clients.
-_DENSE_ACCUMULATION_CHUNK_COLUMNS = 512
+# Below this min(d_out, d_in) an exact truncated SVD is a full LAPACK SVD (cheap at that size);
+# from it on, the top-rank eigenvectors of the smaller Gram matrix (LAPACK's MRRR on a subset)
+# followed by one Rayleigh-Ritz step on dW itself, several times cheaper than a full SVD.
+_GRAM_EIGH_MIN_DIM = 128
+# Subspace iteration on the implicit sum (the "sum" path, see _truncated_svd_of_sum): block width
+# rank + max(rank, 8), at most this many iterations, and only when the block is at most this
+# fraction of min(d_out, d_in) (otherwise the direct method is as cheap).
+_SUBSPACE_MAX_ITERATIONS = 8
+_SUBSPACE_MAX_WIDTH_FRACTION = 0.25
+# A Ritz triplet (u, s, v) is accepted when ||dW v - s u|| <= this times the largest Ritz value.
+_SUBSPACE_RESIDUAL_RTOL = 1e-13
+# Seed of the (deterministic) Gaussian start block of the subspace iteration.
+_SUBSPACE_SEED = 20260302
 
 
 def _as_finite_float64_matrix(value: object, what: str) -> np.ndarray:
@@ -111,28 +121,196 @@ def _svd_by_qr_of_stacked_factors(
     """SVD of ``stacked_B @ stacked_A`` via QR of both factors and an SVD of the small core."""
     Q_B, R_B = np.linalg.qr(stacked_B)
     Q_A, R_A = np.linalg.qr(stacked_A.T)
-    core_U, singular_values, core_Vt = np.linalg.svd(R_B @ R_A.T, full_matrices=False)
-    kept = min(rank, singular_values.shape[0])
-    return Q_B @ core_U[:, :kept], singular_values[:kept], Q_A @ core_Vt[:kept].T
+    core = R_B @ R_A.T
+    core_U, singular_values, core_V = _exact_truncated_svd(core, min(rank, min(core.shape)))
+    return Q_B @ core_U, singular_values, Q_A @ core_V
 
 
 def _svd_of_accumulated_sum(
-    weighted_Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], rank: int
+    stacked_Bt: np.ndarray, stacked_A: np.ndarray, rank: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact SVD of the dense sum ``sum_i weighted_B_i @ A_i``, accumulated chunk by chunk."""
-    d_out, d_in = weighted_Bs[0].shape[0], As[0].shape[1]
-    dense_sum = np.zeros((d_out, d_in), dtype=np.float64)
-    start = 0
-    while start < len(As):
-        stop, columns = start, 0
-        while stop < len(As) and (stop == start or columns + As[stop].shape[0]
-                                  <= _DENSE_ACCUMULATION_CHUNK_COLUMNS):
-            columns += As[stop].shape[0]
-            stop += 1
-        dense_sum += np.hstack(weighted_Bs[start:stop]) @ np.vstack(As[start:stop])
-        start = stop
-    U, singular_values, Vt = np.linalg.svd(dense_sum, full_matrices=False)
-    return U[:, :rank], singular_values[:rank], Vt[:rank].T
+    """Exact truncated SVD of the dense sum ``stacked_Bt^T @ stacked_A``, accumulated in one product
+    (memory O(d_out d_in) for the sum, never one d_out x d_in matrix per client)."""
+    return _exact_truncated_svd(stacked_Bt.T @ stacked_A, rank)
+
+
+def _exact_truncated_svd(M: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The top-``rank`` singular triplets ``(U, s, V)`` of a dense matrix by a direct method.
+
+    Small matrices take a full LAPACK SVD. From ``_GRAM_EIGH_MIN_DIM`` on: the top-``rank``
+    eigenvectors V of the smaller Gram matrix (``M^T M`` or ``M M^T``, LAPACK ``syevr`` on an index
+    subset, no iteration) and then one Rayleigh-Ritz step on M itself, an SVD of the thin
+    ``M V``: its singular values are norms of ``M v`` (accurate to round-off of M, so zero
+    singular values stay at the noise level instead of the square root of it), its left vectors
+    are U and V is rotated to match.
+    """
+    d_out, d_in = M.shape
+    if min(d_out, d_in) < _GRAM_EIGH_MIN_DIM or rank > min(d_out, d_in) // 2:
+        U, singular_values, Vt = np.linalg.svd(M, full_matrices=False)
+        return U[:, :rank], singular_values[:rank], Vt[:rank].T
+    import scipy.linalg  # imported here, like sklearn in shared.subspace: only aggregation needs it
+
+    if d_in <= d_out:
+        gram = M.T @ M
+        small = d_in
+    else:
+        gram = M @ M.T
+        small = d_out
+    _, vectors = scipy.linalg.eigh(gram, subset_by_index=[small - rank, small - 1], driver="evr",
+                                   check_finite=False)
+    vectors = vectors[:, ::-1]
+    if d_in <= d_out:
+        U, singular_values, Wt = np.linalg.svd(M @ vectors, full_matrices=False)
+        return U, singular_values, vectors @ Wt.T
+    V, singular_values, Wt = np.linalg.svd(M.T @ vectors, full_matrices=False)
+    return vectors @ Wt.T, singular_values, V
+
+
+def _subspace_iteration(
+    stacked_Bt: np.ndarray, stacked_A: np.ndarray, rank: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Top-``rank`` singular triplets of ``dW = stacked_Bt^T @ stacked_A`` without forming dW, or None.
+
+    Block subspace iteration with Rayleigh-Ritz (Halko, Martinsson and Tropp 2011, alg. 4.4 with
+    an SVD of the projected matrix) on the implicit product: every application of dW or dW^T is
+    two thin products through the stacked factors, O((d_out + d_in) K w) for K = sum r_i and block
+    width w = rank + max(rank, 8), instead of the O(d_out d_in K) of accumulating dW. The start
+    block is a fixed-seed Gaussian, so the same inputs give the same bytes.
+
+    Returns the triplets only once every one of them is *certified*: ``||dW v - s u||`` (computed,
+    not estimated) is at most ``_SUBSPACE_RESIDUAL_RTOL`` times the largest Ritz value, so each is
+    exact to round-off over its gap, as a direct SVD is. The residual shrinks per iteration by
+    about ``(s_{w+1} / s_rank)^2``: fast when dW has a dominant rank-``rank`` part (every round:
+    clients move a little from a shared root, so the rest of the spectrum is much smaller), slow on
+    a flat spectrum. Returns None (the caller falls back to the direct method) when the residuals
+    are not certified within ``_SUBSPACE_MAX_ITERATIONS`` or the observed rate predicts they
+    would not be.
+    """
+    d_out, d_in = stacked_Bt.shape[1], stacked_A.shape[1]
+    width = rank + max(rank, 8)
+    if width > _SUBSPACE_MAX_WIDTH_FRACTION * min(d_out, d_in):
+        return None
+
+    def times(X: np.ndarray) -> np.ndarray:      # dW @ X = W^T (S X)
+        # (T^T W)^T rather than W^T T: the same product, but OpenBLAS runs the long reduction
+        # over K about twice as fast with the thin operand on the left (measured, K = 8000).
+        return (stacked_A @ X).T.dot(stacked_Bt).T
+
+    def times_transposed(Y: np.ndarray) -> np.ndarray:      # dW^T @ Y = S^T (W Y)
+        return (stacked_Bt @ Y).T.dot(stacked_A).T
+
+    start = np.random.default_rng(_SUBSPACE_SEED).standard_normal((d_in, width))
+    image = times(start)                                        # dW @ block
+    previous_worst = None
+    for iteration in range(_SUBSPACE_MAX_ITERATIONS):
+        Q = np.linalg.qr(image)[0]                              # d_out x width, orthonormal
+        projected_T = times_transposed(Q)                       # (Q^T dW)^T, d_in x width
+        V, singular_values, Wt = np.linalg.svd(projected_T, full_matrices=False)
+        U = Q @ Wt.T                                            # dW^T U = V S exactly (to round-off)
+        image = times(V)                                        # dW V: residual and next block
+        top = singular_values[0]
+        if not np.isfinite(top) or top <= 0.0:
+            return None
+        residuals = np.linalg.norm(image[:, :rank] - U[:, :rank] * singular_values[:rank], axis=0)
+        worst = float(residuals.max())
+        tolerance = _SUBSPACE_RESIDUAL_RTOL * top
+        if worst <= tolerance:
+            return U[:, :rank], singular_values[:rank], V[:, :rank]
+        remaining = _SUBSPACE_MAX_ITERATIONS - iteration - 1
+        if previous_worst is None:
+            # First look: the Ritz values predict the rate (s_width / s_rank)^2 per iteration.
+            cut = singular_values[rank - 1]
+            rate = (singular_values[-1] / cut) ** 2 if cut > 0 else 1.0
+        else:
+            rate = worst / previous_worst
+        if rate >= 1.0 or worst * rate**remaining > tolerance:
+            return None
+        previous_worst = worst
+    return None
+
+
+def _truncated_svd_of_sum(
+    stacked_Bt: np.ndarray, stacked_A: np.ndarray, rank: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact top-``rank`` SVD of ``stacked_Bt^T @ stacked_A`` (the "dense" method).
+
+    First a certified subspace iteration on the implicit sum (``_subspace_iteration``: memory
+    O((d_out + d_in) K), no d_out x d_in matrix); when it cannot certify its result, the sum is
+    accumulated once (memory O(d_out d_in), never O(n d_out d_in)) and decomposed directly
+    (``_exact_truncated_svd``).
+    """
+    found = _subspace_iteration(stacked_Bt, stacked_A, rank)
+    if found is not None:
+        return found
+    return _svd_of_accumulated_sum(stacked_Bt, stacked_A, rank)
+
+
+def _scaled_norm(x: np.ndarray) -> float:
+    """Frobenius norm that does not overflow for finite values near the float64 limit (numpy's
+    ``norm`` squares them first)."""
+    scale = float(np.abs(x).max()) if x.size else 0.0
+    if scale == 0.0:
+        return 0.0
+    return scale * float(np.sqrt(np.sum((x / scale) ** 2)))
+
+
+def _stacked_factors(
+    Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], normalized: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Validated float64 stacks ``(W, S, noise_scale)``: rows of W are the weighted ``w_i B_i^T``
+    and rows of S the ``A_i``, client after client, so ``sum_i w_i B_i A_i = W^T S``.
+
+    One pass writes each stack (float32 wire tensors are widened exactly, B weighted on the way)
+    and one more gives the row norms, which also detect non-finite values; per-client Python work
+    is only shape checks and the two small copies. ``noise_scale`` is
+    ``sum_i w_i ||B_i||_F ||A_i||_F``.
+    """
+    B_arrays = [np.asarray(B) for B in Bs]
+    A_arrays = [np.asarray(A) for A in As]
+    for what, arrays in (("Bs", B_arrays), ("As", A_arrays)):
+        for i, array in enumerate(arrays):
+            if array.ndim != 2:
+                raise ValueError(f"{what}[{i}] must be a 2-D matrix, got shape {array.shape}")
+    d_out, d_in = B_arrays[0].shape[0], A_arrays[0].shape[1]
+    for i, (B, A) in enumerate(zip(B_arrays, A_arrays)):
+        if B.shape[0] != d_out or A.shape[1] != d_in:
+            raise ValueError(f"client {i}: B {B.shape} x A {A.shape} is not {d_out} x {d_in}")
+        if B.shape[1] != A.shape[0] or B.shape[1] == 0:
+            raise ValueError(f"client {i}: B {B.shape} and A {A.shape} need a common rank >= 1")
+    ranks = np.array([A.shape[0] for A in A_arrays])
+    offsets = np.concatenate([[0], np.cumsum(ranks)])
+    total = int(offsets[-1])
+    stacked_Bt = np.empty((total, d_out), dtype=np.float64)
+    stacked_A = np.empty((total, d_in), dtype=np.float64)
+    if np.all(ranks == ranks[0]):
+        # Equal ranks (every round): whole-array operations instead of 2 n small ones.
+        count, rank_i = len(ranks), int(ranks[0])
+        np.multiply(np.stack(B_arrays).transpose(0, 2, 1), normalized[:, None, None],
+                    out=stacked_Bt.reshape(count, rank_i, d_out), casting="unsafe")   # w_i B_i^T
+        np.concatenate([A[None] for A in A_arrays], axis=0, out=stacked_A.reshape(count, rank_i, d_in),
+                       casting="unsafe")
+    else:
+        for i, (B, A) in enumerate(zip(B_arrays, A_arrays)):
+            rows = slice(offsets[i], offsets[i + 1])
+            np.multiply(B.T, normalized[i], out=stacked_Bt[rows], casting="unsafe")
+            np.copyto(stacked_A[rows], A, casting="unsafe")
+    # Row sums of squares give the norms and, being non-finite exactly when a row holds a
+    # non-finite value (or overflows), double as the finiteness check.
+    B_squares = np.einsum("ij,ij->i", stacked_Bt, stacked_Bt)
+    A_squares = np.einsum("ij,ij->i", stacked_A, stacked_A)
+    if not (np.isfinite(B_squares).all() and np.isfinite(A_squares).all()):
+        for what, arrays in (("Bs", B_arrays), ("As", A_arrays)):
+            for i, array in enumerate(arrays):
+                if not np.isfinite(np.asarray(array, dtype=np.float64)).all():
+                    raise ValueError(f"{what}[{i}] contains non-finite values")
+        # Finite but huge values overflowed the squares: take overflow-safe norms instead.
+        B_norms = np.array([_scaled_norm(stacked_Bt[a:b]) for a, b in zip(offsets[:-1], offsets[1:])])
+        A_norms = np.array([_scaled_norm(stacked_A[a:b]) for a, b in zip(offsets[:-1], offsets[1:])])
+    else:
+        B_norms = np.sqrt(np.add.reduceat(B_squares, offsets[:-1]))
+        A_norms = np.sqrt(np.add.reduceat(A_squares, offsets[:-1]))
+    noise_scale = float(np.sum(B_norms * A_norms))   # sum_i ||w_i B_i|| ||A_i||, w_i >= 0
+    return stacked_Bt, stacked_A, noise_scale
 
 
 def aggregate_product_space(
@@ -154,8 +332,10 @@ def aggregate_product_space(
         weights: non-negative, not all zero; normalised to sum 1 here.
         rank: output rank, 1 <= rank <= min(d_out, d_in).
         method: ``"qr"`` (QR of the stacked ``[w_i B_i]`` and ``[A_i^T]`` and an SVD of the small
-            core), ``"dense"`` (accumulate the d_out x d_in sum once, then an exact SVD) or
-            ``"auto"`` (qr when ``sum_i r_i < min(d_out, d_in)``, else dense). Both are exact.
+            core), ``"dense"`` (the sum path: a subspace iteration on the implicit sum whose
+            result is accepted only when its residuals certify it to round-off, else accumulate
+            the d_out x d_in sum once and take a direct truncated SVD) or ``"auto"`` (qr when
+            ``sum_i r_i < min(d_out, d_in)``, else dense). Both are exact to round-off.
 
     Conventions (so both methods give the same numbers up to round-off and the same inputs always
     give the same bytes): each singular pair is sign-flipped so that the largest-magnitude entry of
@@ -175,33 +355,20 @@ def aggregate_product_space(
     if len(Bs) != len(As):
         raise ValueError(f"{len(Bs)} B factors but {len(As)} A factors")
     normalized = _normalized_weights(weights, len(Bs))
-    B_list = [_as_finite_float64_matrix(B, f"Bs[{i}]") for i, B in enumerate(Bs)]
-    A_list = [_as_finite_float64_matrix(A, f"As[{i}]") for i, A in enumerate(As)]
-    d_out, d_in = B_list[0].shape[0], A_list[0].shape[1]
-    for i, (B, A) in enumerate(zip(B_list, A_list)):
-        if B.shape[0] != d_out or A.shape[1] != d_in:
-            raise ValueError(f"client {i}: B {B.shape} x A {A.shape} is not {d_out} x {d_in}")
-        if B.shape[1] != A.shape[0] or B.shape[1] == 0:
-            raise ValueError(f"client {i}: B {B.shape} and A {A.shape} need a common rank >= 1")
+    stacked_Bt, stacked_A, noise_scale = _stacked_factors(Bs, As, normalized)
+    d_out, d_in = stacked_Bt.shape[1], stacked_A.shape[1]
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
         raise ValueError(f"rank must be an integer, got {rank!r}")
     if not 1 <= rank <= min(d_out, d_in):
         raise ValueError(f"rank must be in [1, {min(d_out, d_in)}], got {rank}")
 
-    weighted_Bs = [w * B for w, B in zip(normalized, B_list)]
-    total_rank = sum(A.shape[0] for A in A_list)
+    total_rank = stacked_A.shape[0]
     if method == "auto":
         method = "qr" if total_rank < min(d_out, d_in) else "dense"
     if method == "qr":
-        U, singular_values, V = _svd_by_qr_of_stacked_factors(
-            np.hstack(weighted_Bs), np.vstack(A_list), rank
-        )
+        U, singular_values, V = _svd_by_qr_of_stacked_factors(stacked_Bt.T, stacked_A, rank)
     else:
-        U, singular_values, V = _svd_of_accumulated_sum(weighted_Bs, A_list, rank)
-    noise_scale = float(sum(
-        w * np.linalg.norm(B) * np.linalg.norm(A)
-        for w, B, A in zip(normalized, B_list, A_list)
-    ))
+        U, singular_values, V = _truncated_svd_of_sum(stacked_Bt, stacked_A, rank)
     return _factors_from_svd(U, singular_values, V, rank, noise_scale)
 
 
@@ -218,16 +385,26 @@ def average_factors(
     if len(arrays) == 0:
         raise ValueError("nothing to average: no arrays given")
     normalized = _normalized_weights(weights, len(arrays))
-    stacked = [np.asarray(array, dtype=np.float64) for array in arrays]
-    shape = stacked[0].shape
-    for i, array in enumerate(stacked):
-        if array.shape != shape:
-            raise ValueError(f"arrays[{i}] has shape {array.shape}, expected {shape}")
-        if not np.all(np.isfinite(array)):
+    # float32 wire arrays are not copied to float64 first: each product below is computed in
+    # float64 anyway (a float64 weight times a float32 value), so the result is bit for bit what
+    # widening first gives, with one pass less over every array.
+    values = []
+    for array in arrays:
+        value = np.asarray(array)
+        if value.dtype not in (np.float32, np.float64):
+            value = value.astype(np.float64)
+        values.append(value)
+    shape = values[0].shape
+    for i, value in enumerate(values):
+        if value.shape != shape:
+            raise ValueError(f"arrays[{i}] has shape {value.shape}, expected {shape}")
+        if not np.all(np.isfinite(value)):
             raise ValueError(f"arrays[{i}] contains non-finite values")
     mean = np.zeros(shape, dtype=np.float64)
-    for w, array in zip(normalized, stacked):
-        mean += w * array
+    term = np.empty(shape, dtype=np.float64)
+    for w, value in zip(normalized, values):
+        np.multiply(value, w, out=term)
+        mean += term
     return mean
 
 
@@ -297,7 +474,11 @@ def combine_tier_uploads(manifest: "AdapterManifest", tier: str, policy: "TierPo
     """The next version of a tier from the previous one and the uploads (already in client order).
 
     Aggregated factors are combined (product space + rank-r SVD, or plain averaging); frozen and
-    local factors keep the previous version's values."""
+    local factors keep the previous version's values.
+
+    Uploads are read target by target (each tensor once, and only while its target is combined),
+    so they may be lazy mappings, e.g. memory-mapped safetensors files: then only one target of
+    every upload is in memory at a time instead of every upload whole."""
     rank = manifest.tiers[tier].rank
     out: dict[str, np.ndarray] = {k: v.astype(np.float64) for k, v in previous.items()}
     if policy.A == "aggregate" and policy.B == "aggregate" and policy.aggregation == "product_svd":

@@ -119,6 +119,19 @@ def _update_gram(
         A_root = _finite_matrix(root[name][1], f"root {name!r} A")
         if B_root.shape[1] != A_root.shape[0]:
             raise ValueError(f"root {name!r}: B {B_root.shape} and A {A_root.shape} ranks differ")
+        same_shapes = all(np.shape(client[name][0]) == B_root.shape
+                          and np.shape(client[name][1]) == A_root.shape for client in clients)
+        if same_shapes:
+            # Every client has the root's shapes (every probe round): the cheaper exact
+            # decomposition of shared.lsac_scale, in float64 (same values to round-off).
+            from shared.lsac_scale import update_gram_target
+
+            Bs = np.stack([_finite_matrix(client[name][0], f"client {i} {name!r} B")
+                           for i, client in enumerate(clients)])
+            As = np.stack([_finite_matrix(client[name][1], f"client {i} {name!r} A")
+                           for i, client in enumerate(clients)])
+            gram += update_gram_target(B_root, A_root, Bs, As, dtype=np.float64)
+            continue
         factors = [_update_factors(client[name], (B_root, A_root), name, i)
                    for i, client in enumerate(clients)]
         width = max(X.shape[1] for X, _ in factors)
@@ -151,7 +164,9 @@ def update_similarity(
     The update of client i is ``dW_i = B_i A_i - B_root A_root`` per target, flattened over all
     targets in sorted name order and concatenated with ``head_deltas[i]`` (1-D) when given.
     ``clients[i]`` and ``root`` map target name -> (B, A) with the same names. Inner products are
-    computed from rank-(r_i + r_root) factors of the updates, batched over clients.
+    computed from factors of the updates, batched over clients: from ``dB_i A_i + B_root dA_i``
+    (``shared.lsac_scale.update_gram_target``, float64) for targets where every client has the
+    root's shapes, else from rank-(r_i + r_root) factors.
 
     A zero update has similarity 0 with every other client and 1 with itself; the diagonal is 1.
     """
