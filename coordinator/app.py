@@ -11,17 +11,29 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import FastAPI, Header, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import DataError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator import faults
 from coordinator.blobs import BlobStore
 from coordinator.db import make_engine, make_session_factory
 from coordinator.errors import ServiceError
-from coordinator.metrics import Metrics, MetricsMiddleware
+from coordinator.limits import (
+    COMMON_RESPONSES,
+    BodyLimitMiddleware,
+    LeaseRateLimiter,
+    UploadSlots,
+    retry_after_header,
+)
+from coordinator.logs import RequestContextMiddleware
+from coordinator.metrics import Metrics, MetricsMiddleware, observing
 from coordinator.migrate import upgrade_to_head
 from coordinator.routes import router
+from coordinator.routes_admin import router as admin_router
 from coordinator.routes_models import router as models_router
 from coordinator.security import constant_time_equals
 from coordinator.services.retention import collect_garbage
@@ -97,7 +109,8 @@ class Scheduler:
             log.info("garbage collection: %s", report.as_dict())
 
     def tick(self) -> int:
-        changes = scheduler_tick(self._session_factory, self._blobs, self._clock())
+        with observing(self._metrics):
+            changes = scheduler_tick(self._session_factory, self._blobs, self._clock())
         if self._metrics is not None:
             self._metrics.ticks.labels("ok" if changes >= 0 else "skipped").inc()
         return max(changes, 0)
@@ -113,7 +126,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
         upgrade_to_head(engine)
     session_factory = make_session_factory(engine)
     blobs = BlobStore(settings.blob_dir)
-    metrics = Metrics(session_factory)
+    metrics = Metrics(session_factory, clock)
     scheduler = Scheduler(session_factory, blobs, clock, settings.scheduler_interval, metrics, settings)
 
     @asynccontextmanager
@@ -126,7 +139,8 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
             scheduler.stop()
             engine.dispose()
 
-    app = FastAPI(title="hilora coordinator", version=__version__, lifespan=lifespan,
+    # Every route may answer 413 (coordinator.limits) and 426 (the protocol check): say so once here.
+    app = FastAPI(title="hilora coordinator", version=__version__, lifespan=lifespan, responses=COMMON_RESPONSES,
                   description="HiLoRA federated learning: registration, tasks, adapters, clustering.")
     app.state.settings = settings
     app.state.engine = engine
@@ -135,7 +149,11 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.state.clock = clock
     app.state.scheduler = scheduler
     app.state.metrics = metrics
+    app.state.lease_limiter = LeaseRateLimiter(settings.lease_rate_per_second, settings.lease_burst)
+    app.state.upload_slots = UploadSlots(settings.max_uploads_in_flight_per_client, settings.max_uploads_in_flight)
+    app.add_middleware(BodyLimitMiddleware, limit_of=lambda: settings.max_json_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics_of=lambda: metrics)
+    app.add_middleware(RequestContextMiddleware)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics(authorization: Annotated[str | None, Header()] = None) -> Response:
@@ -149,9 +167,29 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status_code == 429 else None
+        headers = ({"Retry-After": retry_after_header(getattr(exc, "retry_after", 1.0))}
+                   if exc.status_code in (429, 503) else None)
+        if exc.status_code == 413:  # stop reading the rest of a refused body: close the connection
+            headers = {"Connection": "close"}
         return JSONResponse(status_code=exc.status_code, content={"error": exc.code, "detail": exc.detail},
                             headers=headers)
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value that got past validation (e.g. an id over 2^31-1 in a route
+        # that does not bound it): the caller's data, not a server fault. Logged to find the route.
+        log.warning("database refused a value on %s %s: %s", request.method, request.url.path,
+                    str(exc.orig).splitlines()[0] if exc.orig else exc)
+        return JSONResponse(status_code=422, content={
+            "error": "invalid_value", "detail": "a value is out of the range the database can store"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not decode the body
+            return JSONResponse(status_code=422, content={
+                "error": "invalid_request",
+                "detail": f"the request body cannot be parsed ({type(exc.__cause__).__name__})"})
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -163,4 +201,5 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
     app.include_router(router)
     app.include_router(models_router)
+    app.include_router(admin_router)
     return app

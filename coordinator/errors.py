@@ -48,3 +48,25 @@ class Invalid(ServiceError):
 class UpgradeRequired(ServiceError):
     status_code = 426
     code = "protocol_mismatch"
+
+
+class TooManyRequests(ServiceError):
+    """429: the caller is over one of its limits; ``retry_after`` seconds is the Retry-After."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, detail: str, code: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(detail, code)
+        self.retry_after = retry_after
+
+
+class ServiceUnavailable(ServiceError):
+    """503: this replica is at a global limit; ``retry_after`` seconds is the Retry-After."""
+
+    status_code = 503
+    code = "unavailable"
+
+    def __init__(self, detail: str, code: str | None = None, retry_after: float = 1.0) -> None:
+        super().__init__(detail, code)
+        self.retry_after = retry_after

@@ -5,13 +5,21 @@ Two kinds:
   empty, uploads accepted and rejected by reason, scheduler ticks and their failures;
 - database gauges, computed at scrape time from the shared database, so every replica reports the
   same numbers: rounds by stage and status, tasks by status, federations by state, clients by
-  status, and aggregation time (a summary built from ``rounds.aggregation_seconds``).
+  status, and aggregation time (a summary built from ``rounds.aggregation_seconds``); per
+  federation: clients online, K of the newest clustering run, accuracy per tier (newest round).
+
+Services deep in a call (clustering, run by the scheduler thread or by an admin request) observe
+durations through ``observe_clustering_seconds``: the app's ``Metrics`` is made current per request
+(``MetricsMiddleware``) and per scheduler tick (``observing``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import datetime, timedelta, timezone
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, SummaryMetricFamily
@@ -19,14 +27,22 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from coordinator.models import Client, Federation, Round, Task
+from coordinator.models import Client, ClusteringRun, Federation, Round, Task
+
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 class DatabaseCollector(Collector):
-    """Gauges read from the database on each scrape (a handful of GROUP BY queries)."""
+    """Gauges read from the database on each scrape (a handful of GROUP BY queries, and per
+    federation a look at its newest clustering run and its newest round with accuracies)."""
 
-    def __init__(self, session_factory) -> None:  # noqa: ANN001
+    def __init__(self, session_factory, clock: Clock | None = None) -> None:  # noqa: ANN001
         self._session_factory = session_factory
+        self._clock = clock or _utc_now
 
     def collect(self):  # noqa: ANN201
         rounds = GaugeMetricFamily("hilora_rounds", "Rounds by stage and status", labels=["stage", "status"])
@@ -37,6 +53,13 @@ class DatabaseCollector(Collector):
                                   "Time spent aggregating a round's uploads into a new adapter version",
                                   labels=["stage"])
         up = GaugeMetricFamily("hilora_database_up", "1 when the last scrape could read the database")
+        online = GaugeMetricFamily("hilora_clients_online", "Clients seen within 2 x lease_seconds, per federation",
+                                   labels=["federation"])
+        current_k = GaugeMetricFamily("hilora_clusters_k", "K of the newest clustering run, per federation",
+                                      labels=["federation"])
+        accuracy = GaugeMetricFamily("hilora_accuracy", "Mean test accuracy the workers reported in the newest "
+                                     "training round that reports the tier, per federation and tier",
+                                     labels=["federation", "tier"])
         try:
             with self._session_factory() as session:
                 for stage, status, n in session.execute(
@@ -52,16 +75,35 @@ class DatabaseCollector(Collector):
                         select(Round.stage, func.count(), func.sum(Round.aggregation_seconds))
                         .where(Round.aggregation_seconds.is_not(None)).group_by(Round.stage)):
                     agg.add_metric([stage], count_value=n, sum_value=float(total or 0.0))
+                self._collect_federations(session, online, current_k, accuracy)
             up.add_metric([], 1)
         except Exception:  # a scrape must not fail because the database is down: say so instead
             up.add_metric([], 0)
             yield up
             return
-        yield from (rounds, tasks, feds, clients, agg, up)
+        yield from (rounds, tasks, feds, clients, agg, online, current_k, accuracy, up)
+
+    def _collect_federations(self, session, online: GaugeMetricFamily, current_k: GaugeMetricFamily,  # noqa: ANN001
+                             accuracy: GaugeMetricFamily) -> None:
+        from coordinator.services.admin_views import latest_accuracy, online_window_seconds  # no import cycle
+
+        now = self._clock()
+        for fed in session.scalars(select(Federation).order_by(Federation.id)):
+            label = str(fed.id)
+            since = now - timedelta(seconds=online_window_seconds(fed))
+            online.add_metric([label], session.scalar(select(func.count()).select_from(Client).where(
+                Client.federation_id == fed.id, Client.last_seen_at >= since)) or 0)
+            k = session.scalar(select(ClusteringRun.k).where(ClusteringRun.federation_id == fed.id)
+                               .order_by(ClusteringRun.id.desc()).limit(1))
+            if k is not None:
+                current_k.add_metric([label], k)
+            for tier, stats in latest_accuracy(session, fed.id).items():
+                if stats.mean is not None:
+                    accuracy.add_metric([label, tier], stats.mean)
 
 
 class Metrics:
-    def __init__(self, session_factory) -> None:  # noqa: ANN001
+    def __init__(self, session_factory, clock: Clock | None = None) -> None:  # noqa: ANN001
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("hilora_http_requests", "HTTP requests by route template and status",
@@ -76,7 +118,34 @@ class Metrics:
         self.upload_bytes = Counter("hilora_upload_bytes", "Bytes of accepted uploads", registry=r)
         self.ticks = Counter("hilora_scheduler_ticks", "Scheduler ticks by outcome (ok, failed, skipped: "
                              "another replica held the lock)", ["outcome"], registry=r)
-        self.registry.register(DatabaseCollector(session_factory))
+        self.lease_seconds = Histogram("hilora_lease_seconds", "Time to answer a lease request, by outcome",
+                                       ["outcome"], registry=r,
+                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.clustering_seconds = Histogram("hilora_clustering_seconds", "Time of one LSAC run on probe uploads "
+                                            "(distances, affinity, spectral clustering), by features",
+                                            ["features"], registry=r,
+                                            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.registry.register(DatabaseCollector(session_factory, clock))
+
+
+_current: ContextVar[Metrics | None] = ContextVar("hilora_current_metrics", default=None)
+
+
+@contextmanager
+def observing(metrics: Metrics | None) -> Iterator[None]:
+    """Make ``metrics`` current for what runs inside (in this thread or task)."""
+    token = _current.set(metrics)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def observe_clustering_seconds(seconds: float, features: str) -> None:
+    """Record one clustering run's duration on the current app's metrics (none: nothing)."""
+    metrics = _current.get()
+    if metrics is not None:
+        metrics.clustering_seconds.labels(features).observe(seconds)
 
 
 class MetricsMiddleware:
@@ -99,11 +168,13 @@ class MetricsMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
+        metrics = self.metrics_of()
+        token = _current.set(metrics)
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            _current.reset(token)
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            metrics = self.metrics_of()
             metrics.requests.labels(scope.get("method", "?"), template, str(status["code"])).inc()
             metrics.request_seconds.labels(template).observe(time.perf_counter() - start)

@@ -164,6 +164,10 @@ class Round(Base):
     rho: Mapped[float | None] = mapped_column(Float, nullable=True)
     quorum: Mapped[int | None] = mapped_column(Integer, nullable=True)
     aggregation_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Norm clipping (TierPolicy.clip_norm, shared.robust): how many updates were scaled down, and
+    # each client's update norm and scale ([{client_id, norm, scale}]); null when clipping is off.
+    clipped_clients: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    update_norms: Mapped[list | None] = mapped_column(JSON, nullable=True)
     deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     failure: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from coordinator.errors import (
     Conflict,
@@ -26,7 +28,7 @@ from coordinator.errors import (
 )
 from coordinator.faults import fault_point
 from coordinator.migrate import schema_is_at_head
-from coordinator.models import AdapterVersion, Blob, Client
+from coordinator.models import AdapterVersion, Client
 from coordinator.security import constant_time_equals
 from coordinator.services import (
     admin_actions,
@@ -48,6 +50,7 @@ from shared.schemas import (
     ClientRegister,
     ClientRegistered,
     DeadlineChange,
+    EnrollmentSecret,
     ErrorBody,
     FederationCreate,
     FederationCreated,
@@ -77,7 +80,14 @@ def check_protocol(x_hilora_protocol: Annotated[str | None, Header(alias=PROTOCO
 
 
 _errors = {s: {"model": ErrorBody} for s in (401, 403, 404, 409, 413, 422, 426)}
+_busy = {429: {"model": ErrorBody, "description": "over a per-client limit; see Retry-After"},
+         503: {"model": ErrorBody, "description": "this replica is at a global limit; see Retry-After"}}
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_protocol)], responses=_errors)
+
+MAX_ID = 2**31 - 1
+# Row ids are 32-bit integer columns: a larger id is refused here (422) instead of reaching the
+# database, where PostgreSQL refuses an out-of-range integer parameter with an error (a 500).
+DbId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -165,8 +175,7 @@ async def put_blob(sha256: str, request: Request, _admin: AdminAuth) -> dict:
         blobs = request.app.state.blobs
         blobs.adopt(tmp, sha)
         with request.app.state.session_factory() as session, session.begin():
-            if session.get(Blob, sha) is None:
-                session.add(Blob(sha256=sha, size=size, kind="backbone", created_at=_now(request)))
+            tasks.ensure_blob_row(session, sha, size, "backbone", _now(request))
 
     await run_in_threadpool(record)
     return {"sha256": sha, "bytes": size}
@@ -189,19 +198,19 @@ def list_federations(session: SessionDep, _admin: AdminAuth) -> list[FederationS
 
 
 @router.get("/federations/{federation_id}", response_model=FederationStatus)
-def federation_status(federation_id: int, session: SessionDep, _admin: AdminAuth) -> FederationStatus:
+def federation_status(federation_id: DbId, session: SessionDep, _admin: AdminAuth) -> FederationStatus:
     with session.begin():
         return reporting.federation_status(session, federations.get_federation(session, federation_id))
 
 
 @router.get("/federations/{federation_id}/report", response_model=FederationReport)
-def federation_report(federation_id: int, session: SessionDep, _admin: AdminAuth) -> FederationReport:
+def federation_report(federation_id: DbId, session: SessionDep, _admin: AdminAuth) -> FederationReport:
     with session.begin():
         return reporting.federation_report(session, federations.get_federation(session, federation_id))
 
 
 @router.post("/federations/{federation_id}/start", response_model=FederationStatus)
-def start_federation(federation_id: int, request: Request, session: SessionDep,
+def start_federation(federation_id: DbId, request: Request, session: SessionDep,
                      _admin: AdminAuth) -> FederationStatus:
     """Start training now, with the clients registered so far (instead of waiting for min_clients)."""
     with session.begin():
@@ -217,7 +226,7 @@ def start_federation(federation_id: int, request: Request, session: SessionDep,
 # ---------------------------------------------------------------- clients
 
 @router.post("/federations/{federation_id}/clients", response_model=ClientRegistered, status_code=201)
-def register_client(federation_id: int, body: ClientRegister, request: Request, session: SessionDep,
+def register_client(federation_id: DbId, body: ClientRegister, request: Request, session: SessionDep,
                     token: Token) -> ClientRegistered:
     """Register with the federation's enrollment secret; the client token is shown once."""
     with session.begin():
@@ -230,12 +239,12 @@ def register_client(federation_id: int, body: ClientRegister, request: Request, 
 
 
 @router.delete("/federations/{federation_id}/clients/{client_id}")
-def delete_client(federation_id: int, client_id: int, request: Request, session: SessionDep,
+def delete_client(federation_id: DbId, client_id: DbId, request: Request, session: SessionDep,
                   _admin: AdminAuth) -> dict:
     """Delete a client: its token stops working, its tasks, uploads and task metrics are removed;
     the adapter versions it contributed to are kept. Its upload blobs are freed at once."""
     with session.begin():
-        federations.get_federation(session, federation_id)
+        federations.get_federation(session, federation_id, lock=True)  # serialised with the scheduler
         removed = retention.delete_client(session, federation_id, client_id)
         admin_actions.audit(session, _now(request), "delete_client", federation_id, f"client:{client_id}",
                             dict(removed))
@@ -248,7 +257,7 @@ def delete_client(federation_id: int, client_id: int, request: Request, session:
 
 
 @router.post("/federations/{federation_id}/clients/{client_id}/revoke")
-def revoke_client(federation_id: int, client_id: int, body: AdminNote, request: Request, session: SessionDep,
+def revoke_client(federation_id: DbId, client_id: DbId, body: AdminNote, request: Request, session: SessionDep,
                   _admin: AdminAuth) -> dict:
     """Revoke a client: its token is refused from now on, its open tasks are cancelled (so its
     leases end and later uploads are refused); what it contributed so far is kept."""
@@ -258,8 +267,18 @@ def revoke_client(federation_id: int, client_id: int, body: AdminNote, request: 
     return result
 
 
+@router.post("/federations/{federation_id}/enrollment-secret", response_model=EnrollmentSecret)
+def rotate_enrollment_secret(federation_id: DbId, body: AdminNote, request: Request, session: SessionDep,
+                             _admin: AdminAuth) -> EnrollmentSecret:
+    """Replace the federation's enrollment secret (shown once); the old one stops working at once.
+    Registered clients keep their tokens."""
+    with session.begin():
+        secret = admin_actions.rotate_enrollment_secret(session, federation_id, _now(request), body.reason)
+    return EnrollmentSecret(federation_id=federation_id, enrollment_secret=secret)
+
+
 @router.post("/federations/{federation_id}/pause", response_model=FederationStatus)
-def pause_federation(federation_id: int, body: AdminNote, request: Request, session: SessionDep,
+def pause_federation(federation_id: DbId, body: AdminNote, request: Request, session: SessionDep,
                      _admin: AdminAuth) -> FederationStatus:
     """Pause: no round opens or closes and no lease is handed out until resumed."""
     with session.begin():
@@ -268,7 +287,7 @@ def pause_federation(federation_id: int, body: AdminNote, request: Request, sess
 
 
 @router.post("/federations/{federation_id}/resume", response_model=FederationStatus)
-def resume_federation(federation_id: int, request: Request, session: SessionDep,
+def resume_federation(federation_id: DbId, request: Request, session: SessionDep,
                       _admin: AdminAuth) -> FederationStatus:
     """Resume a paused federation; open rounds' deadlines move back by the paused time."""
     with session.begin():
@@ -279,7 +298,7 @@ def resume_federation(federation_id: int, request: Request, session: SessionDep,
 
 
 @router.post("/rounds/{round_id}/deadline", response_model=RoundInfo)
-def set_round_deadline(round_id: int, body: DeadlineChange, request: Request, session: SessionDep,
+def set_round_deadline(round_id: DbId, body: DeadlineChange, request: Request, session: SessionDep,
                        _admin: AdminAuth) -> RoundInfo:
     """Set or extend the deadline of an open round."""
     with session.begin():
@@ -289,7 +308,7 @@ def set_round_deadline(round_id: int, body: DeadlineChange, request: Request, se
 
 
 @router.get("/federations/{federation_id}/audit", response_model=list[AuditEventInfo])
-def audit_log(federation_id: int, session: SessionDep, _admin: AdminAuth,
+def audit_log(federation_id: DbId, session: SessionDep, _admin: AdminAuth,
               limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> list[AuditEventInfo]:
     """Admin actions on this federation, newest first."""
     with session.begin():
@@ -299,7 +318,7 @@ def audit_log(federation_id: int, session: SessionDep, _admin: AdminAuth,
 
 
 @router.get("/federations/{federation_id}/config", response_model=FederationConfig)
-def federation_config(federation_id: int, request: Request, session: SessionDep, token: Token) -> FederationConfig:
+def federation_config(federation_id: DbId, request: Request, session: SessionDep, token: Token) -> FederationConfig:
     with session.begin():
         _client_or_admin(request, session, token, federation_id)
         return federations.federation_config(federations.get_federation(session, federation_id))
@@ -307,7 +326,7 @@ def federation_config(federation_id: int, request: Request, session: SessionDep,
 
 @router.get("/federations/{federation_id}/backbone", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}}})
-def backbone(federation_id: int, request: Request, session: SessionDep, token: Token) -> FileResponse:
+def backbone(federation_id: DbId, request: Request, session: SessionDep, token: Token) -> FileResponse:
     with session.begin():
         _client_or_admin(request, session, token, federation_id)
         sha = federations.get_federation(session, federation_id).backbone_sha256
@@ -316,15 +335,19 @@ def backbone(federation_id: int, request: Request, session: SessionDep, token: T
 
 
 @router.get("/adapters/{version_id}", responses={200: {"content": {"application/octet-stream": {}}}})
-def adapter(version_id: int, request: Request, session: SessionDep, token: Token,
+def adapter(version_id: DbId, request: Request, session: SessionDep, token: Token,
             if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """An immutable adapter version as safetensors. Root versions: any client of the federation;
     cluster versions: members of that cluster only (and the admin)."""
     with session.begin():
+        # credentials first: without them, whether a version id exists is nobody's business
+        client = None if _is_admin(request, token) else registration.authenticate_client(session, token)
         version_row = session.get(AdapterVersion, version_id)
         if version_row is None:
             raise NotFound(f"adapter version {version_id} does not exist", code="adapter_not_found")
-        client = _client_or_admin(request, session, token, version_row.federation_id)
+        if client is not None and client.federation_id != version_row.federation_id:
+            raise Forbidden(f"this client belongs to federation {client.federation_id}, not "
+                            f"{version_row.federation_id}", code="other_federation")
         if client is not None and version_row.tier == "cluster" and client.cluster_id != version_row.cluster_id:
             raise Forbidden("cluster adapters are readable only by members of that cluster",
                             code="not_a_member")
@@ -338,30 +361,35 @@ def adapter(version_id: int, request: Request, session: SessionDep, token: Token
 
 # ---------------------------------------------------------------- tasks
 
-@router.post("/clients/{client_id}/lease", response_model=LeaseResponse)
-def lease(client_id: int, request: Request, session: SessionDep, token: Token,
+@router.post("/clients/{client_id}/lease", response_model=LeaseResponse, responses={429: _busy[429]})
+def lease(client_id: DbId, request: Request, session: SessionDep, token: Token,
           worker_id: Annotated[str, Header(alias=WORKER_ID_HEADER, min_length=1, max_length=200)] = "anonymous",
           ) -> LeaseResponse:
     """Lease the client's next task, or get 'no work, retry after N s'."""
+    started = time.perf_counter()
     with session.begin():
         client = registration.authenticate_client(session, token)
         if client.id != client_id:
             raise Forbidden(f"this token belongs to client {client.id}; it cannot lease for client {client_id}",
                             code="not_your_client")
+        # keyed by the authenticated client, so nobody can spend another client's bucket
+        request.app.state.lease_limiter.check(client.id)
         answer = tasks.lease_task(session, client, worker_id, _now(request))
-    request.app.state.metrics.leases.labels("granted" if answer.task is not None else "empty").inc()
+    outcome = "granted" if answer.task is not None else "empty"
+    request.app.state.metrics.leases.labels(outcome).inc()
+    request.app.state.metrics.lease_seconds.labels(outcome).observe(time.perf_counter() - started)
     return answer
 
 
 @router.post("/tasks/{task_id}/heartbeat", response_model=HeartbeatAck)
-def heartbeat(task_id: int, body: Heartbeat, request: Request, session: SessionDep, token: Token) -> HeartbeatAck:
+def heartbeat(task_id: DbId, body: Heartbeat, request: Request, session: SessionDep, token: Token) -> HeartbeatAck:
     with session.begin():
         client = registration.authenticate_client(session, token)
         return HeartbeatAck(lease_expires_at=tasks.heartbeat(session, client, task_id, body.lease_id,
                                                              _now(request)))
 
 
-async def _stream_to_temp(request: Request, limit: int) -> tuple[str, int, Path]:
+async def _stream_to_temp(request: Request, limit: int) -> tuple[str, int, FilePath]:
     """Stream the body into a temp file of the blob store, hashing as it goes; never the whole
     body in memory. Refuses (413) as soon as the body passes ``limit``."""
     declared = request.headers.get("content-length")
@@ -378,16 +406,19 @@ async def _stream_to_temp(request: Request, limit: int) -> tuple[str, int, Path]
                     raise PayloadTooLarge(f"the body passed the limit of {limit} bytes for this request")
                 digest.update(chunk)
                 fh.write(chunk)
+    except ClientDisconnect:
+        tmp.unlink(missing_ok=True)
+        raise ServiceError(f"the client went away after {size} bytes", code="client_disconnected") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return digest.hexdigest(), size, tmp
 
 
-@router.put("/tasks/{task_id}/upload", response_model=UploadAck,
+@router.put("/tasks/{task_id}/upload", response_model=UploadAck, responses=_busy,
             openapi_extra={"requestBody": {"required": True,
                                            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
-async def upload(task_id: int, request: Request, token: Token,
+async def upload(task_id: DbId, request: Request, token: Token,
                  lease_id: Annotated[str, Query(min_length=1, max_length=64)],
                  declared_sha: Annotated[str | None, Header(alias=SHA256_HEADER)] = None) -> UploadAck:
     """Upload the task's tensors (safetensors body) under its lease. Checked against the manifest."""
@@ -407,25 +438,36 @@ async def _upload(task_id: int, request: Request, token: str, lease_id: str,
                   declared_sha: str | None) -> UploadAck:
     factory = request.app.state.session_factory
 
-    def limit_for_task() -> int:
+    def plan() -> tuple[int, int, dict]:
         with factory() as session, session.begin():
             client = registration.authenticate_client(session, token)
-            return tasks.upload_limit_for_task(session, client, task_id)
+            return client.id, *tasks.upload_plan(session, client, task_id)
 
-    limit = await run_in_threadpool(limit_for_task)
+    client_id, limit, shapes = await run_in_threadpool(plan)
     if limit == 0:
         raise Conflict("this task takes no upload (leaves never leave the client): complete it with metrics",
                        code="no_upload_expected")
+    with request.app.state.upload_slots.slot(client_id):  # 429 / 503 when too many are in flight
+        return await _receive_upload(request, factory, task_id, token, lease_id, declared_sha, limit, shapes)
+
+
+async def _receive_upload(request: Request, factory, task_id: int, token: str, lease_id: str,  # noqa: ANN001
+                          declared_sha: str | None, limit: int, shapes: dict) -> UploadAck:
     sha, size, tmp = await _stream_to_temp(request, limit)
     if declared_sha is not None and declared_sha.lower() != sha:
         tmp.unlink(missing_ok=True)
         raise Invalid(f"the body hashes to {sha}, but {SHA256_HEADER} says {declared_sha}", code="sha256_mismatch")
+    try:  # parse and check the tensors before any transaction: no lock is held for a hostile body
+        await run_in_threadpool(tasks.check_upload_body, tmp, shapes, limit)
+    except ServiceError:
+        tmp.unlink(missing_ok=True)
+        raise
 
     def accept() -> tuple[str, int]:
         with factory() as session, session.begin():
             client = registration.authenticate_client(session, token)
             return tasks.accept_upload(session, request.app.state.blobs, client, task_id, lease_id, tmp, sha,
-                                       size, _now(request))
+                                       size, _now(request), validated=True)
 
     try:
         sha, size = await run_in_threadpool(accept)
@@ -435,7 +477,7 @@ async def _upload(task_id: int, request: Request, token: str, lease_id: str,
 
 
 @router.post("/tasks/{task_id}/release", response_model=TaskCompleted)
-def release(task_id: int, body: Heartbeat, request: Request, session: SessionDep, token: Token) -> TaskCompleted:
+def release(task_id: DbId, body: Heartbeat, request: Request, session: SessionDep, token: Token) -> TaskCompleted:
     """Give the lease back (the worker is stopping): the task is pending again at once for another
     worker, and the release does not count toward max_attempts."""
     with session.begin():
@@ -446,7 +488,7 @@ def release(task_id: int, body: Heartbeat, request: Request, session: SessionDep
 
 
 @router.post("/tasks/{task_id}/complete", response_model=TaskCompleted)
-def complete(task_id: int, body: TaskComplete, request: Request, session: SessionDep, token: Token) -> TaskCompleted:
+def complete(task_id: DbId, body: TaskComplete, request: Request, session: SessionDep, token: Token) -> TaskCompleted:
     with session.begin():
         client = registration.authenticate_client(session, token)
         task = tasks.complete_task(session, client, task_id, body.lease_id, body.num_samples, body.metrics,

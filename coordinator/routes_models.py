@@ -12,13 +12,21 @@ from __future__ import annotations
 import hashlib
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from sqlalchemy import select
 
 from coordinator.blobs import BlobNotFound
 from coordinator.errors import Conflict, Forbidden, NotFound
 from coordinator.models import AdapterVersion, Cluster
-from coordinator.routes import AdminAuth, SessionDep, Token, _errors, check_protocol
+from coordinator.routes import (
+    MAX_ID,
+    AdminAuth,
+    DbId,
+    SessionDep,
+    Token,
+    _errors,
+    check_protocol,
+)
 from coordinator.services import federations, registration
 from coordinator.services.adapters import latest_version
 from shared.merge import MODEL_FORMAT, merge_lora, model_metadata, pack_model
@@ -39,7 +47,7 @@ def _ref(row: AdapterVersion | None) -> AdapterRef | None:
 
 
 @router.get("/clients/{client_id}/adapters", response_model=ClientAdapters)
-def client_adapters(client_id: int, session: SessionDep, token: Token) -> ClientAdapters:
+def client_adapters(client_id: DbId, session: SessionDep, token: Token) -> ClientAdapters:
     """The newest root version and the newest version of the client's own cluster (null before
     clustering or without clusters). Only the client's own token may ask."""
     with session.begin():
@@ -107,7 +115,7 @@ def _merged_model(request: Request, session, federation_id: int, label: int | No
 
 
 @router.get("/federations/{federation_id}/clusters/{label}/model", responses=_MODEL_RESPONSES)
-def cluster_model(federation_id: int, label: int, request: Request, session: SessionDep, _admin: AdminAuth,
+def cluster_model(federation_id: DbId, label: Annotated[int, Path(ge=0, le=MAX_ID)], request: Request, session: SessionDep, _admin: AdminAuth,
                   if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """The cluster-level model: backbone + newest root + newest version of the cluster with this
     (stable) label, merged, with the cluster's head. Admin only."""
@@ -115,7 +123,7 @@ def cluster_model(federation_id: int, label: int, request: Request, session: Ses
 
 
 @router.get("/federations/{federation_id}/root/model", responses=_MODEL_RESPONSES)
-def root_model(federation_id: int, request: Request, session: SessionDep, _admin: AdminAuth,
+def root_model(federation_id: DbId, request: Request, session: SessionDep, _admin: AdminAuth,
                if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """The root-only model: backbone + newest root version, merged, with the root's head. Admin only."""
     return _merged_model(request, session, federation_id, None, if_none_match)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +24,8 @@ class Settings(BaseSettings):
     run_scheduler: bool = True
     migrate_on_start: bool = True
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field(default="text", description="'json': one JSON object per log "
+                                                "line with the request id and federation/round/task ids")
     upload_retention_seconds: float | None = Field(
         default=7 * 86400, ge=0, description="uploads of rounds closed longer ago are deleted (the newest "
         "probe round of each scope is kept); 'never' keeps every upload")
@@ -32,6 +35,16 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(default=None, description="if set, /metrics needs it as a Bearer token")
     fault_at: str | None = Field(default=None, description="test only: '<point>[:<n>]' kills the process "
                                  "at the n-th hit of a fault point (coordinator.faults)")
+    # Limits against hostile or broken callers (coordinator.limits, docs/security.md), per replica.
+    max_json_body_bytes: int = Field(default=1 << 20, ge=1024, description="largest request body of every "
+                                     "route but the two streaming ones (task upload, backbone blob): 413")
+    lease_rate_per_second: float = Field(default=10.0, ge=0, description="lease requests per second per "
+                                         "client (token bucket; 0 = unlimited): 429 with Retry-After")
+    lease_burst: float = Field(default=30.0, ge=1, description="token bucket size of the lease rate limit")
+    max_uploads_in_flight_per_client: int = Field(default=2, ge=1, description="concurrent uploads of one "
+                                                  "client: 429 with Retry-After")
+    max_uploads_in_flight: int = Field(default=64, ge=1, description="concurrent uploads of this replica: "
+                                       "503 with Retry-After")
 
     @field_validator("upload_retention_seconds", mode="before")
     @classmethod

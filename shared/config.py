@@ -7,11 +7,11 @@ frozen at version 0. ``aggregation`` says how aggregated factors are combined.
 
 from __future__ import annotations
 
+import json
 import math
-
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.manifest import AdapterManifest
 
@@ -21,13 +21,18 @@ FactorPolicy = Literal["aggregate", "local", "frozen"]
 class TierPolicy(BaseModel):
     """How one tier trains and travels. The leaf is always local (it never leaves the client)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = True
     A: FactorPolicy = "aggregate"
     B: FactorPolicy = "aggregate"
     head: FactorPolicy = "aggregate"
     aggregation: Literal["product_svd", "factor_avg"] = "product_svd"
+    clip_norm: float | None = Field(
+        default=None, gt=0,
+        description="robust aggregation (docs/security.md): each client's update relative to the round's "
+                    "input version is scaled down to this L2 norm when longer; measured in product space "
+                    "(B A) for product_svd tiers, on the factors for factor_avg, head included; null: off")
 
     @model_validator(mode="after")
     def _check(self) -> "TierPolicy":
@@ -51,7 +56,7 @@ def _leaf_default() -> TierPolicy:
 
 
 class Schedule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     min_clients: int = Field(default=2, ge=1, description="training starts once this many clients registered")
     root_rounds: int = Field(default=20, ge=0)
@@ -61,9 +66,9 @@ class Schedule(BaseModel):
     local_epochs: int = Field(default=1, ge=1)
     probe_epochs: int = Field(default=1, ge=1)
     tau_rel: float = Field(default=0.0, ge=0, description="root stage stops early when rho <= tau_rel")
-    lease_seconds: float = Field(default=120.0, gt=0)
-    max_attempts: int = Field(default=3, ge=1)
-    retry_after_seconds: float = Field(default=1.0, gt=0)
+    lease_seconds: float = Field(default=120.0, gt=0, le=7 * 86400)
+    max_attempts: int = Field(default=3, ge=1, le=1000)
+    retry_after_seconds: float = Field(default=1.0, gt=0, le=3600)
     quorum_min_clients: int = Field(
         default=1, ge=1,
         description="a root, cluster or probe round aggregates only with at least this many accepted "
@@ -72,7 +77,7 @@ class Schedule(BaseModel):
         default=0.0, ge=0, le=1,
         description="... and at least this fraction of the round's clients (rounded up)")
     round_deadline_seconds: float | None = Field(
-        default=None, gt=0,
+        default=None, gt=0, le=366 * 86400,
         description="a round is decided at this age even if tasks are still open: aggregated if the "
                     "quorum is met (open tasks are cancelled), else failed and reopened; null: no deadline")
 
@@ -82,7 +87,7 @@ class Schedule(BaseModel):
 
 
 class Training(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     lr: float = Field(default=3e-3, gt=0)
     head_lr: float = Field(default=3e-3, gt=0)
@@ -94,7 +99,7 @@ class Training(BaseModel):
 
 
 class Clustering(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     features: Literal["update", "subspace"] = "update"
     k_min: int = Field(default=1, ge=1)
@@ -112,15 +117,24 @@ class Clustering(BaseModel):
 
 
 class Backbone(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str = Field(description="timm model name, e.g. 'vit_base_patch16_224' or 'vit_tiny_digits'")
+    model: str = Field(max_length=200, description="timm model name, e.g. 'vit_base_patch16_224' or 'vit_tiny_digits'")
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the safetensors checkpoint blob")
 
+    @field_validator("model_kwargs")
+    @classmethod
+    def _plain_json(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:  # NaN or Infinity would be stored, and PostgreSQL's JSON refuses them
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"model_kwargs must be plain JSON with finite numbers: {exc}") from None
+        return value
+
 
 class FederationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=200)
     backbone: Backbone

@@ -23,22 +23,26 @@ Factor = Literal["A", "B", "head"]
 FACTORS: tuple[str, ...] = ("A", "B", "head")
 WIRE_DTYPE = "float32"
 WIRE_ITEMSIZE = 4
+# Bounds that keep a hostile or mistyped manifest from making the coordinator allocate without end
+# (version 0 of every tier is built in memory when a federation is created).
+MAX_FEATURES = 1 << 20
+MAX_TIER_BYTES = 1 << 31
 
 
 class AdapterTarget(BaseModel):
     """One adapted output slice of one Linear module of the backbone."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str = Field(description="wire prefix, e.g. 'blocks.0.attn.qkv.q'")
-    module: str = Field(description="module path in the model, e.g. 'blocks.0.attn.qkv'")
-    out_offset: int = Field(ge=0, description="first output row of the slice the adapter adds to")
-    in_features: int = Field(gt=0)
-    out_features: int = Field(gt=0)
+    name: str = Field(min_length=1, max_length=200, description="wire prefix, e.g. 'blocks.0.attn.qkv.q'")
+    module: str = Field(min_length=1, max_length=200, description="module path in the model, e.g. 'blocks.0.attn.qkv'")
+    out_offset: int = Field(ge=0, le=MAX_FEATURES, description="first output row of the slice the adapter adds to")
+    in_features: int = Field(gt=0, le=MAX_FEATURES)
+    out_features: int = Field(gt=0, le=MAX_FEATURES)
 
 
 class TierSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     rank: int = Field(gt=0, le=256)
     alpha: float = Field(gt=0)
@@ -49,16 +53,16 @@ class TierSpec(BaseModel):
 
 
 class HeadSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    in_features: int = Field(gt=0)
-    num_classes: int = Field(gt=0)
+    in_features: int = Field(gt=0, le=MAX_FEATURES)
+    num_classes: int = Field(gt=0, le=MAX_FEATURES)
 
 
 class AdapterManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    targets: list[AdapterTarget] = Field(min_length=1)
+    targets: list[AdapterTarget] = Field(min_length=1, max_length=100_000)
     tiers: dict[Tier, TierSpec]
     head: HeadSpec
     dtype: Literal["float32"] = WIRE_DTYPE
@@ -73,6 +77,10 @@ class AdapterManifest(BaseModel):
         for name in names:
             if name.startswith("head.") or "/" in name:
                 raise ValueError(f"invalid target name {name!r}")
+        for tier in TIERS:
+            if self.max_body_bytes(tier) > MAX_TIER_BYTES:
+                raise ValueError(f"the {tier} tier would be {self.max_body_bytes(tier)} bytes; "
+                                 f"at most {MAX_TIER_BYTES} bytes per tier")
         return self
 
     def factor_shapes(self, tier: str, factor: str) -> dict[str, tuple[int, ...]]:

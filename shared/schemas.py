@@ -66,7 +66,7 @@ class VersionInfo(BaseModel):
 
 
 class FederationCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     config: FederationConfig
 
@@ -76,6 +76,17 @@ class FederationCreated(BaseModel):
     name: str
     state: FederationState
     enrollment_secret: str = Field(description="shown once; clients register with it")
+
+
+class EnrollmentSecret(BaseModel):
+    federation_id: int
+    enrollment_secret: str = Field(description="the new secret, shown once; the previous one no longer works")
+
+
+class UpdateNorm(BaseModel):
+    client_id: int
+    norm: float
+    scale: float
 
 
 class RoundInfo(BaseModel):
@@ -92,6 +103,10 @@ class RoundInfo(BaseModel):
     deadline_at: datetime | None = None
     failure: str | None = Field(default=None, description="why the round failed, in words")
     rho: float | None = None
+    clipped_clients: int | None = Field(default=None, description="updates scaled down by norm clipping "
+                                        "(TierPolicy.clip_norm); null when clipping is off")
+    update_norms: list[UpdateNorm] | None = Field(default=None, description="each client's update norm "
+                                                  "and the scale clipping applied (1: unchanged)")
     created_at: datetime
     closed_at: datetime | None = None
 
@@ -158,7 +173,7 @@ class ClientRegister(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:-]+$")
-    num_samples: int = Field(default=0, ge=0)
+    num_samples: int = Field(default=0, ge=0, le=10**9)
 
 
 class ClientRegistered(BaseModel):
@@ -215,7 +230,7 @@ class LeaseResponse(BaseModel):
 class Heartbeat(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    lease_id: str
+    lease_id: str = Field(max_length=64)
 
 
 class HeartbeatAck(BaseModel):
@@ -229,11 +244,12 @@ class UploadAck(BaseModel):
 
 
 class TaskComplete(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    lease_id: str
+    lease_id: str = Field(max_length=64)
     num_samples: int = Field(ge=1, le=10**9)
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict, max_length=256,
+                                      description="at most 256 finite numbers, names up to 64 characters")
 
 
 class TaskCompleted(BaseModel):
@@ -261,3 +277,206 @@ class FederationReport(BaseModel):
     uploaded_bytes: int
     rounds: list[RoundInfo]
 
+
+
+# ---------------------------------------------------------------- the operator's view (/dashboard)
+# Read models of the admin JSON API in coordinator/routes_admin.py (docs/dashboard.md).
+
+class FederationOverview(BaseModel):
+    federation_id: int
+    name: str
+    state: FederationState
+    paused_at: datetime | None = Field(description="set while an admin has paused the federation")
+    current_round: int | None = Field(description="number of the newest open round of the current stage")
+    open_rounds: int
+    tasks_done: int = Field(description="done tasks of the open rounds")
+    tasks_total: int = Field(description="all tasks of the open rounds")
+    clients_total: int
+    clients_online: int = Field(description="clients seen (lease, heartbeat, upload) within online_window_seconds")
+    online_window_seconds: float = Field(description="2 x the federation's lease_seconds")
+    k: int | None = Field(description="K of the newest clustering run")
+    last_aggregation_at: datetime | None = Field(description="when the newest aggregated round closed")
+    created_at: datetime
+
+
+class StageSpan(BaseModel):
+    stage: FederationState
+    started_at: datetime
+    ended_at: datetime | None = Field(description="null while the federation is in this stage")
+    rounds_done: int
+    rounds_failed: int
+
+
+class RoundRow(RoundInfo):
+    duration_seconds: float | None = Field(description="closed_at - created_at; null while open")
+    aggregation_seconds: float | None = None
+
+
+class FederationTimeline(BaseModel):
+    federation_id: int
+    state: FederationState
+    stages: list[StageSpan]
+    rounds: list[RoundRow] = Field(description="newest first, at most `limit`")
+    rounds_total: int
+
+
+class ClusterRow(BaseModel):
+    id: int
+    label: int = Field(description="stable across reclusterings (matched by membership overlap)")
+    size: int
+    members: list[str]
+    created_at: datetime
+    age_seconds: float
+    created_run_id: int = Field(description="the clustering run that made this cluster")
+    adapter_version: int | None
+
+
+class ClusteringRunRow(ClusteringRunInfo):
+    probe_round_id: int
+    trigger: Literal["scheduler", "admin"] = Field(description="'admin': made by POST .../recluster")
+    has_affinity: bool
+
+
+class AffinityMatrix(BaseModel):
+    run_id: int
+    client_ids: list[int] = Field(description="rows and columns, ordered by cluster label, then client id")
+    names: list[str]
+    labels: list[int | None] = Field(description="stable cluster label of each row in this run")
+    matrix: list[list[float]] = Field(description="the self-tuning affinity LSAC used, reordered")
+
+
+class AssignmentMove(BaseModel):
+    client_id: int
+    name: str
+    from_label: int | None
+    to_label: int | None
+
+
+class RunTransition(BaseModel):
+    """What changed between two consecutive clustering runs of a federation."""
+
+    from_run_id: int
+    to_run_id: int
+    created_at: datetime
+    moves: list[AssignmentMove]
+    unchanged: int = Field(description="clients in both runs that kept their cluster")
+
+
+class TierStats(BaseModel):
+    mean: float | None
+    p10: float | None = Field(description="10th percentile over clients (the worst-case metric)")
+    n: int
+
+
+class AccuracyStep(BaseModel):
+    """One round of the training cascade (all scopes of a stage's round number together)."""
+
+    stage: Stage
+    number: int
+    label: str
+    tiers: dict[str, TierStats] = Field(description="keys 'root', 'cluster', 'leaf' where reported")
+
+
+class ClientAccuracy(BaseModel):
+    client_id: int
+    name: str
+    cohort: str
+    cluster_label: int | None
+    acc_root: float | None
+    acc_cluster: float | None
+    acc_leaf: float | None
+
+
+class AccuracyView(BaseModel):
+    """Accuracies the workers reported: root and cluster tasks evaluate the adapters they
+    received, leaf tasks evaluate root + cluster + the trained leaf (worker.train.evaluate_tiers)."""
+
+    steps: list[AccuracyStep]
+    latest: dict[str, TierStats] = Field(description="each tier in the newest step that reports it")
+    clients: list[ClientAccuracy] = Field(description="each client's latest value per tier")
+
+
+class ClientRow(BaseModel):
+    client_id: int
+    name: str
+    status: str
+    cohort: str
+    onboarding: str
+    cluster_label: int | None
+    num_samples: int
+    last_seen_at: datetime | None
+    online: bool
+    tasks_done: int
+    acc_root: float | None
+    acc_cluster: float | None
+    acc_leaf: float | None
+
+
+class LeaseRow(BaseModel):
+    task_id: int
+    worker_id: str | None
+    client_id: int
+    client_name: str
+    stage: Stage
+    scope: str
+    round_number: int
+    attempt: int
+    lease_expires_at: datetime | None
+    seconds_left: float | None
+
+
+class TaskFailureRow(BaseModel):
+    task_id: int
+    worker_id: str | None
+    client_id: int
+    client_name: str
+    stage: Stage
+    round_number: int
+    status: TaskStatus
+    attempt: int
+    error: str | None
+    finished_at: datetime | None
+
+
+class WorkerRow(BaseModel):
+    worker_id: str
+    live_leases: int
+    tasks_done: int
+    tasks_failed: int
+    last_finished_at: datetime | None
+
+
+class WorkersView(BaseModel):
+    workers: list[WorkerRow]
+    leases: list[LeaseRow] = Field(description="live leases, soonest expiry first")
+    failures: list[TaskFailureRow] = Field(description="failed, and cancelled with a reason, newest first")
+
+
+class UnseenClientRow(BaseModel):
+    client_id: int
+    name: str
+    status: str
+    onboarding: str = Field(description="waiting -> probe -> leaf -> ready")
+    cluster_label: int | None
+    similarity: float | None = Field(description="mean probe similarity to the cluster it was assigned to")
+    zero_shot: float | None = Field(description="root + cluster accuracy before its leaf trained")
+    after_leaf: float | None = Field(description="root + cluster + leaf accuracy, latest")
+    leaf_rounds_done: int
+    created_at: datetime
+
+
+class ReclusterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    force_k: int | None = Field(default=None, ge=1, le=1000, description="take this K instead of the eigengap rule")
+    features: Literal["update", "subspace"] | None = Field(default=None, description="override clustering.features")
+    knn: int | None = Field(default=None, ge=1, le=1000, description="override clustering.knn")
+    reason: str = Field(default="", max_length=500, description="recorded in the audit table")
+
+
+class ReclusterResult(BaseModel):
+    run: ClusteringRunRow
+    clusters_kept: list[int] = Field(description="labels of existing clusters matched by membership overlap")
+    clusters_created: list[int] = Field(description="labels of new clusters (adapter version 0)")
+    moves: list[AssignmentMove]
+    tasks_cancelled: int = Field(description="open cluster/leaf tasks of moved clients, cancelled")

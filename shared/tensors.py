@@ -70,7 +70,8 @@ def pack_tensors(
     packed: dict[str, np.ndarray] = {}
     for name, value in tensors.items():
         with np.errstate(over="ignore", invalid="ignore"):
-            array = np.ascontiguousarray(np.asarray(value), dtype=np.float32)
+            # order="C", not np.ascontiguousarray: that one turns a 0-d array into shape (1,)
+            array = np.asarray(np.asarray(value), dtype=np.float32, order="C")
         if not np.all(np.isfinite(array)):
             bad = int(np.count_nonzero(~np.isfinite(array)))
             raise TensorValidationError(

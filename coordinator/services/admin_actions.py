@@ -7,7 +7,10 @@ Contracts:
   tasks and every aggregate it contributed to are kept. Revoking twice is a 409.
 - ``pause_federation``: no scheduler transition and no new lease until resumed; live leases may
   still finish. ``resume_federation`` pushes the deadlines of open rounds back by the paused time.
-- ``set_round_deadline``: only an open round; the new deadline must be in the future.
+- ``set_round_deadline``: only an open round; the new deadline must be in the future (and at
+  most a year ahead).
+- ``rotate_enrollment_secret``: a new random secret (returned once, stored hashed); the old one
+  stops working; registered clients keep their tokens.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from sqlalchemy.orm import Session
 
 from coordinator.errors import Conflict, Invalid, NotFound
 from coordinator.models import AuditEvent, Client, Federation, Round, Task
+from coordinator.security import hash_secret, new_secret
 from coordinator.services.federations import get_federation
 from shared.schemas import TaskStatus
 
 OPEN_TASK = (TaskStatus.pending.value, TaskStatus.leased.value)
+MAX_DEADLINE_AHEAD = timedelta(days=366)
 
 
 def audit(session: Session, now: datetime, action: str, federation_id: int | None, target: str | None,
@@ -43,7 +48,10 @@ def audit_events(session: Session, federation_id: int | None = None, limit: int 
 
 def revoke_client(session: Session, federation_id: int, client_id: int, now: datetime,
                   reason: str = "") -> dict:
-    get_federation(session, federation_id)
+    # The federation's row lock: the scheduler holds it while it opens rounds, so a round opened
+    # concurrently is committed before this runs, and its task for this client is cancelled below
+    # (without it, on Postgres, that task stayed pending for a revoked client and the round waited).
+    get_federation(session, federation_id, lock=True)
     client = session.get(Client, client_id)
     if client is None or client.federation_id != federation_id:
         raise NotFound(f"client {client_id} is not in federation {federation_id}", code="client_not_found")
@@ -110,7 +118,18 @@ def set_round_deadline(session: Session, round_id: int, now: datetime, *, deadli
         if deadline_at <= now:
             raise Invalid("deadline_at must be in the future", code="bad_deadline")
         new = deadline_at
+    if new > now + MAX_DEADLINE_AHEAD:
+        raise Invalid(f"a deadline is at most {MAX_DEADLINE_AHEAD.days} days ahead", code="bad_deadline")
     rnd.deadline_at = new
     audit(session, now, "set_deadline", rnd.federation_id, f"round:{round_id}",
           {"old": old.isoformat() if old else None, "new": new.isoformat()})
     return rnd
+
+
+def rotate_enrollment_secret(session: Session, federation_id: int, now: datetime, reason: str = "") -> str:
+    fed = get_federation(session, federation_id, lock=True)
+    secret = new_secret("hle")
+    fed.enrollment_secret_hash = hash_secret(secret)
+    fed.updated_at = now
+    audit(session, now, "rotate_secret", federation_id, f"federation:{federation_id}", {"reason": reason[:500]})
+    return secret

@@ -19,6 +19,7 @@ from coordinator.services.adapters import load_version, write_version
 from shared.aggregate import combine_tier_uploads, relative_change
 from shared.config import FederationConfig
 from shared.probes import factor_pairs
+from shared.robust import clip_uploads
 from shared.schemas import TaskStatus
 from shared.tensors import unpack_tensors
 
@@ -42,6 +43,11 @@ def aggregate_round(session: Session, blobs: BlobStore, cfg: FederationConfig, r
     factors = policy.uploaded_factors()
     uploads = [unpack_tensors(blobs.get_bytes(t.upload_sha256)) if factors else {} for t in tasks]
     weights = [float(max(t.num_samples or 0, 1)) for t in tasks]
+    uploads, clip = clip_uploads(cfg.manifest, tier, policy, previous, uploads)  # policy.clip_norm
+    if clip is not None:
+        rnd.clipped_clients = clip.clipped
+        rnd.update_norms = [{"client_id": t.client_id, "norm": n, "scale": s}
+                            for t, n, s in zip(tasks, clip.norms, clip.scales)]
     new = combine_tier_uploads(cfg.manifest, tier, policy, previous, uploads, weights)
     old_pairs = factor_pairs(cfg.manifest, previous)
     # rho is undefined against a zero update (version 0 has B = 0): record None, not 1/eps

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from coordinator.blobs import BlobStore
 from coordinator.errors import Conflict
 from coordinator.faults import fault_point
+from coordinator.logs import log_context
 from coordinator.models import Client, Cluster, Federation, Round, Task
 from coordinator.services.adapters import latest_version
 from coordinator.services.aggregation import aggregate_round
@@ -217,16 +218,13 @@ def _advance_root(session: Session, blobs: BlobStore, fed: Federation, cfg: Fede
                   now: datetime) -> bool:
     rnd = _latest_round(session, fed, "root", "root")
     if rnd is None or rnd.status != "open":
-        open_round(session, fed, "root", "root", [c.id for c in _training_clients(session, fed)], now,
-                   _root_version_id(session, fed))
-        return True
+        return _open_root_round(session, fed, now, _root_version_id(session, fed))
     verdict = _decide(session, rnd, now)
     if verdict == WAIT:
         return False
     if verdict == FAIL:
         _close(rnd, "failed", now)
-        open_round(session, fed, "root", "root", [c.id for c in _training_clients(session, fed)], now,
-                   rnd.input_root_version_id)
+        _open_root_round(session, fed, now, rnd.input_root_version_id)
         return True
     version = aggregate_round(session, blobs, cfg, rnd, now)
     rnd.result_version_id = version.id
@@ -237,21 +235,37 @@ def _advance_root(session: Session, blobs: BlobStore, fed: Federation, cfg: Fede
     if done_rounds >= cfg.schedule.root_rounds or converged:
         _enter_probe_or_leaf(session, fed, cfg, now)
     else:
-        open_round(session, fed, "root", "root", [c.id for c in _training_clients(session, fed)], now,
-                   version.id)
+        _open_root_round(session, fed, now, version.id)
+    return True
+
+
+def _open_root_round(session: Session, fed: Federation, now: datetime, root_version_id: int) -> bool:
+    """Open the next root round, unless no training client is left (all revoked or deleted): a
+    round without tasks fails at once, and reopening it would spin the scheduler forever. The
+    round opens once a client registers again."""
+    clients = [c.id for c in _training_clients(session, fed)]
+    if not clients:
+        return False
+    open_round(session, fed, "root", "root", clients, now, root_version_id)
     return True
 
 
 def _advance_probe(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
                    now: datetime) -> bool:
     rnd = _latest_round(session, fed, "probe", "all")
+    clients = [c.id for c in _training_clients(session, fed)]
+    if rnd.status != "open":  # the last one failed with no client left to ask (see _open_root_round)
+        if not clients:
+            return False
+        open_round(session, fed, "probe", "all", clients, now, rnd.input_root_version_id)
+        return True
     verdict = _decide(session, rnd, now)
     if verdict == WAIT:
         return False
     if verdict == FAIL:
         _close(rnd, "failed", now)
-        open_round(session, fed, "probe", "all", [c.id for c in _training_clients(session, fed)], now,
-                   rnd.input_root_version_id)
+        if clients:
+            open_round(session, fed, "probe", "all", clients, now, rnd.input_root_version_id)
         return True
     cluster_probes(session, blobs, cfg, rnd, now)
     _close(rnd, "done", now)
@@ -285,7 +299,11 @@ def _advance_cluster(session: Session, blobs: BlobStore, fed: Federation, cfg: F
         scope = f"cluster:{cluster.id}"
         rnd = _latest_round(session, fed, "cluster", scope)
         if rnd is None:
-            continue  # a cluster without members
+            # a cluster an admin's recluster made during this stage gets its cluster rounds too;
+            # a cluster without members gets none
+            if _open_cluster_round(session, fed, cluster, now) is not None:
+                progressed, all_complete = True, False
+            continue
         if rnd.status == "open":
             verdict = _decide(session, rnd, now)
             if verdict == WAIT:
@@ -418,7 +436,7 @@ def scheduler_tick(session_factory, blobs: BlobStore, now: datetime) -> int:  # 
         with session_factory() as session:
             ids = list(session.scalars(select(Federation.id).order_by(Federation.id)))
         for fid in ids:
-            with session_factory() as session, session.begin():
+            with log_context(federation_id=fid), session_factory() as session, session.begin():
                 changes += advance_federation(session, blobs, fid, now)
         return changes
 

@@ -85,7 +85,11 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime) 
     """Lease the client's oldest pending task, or answer 'no work, retry after N s'."""
     fed = session.get(Federation, client.federation_id)
     cfg = federation_config(fed)
-    client.last_seen_at = now
+    # An empty poll stays a read-only transaction (no WAL flush): last_seen_at moves in steps of at
+    # most 5 s, far below the "online" window of 2 x lease_seconds.
+    resolution = timedelta(seconds=min(5.0, cfg.schedule.lease_seconds / 4))
+    if client.last_seen_at is None or now - client.last_seen_at >= resolution:
+        client.last_seen_at = now
     pick = (select(Task.id)
             .where(Task.client_id == client.id, Task.status == TaskStatus.pending.value)
             .order_by(Task.id).limit(1))
@@ -176,16 +180,52 @@ def release_task(session: Session, client: Client, task_id: int, lease_id: str, 
     return task
 
 
+def ensure_blob_row(session: Session, sha256: str, size: int, kind: str, now: datetime) -> None:
+    """Insert the blob's row unless it exists. Two uploads of the same bytes can race here (under
+    load on Postgres they did: a unique violation, a 500); INSERT .. ON CONFLICT DO NOTHING cannot."""
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        session.execute(insert(Blob).values(sha256=sha256, size=size, kind=kind, created_at=now)
+                        .on_conflict_do_nothing(index_elements=[Blob.sha256]))
+    elif session.get(Blob, sha256) is None:
+        session.add(Blob(sha256=sha256, size=size, kind=kind, created_at=now))
+        session.flush()
+
+
 def upload_limit_for_task(session: Session, client: Client, task_id: int) -> int:
     """The largest body a valid upload for this task can have (0: the task takes no upload)."""
+    return upload_plan(session, client, task_id)[0]
+
+
+def upload_plan(session: Session, client: Client, task_id: int) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """(the largest valid body, the expected tensor names and shapes) of this task's upload."""
     task = _owned_task(session, client, task_id)
     cfg = federation_config(session.get(Federation, task.federation_id))
-    return upload_limit(cfg, task.stage)
+    factors = expected_upload(cfg, task.stage)
+    if not factors:
+        return 0, {}
+    return upload_limit(cfg, task.stage), cfg.manifest.tier_shapes(STAGE_TIER[task.stage], factors)
+
+
+def check_upload_body(path: Path, shapes: dict[str, tuple[int, ...]], limit: int) -> None:
+    """Validate a streamed body against its task's manifest shapes, outside any transaction (a
+    hostile body is parsed without holding a database lock). Raises 413 / 422 with the reason."""
+    try:
+        validate_tensors(path.read_bytes(), shapes, limit)
+    except TensorValidationError as exc:
+        if exc.reason == "too_large":
+            raise PayloadTooLarge(str(exc), code="too_large") from exc
+        raise Invalid(str(exc), code=exc.reason) from exc
 
 
 def accept_upload(session: Session, blobs: BlobStore, client: Client, task_id: int, lease_id: str,
-                  tmp: Path, sha256: str, size: int, now: datetime) -> tuple[str, int]:
-    """Validate a streamed upload (already in ``tmp`` with its sha256) and attach it to the task."""
+                  tmp: Path, sha256: str, size: int, now: datetime, validated: bool = False) -> tuple[str, int]:
+    """Validate a streamed upload (already in ``tmp`` with its sha256) and attach it to the task.
+    ``validated``: the caller already ran ``check_upload_body`` on it against this task's plan."""
     task = _owned_task(session, client, task_id)
     if task.status == TaskStatus.done.value and task.lease_id == lease_id:
         tmp.unlink(missing_ok=True)
@@ -200,17 +240,14 @@ def accept_upload(session: Session, blobs: BlobStore, client: Client, task_id: i
         raise Conflict(f"a {task.stage} task takes no upload: leaves never leave the client; "
                        f"complete it with metrics only", code="no_upload_expected")
     tier = STAGE_TIER[task.stage]
-    try:
-        validate_tensors(tmp.read_bytes(), cfg.manifest.tier_shapes(tier, factors), upload_limit(cfg, task.stage))
-    except TensorValidationError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.reason == "too_large":
-            raise PayloadTooLarge(str(exc), code="too_large") from exc
-        raise Invalid(str(exc), code=exc.reason) from exc
+    if not validated:
+        try:
+            check_upload_body(tmp, cfg.manifest.tier_shapes(tier, factors), upload_limit(cfg, task.stage))
+        except (PayloadTooLarge, Invalid):
+            tmp.unlink(missing_ok=True)
+            raise
     blobs.adopt(tmp, sha256)
-    if session.get(Blob, sha256) is None:
-        session.add(Blob(sha256=sha256, size=size, kind="upload", created_at=now))
-        session.flush()
+    ensure_blob_row(session, sha256, size, "upload", now)
     updated = session.execute(
         update(Task)
         .where(Task.id == task.id, Task.status == TaskStatus.leased.value, Task.lease_id == lease_id)

@@ -99,7 +99,13 @@ def deterministic_metrics(client: str, task: TaskAssignment) -> dict[str, float]
     acc = sorted(float(x) for x in rng.uniform(0.3, 0.95, size=3))
     if task.stage == "leaf":
         return {"acc_root": acc[0], "acc_cluster": acc[1], "acc_leaf": acc[2]}
-    return {"loss": round(1.0 - acc[1], 6)}
+    if task.stage == "probe":
+        return {"loss": round(1.0 - acc[1], 6)}
+    # like worker.daemon: root and cluster tasks evaluate the adapters they received
+    metrics = {"loss": round(1.0 - acc[1], 6), "acc_root": acc[0]}
+    if task.stage == "cluster":
+        metrics["acc_cluster"] = acc[1]
+    return metrics
 
 
 # ---------------------------------------------------------------------------- credentials
