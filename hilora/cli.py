@@ -34,15 +34,19 @@ def coordinator(
     from pydantic import ValidationError
 
     from coordinator.app import create_app
+    from coordinator.logs import configure_logging
     from coordinator.settings import Settings
 
     try:
         settings = Settings()
     except ValidationError as exc:
         _fail("; ".join(e["msg"] for e in exc.errors()))
+    configure_logging(settings.log_format, settings.log_level)
     app_ = create_app(settings)
+    # HILORA_LOG_FORMAT=json: uvicorn's loggers go through our JSON handler, not its own config
+    log_config = {"log_config": None} if settings.log_format == "json" else {}
     uvicorn.run(app_, host=host or settings.host, port=port if port is not None else settings.port,
-                log_level=settings.log_level)
+                log_level=settings.log_level, **log_config)
 
 
 @app.command()
@@ -339,6 +343,8 @@ def demo(
     report: Annotated[Optional[Path], typer.Option(help="write the numbers as JSON here")] = None,
     workdir: Annotated[Optional[Path], typer.Option(help="keep the coordinator DB, blobs and logs here")] = None,
     timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 900.0,
+    serve: Annotated[bool, typer.Option(help="keep the coordinator running afterwards and print the "
+                                             "dashboard URL and admin token (Ctrl-C stops it)")] = False,
 ) -> None:
     """Run the whole cascade on one machine over real HTTP and print the results."""
     os.environ["HILORA_DEV"] = "1"
@@ -352,14 +358,40 @@ def demo(
             setattr(opts, name, value)
     if opts.features not in ("update", "subspace"):
         _fail("--features must be 'update' or 'subspace'")
+    def show(summary: dict) -> None:
+        typer.echo(format_table(summary))
+        if report is not None:
+            write_report(summary, report)
+            typer.echo(f"report written to {report}")
+
+    def serve_dashboard(summary: dict, cluster) -> None:  # noqa: ANN001
+        import time
+
+        show(summary)
+        typer.echo(f"dashboard:   {cluster.url}/dashboard")
+        typer.echo(f"admin token: {cluster.admin_token}")
+        typer.echo("the coordinator keeps running; Ctrl-C stops it")
+
+        def _stop(_signum, _frame):  # noqa: ANN001
+            raise KeyboardInterrupt
+
+        # a plain `kill`, and Ctrl-C even when started in the background, stop the coordinator with us
+        previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while cluster.coordinator is not None and cluster.coordinator.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
     try:
-        summary = run_demo(opts, say=lambda m: typer.echo(m))
+        summary = run_demo(opts, say=lambda m: typer.echo(m), serve=serve_dashboard if serve else None)
     except (RuntimeError, ValueError) as exc:
         _fail(str(exc), code=1)
-    typer.echo(format_table(summary))
-    if report is not None:
-        write_report(summary, report)
-        typer.echo(f"report written to {report}")
+    if not serve:
+        show(summary)
 
 
 def main() -> None:

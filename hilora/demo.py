@@ -155,7 +155,10 @@ def _progress_printer(client: CoordinatorClient, token: str, fid: int, say: Call
     return tick, last
 
 
-def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict[str, Any]:
+def run_demo(opts: DemoOptions, say: Callable[[str], None] = print,
+             serve: Callable[[dict[str, Any], LocalCluster], None] | None = None) -> dict[str, Any]:
+    """Run the demo and return its numbers. ``serve`` (``hilora demo --serve``) is called with them
+    while the coordinator still runs; the coordinator stops when it returns."""
     from hilora.federation_file import FederationFile, build_federation_config
     from worker.backbone import pretrain_demo_backbone
     from worker.data import load_partition, partition_clients
@@ -215,6 +218,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict[str,
         summary = summarize(report, groups, time.monotonic() - t0)
         summary["options"] = asdict(opts)
         summary["backbone_sha256"] = artifact.sha256
+        if serve is not None:
+            serve(summary, cluster)
         return summary
     except Exception:
         say(f"demo failed; logs are in {workdir}")

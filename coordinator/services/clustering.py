@@ -1,21 +1,33 @@
-"""LSAC runs on probe uploads, cluster creation, and nearest-cluster onboarding of late clients."""
+"""LSAC runs on probe uploads, cluster creation, nearest-cluster onboarding of late clients, and
+an admin's recluster of a running federation."""
 
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import select
+from pydantic import ValidationError
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobStore
+from coordinator.errors import Conflict, Invalid
+from coordinator.metrics import observe_clustering_seconds
 from coordinator.models import AdapterVersion, Assignment, Blob, Client, Cluster, ClusteringRun, Round, Task
 from coordinator.services.adapters import head_of, initial_tier_tensors, load_version, write_version
-from shared.config import FederationConfig
-from shared.schemas import TaskStatus
+from coordinator.services.admin_actions import audit
+from coordinator.services.federations import federation_config, get_federation
+from shared.config import Clustering, FederationConfig
 from shared.probes import probe_distance
-from shared.subspace import assign_to_clusters, lsac
+from shared.schemas import TaskStatus
+from shared.subspace import LsacResult, assign_to_clusters, lsac, match_cluster_ids
 from shared.tensors import pack_tensors, unpack_tensors
+
+Tensors = dict[str, np.ndarray]
+log = logging.getLogger("hilora.coordinator.clustering")
 
 
 def _done_probe_tasks(session: Session, round_id: int) -> list[Task]:
@@ -25,18 +37,24 @@ def _done_probe_tasks(session: Session, round_id: int) -> list[Task]:
     ))
 
 
-def cluster_probes(session: Session, blobs: BlobStore, cfg: FederationConfig, probe_round: Round,
-                   now: datetime) -> ClusteringRun:
-    """Run LSAC on the done tasks of a probe round; create clusters, assignments and version 0 of
-    every cluster adapter (A seeded, B zero, head = the final root's head)."""
-    tasks = _done_probe_tasks(session, probe_round.id)
+def _probe_inputs(session: Session, blobs: BlobStore, probe_round: Round) -> tuple[list[Task], Tensors, list[Tensors]]:
+    """The done tasks of a probe round that still hold their upload, the root they started from,
+    and their uploads."""
+    tasks = [t for t in _done_probe_tasks(session, probe_round.id) if t.upload_sha256]
     if not tasks:
         raise ValueError(f"probe round {probe_round.id} has no done task to cluster")
-    root_row = session.get(AdapterVersion, probe_round.input_root_version_id)
-    root = load_version(blobs, root_row)
+    root = load_version(blobs, session.get(AdapterVersion, probe_round.input_root_version_id))
     probes = [unpack_tensors(blobs.get_bytes(t.upload_sha256)) for t in tasks]
-    distance = probe_distance(cfg.manifest, cfg.clustering.features, root, probes)
-    c = cfg.clustering
+    return tasks, root, probes
+
+
+def _run_lsac(session: Session, blobs: BlobStore, cfg: FederationConfig, c: Clustering, probe_round: Round,
+              now: datetime) -> tuple[ClusteringRun, list[Task], LsacResult, Tensors]:
+    """LSAC with settings ``c`` on a probe round's uploads; stores the distance and affinity
+    matrices as a blob and records the ClusteringRun. Its duration goes to the app's metrics."""
+    started = time.perf_counter()
+    tasks, root, probes = _probe_inputs(session, blobs, probe_round)
+    distance = probe_distance(cfg.manifest, c.features, root, probes)
     result = lsac(distance, k_min=c.k_min, k_max=c.k_max, knn=c.knn, contrast=c.contrast,
                   force_k=c.force_k, seed=c.seed)
     data = pack_tensors({"distance": distance.astype(np.float32),
@@ -53,24 +71,40 @@ def cluster_probes(session: Session, blobs: BlobStore, cfg: FederationConfig, pr
                         affinity_sha256=sha, created_at=now)
     session.add(run)
     session.flush()
-    clusters: dict[int, Cluster] = {}
-    for label in sorted({int(x) for x in result.labels}):
-        cluster = Cluster(federation_id=probe_round.federation_id, label=label, created_run_id=run.id,
-                          created_at=now)
-        session.add(cluster)
-        session.flush()
-        clusters[label] = cluster
-        tensors = initial_tier_tensors(cfg.manifest, "cluster", head_of(root),
-                                       ("cluster", probe_round.federation_id, label, cfg.training.seed))
-        write_version(session, blobs, federation_id=probe_round.federation_id, tier="cluster",
-                      scope=f"cluster:{cluster.id}", cluster_id=cluster.id, version=0, tensors=tensors,
-                      now=now)
-    for task, label in zip(tasks, result.labels):
-        cluster = clusters[int(label)]
+    observe_clustering_seconds(time.perf_counter() - started, c.features)
+    return run, tasks, result, root
+
+
+def _new_cluster(session: Session, blobs: BlobStore, cfg: FederationConfig, federation_id: int, label: int,
+                 run: ClusteringRun, root: Tensors, now: datetime) -> Cluster:
+    """A cluster made by ``run``, with version 0 of its adapter (A seeded, B zero, head = root's)."""
+    cluster = Cluster(federation_id=federation_id, label=label, created_run_id=run.id, created_at=now)
+    session.add(cluster)
+    session.flush()
+    tensors = initial_tier_tensors(cfg.manifest, "cluster", head_of(root),
+                                   ("cluster", federation_id, label, cfg.training.seed))
+    write_version(session, blobs, federation_id=federation_id, tier="cluster", scope=f"cluster:{cluster.id}",
+                  cluster_id=cluster.id, version=0, tensors=tensors, now=now)
+    return cluster
+
+
+def _assign(session: Session, run: ClusteringRun, tasks: list[Task], clusters: list[Cluster], now: datetime) -> None:
+    """Record that the client of ``tasks[i]`` is in ``clusters[i]`` (source 'lsac') and move it."""
+    for task, cluster in zip(tasks, clusters):
         session.add(Assignment(client_id=task.client_id, cluster_id=cluster.id, clustering_run_id=run.id,
                                source="lsac", created_at=now))
         session.get(Client, task.client_id).cluster_id = cluster.id
     session.flush()
+
+
+def cluster_probes(session: Session, blobs: BlobStore, cfg: FederationConfig, probe_round: Round,
+                   now: datetime) -> ClusteringRun:
+    """Run LSAC on the done tasks of a probe round; create clusters, assignments and version 0 of
+    every cluster adapter (A seeded, B zero, head = the final root's head)."""
+    run, tasks, result, root = _run_lsac(session, blobs, cfg, cfg.clustering, probe_round, now)
+    clusters = {label: _new_cluster(session, blobs, cfg, probe_round.federation_id, label, run, root, now)
+                for label in sorted({int(x) for x in result.labels})}
+    _assign(session, run, tasks, [clusters[int(label)] for label in result.labels], now)
     return run
 
 
@@ -106,3 +140,96 @@ def assign_late_client(session: Session, blobs: BlobStore, cfg: FederationConfig
     client.cluster_id = cluster.id
     session.flush()
     return cluster
+
+
+@dataclass
+class ReclusterOutcome:
+    run: ClusteringRun
+    clusters_kept: list[int]
+    clusters_created: list[int]
+    moves: list[tuple[int, str, int | None, int | None]]  # (client id, name, from label, to label)
+    tasks_cancelled: int
+
+
+def newest_done_probe_round(session: Session, federation_id: int) -> Round | None:
+    """The newest done probe round of all training clients (scope 'all'); None before one exists."""
+    return session.scalars(
+        select(Round).where(Round.federation_id == federation_id, Round.stage == "probe", Round.scope == "all",
+                            Round.status == "done").order_by(Round.number.desc()).limit(1)).first()
+
+
+def recluster(session: Session, blobs: BlobStore, federation_id: int, now: datetime, *,
+              force_k: int | None = None, features: str | None = None, knn: int | None = None,
+              reason: str = "") -> ReclusterOutcome:
+    """Rerun LSAC (with optional overrides of the federation's clustering settings) on the uploads
+    of the newest done all-clients probe round, and move the training clients to the new clusters.
+
+    - New labels are matched to the existing clusters by membership overlap
+      (``shared.subspace.match_cluster_ids``): a matched cluster keeps its row, label and adapter
+      versions; an unmatched one becomes a new cluster with a version-0 adapter (like
+      ``cluster_probes``) and the next free label.
+    - Every clustered client gets an Assignment row (source 'lsac') of the new run.
+    - A client that changed cluster can no longer read its old cluster's adapter: its open
+      (pending or leased) cluster and leaf tasks are cancelled, and its next round is one of its
+      new cluster (docs/operations.md, "Reclustering").
+    - Late clients keep their cluster; later onboardings are assigned against the new run.
+
+    MUST fail: 404 for an unknown federation; 409 ``no_probe_round`` before a probe round of all
+    clients is done (or once its uploads are gone); 422 ``bad_clustering`` for invalid overrides.
+    """
+    fed = get_federation(session, federation_id, lock=True)
+    cfg = federation_config(fed)
+    probe_round = newest_done_probe_round(session, federation_id)
+    if probe_round is None:
+        raise Conflict(f"federation {federation_id} has no done probe round yet: nothing to recluster "
+                       f"(it is {fed.state})", code="no_probe_round")
+    overrides = {k: v for k, v in (("force_k", force_k), ("features", features), ("knn", knn)) if v is not None}
+    try:
+        settings = Clustering.model_validate({**cfg.clustering.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise Invalid("; ".join(e["msg"] for e in exc.errors()), code="bad_clustering") from None
+    clusters = list(session.scalars(select(Cluster).where(Cluster.federation_id == federation_id)))
+    by_id = {c.id: c for c in clusters}
+    try:
+        run, tasks, result, root = _run_lsac(session, blobs, cfg, settings, probe_round, now)
+    except ValueError as exc:
+        raise Conflict(f"probe round {probe_round.id} cannot be clustered again: {exc}", code="no_probe_round") from None
+    members = [session.get(Client, t.client_id) for t in tasks]
+    old_labels = np.array([by_id[c.cluster_id].label if c.cluster_id in by_id else -1 for c in members])
+    matches = match_cluster_ids(old_labels, result.labels)
+    by_label = {c.label: c for c in clusters}
+    next_label = max(by_label, default=-1) + 1
+    target: dict[int, Cluster] = {}
+    created: list[int] = []
+    for new_label in sorted(matches):
+        old = matches[new_label]
+        if old is not None:
+            target[new_label] = by_label[old]
+        else:
+            target[new_label] = _new_cluster(session, blobs, cfg, federation_id, next_label, run, root, now)
+            created.append(next_label)
+            next_label += 1
+    chosen = [target[int(label)] for label in result.labels]
+    moves = [(c.id, c.name, by_id[c.cluster_id].label if c.cluster_id in by_id else None, cluster.label)
+             for c, cluster in zip(members, chosen) if c.cluster_id != cluster.id]
+    _assign(session, run, tasks, chosen, now)
+    moved_ids = [m[0] for m in moves]
+    cancelled = 0
+    if moved_ids:
+        open_rounds = select(Round.id).where(Round.federation_id == federation_id, Round.status == "open",
+                                             Round.stage.in_(("cluster", "leaf")))
+        cancelled = session.execute(
+            update(Task).where(Task.client_id.in_(moved_ids), Task.round_id.in_(open_rounds),
+                               Task.status.in_((TaskStatus.pending.value, TaskStatus.leased.value)))
+            .values(status=TaskStatus.cancelled.value, lease_expires_at=None, finished_at=now,
+                    error="the client moved to another cluster (recluster)")
+        ).rowcount or 0
+    kept = sorted({target[k].label for k, old in matches.items() if old is not None})
+    audit(session, now, "recluster", federation_id, f"clustering_run:{run.id}",
+          {"run_id": run.id, "probe_round_id": probe_round.id, "overrides": overrides, "k": run.k,
+           "clusters_kept": kept, "clusters_created": created, "moved": len(moves),
+           "tasks_cancelled": cancelled, "reason": reason[:500]})
+    log.info("recluster of federation %s: run %s, K=%s, kept %s, created %s, %s clients moved, %s tasks cancelled",
+             federation_id, run.id, run.k, kept, created, len(moves), cancelled)
+    return ReclusterOutcome(run=run, clusters_kept=kept, clusters_created=created, moves=moves,
+                            tasks_cancelled=cancelled)

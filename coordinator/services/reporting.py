@@ -28,6 +28,7 @@ def round_info(session: Session, rnd: Round) -> RoundInfo:
                      tasks_failed=counts.get(TaskStatus.failed.value, 0),
                      tasks_cancelled=counts.get(TaskStatus.cancelled.value, 0), quorum=rnd.quorum,
                      deadline_at=rnd.deadline_at, failure=rnd.failure, rho=rnd.rho,
+                     clipped_clients=rnd.clipped_clients, update_norms=rnd.update_norms,
                      created_at=rnd.created_at, closed_at=rnd.closed_at)
 
 
