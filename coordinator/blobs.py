@@ -11,6 +11,10 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
+from shared.tensors import map_tensors
+
 
 class BlobNotFound(KeyError):
     pass
@@ -61,6 +65,14 @@ class BlobStore:
     def get_bytes(self, sha256: str) -> bytes:
         try:
             return self.path(sha256).read_bytes()
+        except FileNotFoundError as exc:
+            raise BlobNotFound(sha256) from exc
+
+    def map_tensors(self, sha256: str, *, strict: bool = True) -> dict[str, np.ndarray]:
+        """A stored safetensors blob as read-only memory-mapped arrays (``shared.tensors``): the
+        data is paged in as it is used, not read and copied whole."""
+        try:
+            return map_tensors(self.path(sha256), strict=strict)
         except FileNotFoundError as exc:
             raise BlobNotFound(sha256) from exc
 

@@ -439,7 +439,7 @@ async def _upload(task_id: int, request: Request, token: str, lease_id: str,
     factory = request.app.state.session_factory
 
     def plan() -> tuple[int, int, dict]:
-        with factory() as session, session.begin():
+        with request.app.state.read_session_factory() as session, session.begin():
             client = registration.authenticate_client(session, token)
             return client.id, *tasks.upload_plan(session, client, task_id)
 
@@ -457,20 +457,17 @@ async def _receive_upload(request: Request, factory, task_id: int, token: str, l
     if declared_sha is not None and declared_sha.lower() != sha:
         tmp.unlink(missing_ok=True)
         raise Invalid(f"the body hashes to {sha}, but {SHA256_HEADER} says {declared_sha}", code="sha256_mismatch")
-    try:  # parse and check the tensors before any transaction: no lock is held for a hostile body
-        await run_in_threadpool(tasks.check_upload_body, tmp, shapes, limit)
-    except ServiceError:
-        tmp.unlink(missing_ok=True)
-        raise
 
-    def accept() -> tuple[str, int]:
+    def check_and_accept() -> tuple[str, int]:
+        # parse and check the tensors before the transaction: no lock is held for a hostile body
+        tasks.check_upload_body(tmp, shapes, limit)
         with factory() as session, session.begin():
             client = registration.authenticate_client(session, token)
             return tasks.accept_upload(session, request.app.state.blobs, client, task_id, lease_id, tmp, sha,
                                        size, _now(request), validated=True)
 
-    try:
-        sha, size = await run_in_threadpool(accept)
+    try:  # one hop to the threadpool for both
+        sha, size = await run_in_threadpool(check_and_accept)
     finally:
         tmp.unlink(missing_ok=True)
     return UploadAck(task_id=task_id, sha256=sha, bytes=size)

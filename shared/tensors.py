@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -123,9 +125,16 @@ def read_safetensors_header(data: bytes) -> dict[str, Any]:
     if HEADER_LENGTH_BYTES + header_length > len(data):
         raise _corrupt(f"header length {header_length} points past the end of "
                        f"{len(data)} bytes")
+    return _check_header(data[HEADER_LENGTH_BYTES : HEADER_LENGTH_BYTES + header_length],
+                         len(data) - HEADER_LENGTH_BYTES - header_length)
+
+
+def _check_header(raw: bytes, data_section_length: int) -> dict[str, Any]:
+    """The JSON part of ``read_safetensors_header``: ``raw`` is the header's bytes, followed in
+    the body by a data section of ``data_section_length`` bytes."""
     try:
         header = json.loads(
-            data[HEADER_LENGTH_BYTES : HEADER_LENGTH_BYTES + header_length].decode("utf-8"),
+            raw.decode("utf-8"),
             object_pairs_hook=_object_without_duplicates,
             parse_constant=_reject_constant,
         )
@@ -141,7 +150,6 @@ def read_safetensors_header(data: bytes) -> dict[str, Any]:
     ):
         raise _corrupt("__metadata__ must be an object of strings")
 
-    data_section_length = len(data) - HEADER_LENGTH_BYTES - header_length
     ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == METADATA_KEY:
@@ -191,6 +199,70 @@ def unpack_tensors(data: bytes) -> dict[str, np.ndarray]:
         return dict(safetensors.numpy.load(data))
     except Exception as error:  # the library raises several types; all mean "unparsable"
         raise _corrupt(f"{type(error).__name__}: {error}") from None
+
+
+_NUMPY_DTYPES: dict[str, str] = {
+    "BOOL": "?", "U8": "u1", "I8": "i1", "I16": "<i2", "U16": "<u2", "F16": "<f2",
+    "I32": "<i4", "U32": "<u4", "F32": "<f4", "I64": "<i8", "U64": "<u8", "F64": "<f8",
+}
+
+
+def map_tensors(path: str | os.PathLike[str], *, strict: bool = True) -> dict[str, np.ndarray]:
+    """Named read-only arrays over a safetensors file, memory-mapped instead of read and copied.
+
+    The data stays in the page cache, so a caller that walks many files tensor by tensor
+    (aggregating a round) holds one tensor's worth of its own memory at a time, not every file.
+
+    ``strict``: the header gets the full check of ``read_safetensors_header``. Without it (for
+    files that passed that check when they were accepted: it costs more than the mapping) the
+    header is only parsed, and every array must still lie inside the file with a size that
+    matches its shape, so a damaged file is refused rather than read out of bounds.
+
+    Raises:
+        TensorValidationError: reason "corrupt" on a header that fails the check, and for a
+            dtype numpy cannot map (bfloat16, float8).
+    """
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        prefix = file.read(HEADER_LENGTH_BYTES)
+        if len(prefix) < HEADER_LENGTH_BYTES:
+            raise _corrupt(f"{size} bytes, shorter than the 8-byte header length")
+        header_length = int.from_bytes(prefix, "little")
+        if header_length > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + header_length > size:
+            raise _corrupt(f"header length {header_length} does not fit a {size}-byte file")
+        raw = file.read(header_length)
+        if strict:
+            header = _check_header(raw, size - HEADER_LENGTH_BYTES - header_length)
+        else:
+            try:
+                header = json.loads(raw)
+            except (UnicodeDecodeError, ValueError, RecursionError) as error:
+                raise _corrupt(f"header is not valid JSON: {error}") from None
+            if not isinstance(header, dict):
+                raise _corrupt(f"header is a JSON {type(header).__name__}, expected an object")
+        start = HEADER_LENGTH_BYTES + header_length
+        mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if size > start else b""
+    arrays: dict[str, np.ndarray] = {}
+    for name, entry in header.items():
+        if name == METADATA_KEY:
+            continue
+        if not isinstance(entry, dict) or entry.get("dtype") not in _NUMPY_DTYPES:
+            raise _corrupt(f"tensor {name!r}: {entry!r:.80} is not an entry of a dtype numpy can map")
+        try:
+            dtype = np.dtype(_NUMPY_DTYPES[entry["dtype"]])
+            begin, end = (int(o) for o in entry["data_offsets"])
+            shape = entry["shape"]
+            if not isinstance(shape, list) or not all(_is_non_negative_int(d) for d in shape):
+                raise ValueError(f"shape must be a list of non-negative integers, got {shape!r:.80}")
+            if not 0 <= begin <= end <= size - start or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"data_offsets [{begin}, {end}] do not hold {entry['dtype']} {shape} "
+                                 f"inside the {size - start}-byte data section")
+            flat = (np.frombuffer(mapped, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
+                    if end > begin else np.empty(0, dtype))
+            arrays[name] = flat.reshape(shape)
+        except (KeyError, TypeError, ValueError) as error:
+            raise _corrupt(f"tensor {name!r}: {error}") from None
+    return arrays
 
 
 def validate_tensors(

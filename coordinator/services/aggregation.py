@@ -21,7 +21,6 @@ from shared.config import FederationConfig
 from shared.probes import factor_pairs
 from shared.robust import clip_uploads
 from shared.schemas import TaskStatus
-from shared.tensors import unpack_tensors
 
 
 def aggregate_round(session: Session, blobs: BlobStore, cfg: FederationConfig, rnd: Round,
@@ -41,7 +40,9 @@ def aggregate_round(session: Session, blobs: BlobStore, cfg: FederationConfig, r
         raise ValueError(f"round {rnd.id} has no accepted upload to aggregate")
     policy = cfg.tier_policy(tier)
     factors = policy.uploaded_factors()
-    uploads = [unpack_tensors(blobs.get_bytes(t.upload_sha256)) if factors else {} for t in tasks]
+    # memory-mapped and read target by target by the math below, so the round's uploads are never
+    # all copied into this process at once; strict=False: each was checked strictly when accepted
+    uploads = [blobs.map_tensors(t.upload_sha256, strict=False) if factors else {} for t in tasks]
     weights = [float(max(t.num_samples or 0, 1)) for t in tasks]
     uploads, clip = clip_uploads(cfg.manifest, tier, policy, previous, uploads)  # policy.clip_norm
     if clip is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 from datetime import datetime
 
 from sqlalchemy import select
@@ -56,7 +58,15 @@ def get_federation(session: Session, federation_id: int, lock: bool = False) -> 
 
 
 def federation_config(fed: Federation) -> FederationConfig:
-    return FederationConfig.model_validate(fed.config)
+    """The federation's parsed config. Parsed once per distinct config: the upload and lease paths
+    ask for it on every request (the key is the stored JSON itself, so two databases that reuse a
+    federation id never share an entry)."""
+    return _parse_config(json.dumps(fed.config, sort_keys=True, separators=(",", ":")))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_config(canonical: str) -> FederationConfig:
+    return FederationConfig.model_validate_json(canonical)
 
 
 def list_federations(session: Session) -> list[Federation]:

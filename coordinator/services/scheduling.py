@@ -22,7 +22,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobStore
@@ -60,10 +60,11 @@ def open_round(session: Session, fed: Federation, stage: str, scope: str, client
                 deadline_at=deadline, created_at=now)
     session.add(rnd)
     session.flush()
-    for cid in sorted(client_ids):
-        session.add(Task(round_id=rnd.id, federation_id=fed.id, client_id=cid, stage=stage,
-                         status=TaskStatus.pending.value, attempt=0, reset_leaf=reset_leaf, created_at=now))
-    session.flush()
+    if client_ids:  # one multi-row INSERT (ORM bulk), not one ORM object per task
+        session.execute(insert(Task), [
+            dict(round_id=rnd.id, federation_id=fed.id, client_id=cid, stage=stage, status=TaskStatus.pending.value,
+                 attempt=0, releases=0, upload_bytes=0, reset_leaf=reset_leaf, created_at=now)
+            for cid in sorted(client_ids)])
     fault_point("round_open")
     return rnd
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from shared.tensors import (
     TensorValidationError,
+    map_tensors,
     pack_tensors,
     read_safetensors_header,
     unpack_tensors,
@@ -212,6 +213,81 @@ def test_corrupt_bodies_are_refused(body):
     assert from_header.value.reason == "corrupt"
     assert from_unpack.value.reason == "corrupt"
     assert refusal(body, expected={"a": (4,), "b": (4,)}).reason == "corrupt"
+
+
+@pytest.mark.parametrize("body", CORRUPT_BODIES.values(), ids=CORRUPT_BODIES.keys())
+def test_corrupt_files_are_refused_when_mapped(body, tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(body)
+
+    with pytest.raises(TensorValidationError) as mapped:
+        map_tensors(path)
+
+    assert mapped.value.reason == "corrupt"
+
+
+def test_mapped_file_equals_unpacked_body_and_is_read_only(tmp_path):
+    tensors = {**valid_tensors(), "empty": np.zeros((0, 3), np.float32), "scalar": np.float32(2.5)}
+    body = pack_tensors(tensors, metadata={"round": "3"})
+    path = tmp_path / "blob"
+    path.write_bytes(body)
+
+    mapped = map_tensors(path)
+    unpacked = unpack_tensors(body)
+
+    assert sorted(mapped) == sorted(tensors)
+    for name, value in unpacked.items():
+        assert mapped[name].dtype == value.dtype == np.float32
+        assert mapped[name].shape == value.shape
+        np.testing.assert_array_equal(mapped[name], value)
+    with pytest.raises(ValueError, match="read-only"):
+        mapped["head.bias"][0] = 1.0
+    assert path.read_bytes() == body
+
+
+def test_mapped_file_keeps_other_dtypes_and_refuses_unmappable_ones(tmp_path):
+    path = tmp_path / "blob"
+    safetensors.numpy.save_file({"i": np.arange(6, dtype=np.int64).reshape(2, 3),
+                                 "h": np.ones(4, np.float16)}, str(path))
+    mapped = map_tensors(path)
+    np.testing.assert_array_equal(mapped["i"], np.arange(6).reshape(2, 3))
+    assert mapped["i"].dtype == np.int64 and mapped["h"].dtype == np.float16
+
+    path.write_bytes(craft_body({"a": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4]}}, bytes(4)))
+    for strict in (True, False):
+        with pytest.raises(TensorValidationError, match="numpy can map"):
+            map_tensors(path, strict=strict)
+
+
+LIGHT_CHECK_REFUSES = ["truncated body", "shorter than the length field", "empty", "garbage header",
+                       "header not utf-8", "header is a list", "header length past the end",
+                       "header length over 100 MB", "size inconsistent with shape", "end before begin",
+                       "negative dimension", "float dimension", "unknown dtype", "missing data_offsets",
+                       "entry not an object"]
+
+
+@pytest.mark.parametrize("kind", LIGHT_CHECK_REFUSES)
+def test_unchecked_mapping_still_never_reads_outside_the_file(kind, tmp_path):
+    """strict=False skips the full header check (gaps, overlaps, duplicates), but a header that
+    would read out of bounds or with the wrong size is still refused."""
+    path = tmp_path / "blob"
+    path.write_bytes(CORRUPT_BODIES[kind])
+
+    with pytest.raises(TensorValidationError) as mapped:
+        map_tensors(path, strict=False)
+
+    assert mapped.value.reason == "corrupt"
+
+
+def test_unchecked_mapping_of_a_valid_file_equals_the_strict_one(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(pack_tensors(valid_tensors()))
+
+    light, strict = map_tensors(path, strict=False), map_tensors(path)
+
+    assert sorted(light) == sorted(strict)
+    for name in strict:
+        np.testing.assert_array_equal(light[name], strict[name])
 
 
 def test_hand_crafted_good_body_is_accepted():
