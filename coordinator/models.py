@@ -168,6 +168,8 @@ class Round(Base):
     # each client's update norm and scale ([{client_id, norm, scale}]); null when clipping is off.
     clipped_clients: Mapped[int | None] = mapped_column(Integer, nullable=True)
     update_norms: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # [{client_id, reported, weight}] of an aggregated round: the weights it was computed with
+    aggregation_weights: Mapped[list | None] = mapped_column(JSON, nullable=True)
     deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     failure: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -33,6 +33,11 @@ class TierPolicy(BaseModel):
         description="robust aggregation (docs/security.md): each client's update relative to the round's "
                     "input version is scaled down to this L2 norm when longer; measured in product space "
                     "(B A) for product_svd tiers, on the factors for factor_avg, head included; null: off")
+    max_weight_ratio: float | None = Field(
+        default=None, ge=1, le=1e6,
+        description="robust aggregation (docs/security.md): a client's aggregation weight (the num_samples "
+                    "it reports) is capped at this multiple of the median weight of the round's accepted "
+                    "uploads, so no client can claim a dominating share; null: off")
 
     @model_validator(mode="after")
     def _check(self) -> "TierPolicy":

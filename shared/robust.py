@@ -131,3 +131,19 @@ def clip_uploads(manifest: AdapterManifest, tier: str, policy: TierPolicy, previ
     scales = [c / n if n > c else 1.0 for n in norms]
     clipped = [scale_update(manifest, tier, policy, previous, u, s) for u, s in zip(uploads, scales)]
     return clipped, ClipReport(clip_norm=c, norms=tuple(norms), scales=tuple(scales))
+
+
+def cap_weights(weights: Sequence[float], max_ratio: float | None) -> tuple[list[float], int]:
+    """Cap every aggregation weight at ``max_ratio`` times the median weight (``TierPolicy.
+    max_weight_ratio``). Returns the weights to aggregate with (same order) and how many were capped;
+    with ``max_ratio`` None, the weights unchanged and 0.
+
+    The median is of the weights as reported, so a minority of clients that inflate theirs moves
+    neither the cap nor anyone else's weight: each of them counts at most ``max_ratio`` honest
+    medians. Weights at or below the cap are returned bit for bit."""
+    values = [float(w) for w in weights]
+    if max_ratio is None or not values:
+        return values, 0
+    cap = float(max_ratio) * float(np.median(np.asarray(values, dtype=np.float64)))
+    capped = [min(w, cap) for w in values]
+    return capped, sum(1 for w, c in zip(values, capped) if c < w)

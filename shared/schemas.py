@@ -89,6 +89,13 @@ class UpdateNorm(BaseModel):
     scale: float
 
 
+class AggregationWeight(BaseModel):
+    client_id: int
+    reported: float = Field(description="the num_samples the client reported (at least 1)")
+    weight: float = Field(description="the weight aggregation used: reported, or the cap of "
+                                      "TierPolicy.max_weight_ratio when that is lower")
+
+
 class RoundInfo(BaseModel):
     id: int
     stage: Stage
@@ -107,6 +114,8 @@ class RoundInfo(BaseModel):
                                         "(TierPolicy.clip_norm); null when clipping is off")
     update_norms: list[UpdateNorm] | None = Field(default=None, description="each client's update norm "
                                                   "and the scale clipping applied (1: unchanged)")
+    aggregation_weights: list[AggregationWeight] | None = Field(
+        default=None, description="each client's weight in the aggregate of this round; null until aggregated")
     created_at: datetime
     closed_at: datetime | None = None
 

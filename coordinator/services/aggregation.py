@@ -19,7 +19,7 @@ from coordinator.services.adapters import load_version, write_version
 from shared.aggregate import combine_tier_uploads, relative_change
 from shared.config import FederationConfig
 from shared.probes import factor_pairs
-from shared.robust import clip_uploads
+from shared.robust import cap_weights, clip_uploads
 from shared.schemas import TaskStatus
 
 
@@ -43,7 +43,10 @@ def aggregate_round(session: Session, blobs: BlobStore, cfg: FederationConfig, r
     # memory-mapped and read target by target by the math below, so the round's uploads are never
     # all copied into this process at once; strict=False: each was checked strictly when accepted
     uploads = [blobs.map_tensors(t.upload_sha256, strict=False) if factors else {} for t in tasks]
-    weights = [float(max(t.num_samples or 0, 1)) for t in tasks]
+    reported = [float(max(t.num_samples or 0, 1)) for t in tasks]
+    weights, _ = cap_weights(reported, policy.max_weight_ratio)  # no client's claim dominates
+    rnd.aggregation_weights = [{"client_id": t.client_id, "reported": r, "weight": w}
+                               for t, r, w in zip(tasks, reported, weights)]
     uploads, clip = clip_uploads(cfg.manifest, tier, policy, previous, uploads)  # policy.clip_norm
     if clip is not None:
         rnd.clipped_clients = clip.clipped

@@ -1,4 +1,4 @@
-"""norm clipping recorded on rounds: clipped_clients and update_norms
+"""robust aggregation recorded on rounds: clipped_clients, update_norms and aggregation_weights
 
 Revision ID: 0004
 Revises: 0003
@@ -17,9 +17,11 @@ def upgrade() -> None:
     with op.batch_alter_table('rounds') as batch:
         batch.add_column(sa.Column('clipped_clients', sa.Integer(), nullable=True))
         batch.add_column(sa.Column('update_norms', sa.JSON(), nullable=True))
+        batch.add_column(sa.Column('aggregation_weights', sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table('rounds') as batch:
+        batch.drop_column('aggregation_weights')
         batch.drop_column('update_norms')
         batch.drop_column('clipped_clients')

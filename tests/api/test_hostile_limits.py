@@ -207,6 +207,8 @@ def test_out_of_range_ids_are_422_not_a_database_error(api, app):
     {"backbone_kwargs_nan": True},
     {"manifest_in_features": 10**9},
     {"root": {"clip_norm": "NaN"}},
+    {"root": {"max_weight_ratio": 0.5}},
+    {"cluster": {"max_weight_ratio": "Infinity"}},
 ])
 def test_configs_that_would_overflow_or_poison_the_database_are_422(api, app, change):
     fid, _ = create_federation(api, name="base")  # uploads the backbone
@@ -305,3 +307,46 @@ def test_norm_clipping_is_applied_and_recorded_on_the_round(api, app):
     assert hashlib.sha256(pack_tensors(reference)).hexdigest() == new_sha
     assert report.clipped == info["clipped_clients"]
     np.testing.assert_allclose([norms[c]["norm"] for c in sorted(sent)], report.norms)
+
+
+# ------------------------------------------------------------- weight capping in a real round
+
+@pytest.mark.parametrize("ratio", [None, 2.0])
+def test_inflated_num_samples_are_capped_and_every_weight_is_recorded(api, app, ratio):
+    from coordinator.models import AdapterVersion, Federation, Round
+    from shared.aggregate import combine_tier_uploads
+    from shared.config import FederationConfig
+    from shared.tensors import unpack_tensors
+
+    root = {} if ratio is None else {"max_weight_ratio": ratio}
+    fid, secret = create_federation(api, name=f"capped-{ratio}", root=root,
+                                    schedule={"min_clients": 3, "root_rounds": 2})
+    clients = [register(api, fid, secret, n, num_samples=5) for n in "abc"]
+    claims = [10, 20, 10**9]  # c lies about its data to dominate the average
+    tick(app)
+    sent = {}
+    for i, (cid, token) in enumerate(clients):
+        task = api.post(f"/v1/clients/{cid}/lease", headers=bearer(token)).json()["task"]
+        sent[cid] = valid_root_upload(seed=i, scale=0.01)
+        assert api.put(f"/v1/tasks/{task['task_id']}/upload", params={"lease_id": task["lease_id"]},
+                       content=pack_tensors(sent[cid]), headers=bearer(token)).status_code == 200
+        assert api.post(f"/v1/tasks/{task['task_id']}/complete",
+                        json={"lease_id": task["lease_id"], "num_samples": claims[i]},
+                        headers=bearer(token)).status_code == 200
+    tick(app)
+
+    info = api.get(f"/v1/federations/{fid}", headers=admin_headers()).json()["rounds"][0]
+    assert info["status"] == "done"
+    used = {w["client_id"]: (w["reported"], w["weight"]) for w in info["aggregation_weights"]}
+    liar = clients[2][0]
+    expected_liar = 10.0**9 if ratio is None else 2.0 * 20  # 2 x the median claim
+    assert used == {clients[0][0]: (10.0, 10.0), clients[1][0]: (20.0, 20.0), liar: (1e9, expected_liar)}
+    with app.state.session_factory() as s:
+        rnd = s.scalars(select(Round).where(Round.federation_id == fid, Round.number == 1)).one()
+        cfg = FederationConfig.model_validate(s.get(Federation, fid).config)
+        prev = unpack_tensors(app.state.blobs.get_bytes(s.get(AdapterVersion, rnd.input_root_version_id).blob_sha256))
+        new_sha = s.get(AdapterVersion, rnd.result_version_id).blob_sha256
+    reference = combine_tier_uploads(cfg.manifest, "root", cfg.root, prev, [sent[c] for c in sorted(sent)],
+                                     [used[c][1] for c in sorted(sent)])
+    assert hashlib.sha256(pack_tensors(reference)).hexdigest() == new_sha
+

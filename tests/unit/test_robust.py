@@ -161,3 +161,54 @@ def test_clip_norm_is_off_by_default_and_positive():
         TierPolicy(clip_norm=0)
     with pytest.raises(ValueError):
         TierPolicy(clip_norm=float("inf"))
+
+
+# ------------------------------------------------------------------------------- weight capping
+
+def _cap_reference(weights, ratio):
+    """Slow and obvious: sort to find the median, then cap one by one."""
+    ordered = sorted(float(w) for w in weights)
+    n = len(ordered)
+    median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+    out, capped = [], 0
+    for w in weights:
+        if w > ratio * median:
+            out.append(ratio * median)
+            capped += 1
+        else:
+            out.append(float(w))
+    return out, capped
+
+
+@pytest.mark.parametrize("weights, ratio", [
+    ([50, 60, 70, 1e9], 2.0),          # one client claims a billion samples
+    ([50, 60, 70, 80], 2.0),           # honest round: nothing changes
+    ([5, 5, 1e9, 1e9, 5], 3.0),        # a minority of two liars
+    ([1, 100], 1.0),                   # even count: the median is the mean of the middle two
+    ([7], 1.0),
+])
+def test_cap_weights_matches_the_reference(weights, ratio):
+    from shared.robust import cap_weights
+
+    got, capped = cap_weights(weights, ratio)
+    expected, expected_capped = _cap_reference(weights, ratio)
+
+    assert got == pytest.approx(expected, rel=0, abs=0)
+    assert capped == expected_capped
+
+
+def test_cap_weights_off_or_empty_returns_weights_unchanged():
+    from shared.robust import cap_weights
+
+    assert cap_weights([3, 1e9], None) == ([3.0, 1e9], 0)
+    assert cap_weights([], 2.0) == ([], 0)
+
+
+def test_a_capped_liar_gets_at_most_ratio_medians_of_share():
+    from shared.robust import cap_weights
+
+    honest = [100.0] * 9
+    weights, capped = cap_weights(honest + [1e9], 2.0)
+
+    assert capped == 1 and weights[-1] == 200.0 and weights[:9] == honest
+    assert weights[-1] / sum(weights) == pytest.approx(200 / 1100)
