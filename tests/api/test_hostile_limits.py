@@ -191,12 +191,25 @@ def test_out_of_range_ids_are_422_not_a_database_error(api, app):
         assert r.status_code == 422, (url, r.status_code, r.text)
     r = api.post(f"/v1/clients/{2**40}/lease", headers=bearer(world.token_a))
     assert r.status_code == 422
-    # a route that does not bound its ids (the operator view): the database's refusal is a 422 too
+    # the operator view bounds its ids like every route (DbId): refused before the database
     r = api.get(f"/v1/federations/{2**31}/timeline", headers=admin_headers())
-    assert r.status_code in (404, 422) and r.json()["error"] in ("federation_not_found", "invalid_value")
+    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
     r = api.post(f"/v1/federations/{world.federation_id}/clients", json={"name": "big", "num_samples": 10**12},
                  headers=bearer(world.secret))
     assert r.status_code == 422
+
+
+def test_a_database_refusal_of_a_value_is_422_not_500(app):
+    """The fallback for a value no route bounds: the database's DataError becomes 422 invalid_value."""
+    from sqlalchemy.exc import DataError
+
+    def refused_by_the_database():
+        raise DataError("INSERT ...", {}, Exception("integer out of range"))
+
+    app.add_api_route("/v1/test-data-error", refused_by_the_database)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/v1/test-data-error")
+    assert r.status_code == 422 and r.json()["error"] == "invalid_value"
 
 
 @pytest.mark.parametrize("change", [
