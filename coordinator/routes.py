@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from coordinator.blobs import fsync_file, start_writeback
 from coordinator.errors import (
     Conflict,
     Forbidden,
@@ -69,6 +70,7 @@ from shared.schemas import (
 )
 
 MAX_BLOB_BYTES = 4 * 1024**3
+WRITEBACK_BYTES = 1 << 20  # start writing a streamed body to disk every MiB
 CHUNK = 1 << 20
 
 
@@ -397,7 +399,7 @@ async def _stream_to_temp(request: Request, limit: int) -> tuple[str, int, FileP
         raise PayloadTooLarge(f"the body is {declared} bytes; the limit for this request is {limit}")
     fd, tmp = request.app.state.blobs.temp_file()
     digest = hashlib.sha256()
-    size = 0
+    size = written_back = 0
     try:
         with os.fdopen(fd, "wb") as fh:
             async for chunk in request.stream():
@@ -406,6 +408,10 @@ async def _stream_to_temp(request: Request, limit: int) -> tuple[str, int, FileP
                     raise PayloadTooLarge(f"the body passed the limit of {limit} bytes for this request")
                 digest.update(chunk)
                 fh.write(chunk)
+                if size - written_back >= WRITEBACK_BYTES:  # the disk works while we receive
+                    fh.flush()
+                    start_writeback(fd, written_back, size - written_back)
+                    written_back = size
     except ClientDisconnect:
         tmp.unlink(missing_ok=True)
         raise ServiceError(f"the client went away after {size} bytes", code="client_disconnected") from None
@@ -459,8 +465,10 @@ async def _receive_upload(request: Request, factory, task_id: int, token: str, l
         raise Invalid(f"the body hashes to {sha}, but {SHA256_HEADER} says {declared_sha}", code="sha256_mismatch")
 
     def check_and_accept() -> tuple[str, int]:
-        # parse and check the tensors before the transaction: no lock is held for a hostile body
+        # parse and check the tensors before the transaction: no lock is held for a hostile body;
+        # then make the body durable before the database may say it was accepted
         tasks.check_upload_body(tmp, shapes, limit)
+        fsync_file(tmp)
         with factory() as session, session.begin():
             client = registration.authenticate_client(session, token)
             return tasks.accept_upload(session, request.app.state.blobs, client, task_id, lease_id, tmp, sha,

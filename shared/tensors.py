@@ -222,6 +222,12 @@ def map_tensors(path: str | os.PathLike[str], *, strict: bool = True) -> dict[st
         TensorValidationError: reason "corrupt" on a header that fails the check, and for a
             dtype numpy cannot map (bfloat16, float8).
     """
+    header, start, size, mapped = _open_mapped(path, strict)
+    return _mapped_arrays(header, mapped, start, size)
+
+
+def _open_mapped(path: str | os.PathLike[str], strict: bool) -> tuple[dict[str, Any], int, int, Any]:
+    """(header, offset of the data section, file size, read-only map of the file) of a file."""
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         prefix = file.read(HEADER_LENGTH_BYTES)
@@ -242,6 +248,10 @@ def map_tensors(path: str | os.PathLike[str], *, strict: bool = True) -> dict[st
                 raise _corrupt(f"header is a JSON {type(header).__name__}, expected an object")
         start = HEADER_LENGTH_BYTES + header_length
         mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if size > start else b""
+    return header, start, size, mapped
+
+
+def _mapped_arrays(header: dict[str, Any], mapped: Any, start: int, size: int) -> dict[str, np.ndarray]:
     arrays: dict[str, np.ndarray] = {}
     for name, entry in header.items():
         if name == METADATA_KEY:
@@ -286,29 +296,13 @@ def validate_tensors(
             "too_large", f"body of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     data = bytes(data)
     header = read_safetensors_header(data)
-    expected_shapes = {name: tuple(int(d) for d in shape) for name, shape in expected.items()}
-    present = set(header) - {METADATA_KEY}
-    missing = sorted(set(expected_shapes) - present)
-    if missing:
-        raise TensorValidationError(
-            "missing_key", f"missing tensors {missing}; expected {sorted(expected_shapes)}")
-    extra = sorted(present - set(expected_shapes))
-    if extra:
-        raise TensorValidationError(
-            "extra_key", f"unexpected tensors {extra}; expected {sorted(expected_shapes)}")
+    expected_shapes = _check_entries(header, expected)
 
     data_start = HEADER_LENGTH_BYTES + int.from_bytes(data[:HEADER_LENGTH_BYTES], "little")
     arrays: dict[str, np.ndarray] = {}
     for name in sorted(expected_shapes):
         entry = header[name]
-        if entry["dtype"] != "F32":
-            raise TensorValidationError(
-                "wrong_dtype", f"tensor {name!r}: expected dtype F32, got {entry['dtype']}")
-        shape = tuple(entry["shape"])
-        if shape != expected_shapes[name]:
-            raise TensorValidationError(
-                "wrong_shape",
-                f"tensor {name!r}: expected shape {expected_shapes[name]}, got {shape}")
+        shape = expected_shapes[name]
         begin = data_start + entry["data_offsets"][0]
         array = np.frombuffer(data, dtype="<f4", count=math.prod(shape), offset=begin)
         arrays[name] = array.astype(np.float32).reshape(shape)
@@ -320,3 +314,56 @@ def validate_tensors(
                 f"tensor {name!r}: expected finite values, got {bad} NaN or infinite "
                 f"of {array.size}")
     return arrays
+
+
+def _check_entries(header: dict[str, Any], expected: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """Names ("missing_key", then "extra_key"), then per tensor in sorted name order dtype != F32
+    ("wrong_dtype") and shape ("wrong_shape"). Returns the expected shapes as int tuples."""
+    expected_shapes = {name: tuple(int(d) for d in shape) for name, shape in expected.items()}
+    present = set(header) - {METADATA_KEY}
+    missing = sorted(set(expected_shapes) - present)
+    if missing:
+        raise TensorValidationError(
+            "missing_key", f"missing tensors {missing}; expected {sorted(expected_shapes)}")
+    extra = sorted(present - set(expected_shapes))
+    if extra:
+        raise TensorValidationError(
+            "extra_key", f"unexpected tensors {extra}; expected {sorted(expected_shapes)}")
+    for name in sorted(expected_shapes):
+        entry = header[name]
+        if entry["dtype"] != "F32":
+            raise TensorValidationError(
+                "wrong_dtype", f"tensor {name!r}: expected dtype F32, got {entry['dtype']}")
+        shape = tuple(entry["shape"])
+        if shape != expected_shapes[name]:
+            raise TensorValidationError(
+                "wrong_shape",
+                f"tensor {name!r}: expected shape {expected_shapes[name]}, got {shape}")
+    return expected_shapes
+
+
+def validate_tensor_file(path: str | os.PathLike[str], expected: Mapping[str, tuple[int, ...]],
+                         max_bytes: int) -> None:
+    """``validate_tensors`` for a body already on disk (an upload streamed to a temp file): the
+    same checks in the same order with the same reasons, but the file is memory-mapped, not read
+    into memory and copied, and finiteness is checked without temporary arrays (a NaN makes the
+    minimum NaN, an infinity is the minimum or the maximum).
+
+    Raises:
+        TensorValidationError: as ``validate_tensors``.
+    """
+    size = os.stat(path).st_size
+    if size > max_bytes:
+        raise TensorValidationError(
+            "too_large", f"body of {size} bytes exceeds the limit of {max_bytes} bytes")
+    header, start, size, mapped = _open_mapped(path, strict=True)
+    _check_entries(header, expected)
+    arrays = _mapped_arrays(header, mapped, start, size)
+    for name in sorted(arrays):
+        array = arrays[name]
+        if array.size and not (math.isfinite(array.min()) and math.isfinite(array.max())):
+            bad = int(np.count_nonzero(~np.isfinite(array)))
+            raise TensorValidationError(
+                "non_finite",
+                f"tensor {name!r}: expected finite values, got {bad} NaN or infinite "
+                f"of {array.size}")

@@ -33,7 +33,7 @@ from shared.schemas import (
     TaskAssignment,
     TaskStatus,
 )
-from shared.tensors import TensorValidationError, validate_tensors
+from shared.tensors import TensorValidationError, validate_tensor_file
 
 STAGE_TIER = {"root": "root", "probe": "root", "cluster": "cluster", "leaf": "leaf"}
 
@@ -215,7 +215,7 @@ def check_upload_body(path: Path, shapes: dict[str, tuple[int, ...]], limit: int
     """Validate a streamed body against its task's manifest shapes, outside any transaction (a
     hostile body is parsed without holding a database lock). Raises 413 / 422 with the reason."""
     try:
-        validate_tensors(path.read_bytes(), shapes, limit)
+        validate_tensor_file(path, shapes, limit)  # mapped, never read whole into memory
     except TensorValidationError as exc:
         if exc.reason == "too_large":
             raise PayloadTooLarge(str(exc), code="too_large") from exc

@@ -17,6 +17,7 @@ from shared.tensors import (
     pack_tensors,
     read_safetensors_header,
     unpack_tensors,
+    validate_tensor_file,
     validate_tensors,
 )
 
@@ -346,3 +347,57 @@ def test_property_mutated_valid_body_only_ever_raises_tensor_validation_error(po
                                 "wrong_dtype", "non_finite"}
     else:
         assert result["a"].shape == (4,) and np.all(np.isfinite(result["b"]))
+
+
+def _bad_bodies() -> dict[str, tuple[bytes, dict]]:
+    good = valid_tensors()
+    nan, inf = dict(good), dict(good)
+    nan["head.bias"] = nan["head.bias"].copy()
+    nan["head.bias"][2] = np.nan
+    inf["blocks.0.q.lora_A"] = inf["blocks.0.q.lora_A"].copy()
+    inf["blocks.0.q.lora_A"][1, 1] = -np.inf
+    missing = {k: v for k, v in good.items() if k != "head.bias"}
+    extra = {**good, "x": np.zeros(2, np.float32)}
+    shape = {**good, "head.bias": np.zeros(6, np.float32)}
+    huge = {k: np.full_like(v, 3e38) for k, v in good.items()}
+    return {
+        "good": (pack_tensors(good), EXPECTED),
+        "huge but finite": (pack_tensors(huge), EXPECTED),
+        "nan": (safetensors.numpy.save(nan), EXPECTED),
+        "inf": (safetensors.numpy.save(inf), EXPECTED),
+        "missing": (pack_tensors(missing), EXPECTED),
+        "extra": (pack_tensors(extra), EXPECTED),
+        "shape": (pack_tensors(shape), EXPECTED),
+        "float64": (safetensors.numpy.save({k: v.astype(np.float64) for k, v in good.items()}), EXPECTED),
+        "bfloat16-like": (craft_body({n: {"dtype": "BF16", "shape": list(s), "data_offsets": [0, 0]}
+                                      for n, s in EXPECTED.items()}, b""), EXPECTED),
+        "too large": (pack_tensors(good), EXPECTED),
+        **{f"corrupt: {k}": (v, {"a": (4,), "b": (4,)}) for k, v in CORRUPT_BODIES.items()},
+    }
+
+
+@pytest.mark.parametrize("kind", list(_bad_bodies()))
+def test_file_validation_gives_the_same_verdict_as_the_bytes_validation(kind, tmp_path):
+    body, expected = _bad_bodies()[kind]
+    limit = 64 if kind == "too large" else LIMIT
+    path = tmp_path / "upload"
+    path.write_bytes(body)
+
+    try:
+        validate_tensors(body, expected, limit)
+        from_bytes = None
+    except TensorValidationError as exc:
+        from_bytes = (exc.reason, exc.message)
+    try:
+        validate_tensor_file(path, expected, limit)
+        from_file = None
+    except TensorValidationError as exc:
+        from_file = (exc.reason, exc.message)
+
+    if kind in ("good", "huge but finite"):
+        assert from_bytes is None and from_file is None
+    else:
+        assert from_bytes is not None and from_file is not None
+        assert from_file[0] == from_bytes[0]
+        if from_file[0] != "corrupt":  # the header-length wording differs between the two readers
+            assert from_file[1] == from_bytes[1]
