@@ -394,6 +394,105 @@ def demo(
         show(summary)
 
 
+def _split_values(values: Optional[list[str]]) -> list[str]:
+    return [v.strip() for value in values or () for v in value.split(",") if v.strip()]
+
+
+@app.command()
+def bench(
+    partition: Annotated[Optional[str], typer.Option(
+        help="built-in partition name or a partition file (default: the demo's)")] = None,
+    methods: Annotated[Optional[list[str]], typer.Option(
+        "--methods", "-m", help="methods to run, comma-separated or repeated (default: all; see docs/usage.md): "
+                                "hilora, local, fedit, flexlora, fedsa, ffa, no-cluster, no-ortho, kmeans-flat, "
+                                "lsac-subspace, lsac-update, lsac-paper")] = None,
+    rounds: Annotated[Optional[str], typer.Option(
+        help="R/C/L: hilora's root/cluster/leaf rounds; flat baselines run R+C+L rounds "
+             "(default 2/2/1 with --quick, 20/20/10 with --full)")] = None,
+    seed: Annotated[int, typer.Option(help="training, initialisation and clustering seed")] = 0,
+    seeds: Annotated[Optional[list[str]], typer.Option(
+        help="several seeds (comma-separated or repeated; overrides --seed): numbers are means over seeds")] = None,
+    quick: Annotated[Optional[bool], typer.Option(
+        "--quick/--full", help="--quick: the demo's training settings, 2/2/1 rounds, minutes on a CPU; --full: "
+                               "20/20/10 rounds, 5 unseen leaf rounds. Default: --quick without a CUDA device")] = None,
+    local_epochs: Annotated[Optional[int], typer.Option(min=1, help="local epochs per round, every method")] = None,
+    unseen_leaf_rounds: Annotated[Optional[int], typer.Option(min=0, help="leaf rounds of unseen clients")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="write the numbers as JSON here")] = None,
+    plots: Annotated[Optional[Path], typer.Option(help="write PNG plots into this directory")] = None,
+    threads: Annotated[int, typer.Option(
+        min=1, help="torch CPU threads (the demo backbone is tiny: on a busy machine more than 1 is much slower)")
+                       ] = 1,
+    device: Annotated[str, typer.Option(help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
+) -> None:
+    """Compare HiLoRA with federated-LoRA baselines and its ablations on one partition, in one process:
+    the same data, backbone, rounds and local epochs for every method."""
+    from dataclasses import replace
+
+    from hilora.bench import (
+        check_partition_data,
+        default_methods,
+        format_table,
+        parse_methods,
+        parse_rounds,
+        preset,
+        run_bench,
+        write_outputs,
+    )
+
+    try:
+        chosen = parse_methods(_split_values(methods))
+    except ValueError as exc:
+        _fail(str(exc))
+    seed_values = _split_values(seeds) if seeds else [str(seed)]
+    bad = [s for s in seed_values if not s.lstrip("-").isdigit()]
+    if bad:
+        _fail(f"--seeds must be integers, got {', '.join(map(repr, bad))}")
+    seed_list = [int(s) for s in seed_values]
+    if len(set(seed_list)) != len(seed_list):
+        _fail("--seeds repeats a seed")
+    for path, what in ((report, "--report"), (plots, "--plots")):
+        if path is not None and ((what == "--report" and path.is_dir()) or (what == "--plots" and path.is_file())):
+            _fail(f"{what} {path}: is a {'directory' if path.is_dir() else 'file'}")
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device.startswith("cuda") and not torch.cuda.is_available():
+        _fail(f"--device {device}: no CUDA device is available")
+    elif device != "cpu" and not device.startswith("cuda"):
+        _fail(f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if quick is None:
+        quick = not device.startswith("cuda")
+    opts = preset(quick)
+    if partition is not None:
+        opts = replace(opts, partition=partition)
+    try:
+        if rounds is not None:
+            root_rounds, cluster_rounds, leaf_rounds = parse_rounds(rounds)
+            opts = replace(opts, root_rounds=root_rounds, cluster_rounds=cluster_rounds, leaf_rounds=leaf_rounds)
+        check_partition_data(opts.partition)
+    except ValueError as exc:
+        _fail(str(exc))
+    opts = replace(opts, device=device, threads=threads,
+                   local_epochs=local_epochs or opts.local_epochs,
+                   unseen_leaf_rounds=opts.unseen_leaf_rounds if unseen_leaf_rounds is None else unseen_leaf_rounds)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    chosen = chosen or default_methods(opts)
+    typer.echo(f"hilora bench ({'quick' if quick else 'full'}, {device}, {opts.threads} threads): "
+               f"{', '.join(chosen)} on {opts.partition}, seeds {seed_list}")
+    try:
+        result = run_bench(opts, chosen, seed_list, say=lambda m: typer.echo(m, err=True))
+    except ValueError as exc:
+        _fail(str(exc), code=1)
+    typer.echo(format_table(result))
+    written = write_outputs(result, report, plots)
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     app()
 

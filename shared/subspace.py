@@ -388,6 +388,18 @@ class LsacResult:
     affinity: np.ndarray
 
 
+
+def _clustering_distances(D: np.ndarray) -> np.ndarray:
+    """D checked (square, finite, non-negative, at least one point), symmetrised, zero diagonal."""
+    distance = _square_matrix(D, "D")
+    if distance.shape[0] == 0:
+        raise ValueError("no points to cluster")
+    if np.any(distance < 0):
+        raise ValueError("distances must be non-negative")
+    distance = (distance + distance.T) / 2.0
+    np.fill_diagonal(distance, 0.0)
+    return distance
+
 def lsac(
     D: np.ndarray,
     k_min: int = 1,
@@ -411,14 +423,8 @@ def lsac(
     D must be square, finite and non-negative; it is symmetrised and its diagonal set to zero.
     Groups smaller than ``knn + 1`` points tend to merge with a neighbour: lower ``knn`` for them.
     """
-    distance = _square_matrix(D, "D")
+    distance = _clustering_distances(D)
     n = distance.shape[0]
-    if n == 0:
-        raise ValueError("no points to cluster")
-    if np.any(distance < 0):
-        raise ValueError("distances must be non-negative")
-    distance = (distance + distance.T) / 2.0
-    np.fill_diagonal(distance, 0.0)
     affinity = self_tuning_affinity(distance, knn)
     eigenvalues = normalized_laplacian_eigenvalues(affinity)
     gap_count = max(0, min(k_max, n - 1))
@@ -495,3 +501,77 @@ def match_cluster_ids(
         if overlap[row, col] > 0:
             matches[int(new_ids[row])] = int(old_ids[col])
     return matches
+
+
+def update_gram(
+    clients: Sequence[Mapping[str, Factors]],
+    root: Mapping[str, Factors],
+    head_deltas: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
+    """Gram matrix (n x n) of the clients' flattened updates ``dW_i = B_i A_i - B_root A_root``
+    (all targets in sorted name order, then ``head_deltas[i]`` when given), from the factors: the
+    un-normalised inner products behind ``update_similarity``."""
+    return _update_gram(clients, root, head_deltas)
+
+
+def gram_kmeans_labels(gram: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """k-means on the points whose inner products are ``gram`` (n x n, symmetric PSD), canonical labels.
+
+    The points are embedded exactly (up to a rotation) as the rows of ``V sqrt(L)`` for the
+    eigendecomposition ``gram = V L V^T`` (negative round-off eigenvalues clipped to 0), so this
+    is k-means on the original vectors (e.g. flattened updates, ``update_gram``) without forming
+    them. ``KMeans(n_init=10, random_state=seed)``; ``k`` is clamped to [1, n].
+    """
+    matrix = _square_matrix(gram, "gram")
+    n = matrix.shape[0]
+    if n == 0:
+        raise ValueError("no points to cluster")
+    k = int(min(max(k, 1), n))
+    if k == 1:
+        return np.zeros(n, dtype=np.int64)
+    eigenvalues, vectors = np.linalg.eigh((matrix + matrix.T) / 2.0)
+    embedding = vectors * np.sqrt(np.clip(eigenvalues, 0.0, None))[None, :]
+    from sklearn.cluster import KMeans  # imported here, as in spectral_labels
+
+    kmeans = KMeans(n_clusters=k, n_init=10, random_state=seed)
+    return canonical_labels(kmeans.fit_predict(embedding))
+
+
+def median_sigma_affinity(D: np.ndarray) -> np.ndarray:
+    """The paper's affinity ``S_ij = exp(-D_ij^2 / (2 sigma^2))``, sigma = the median off-diagonal
+    distance (floored at 1e-12), zero diagonal."""
+    distance = _square_matrix(D, "D")
+    n = distance.shape[0]
+    if n < 2:
+        return np.zeros((n, n), dtype=np.float64)
+    sigma = max(float(np.median(distance[np.triu_indices(n, k=1)])), _SIGMA_FLOOR)
+    affinity = np.exp(-(distance**2) / (2.0 * sigma**2))
+    np.fill_diagonal(affinity, 0.0)
+    return affinity
+
+
+def lsac_paper(D: np.ndarray, k_min: int = 1, k_max: int = 10, seed: int = 0) -> LsacResult:
+    """LSAC as the paper writes it (method.md section 4), for comparison with ``lsac``.
+
+    ``median_sigma_affinity`` (no self-tuning kernel), K = argmax of the eigengap
+    ``lambda_{k+1} - lambda_k`` of the normalised Laplacian over k in [k_min, min(k_max, n - 1)]
+    (so K = 1 is possible with k_min = 1; smallest k on ties), spectral clustering with that K and
+    no contrast test (``contrast_ratio`` is still computed for K >= 2, for reporting).
+    """
+    if k_min < 1 or k_max < k_min:
+        raise ValueError(f"need 1 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
+    distance = _clustering_distances(D)
+    n = distance.shape[0]
+    affinity = median_sigma_affinity(distance)
+    eigenvalues = normalized_laplacian_eigenvalues(affinity)
+    eigengaps = np.diff(eigenvalues)[: max(0, min(k_max, n - 1))]
+    highest = min(k_max, n - 1)
+    if highest < 1:
+        labels = np.zeros(n, dtype=np.int64)
+    else:
+        lowest = min(k_min, highest)
+        chosen = lowest + int(np.argmax(eigengaps[lowest - 1 : highest]))
+        labels = spectral_labels(affinity, chosen, seed)
+    contrast_ratio = between_within_distance_ratio(distance, labels) if labels.max() >= 1 else None
+    return LsacResult(k=int(labels.max()) + 1, labels=labels, eigenvalues=eigenvalues, eigengaps=eigengaps,
+                      contrast_ratio=contrast_ratio, affinity=affinity)
