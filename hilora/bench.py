@@ -729,11 +729,16 @@ def format_table(report: dict[str, Any]) -> str:
     r = report["rounds"]
     lines = ["", (f"partition {report['partition']}, seeds {seeds}, rounds {r['root']}/{r['cluster']}/{r['leaf']} "
                   f"(total {r['total']}), {r['local_epochs']} local epochs"),
-             "", f"{'method':<14} {'mean %':>7} {'p10 %':>7} {'worst %':>8} {'uploaded MB':>12} {'seconds':>8}"]
+             "", f"{'method':<14} {'mean %':>7} {'(spread)':>8} {'p10 %':>7} {'(spread)':>8} {'worst %':>8} "
+                 f"{'uploaded MB':>12} {'seconds':>8}"]
+
+    def spread(value: float | None) -> str:  # the standard deviation over seeds, in points
+        return f"+-{100 * value:.1f}" if len(seeds) > 1 and value is not None else "-"
+
     for name, m in report["methods"].items():
-        spread = f"  +-{100 * m['mean_spread']:.1f}" if len(seeds) > 1 and m["mean_spread"] is not None else ""
-        lines.append(f"{name:<14} {_pct(m['mean']):>7} {_pct(m['p10']):>7} {_pct(m['worst']):>8} "
-                     f"{m['bytes_uploaded'] / 1e6:>12.3f} {m['seconds']:>8.1f}{spread}")
+        lines.append(f"{name:<14} {_pct(m['mean']):>7} {spread(m['mean_spread']):>8} {_pct(m['p10']):>7} "
+                     f"{spread(m['p10_spread']):>8} {_pct(m['worst']):>8} "
+                     f"{m['bytes_uploaded'] / 1e6:>12.3f} {m['seconds']:>8.1f}")
     unseen = {k: v for k, v in report["unseen"].items() if v["n"]}
     if unseen:
         lines += ["", (f"unseen clients (n = {next(iter(unseen.values()))['n']}): "
