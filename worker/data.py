@@ -41,7 +41,7 @@ holds). Everything is a deterministic function of (partition spec, client name).
 
 Data on local disk (``worker/datasets.py``) is named by the same kind of file, with
 ``"dataset": "imagefolder"`` (one folder per client), ``"cifar100"`` (torchvision's
-``cifar-100-python`` layout, the paper's SC-Dir / GL-Dir / Patho partitions) or ``"domainnet"``
+``cifar-100-safetensors`` layout, the paper's SC-Dir / GL-Dir / Patho partitions) or ``"domainnet"``
 (one ImageFolder per domain); ``client_arrays`` and ``partition_clients`` dispatch on the kind.
 """
 
@@ -196,7 +196,7 @@ class ImageFolderPartitionSpec(_DiskSpec):
 
 
 class Cifar100PartitionSpec(_DiskSpec):
-    """CIFAR-100 from ``<root>/cifar-100-python/{train,test}`` split over ``clients`` clients by
+    """CIFAR-100 from ``<root>/cifar-100-safetensors/{train,test}`` split over ``clients`` clients by
     one of the paper's schemes (see ``worker.datasets.cifar100_split`` for exactly what each does)."""
 
     dataset: Literal["cifar100"]

@@ -24,11 +24,10 @@ not a PNG/JPEG inside a class folder, or any file directly in ``train/``/``test/
 A client without ``train/`` or ``test/``, or without any image in one of them, is an error.
 ``train_indices``/``test_indices`` index the client's train/test files sorted by (label, name).
 
-**CIFAR-100** (``load_cifar100``, ``cifar100_split``): torchvision's on-disk layout,
-``<root>/cifar-100-python/{train,test}``: pickled dicts with ``data`` (N x 3072 uint8, RGB planes),
-``fine_labels`` and ``coarse_labels``. They are read by a restricted unpickler that builds only
-dicts, lists, strings, bytes, numbers and numpy arrays and refuses any other global, so a crafted
-file cannot run code. Every training image goes to at most one client (the whole training set is
+**CIFAR-100** (``load_cifar100``, ``cifar100_split``): safetensors converted from torchvision's files,
+``<root>/cifar-100-safetensors/{train,test}``: safetensors files with ``data`` (N x 3072 uint8,
+RGB planes), ``fine_labels`` and ``coarse_labels``, converted once from torchvision's pickles
+(docs/partitions.md; nothing here unpickles). Every training image goes to at most one client (the whole training set is
 used by ``gldir`` and ``scdir``); each class's test images are cut among the clients in the same
 shares as that class's training images, so a client's test set follows its training label mix and
 no test image is seen by two clients. See ``cifar100_split`` for the three schemes.
@@ -43,11 +42,8 @@ the domain's clients by Dirichlet shares as in ``gldir``. Each domain is one lat
 
 from __future__ import annotations
 
-import codecs
-import io
 import json
 import os
-import pickle
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import safetensors.numpy
 
 from worker.data import (
     _NAME_PATTERN,
@@ -75,7 +72,7 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test")
-CIFAR_FOLDER = "cifar-100-python"
+CIFAR_FOLDER = "cifar-100-safetensors"
 CIFAR_IMAGE_SIZE = 32
 CIFAR_FINE_CLASSES = 100
 CIFAR_COARSE_CLASSES = 20
@@ -275,71 +272,6 @@ def load_imagefolder_client(root: str | os.PathLike, client: str, image_size: in
                       test_indices=np.arange(len(test.files), dtype=np.int64))
 
 
-# --------------------------------------------------------------------------- restricted unpickling
-
-def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: str) -> np.ndarray:
-    """numpy's protocol-5 array rebuild, reimplemented: bytes -> array of a plain dtype."""
-    dtype = np.dtype(dtype)
-    if dtype.hasobject:
-        raise pickle.UnpicklingError("arrays of Python objects are not allowed")
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order).copy()
-
-
-_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]
-_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
-    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
-    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): codecs.encode,
-}
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that only builds plain containers (dict, list, tuple), strings, bytes, numbers
-    and numpy arrays of plain dtypes: ``find_class`` admits numpy's array/dtype rebuilders and
-    ``_codecs.encode`` (how Python 3 pickles bytes at protocol 2) and refuses every other global,
-    so loading a crafted file cannot call anything else."""
-
-    def __init__(self, file: io.BufferedIOBase, source: str) -> None:
-        super().__init__(file, encoding="latin1")
-        self.source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        allowed = _ALLOWED_GLOBALS.get((module, name))
-        if allowed is None:
-            raise pickle.UnpicklingError(
-                f"{self.source}: refusing to unpickle the global {module}.{name} (only dicts, lists, "
-                f"strings, bytes, numbers and numpy arrays are allowed)")
-        return allowed
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise pickle.UnpicklingError(f"{self.source}: refusing a persistent id in the pickle")
-
-
-def read_restricted_pickle(path: str | os.PathLike) -> Any:
-    """The object pickled in ``path``, built by ``RestrictedUnpickler`` (Python 2 pickles read with
-    latin-1 strings, as torchvision does).
-
-    Raises:
-        ValueError: the file is missing, truncated, not a pickle, or refers to a forbidden global
-            (the message names the file).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist")
-    try:
-        with path.open("rb") as fh:
-            return RestrictedUnpickler(fh, str(path)).load()
-    except pickle.UnpicklingError as exc:
-        message = str(exc)
-        raise ValueError(message if message.startswith(str(path)) else f"{path}: not a valid pickle: {message}") from None
-    except Exception as exc:  # noqa: BLE001 - any failure of a malformed file is the file's fault
-        raise ValueError(f"{path}: not a valid pickle ({type(exc).__name__}: {exc})") from None
-
-
 # --------------------------------------------------------------------------- CIFAR-100
 
 @dataclass(frozen=True)
@@ -367,18 +299,18 @@ def _labels(value: Any, n: int, limit: int, key: str, path: Path) -> np.ndarray:
 
 
 def read_cifar100_split(path: str | os.PathLike) -> CifarSplit:
-    """One CIFAR-100 pickle (``train`` or ``test``) as a ``CifarSplit``, validated.
+    """One CIFAR-100 split file (``train`` or ``test``, safetensors) as a ``CifarSplit``, validated.
 
     Raises:
-        ValueError: the file is missing or unreadable, refused by the restricted unpickler, not a
-            dict with ``data`` (N x 3072 uint8), ``fine_labels`` and ``coarse_labels`` (N ints in
-            range), or a fine class appears under two superclasses.
+        ValueError: the file is missing or not safetensors, lacks ``data`` (N x 3072 uint8),
+            ``fine_labels`` or ``coarse_labels`` (N ints in range), or a fine class appears under
+            two superclasses.
     """
     path = Path(path)
-    raw = read_restricted_pickle(path)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a pickled dict, found {type(raw).__name__}")
-    entries = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in raw.items()}
+    try:
+        entries = safetensors.numpy.load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - any failure of a malformed file is the file's fault
+        raise ValueError(f"{path}: not a valid safetensors file ({type(exc).__name__}: {exc})") from None
     missing = [k for k in ("data", "fine_labels", "coarse_labels") if k not in entries]
     if missing:
         raise ValueError(f"{path}: missing keys {missing} (found {sorted(map(str, entries))})")
@@ -403,15 +335,16 @@ def read_cifar100_split(path: str | os.PathLike) -> CifarSplit:
 
 
 def cifar100_folder(root: str | os.PathLike) -> Path:
-    """``<root>/cifar-100-python``, torchvision's folder for CIFAR-100.
+    """``<root>/cifar-100-safetensors``, CIFAR-100 converted to safetensors (docs/partitions.md).
 
     Raises:
         ValueError: the folder or its ``train``/``test`` files are missing (never downloads).
     """
     folder = Path(root).expanduser() / CIFAR_FOLDER
     if not folder.is_dir():
-        raise ValueError(f"no CIFAR-100 at {folder}: expected torchvision's layout "
-                         f"<root>/{CIFAR_FOLDER}/{{train,test}} (nothing is downloaded)")
+        raise ValueError(f"no CIFAR-100 at {folder}: expected <root>/{CIFAR_FOLDER}/{{train,test}} as "
+                         f"safetensors, converted once from torchvision's files (docs/partitions.md; "
+                         f"nothing is downloaded)")
     for split in SPLITS:
         if not (folder / split).is_file():
             raise ValueError(f"CIFAR-100 folder {folder} has no {split} file")
@@ -431,7 +364,7 @@ def _load_cifar100_cached(folder: str, stamps: tuple[int, ...]) -> dict[str, Cif
 
 
 def load_cifar100(root: str | os.PathLike) -> dict[str, CifarSplit]:
-    """CIFAR-100's ``train`` and ``test`` splits from ``<root>/cifar-100-python`` (cached per
+    """CIFAR-100's ``train`` and ``test`` splits from ``<root>/cifar-100-safetensors`` (cached per
     process while the files are unchanged).
 
     Raises:

@@ -4,11 +4,10 @@ partition files that name them. Every dataset here is a tiny synthetic folder bu
 from __future__ import annotations
 
 import json
-import os
-import pickle
 from pathlib import Path
 
 import numpy as np
+import safetensors.numpy
 import pytest
 from PIL import Image
 
@@ -55,20 +54,25 @@ def folder_root(tmp_path: Path) -> Path:
 
 
 def _write_cifar(root: Path, seed: int = 0) -> Path:
-    """A fake ``cifar-100-python`` folder: 100 fine classes (superclass = fine // 5), 6 train and 3
+    """A fake ``cifar-100-safetensors`` folder: 100 fine classes (superclass = fine // 5), 6 train and 3
     test images per class, random pixels; the dict keys of the real files."""
     rng = np.random.default_rng(seed)
-    folder = root / "cifar-100-python"
+    folder = root / "cifar-100-safetensors"
     folder.mkdir(parents=True)
     for split, per_class in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
         fine = np.repeat(np.arange(100), per_class)
         rng.shuffle(fine)
-        doc = {"filenames": [f"img_{i}.png" for i in range(fine.size)], "batch_label": f"{split} batch",
-               "fine_labels": fine.tolist(), "coarse_labels": (fine // 5).tolist(),
-               "data": rng.integers(0, 256, size=(fine.size, 3072), dtype=np.uint8)}
-        (folder / split).write_bytes(pickle.dumps(doc, protocol=2))
-    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}, protocol=2))
+        _save_split(folder / split, {"fine_labels": fine, "coarse_labels": fine // 5,
+                                     "data": rng.integers(0, 256, size=(fine.size, 3072), dtype=np.uint8)})
     return root
+
+
+def _save_split(path: Path, doc: dict) -> None:
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in doc.items()}, str(path))
+
+
+def _read_split(path: Path) -> dict:
+    return {k: v.copy() for k, v in safetensors.numpy.load_file(str(path)).items()}
 
 
 @pytest.fixture()
@@ -217,76 +221,25 @@ def test_load_cifar100_reads_torchvisions_layout(cifar_root):
     assert test.images.shape == (300, 3, 32, 32)
     assert np.bincount(train.fine_labels).tolist() == [TRAIN_PER_CLASS] * 100
     np.testing.assert_array_equal(train.coarse_labels, train.fine_labels // 5)
-    raw = pickle.loads((cifar_root / "cifar-100-python" / "train").read_bytes())
+    raw = _read_split(cifar_root / "cifar-100-safetensors" / "train")
     np.testing.assert_array_equal(train.images.reshape(600, -1), raw["data"])
     assert not train.images.flags.writeable
     assert datasets.load_cifar100(cifar_root) is splits               # cached while unchanged
 
 
-class _Evil:
-    def __init__(self, victim: Path) -> None:
-        self.victim = victim
-
-    def __reduce__(self):
-        return (os.remove, (str(self.victim),))
-
-
-def test_cifar_pickles_that_would_run_code_are_refused(tmp_path):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("still here")
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    (folder / "train").write_bytes(pickle.dumps({"data": _Evil(victim)}, protocol=2))
-    (folder / "test").write_bytes(pickle.dumps({"data": []}, protocol=2))
-    with pytest.raises(ValueError, match=r"cifar-100-python/train: refusing to unpickle the global (posix|os|nt)\.remove"):
-        datasets.load_cifar100(tmp_path)
-    assert victim.read_text() == "still here"
-    from collections import OrderedDict
-
-    other = tmp_path / "ordered"
-    other.write_bytes(pickle.dumps(OrderedDict(a=1), protocol=2))
-    with pytest.raises(ValueError, match="refusing to unpickle the global collections.OrderedDict"):
-        datasets.read_restricted_pickle(other)
-    # arrays of plain dtypes at every protocol are fine, arrays of objects are not
-    for protocol in (2, 4, 5):
-        plain = tmp_path / f"plain{protocol}"
-        plain.write_bytes(pickle.dumps({"a": np.arange(6, dtype=np.int16).reshape(2, 3), b"k": [1.5, "x"]},
-                                       protocol=protocol))
-        loaded = datasets.read_restricted_pickle(plain)
-        np.testing.assert_array_equal(loaded["a"], np.arange(6).reshape(2, 3))
-        assert loaded[b"k"] == [1.5, "x"]
-
-
-def test_python2_pickles_like_the_real_cifar_files_are_read(tmp_path):
-    # The real files were written by Python 2's cPickle: byte strings (SHORT_BINSTRING), numpy's old
-    # module path numpy.core.multiarray, the array's bytes as a Python 2 str. Hand-assembled here.
-    def short(raw: bytes) -> bytes:
-        return b"U" + bytes([len(raw)]) + raw
-
-    blob = (b"\x80\x02}(" + short(b"data") + b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85"
-            + short(b"b") + b"\x87R(K\x01K\x02K\x03\x86cnumpy\ndtype\n" + short(b"u1") + b"K\x00K\x01\x87R(K\x03"
-            + short(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89" + short(bytes([0, 1, 2, 200, 254, 255]))
-            + b"tb" + short(b"fine_labels") + b"](K\x01K\x02eu.")
-    path = tmp_path / "py2"
-    path.write_bytes(blob)
-    loaded = datasets.read_restricted_pickle(path)
-    assert sorted(loaded) == ["data", "fine_labels"] and loaded["fine_labels"] == [1, 2]
-    assert loaded["data"].dtype == np.uint8 and loaded["data"].tolist() == [[0, 1, 2], [200, 254, 255]]
-
-
 @pytest.mark.parametrize("damage, message", [
-    ("no folder", r"no CIFAR-100 at .*cifar-100-python: expected torchvision's layout"),
-    ("no test", r"cifar-100-python has no test file"),
-    ("truncated", r"cifar-100-python/train: not a valid pickle"),
-    ("missing key", r"cifar-100-python/train: missing keys \['coarse_labels'\]"),
-    ("bad labels", r"cifar-100-python/train: fine_labels must lie in 0\.\.99"),
-    ("bad data", r"cifar-100-python/train: data must be an N x 3072 uint8 array"),
-    ("split superclass", r"cifar-100-python/train: fine classes \[0\] appear under two superclasses"),
+    ("no folder", r"no CIFAR-100 at .*cifar-100-safetensors: expected"),
+    ("no test", r"cifar-100-safetensors has no test file"),
+    ("truncated", r"cifar-100-safetensors/train: not a valid safetensors file"),
+    ("missing key", r"cifar-100-safetensors/train: missing keys \['coarse_labels'\]"),
+    ("bad labels", r"cifar-100-safetensors/train: fine_labels must lie in 0\.\.99"),
+    ("bad data", r"cifar-100-safetensors/train: data must be an N x 3072 uint8 array"),
+    ("split superclass", r"cifar-100-safetensors/train: fine classes \[0\] appear under two superclasses"),
 ])
 def test_cifar_files_with_problems_are_clear_errors(tmp_path, damage, message):
     root = _write_cifar(tmp_path / "c")
-    folder = root / "cifar-100-python"
-    train = pickle.loads((folder / "train").read_bytes())
+    folder = root / "cifar-100-safetensors"
+    train = _read_split(folder / "train")
     if damage == "no folder":
         root = tmp_path / "elsewhere"
     elif damage == "no test":
@@ -301,9 +254,9 @@ def test_cifar_files_with_problems_are_clear_errors(tmp_path, damage, message):
         elif damage == "bad data":
             train["data"] = train["data"].astype(np.float32)
         elif damage == "split superclass":
-            first = train["fine_labels"].index(0)
+            first = int(np.flatnonzero(train["fine_labels"] == 0)[0])
             train["coarse_labels"][first] = 7
-        (folder / "train").write_bytes(pickle.dumps(train, protocol=2))
+        _save_split(folder / "train", train)
     with pytest.raises(ValueError, match=message):
         datasets.load_cifar100(root)
 
@@ -506,7 +459,7 @@ def test_disk_partition_validation_errors(doc, message):
 
 def test_disk_partitions_with_a_missing_folder_fail_clearly(tmp_path):
     missing = str(tmp_path / "nothing")
-    with pytest.raises(ValueError, match=r"no CIFAR-100 at .*nothing/cifar-100-python"):
+    with pytest.raises(ValueError, match=r"no CIFAR-100 at .*nothing/cifar-100-safetensors"):
         partition_clients(parse_partition({"name": "x", "dataset": "cifar100", "root": missing, "scheme": "gldir"}))
     with pytest.raises(ValueError, match=r"ImageFolder root .*nothing is not a folder"):
         client_arrays(parse_partition({"name": "x", "dataset": "imagefolder", "root": missing}), "a")
