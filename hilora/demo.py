@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from hilora.bench import accuracy_stats
 from hilora.launcher import LocalCluster, wait_for
 from worker.client import CoordinatorClient
 
@@ -42,13 +43,6 @@ class DemoOptions:
     timeout: float = 900.0
     workdir: str | None = None
     keep: bool = False
-
-
-def accuracy_stats(values: list[float]) -> dict[str, float | int | None]:
-    """Mean and 10th percentile (the paper's worst-case metric) of per-client accuracies."""
-    if not values:
-        return {"mean": None, "p10": None, "n": 0}
-    return {"mean": float(np.mean(values)), "p10": float(np.percentile(values, 10)), "n": len(values)}
 
 
 def federation_file(opts: DemoOptions, num_train_clients: int) -> dict[str, Any]:
