@@ -321,11 +321,15 @@ def predict(
 def pretrain_demo_backbone_cmd(
     force: Annotated[bool, typer.Option(help="retrain even if cached")] = False,
     cache_dir: Annotated[Optional[Path], typer.Option(help="default: HILORA_CACHE_DIR or ~/.cache/hilora")] = None,
+    dataset: Annotated[str, typer.Option(
+        help="pretraining pool: 'digits' (the demo's) or 'mnist5k' (for the mnist5k partitions)")] = "digits",
 ) -> None:
-    """Pretrain the tiny demo ViT on upright digits (cached by a hash of its recipe)."""
-    from worker.backbone import pretrain_demo_backbone
+    """Pretrain the tiny demo ViT on upright digits or MNIST-5k (cached by a hash of its recipe)."""
+    from worker.backbone import DEMO_BACKBONE_DATASETS, pretrain_demo_backbone
 
-    artifact = pretrain_demo_backbone(cache_dir=cache_dir, force=force, progress=typer.echo)
+    if dataset not in DEMO_BACKBONE_DATASETS:
+        _fail(f"--dataset must be one of {', '.join(DEMO_BACKBONE_DATASETS)}, got {dataset!r}")
+    artifact = pretrain_demo_backbone(cache_dir=cache_dir, force=force, progress=typer.echo, dataset=dataset)
     typer.echo(json.dumps({"path": str(artifact.path), "sha256": artifact.sha256, "model": artifact.model}))
 
 
@@ -423,12 +427,31 @@ def bench(
         min=1, help="torch CPU threads (the demo backbone is tiny: on a busy machine more than 1 is much slower)")
                        ] = 1,
     device: Annotated[str, typer.Option(help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
+    paper: Annotated[Optional[str], typer.Option(
+        help="a paper-scale set-up instead of --partition: cifar100-scdir, cifar100-gldir, cifar100-patho or "
+             "domainnet, over --data-root, on ViT-B/16 with rank 8 (docs/usage.md)")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(
+        help="the data folder of --paper or of a disk partition (replaces the partition's root)")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="timm model name (default: the demo backbone; with --paper: vit_base_patch16_224)")] = None,
+    model_kwargs: Annotated[Optional[str], typer.Option(
+        help="JSON object of extra timm model arguments (num_classes, img_size and in_chans come from the data)")
+    ] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(
+        help="with --model/--paper: a safetensors checkpoint, 'pretrained' (timm's weights, downloaded by "
+             "timm) or 'random' (seeded random initialisation, the default: for timing)")] = None,
+    rank: Annotated[Optional[int], typer.Option(min=1, help="LoRA rank of every tier (default 4; --paper: 8)")
+                    ] = None,
+    data_cache_gb: Annotated[float, typer.Option(
+        min=0.1, help="client arrays kept in memory, GB (least recently used dropped)")] = 8.0,
 ) -> None:
     """Compare HiLoRA with federated-LoRA baselines and its ablations on one partition, in one process:
     the same data, backbone, rounds and local epochs for every method."""
     from dataclasses import replace
 
     from hilora.bench import (
+        PAPER_PARTITIONS,
+        PAPER_RANK,
         check_partition_data,
         default_methods,
         format_table,
@@ -453,6 +476,26 @@ def bench(
     for path, what in ((report, "--report"), (plots, "--plots")):
         if path is not None and ((what == "--report" and path.is_dir()) or (what == "--plots" and path.is_file())):
             _fail(f"{what} {path}: is a {'directory' if path.is_dir() else 'file'}")
+    if paper is not None and partition is not None:
+        _fail("--paper and --partition exclude each other: --paper names the partition")
+    if paper is not None and paper not in PAPER_PARTITIONS:
+        _fail(f"--paper must be one of {', '.join(PAPER_PARTITIONS)}, got {paper!r}")
+    if paper is not None and data_root is None:
+        _fail(f"--paper {paper} needs --data-root (the folder with the data; docs/partitions.md)")
+    extra_kwargs: dict = {}
+    if model_kwargs is not None:
+        try:
+            extra_kwargs = json.loads(model_kwargs)
+        except json.JSONDecodeError as exc:
+            _fail(f"--model-kwargs is not valid JSON: {exc}")
+        if not isinstance(extra_kwargs, dict):
+            _fail("--model-kwargs must be a JSON object")
+    if (model_kwargs is not None or checkpoint is not None) and model is None and paper is None:
+        _fail("--model-kwargs and --checkpoint need --model or --paper (the demo backbone is built in)")
+    if checkpoint == "random":
+        checkpoint = None
+    elif checkpoint not in (None, "pretrained") and not Path(checkpoint).expanduser().is_file():
+        _fail(f"--checkpoint {checkpoint}: no such file (or 'pretrained' / 'random')")
     import torch
 
     if device == "auto":
@@ -466,11 +509,15 @@ def bench(
     opts = preset(quick)
     if partition is not None:
         opts = replace(opts, partition=partition)
+    opts = replace(opts, paper=paper, data_root=str(data_root) if data_root is not None else None, model=model,
+                   model_kwargs=extra_kwargs, checkpoint=checkpoint,
+                   rank=rank or (PAPER_RANK if paper is not None else opts.rank),
+                   data_cache_bytes=int(data_cache_gb * (1 << 30)))
     try:
         if rounds is not None:
             root_rounds, cluster_rounds, leaf_rounds = parse_rounds(rounds)
             opts = replace(opts, root_rounds=root_rounds, cluster_rounds=cluster_rounds, leaf_rounds=leaf_rounds)
-        check_partition_data(opts.partition)
+        check_partition_data(opts.partition, paper, opts.data_root, model, extra_kwargs)
     except ValueError as exc:
         _fail(str(exc))
     opts = replace(opts, device=device, threads=threads,
@@ -482,7 +529,7 @@ def bench(
         pass
     chosen = chosen or default_methods(opts)
     typer.echo(f"hilora bench ({'quick' if quick else 'full'}, {device}, {opts.threads} threads): "
-               f"{', '.join(chosen)} on {opts.partition}, seeds {seed_list}")
+               f"{', '.join(chosen)} on {paper or opts.partition}, seeds {seed_list}")
     try:
         result = run_bench(opts, chosen, seed_list, say=lambda m: typer.echo(m, err=True))
     except ValueError as exc:

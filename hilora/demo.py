@@ -45,12 +45,12 @@ class DemoOptions:
     keep: bool = False
 
 
-def federation_file(opts: DemoOptions, num_train_clients: int) -> dict[str, Any]:
+def federation_file(opts: DemoOptions, num_train_clients: int, checkpoint: str = "demo") -> dict[str, Any]:
     from worker.backbone import DEMO_BACKBONE_KWARGS, DEMO_BACKBONE_MODEL
 
     return {
         "name": f"demo-{opts.partition}-seed{opts.seed}",
-        "backbone": {"model": DEMO_BACKBONE_MODEL, "model_kwargs": DEMO_BACKBONE_KWARGS, "checkpoint": "demo"},
+        "backbone": {"model": DEMO_BACKBONE_MODEL, "model_kwargs": DEMO_BACKBONE_KWARGS, "checkpoint": checkpoint},
         "adapter": {"rank": opts.rank},
         "schedule": {"min_clients": num_train_clients, "root_rounds": opts.root_rounds,
                      "cluster_rounds": opts.cluster_rounds, "leaf_rounds": opts.leaf_rounds,
@@ -154,7 +154,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print,
     """Run the demo and return its numbers. ``serve`` (``hilora demo --serve``) is called with them
     while the coordinator still runs; the coordinator stops when it returns."""
     from hilora.federation_file import FederationFile, build_federation_config
-    from worker.backbone import pretrain_demo_backbone
+    from worker.backbone import demo_backbone_dataset, pretrain_demo_backbone
     from worker.data import load_partition, partition_clients
 
     t0 = time.monotonic()
@@ -165,9 +165,11 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print,
     unseen = [c for c in clients if c.unseen]
     say(f"partition {partition.name}: {len(train)} training clients, {len(unseen)} unseen, "
         f"{len(set(groups.values()))} latent groups")
-    artifact = pretrain_demo_backbone(progress=lambda msg: say(f"backbone: {msg}"))
+    dataset = demo_backbone_dataset(partition)
+    artifact = pretrain_demo_backbone(progress=lambda msg: say(f"backbone: {msg}"), dataset=dataset)
     say(f"backbone: {artifact.model} sha256 {artifact.sha256[:12]} ({artifact.path})")
-    config, checkpoint = build_federation_config(FederationFile.model_validate(federation_file(opts, len(train))))
+    config, checkpoint = build_federation_config(FederationFile.model_validate(
+        federation_file(opts, len(train), "demo" if dataset == "digits" else f"demo-{dataset}")))
 
     workdir = Path(opts.workdir) if opts.workdir else Path(tempfile.mkdtemp(prefix="hilora-demo-"))
     cluster = LocalCluster(workdir)

@@ -12,7 +12,9 @@
       "training": {"lr": 0.003}, "clustering": {"features": "update"}
     }
 
-``"checkpoint": "demo"`` uses the cached demo backbone (pretrained on first use);
+``"checkpoint": "demo"`` uses the cached demo backbone (pretrained on the digits on first use;
+``"demo-mnist5k"``: the same model pretrained on MNIST-5k's pretraining pool, for the mnist5k
+partitions);
 ``"checkpoint": "pretrained"`` asks timm for the model's published weights (network needed on the
 admin's machine only: workers get the checkpoint from the coordinator).
 """
@@ -35,7 +37,8 @@ class BackboneSource(BaseModel):
 
     model: str
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
-    checkpoint: str = Field(description="path to a safetensors checkpoint, 'pretrained' (timm's weights) or 'demo'")
+    checkpoint: str = Field(description="path to a safetensors checkpoint, 'pretrained' (timm's weights), 'demo' or "
+                                        "'demo-mnist5k'")
 
 
 class AdapterShape(BaseModel):
@@ -72,10 +75,10 @@ def load_federation_file(path: str | Path) -> FederationFile:
 
 def resolve_checkpoint(source: BackboneSource) -> tuple[bytes, str, dict[str, Any]]:
     """The checkpoint bytes, the timm model name and kwargs to record in the federation."""
-    if source.checkpoint == "demo":
+    if source.checkpoint in ("demo", "demo-mnist5k"):
         from worker.backbone import pretrain_demo_backbone
 
-        artifact = pretrain_demo_backbone()
+        artifact = pretrain_demo_backbone(dataset="mnist5k" if source.checkpoint == "demo-mnist5k" else "digits")
         return Path(artifact.path).read_bytes(), artifact.model, dict(artifact.model_kwargs)
     if source.checkpoint == "pretrained":
         return _timm_pretrained_checkpoint(source), source.model, dict(source.model_kwargs)

@@ -117,10 +117,31 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "hilora"
 
 
-def demo_recipe(epochs: int = 60) -> dict[str, Any]:
-    """Everything that determines the demo backbone's weights (its hash is the cache key)."""
+DEMO_BACKBONE_DATASETS = ("digits", "mnist5k")
+
+
+def _check_backbone_dataset(dataset: str) -> None:
+    if dataset not in DEMO_BACKBONE_DATASETS:
+        raise ValueError(f"the demo backbone pretrains on {' or '.join(DEMO_BACKBONE_DATASETS)}, not {dataset!r}")
+
+
+def demo_backbone_dataset(spec: Any) -> str:
+    """Which offline pretraining pool the demo backbone learns from for a partition spec: the
+    partition's own dataset (``mnist5k`` partitions get a backbone pretrained on MNIST-5k's
+    ``pretrain`` pool, which no client's data overlaps), the digits otherwise."""
+    dataset = getattr(spec, "dataset", "digits")
+    return dataset if dataset in DEMO_BACKBONE_DATASETS else "digits"
+
+
+def demo_recipe(epochs: int = 60, dataset: str = "digits") -> dict[str, Any]:
+    """Everything that determines the demo backbone's weights (its hash is the cache key).
+
+    ``dataset`` is the offline dataset whose upright ``pretrain`` pool it learns from: ``digits``
+    (the demo's, 600 images) or ``mnist5k`` (1,000 images, for the MNIST-5k partitions). No image of
+    either pool is in any client's training or test data (``worker.data``)."""
+    _check_backbone_dataset(dataset)
     return {"version": DEMO_RECIPE_VERSION, "model": DEMO_BACKBONE_MODEL, "model_kwargs": DEMO_BACKBONE_KWARGS,
-            "data": "digits/pretrain", "epochs": epochs, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3,
+            "data": f"{dataset}/pretrain", "epochs": epochs, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3,
             "weight_decay": 0.0, "schedule": "onecycle", "seed": 0}
 
 
@@ -128,9 +149,10 @@ def demo_recipe(epochs: int = 60) -> dict[str, Any]:
 def _train_demo_backbone(recipe: dict[str, Any], progress: Callable[[str], None] | None) -> nn.Module:
     from worker.data import pool_arrays, pretrain_arrays
 
+    dataset = recipe["data"].split("/")[0]
     torch.manual_seed(recipe["seed"])
     model = create_model(recipe["model"], recipe["model_kwargs"])
-    x, y = pretrain_arrays()
+    x, y = pretrain_arrays(dataset)
     x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
     batch, epochs = recipe["batch_size"], recipe["epochs"]
     steps_per_epoch = math.ceil(len(y) / batch)
@@ -155,23 +177,25 @@ def _train_demo_backbone(recipe: dict[str, Any], progress: Callable[[str], None]
             progress(f"epoch {epoch + 1}/{epochs} loss {total / len(y):.4f} ({time.monotonic() - started:.1f}s)")
     model.eval()
     if progress is not None:
-        x_test, y_test = pool_arrays("test")
+        x_test, y_test = pool_arrays("test", dataset)
         with torch.no_grad():
             accuracy = float((model(torch.from_numpy(x_test)).argmax(1).numpy() == y_test).mean())
         progress(f"upright held-out accuracy {accuracy:.3f}")
     return model
 
 
-def demo_backbone_path(cache_dir: str | os.PathLike | None = None, epochs: int = 60) -> Path:
+def demo_backbone_path(cache_dir: str | os.PathLike | None = None, epochs: int = 60, dataset: str = "digits") -> Path:
     """Where the demo backbone of this recipe is cached:
     ``{cache_dir}/backbones/<sha256 of the recipe JSON>[:16].safetensors``."""
-    key = hashlib.sha256(json.dumps(demo_recipe(epochs), sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(demo_recipe(epochs, dataset), sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir if cache_dir is not None else default_cache_dir()) / "backbones" / f"{key}.safetensors"
 
 
 def pretrain_demo_backbone(cache_dir: str | os.PathLike | None = None, force: bool = False, epochs: int = 60,
-                           progress: Callable[[str], None] | None = None) -> BackboneArtifact:
-    """The demo backbone, pretrained on the upright digits once and cached.
+                           progress: Callable[[str], None] | None = None,
+                           dataset: str = "digits") -> BackboneArtifact:
+    """The demo backbone, pretrained on the upright ``pretrain`` pool of ``dataset`` (``digits``,
+    the default, or ``mnist5k``) once and cached.
 
     The file is ``{cache_dir}/backbones/<sha256 of the recipe JSON>[:16].safetensors`` with
     ``cache_dir`` defaulting to ``$HILORA_CACHE_DIR`` or ``~/.cache/hilora``. A cached file is
@@ -181,14 +205,14 @@ def pretrain_demo_backbone(cache_dir: str | os.PathLike | None = None, force: bo
     """
     from safetensors.torch import save
 
-    recipe = demo_recipe(epochs)
-    path = demo_backbone_path(cache_dir, epochs)
+    recipe = demo_recipe(epochs, dataset)
+    path = demo_backbone_path(cache_dir, epochs, dataset)
     if path.is_file() and not force:
         if progress is not None:
             progress(f"using cached {path}")
     else:
         if progress is not None:
-            progress(f"pretraining {DEMO_BACKBONE_MODEL} on upright digits for {epochs} epochs")
+            progress(f"pretraining {DEMO_BACKBONE_MODEL} on upright {dataset} for {epochs} epochs")
         model = _train_demo_backbone(recipe, progress)
         state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
         atomic_write(path, save(state, metadata={"recipe": json.dumps(recipe, sort_keys=True)}))

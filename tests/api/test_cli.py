@@ -26,6 +26,13 @@ def test_help_lists_the_commands():
         assert command in proc.stdout
 
 
+def test_pretrain_demo_backbone_refuses_an_unknown_dataset(tmp_path):
+    proc = hilora("pretrain-demo-backbone", "--dataset", "cifar100", "--cache-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert "--dataset must be one of digits, mnist5k, got 'cifar100'" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_coordinator_refuses_the_default_admin_token_outside_dev_mode(tmp_path):
     proc = hilora("coordinator", env={"HILORA_DATABASE_URL": f"sqlite:///{tmp_path}/c.db",
                                       "HILORA_BLOB_DIR": str(tmp_path / "b")})

@@ -86,3 +86,34 @@ def test_plots_are_png_files(smoke):
         with Image.open(path) as image:
             image.verify()
             assert image.size[0] > 100 and image.size[1] > 100
+
+
+def test_another_timm_model_on_disk_data_from_the_command_line(tmp_path):
+    """``--model`` / ``--model-kwargs`` / ``--data-root`` / ``--rank`` on a tiny CIFAR-100 folder: the
+    backbone is sized from the data (100 classes, 3 x 32 x 32) and recorded in the report."""
+    from tests.support.datasets import write_fake_cifar
+
+    write_fake_cifar(tmp_path / "cifar")
+    partition = tmp_path / "cifar-small.json"
+    partition.write_text(json.dumps({"name": "cifar-small", "dataset": "cifar100", "root": "elsewhere",
+                                     "scheme": "gldir", "clients": 4, "dirichlet_alpha": 1.0}))
+    report = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HILORA_")}
+    env.update(OMP_NUM_THREADS="1", HILORA_CACHE_DIR=str(tmp_path / "cache"))
+    kwargs = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    proc = subprocess.run([sys.executable, "-m", "hilora.cli", "bench", "--quick", "--device", "cpu",
+                           "--partition", str(partition), "--data-root", str(tmp_path / "cifar"),
+                           "--model", "vit_tiny_patch16_224", "--model-kwargs", json.dumps(kwargs), "--rank", "2",
+                           "--methods", "hilora,fedit", "--rounds", "1/1/1", "--report", str(report)],
+                          capture_output=True, text=True, timeout=200, env=env, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(report.read_text())
+    backbone = doc["backbone"]
+    assert backbone["model"] == "vit_tiny_patch16_224" and backbone["weights"] == "random" and backbone["rank"] == 2
+    assert {k: backbone["model_kwargs"][k] for k in ("num_classes", "img_size", "in_chans", "embed_dim")} == {
+        "num_classes": 100, "img_size": 32, "in_chans": 3, "embed_dim": 32}
+    cached = list((tmp_path / "cache" / "bench-backbones").glob("*.safetensors"))
+    assert len(cached) == 1 and doc["backbone_sha256"] == backbone["sha256"]
+    for name in ("hilora", "fedit"):
+        assert _in_unit_range(doc["methods"][name]["mean"])
+    assert doc["options"]["data_root"] == str(tmp_path / "cifar")

@@ -29,6 +29,16 @@ def _bench(tmp_path, *args: str):
     (("--rounds", "0/3/2"), "the root stage needs at least one round"),
     (("--seeds", "0,one"), "--seeds must be integers"),
     (("--seeds", "1,1"), "--seeds repeats a seed"),
+    (("--paper", "imagenet"), "--paper must be one of cifar100-scdir, cifar100-gldir, cifar100-patho, domainnet"),
+    (("--paper", "cifar100-scdir"), "--paper cifar100-scdir needs --data-root"),
+    (("--paper", "domainnet", "--partition", "demo"), "--paper and --partition exclude each other"),
+    (("--checkpoint", "pretrained"), "need --model or --paper"),
+    (("--model", "vit_tiny_patch16_224", "--model-kwargs", "{"), "--model-kwargs is not valid JSON"),
+    (("--model", "vit_tiny_patch16_224", "--model-kwargs", "[1]"), "--model-kwargs must be a JSON object"),
+    (("--model", "vit_tiny_patch16_224", "--checkpoint", "/no/such.safetensors"),
+     "--checkpoint /no/such.safetensors: no such file"),
+    (("--model", "no_such_vit"), "timm has no such model"),
+    (("--rank", "0"), "--rank"),
 ])
 def test_bad_input_exits_2_with_a_message(tmp_path, args, message):
     code, output = _bench(tmp_path, *args)
@@ -61,3 +71,16 @@ def test_report_path_that_is_a_directory_is_refused(tmp_path):
     (tmp_path / "adir").mkdir()
     result = CliRunner().invoke(app, ["bench", "--device", "cpu", "--report", str(tmp_path / "adir")])
     assert result.exit_code == 2 and "is a directory" in result.output
+
+
+def test_paper_setup_over_a_folder_without_the_data_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, output = _bench(tmp_path, "--paper", "cifar100-gldir", "--data-root", str(tmp_path / "empty"))
+    assert code == 2 and "no CIFAR-100 at" in output
+    code, output = _bench(tmp_path, "--paper", "domainnet", "--data-root", str(tmp_path / "missing"))
+    assert code == 2 and "no such directory" in output
+
+
+def test_data_root_for_an_offline_partition_is_refused(tmp_path):
+    code, output = _bench(tmp_path, "--partition", "concept-shift", "--data-root", str(tmp_path))
+    assert code == 2 and "reads no folder" in output

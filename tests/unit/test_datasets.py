@@ -11,6 +11,7 @@ import safetensors.numpy
 import pytest
 from PIL import Image
 
+from tests.support.datasets import save_split, write_fake_cifar
 from worker import datasets
 from worker.data import (
     ClientInfo,
@@ -54,21 +55,7 @@ def folder_root(tmp_path: Path) -> Path:
 
 
 def _write_cifar(root: Path, seed: int = 0) -> Path:
-    """A fake ``cifar-100-safetensors`` folder: 100 fine classes (superclass = fine // 5), 6 train and 3
-    test images per class, random pixels; the dict keys of the real files."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-100-safetensors"
-    folder.mkdir(parents=True)
-    for split, per_class in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
-        fine = np.repeat(np.arange(100), per_class)
-        rng.shuffle(fine)
-        _save_split(folder / split, {"fine_labels": fine, "coarse_labels": fine // 5,
-                                     "data": rng.integers(0, 256, size=(fine.size, 3072), dtype=np.uint8)})
-    return root
-
-
-def _save_split(path: Path, doc: dict) -> None:
-    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in doc.items()}, str(path))
+    return write_fake_cifar(root, TRAIN_PER_CLASS, TEST_PER_CLASS, seed)
 
 
 def _read_split(path: Path) -> dict:
@@ -256,7 +243,7 @@ def test_cifar_files_with_problems_are_clear_errors(tmp_path, damage, message):
         elif damage == "split superclass":
             first = int(np.flatnonzero(train["fine_labels"] == 0)[0])
             train["coarse_labels"][first] = 7
-        _save_split(folder / "train", train)
+        save_split(folder / "train", train)
     with pytest.raises(ValueError, match=message):
         datasets.load_cifar100(root)
 
