@@ -91,7 +91,7 @@ def test_plots_are_png_files(smoke):
 def test_another_timm_model_on_disk_data_from_the_command_line(tmp_path):
     """``--model`` / ``--model-kwargs`` / ``--data-root`` / ``--rank`` on a tiny CIFAR-100 folder: the
     backbone is sized from the data (100 classes, 3 x 32 x 32) and recorded in the report."""
-    from tests.support.datasets import write_fake_cifar
+    from support.datasets import write_fake_cifar
 
     write_fake_cifar(tmp_path / "cifar")
     partition = tmp_path / "cifar-small.json"

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support.datasets import write_fake_cifar
 
 from hilora import bench
-from tests.support.datasets import write_fake_cifar
 from worker import backbone as wb
 from worker.data import client_arrays, load_partition
 

@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import safetensors.numpy
 import pytest
+import safetensors.numpy
 from PIL import Image
+from support.datasets import save_split, write_fake_cifar
 
-from tests.support.datasets import save_split, write_fake_cifar
 from worker import datasets
 from worker.data import (
     ClientInfo,
