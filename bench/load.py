@@ -91,10 +91,13 @@ def upload_bodies(seed: int = 0, depth: int = DEPTH) -> list[tuple[bytes, str]]:
 
 # ------------------------------------------------------------------------------ the coordinator
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure of /proc/<pid>/status in bytes: ``VmRSS`` (everything resident) or
+    ``RssAnon`` (anonymous memory only: heap and buffers, not memory-mapped files such as the
+    uploads an aggregation reads, whose pages the kernel can drop at will). 0 if unreadable."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -259,8 +262,10 @@ async def run_pollers(url: str, clients: list[tuple[int, str]], bodies, seconds:
 # ------------------------------------------------------------------------------ the audit
 
 def oversized_upload_rss(coord: Coordinator, cid: int, token: str, task_id: int, total: int) -> dict:
-    """Stream ``total`` bytes without a length to a task's upload; sample the coordinator's RSS."""
-    before = rss_bytes(coord.proc.pid)
+    """Stream ``total`` bytes without a length to a task's upload; sample the coordinator's anonymous
+    memory (a buffered body would be anonymous; the scheduler may be memory-mapping uploads for an
+    aggregation at the same time, and those file pages count in VmRSS but are not the body)."""
+    before = rss_bytes(coord.proc.pid, "RssAnon")
     sent = {"n": 0}
     peak = {"rss": before}
 
@@ -268,7 +273,7 @@ def oversized_upload_rss(coord: Coordinator, cid: int, token: str, task_id: int,
         chunk = b"\0" * (1 << 20)
         while sent["n"] < total:
             sent["n"] += len(chunk)
-            peak["rss"] = max(peak["rss"], rss_bytes(coord.proc.pid))
+            peak["rss"] = max(peak["rss"], rss_bytes(coord.proc.pid, "RssAnon"))
             yield chunk
 
     status = None
@@ -279,10 +284,10 @@ def oversized_upload_rss(coord: Coordinator, cid: int, token: str, task_id: int,
         error = r.json().get("error")
     except httpx.HTTPError as exc:  # the server may close while we still write: it refused the body
         error = f"{type(exc).__name__}"
-    peak["rss"] = max(peak["rss"], rss_bytes(coord.proc.pid))
+    peak["rss"] = max(peak["rss"], rss_bytes(coord.proc.pid, "RssAnon"))
     return {"status": status, "error": error, "bytes_offered": total, "bytes_written_by_client": sent["n"],
-            "rss_before_mb": round(before / 2**20, 1), "rss_peak_mb": round(peak["rss"] / 2**20, 1),
-            "rss_growth_mb": round((peak["rss"] - before) / 2**20, 1)}
+            "memory": "RssAnon", "rss_before_mb": round(before / 2**20, 1),
+            "rss_peak_mb": round(peak["rss"] / 2**20, 1), "rss_growth_mb": round((peak["rss"] - before) / 2**20, 1)}
 
 
 def audit(database_url: str, blob_dir: Path, fid: int, stats: Stats, recompute_rounds: int = 2) -> dict:
