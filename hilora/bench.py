@@ -125,6 +125,11 @@ class BenchOptions:
     def total_rounds(self) -> int:
         return self.root_rounds + self.cluster_rounds + self.leaf_rounds
 
+    @property
+    def demo_backbone(self) -> bool:
+        """No model and no paper set-up named: the cached demo ViT."""
+        return self.model is None and self.paper is None
+
 
 def preset(quick: bool) -> BenchOptions:
     """``quick``: the demo's tuned training settings (rank, learning rates, batch, 2 local and 2 probe
@@ -258,11 +263,11 @@ def accuracy_stats(values: Sequence[float]) -> dict[str, float | int | None]:
 class ClientDataCache(Mapping[str, Any]):
     """Clients' arrays by name, loaded on first use and kept while they fit in ``max_bytes``
     (least recently used dropped first), so a paper-scale partition (CIFAR-100 at 224 x 224 is
-    ~30 GB of float32) runs in bounded memory; the built-in partitions stay loaded."""
+    ~36 GB of float32) runs in bounded memory; the built-in partitions stay loaded."""
 
     def __init__(self, spec: Any, names: Sequence[str], max_bytes: int) -> None:
         self.spec, self.names, self.max_bytes = spec, list(names), int(max_bytes)
-        self._held: OrderedDict[str, Any] = OrderedDict()
+        self._held: OrderedDict[str, tuple[Any, int]] = OrderedDict()   # name -> (arrays, bytes)
         self._bytes = 0
 
     def __getitem__(self, name: str) -> Any:
@@ -270,17 +275,15 @@ class ClientDataCache(Mapping[str, Any]):
 
         if name in self._held:
             self._held.move_to_end(name)
-            return self._held[name]
+            return self._held[name][0]
         if name not in self.names:
             raise KeyError(name)
         data = client_arrays(self.spec, name)
         size = sum(int(a.nbytes) for a in (data.x_train, data.y_train, data.x_test, data.y_test))
         while self._held and self._bytes + size > self.max_bytes:
-            _, dropped = self._held.popitem(last=False)
-            self._bytes -= sum(int(a.nbytes) for a in (dropped.x_train, dropped.y_train, dropped.x_test,
-                                                      dropped.y_test))
+            self._bytes -= self._held.popitem(last=False)[1][1]
         if size <= self.max_bytes:
-            self._held[name] = data
+            self._held[name] = (data, size)
             self._bytes += size
         return data
 
@@ -313,6 +316,22 @@ class BenchSetup:
         return TieredLoRAModel(backbone, self.manifest).to(self.opts.device)
 
 
+def _data_folder(data_root: str) -> str:
+    """``--data-root`` as an absolute path; ValueError if it is not a directory."""
+    root = Path(data_root).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"--data-root {data_root}: no such directory")
+    return str(root.resolve())
+
+
+def _checkpoint_file(checkpoint: str) -> Path:
+    """``--checkpoint FILE`` as a path; ValueError if there is no such file."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--checkpoint {checkpoint}: no such file (a safetensors file, 'pretrained' or 'random')")
+    return path
+
+
 def paper_partition(name: str, data_root: str | None) -> Any:
     """The partition spec of a ``PAPER_PARTITIONS`` set-up over the data in ``data_root``."""
     from worker.data import parse_partition
@@ -323,10 +342,7 @@ def paper_partition(name: str, data_root: str | None) -> Any:
         where = ("<root>/cifar-100-safetensors/{train,test}" if name.startswith("cifar100")
                  else "<root>/<domain>/<class>/*.jpg")
         raise ValueError(f"--paper {name} needs --data-root: the folder holding {where} (docs/partitions.md)")
-    root = Path(data_root).expanduser()
-    if not root.is_dir():
-        raise ValueError(f"--data-root {data_root}: no such directory")
-    return parse_partition({"name": name, "root": str(root.resolve()), **PAPER_PARTITIONS[name]},
+    return parse_partition({"name": name, "root": _data_folder(data_root), **PAPER_PARTITIONS[name]},
                            f"paper set-up {name!r}")
 
 
@@ -343,10 +359,7 @@ def check_partition(partition: str, paper: str | None = None, data_root: str | N
             if isinstance(spec, PartitionSpec):
                 raise ValueError(f"--data-root: partition {partition!r} is built from the offline {spec.dataset} "
                                  f"data and reads no folder")
-            root = Path(data_root).expanduser()
-            if not root.is_dir():
-                raise ValueError(f"--data-root {data_root}: no such directory")
-            spec = spec.model_copy(update={"root": str(root.resolve())})
+            spec = spec.model_copy(update={"root": _data_folder(data_root)})
     clients = partition_clients(spec)
     if not any(not c.unseen for c in clients):
         raise ValueError(f"partition {spec.name!r} has no training client")
@@ -386,19 +399,23 @@ def check_client_data(name: str, data: Any, kwargs: Mapping[str, Any] | None = N
         raise ValueError(f"client {name!r} has label {top}; {which} has {kw.get('num_classes', 1000)} classes")
 
 
-def _backbone_kwargs(opts: BenchOptions, spec: Any, sample: Any) -> dict[str, Any]:
+def _backbone_kwargs(model_kwargs: Mapping[str, Any], spec: Any, sample: Any) -> dict[str, Any]:
+    """timm kwargs sized for the partition (classes) and a client's images, plus ``model_kwargs``."""
     channels, height, width = (int(v) for v in sample.x_train.shape[1:])
     size: Any = height if height == width else [height, width]
-    return {"num_classes": partition_num_classes(spec), "img_size": size, "in_chans": channels,
-            **opts.model_kwargs}
+    return {"num_classes": partition_num_classes(spec), "img_size": size, "in_chans": channels, **model_kwargs}
 
 
 def check_partition_data(partition: str, paper: str | None = None, data_root: str | None = None,
-                         model: str | None = None, model_kwargs: Mapping[str, Any] | None = None) -> Any:
-    """``check_partition`` plus one client's arrays checked against the backbone (cheap, before a
-    run): the demo backbone unless ``model`` (or ``paper``) names another."""
+                         model: str | None = None, model_kwargs: Mapping[str, Any] | None = None,
+                         checkpoint: str | None = None) -> Any:
+    """``check_partition`` plus one client's arrays checked against the backbone, the model name and
+    the checkpoint file (cheap, before a run): the demo backbone unless ``model`` (or ``paper``)
+    names another."""
     from worker.data import client_arrays, partition_clients
 
+    if checkpoint not in (None, "pretrained"):
+        _checkpoint_file(checkpoint)
     if model is not None:
         import timm
 
@@ -410,8 +427,7 @@ def check_partition_data(partition: str, paper: str | None = None, data_root: st
     if model is None and paper is None:
         check_client_data(first.name, data)
     else:
-        opts = BenchOptions(model_kwargs=dict(model_kwargs or {}))
-        check_client_data(first.name, data, _backbone_kwargs(opts, spec, data))
+        check_client_data(first.name, data, _backbone_kwargs(model_kwargs or {}, spec, data))
     return spec
 
 
@@ -436,17 +452,15 @@ def bench_backbone(opts: BenchOptions, spec: Any, sample: Any,
     )
     from worker.files import atomic_write
 
-    if opts.model is None and opts.paper is None:
+    if opts.demo_backbone:
         return pretrain_demo_backbone(cache_dir=opts.cache_dir, epochs=opts.backbone_epochs,
                                       progress=(lambda m: say(f"backbone: {m}")) if say else None,
                                       dataset=demo_backbone_dataset(spec))
     model = opts.model or PAPER_MODEL
-    kwargs = _backbone_kwargs(opts, spec, sample)
+    kwargs = _backbone_kwargs(opts.model_kwargs, spec, sample)
     checkpoint = opts.checkpoint
     if checkpoint not in (None, "pretrained"):
-        path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise ValueError(f"--checkpoint {checkpoint}: no such file")
+        path = _checkpoint_file(checkpoint)
         return BackboneArtifact(path=path, sha256=checkpoint_sha256(path), model=model, model_kwargs=kwargs)
     recipe = {"model": model, "model_kwargs": kwargs, "weights": checkpoint or "random", "seed": 0}
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
@@ -495,7 +509,7 @@ def prepare(opts: BenchOptions, say: Callable[[str], None] | None = None) -> Ben
     unseen = sorted((c for c in clients if c.unseen), key=lambda c: c.name)
     data = ClientDataCache(spec, [c.name for c in clients], opts.data_cache_bytes)
     artifact = bench_backbone(opts, spec, data[train[0].name], say)
-    kwargs = None if opts.model is None and opts.paper is None else artifact.model_kwargs
+    kwargs = None if opts.demo_backbone else artifact.model_kwargs
     weights = {}
     for c in clients:
         arrays = data[c.name]
@@ -898,11 +912,13 @@ def run_bench(opts: BenchOptions, methods: Sequence[str], seeds: Sequence[int],
     assert setup is not None
     from worker.backbone import demo_backbone_dataset
 
+    if opts.demo_backbone:
+        weights = f"demo-{demo_backbone_dataset(setup.partition)}"
+    else:
+        weights = opts.checkpoint or "random"
     report = summarize(runs, opts, methods, setup.artifact.sha256, setup.partition.name)
     report["backbone"] = {"model": setup.artifact.model, "model_kwargs": dict(setup.artifact.model_kwargs),
-                          "sha256": setup.artifact.sha256, "weights": opts.checkpoint or (
-                              "random" if opts.model or opts.paper else f"demo-{demo_backbone_dataset(setup.partition)}"),
-                          "rank": opts.rank}
+                          "sha256": setup.artifact.sha256, "weights": weights, "rank": opts.rank}
     return report
 
 

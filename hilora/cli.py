@@ -494,8 +494,6 @@ def bench(
         _fail("--model-kwargs and --checkpoint need --model or --paper (the demo backbone is built in)")
     if checkpoint == "random":
         checkpoint = None
-    elif checkpoint not in (None, "pretrained") and not Path(checkpoint).expanduser().is_file():
-        _fail(f"--checkpoint {checkpoint}: no such file (or 'pretrained' / 'random')")
     import torch
 
     if device == "auto":
@@ -517,7 +515,7 @@ def bench(
         if rounds is not None:
             root_rounds, cluster_rounds, leaf_rounds = parse_rounds(rounds)
             opts = replace(opts, root_rounds=root_rounds, cluster_rounds=cluster_rounds, leaf_rounds=leaf_rounds)
-        check_partition_data(opts.partition, paper, opts.data_root, model, extra_kwargs)
+        check_partition_data(opts.partition, paper, opts.data_root, model, extra_kwargs, checkpoint)
     except ValueError as exc:
         _fail(str(exc))
     opts = replace(opts, device=device, threads=threads,

@@ -153,7 +153,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print,
              serve: Callable[[dict[str, Any], LocalCluster], None] | None = None) -> dict[str, Any]:
     """Run the demo and return its numbers. ``serve`` (``hilora demo --serve``) is called with them
     while the coordinator still runs; the coordinator stops when it returns."""
-    from hilora.federation_file import FederationFile, build_federation_config
+    from hilora.federation_file import DEMO_CHECKPOINTS, FederationFile, build_federation_config
     from worker.backbone import demo_backbone_dataset, pretrain_demo_backbone
     from worker.data import load_partition, partition_clients
 
@@ -169,7 +169,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print,
     artifact = pretrain_demo_backbone(progress=lambda msg: say(f"backbone: {msg}"), dataset=dataset)
     say(f"backbone: {artifact.model} sha256 {artifact.sha256[:12]} ({artifact.path})")
     config, checkpoint = build_federation_config(FederationFile.model_validate(
-        federation_file(opts, len(train), "demo" if dataset == "digits" else f"demo-{dataset}")))
+        federation_file(opts, len(train), next(k for k, v in DEMO_CHECKPOINTS.items() if v == dataset))))
 
     workdir = Path(opts.workdir) if opts.workdir else Path(tempfile.mkdtemp(prefix="hilora-demo-"))
     cluster = LocalCluster(workdir)

@@ -32,6 +32,10 @@ from shared.config import Backbone, FederationConfig
 from shared.manifest import AdapterManifest
 
 
+# The cached demo backbones a federation file may name, by the offline dataset each is pretrained on.
+DEMO_CHECKPOINTS = {"demo": "digits", "demo-mnist5k": "mnist5k"}
+
+
 class BackboneSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -75,10 +79,10 @@ def load_federation_file(path: str | Path) -> FederationFile:
 
 def resolve_checkpoint(source: BackboneSource) -> tuple[bytes, str, dict[str, Any]]:
     """The checkpoint bytes, the timm model name and kwargs to record in the federation."""
-    if source.checkpoint in ("demo", "demo-mnist5k"):
+    if source.checkpoint in DEMO_CHECKPOINTS:
         from worker.backbone import pretrain_demo_backbone
 
-        artifact = pretrain_demo_backbone(dataset="mnist5k" if source.checkpoint == "demo-mnist5k" else "digits")
+        artifact = pretrain_demo_backbone(dataset=DEMO_CHECKPOINTS[source.checkpoint])
         return Path(artifact.path).read_bytes(), artifact.model, dict(artifact.model_kwargs)
     if source.checkpoint == "pretrained":
         return _timm_pretrained_checkpoint(source), source.model, dict(source.model_kwargs)
