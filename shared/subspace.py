@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from shared.gram import update_gram_target
+
 Factors = tuple[np.ndarray, np.ndarray]
 
 # Pairwise Gram blocks are computed for chunks of clients so that one chunk's block holds at most
@@ -123,9 +125,7 @@ def _update_gram(
                           and np.shape(client[name][1]) == A_root.shape for client in clients)
         if same_shapes:
             # Every client has the root's shapes (every probe round): the cheaper exact
-            # decomposition of shared.lsac_scale, in float64 (same values to round-off).
-            from shared.lsac_scale import update_gram_target
-
+            # decomposition of shared.gram, in float64 (same values to round-off).
             Bs = np.stack([_finite_matrix(client[name][0], f"client {i} {name!r} B")
                            for i, client in enumerate(clients)])
             As = np.stack([_finite_matrix(client[name][1], f"client {i} {name!r} A")
@@ -165,7 +165,7 @@ def update_similarity(
     targets in sorted name order and concatenated with ``head_deltas[i]`` (1-D) when given.
     ``clients[i]`` and ``root`` map target name -> (B, A) with the same names. Inner products are
     computed from factors of the updates, batched over clients: from ``dB_i A_i + B_root dA_i``
-    (``shared.lsac_scale.update_gram_target``, float64) for targets where every client has the
+    (``shared.gram.update_gram_target``, float64) for targets where every client has the
     root's shapes, else from rank-(r_i + r_root) factors.
 
     A zero update has similarity 0 with every other client and 1 with itself; the diagonal is 1.

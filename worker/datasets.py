@@ -2,8 +2,8 @@
 
 Nothing here downloads anything: every loader reads a local folder and fails with a message that
 names the file or folder and what is wrong with it. Partition files name these sources with
-``"dataset": "imagefolder" | "cifar100" | "domainnet"`` (the specs live in ``worker.data``, whose
-``partition_clients`` and ``client_arrays`` dispatch here).
+``"dataset": "imagefolder" | "cifar100" | "domainnet"`` (the specs live in ``worker.partition_spec``,
+re-exported by ``worker.data``, whose ``partition_clients`` and ``client_arrays`` dispatch here).
 
 **Images** are preprocessed the way prediction does it (``worker.export.load_image``): converted to
 grey (``channels`` 1, PIL's "L") or RGB (3), resized to ``image_size`` x ``image_size`` with
@@ -54,7 +54,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import safetensors.numpy
 
-from worker.data import (
+# Only the lower module: worker.data imports this one (never the other way round).
+from worker.partition_spec import (
     _NAME_PATTERN,
     Cifar100PartitionSpec,
     ClientData,
@@ -65,6 +66,7 @@ from worker.data import (
     _allocate,
     _stable_seed,
     _unseen,
+    parse_partition,
 )
 
 if TYPE_CHECKING:
@@ -641,8 +643,6 @@ def _shown(names: Sequence[str]) -> str:
 
 @lru_cache(maxsize=4)
 def _disk_split_cached(spec_json: str) -> FederatedSplit:
-    from worker.data import parse_partition
-
     spec = parse_partition(json.loads(spec_json))
     if isinstance(spec, Cifar100PartitionSpec):
         splits = load_cifar100(spec.root)

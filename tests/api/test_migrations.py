@@ -47,11 +47,22 @@ def _downgrade_to_base(engine) -> None:
 
 
 def _is_noop(fn) -> bool:  # noqa: ANN001
-    """True if a migration function's body is only a docstring, comments and ``pass``."""
+    """True if a migration function's body is only a docstring, comments, ``pass``/``...`` and
+    ``raise`` statements (e.g. ``raise NotImplementedError``): it changes nothing."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     body = tree.body[0].body
-    return all(isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
+    return all(isinstance(s, (ast.Pass, ast.Raise)) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
                for s in body)
+
+
+def _revisions(url: str) -> list:
+    return list(ScriptDirectory.from_config(alembic_config(url)).walk_revisions())
+
+
+def _missing_downgrades(revisions) -> list[str]:  # noqa: ANN001
+    """Revisions whose ``downgrade`` is absent or does nothing."""
+    return [r.revision for r in revisions
+            if not callable(getattr(r.module, "downgrade", None)) or _is_noop(r.module.downgrade)]
 
 
 def _user_tables(engine) -> set[str]:
@@ -68,12 +79,18 @@ def test_upgrade_head_on_an_empty_database_builds_exactly_the_models(engine):
     assert schema_is_at_head(engine)
 
 
+def test_every_migration_has_a_downgrade():
+    """A missing downgrade is a defect (an operator could not roll a release back): fail, never skip."""
+    revisions = _revisions("sqlite://")
+    assert len(revisions) >= 5, [r.revision for r in revisions]   # 0001..0005 when this was written
+    missing = _missing_downgrades(revisions)
+    assert not missing, f"migrations without a downgrade (write one): {missing}"
+
+
 def test_downgrade_to_base_then_upgrade_again(engine):
-    script = ScriptDirectory.from_config(alembic_config(engine.url.render_as_string(hide_password=False)))
-    revisions = list(script.walk_revisions())
-    noop = [r.revision for r in revisions if _is_noop(r.module.downgrade)]
-    if noop:
-        pytest.skip(f"migrations without a downgrade: {noop}")
+    revisions = _revisions(engine.url.render_as_string(hide_password=False))
+    missing = _missing_downgrades(revisions)
+    assert not missing, f"migrations without a downgrade (write one): {missing}"
     upgrade_to_head(engine)
     _downgrade_to_base(engine)
     assert not schema_is_at_head(engine)

@@ -101,7 +101,11 @@ def test_image_preprocessing_is_the_prediction_path(tmp_path):
         theirs = load_image(path, channels, (size, size) if size else (6, 5))
         np.testing.assert_array_equal(ours, theirs)
     assert datasets.read_images([path], 3, None).shape == (1, 3, 6, 5)
-    np.testing.assert_allclose(datasets.read_images([path], 3, None)[0], pixels.transpose(2, 0, 1) / 255.0)
+    # float32 pixels / 255 against the float64 quotient: a correctly rounded float32 division is
+    # within half an ulp (relative 2**-24); allow one float32 ulp, not numpy's default rtol=1e-7
+    # (which only passed because 2**-24 = 6e-8 happens to be below it).
+    np.testing.assert_allclose(datasets.read_images([path], 3, None)[0], pixels.transpose(2, 0, 1) / 255.0,
+                               rtol=np.finfo(np.float32).eps, atol=0)
 
 
 # --------------------------------------------------------------------------- ImageFolder per client
@@ -452,3 +456,32 @@ def test_disk_partitions_with_a_missing_folder_fail_clearly(tmp_path):
         client_arrays(parse_partition({"name": "x", "dataset": "imagefolder", "root": missing}), "a")
     with pytest.raises(ValueError, match=r"DomainNet root .*nothing is not a folder"):
         partition_clients(parse_partition({"name": "x", "dataset": "domainnet", "root": missing}))
+
+
+# --------------------------------------------------------------------------- module layering
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at top level or inside functions (``from a import b`` gives
+    both ``a`` and ``a.b``: b may be a submodule)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def test_partition_spec_and_datasets_never_import_worker_data():
+    """One-way dependency: worker.partition_spec <- worker.datasets <- worker.data (no cycle)."""
+    import worker.data
+    import worker.partition_spec
+
+    folder = Path(worker.data.__file__).parent
+    assert "worker.data" not in _imported_modules(folder / "datasets.py")
+    assert not {"worker.data", "worker.datasets"} & _imported_modules(folder / "partition_spec.py")
+    # worker.data keeps re-exporting the schemas and records its callers import from it
+    assert worker.data.parse_partition is worker.partition_spec.parse_partition
+    assert worker.data.ClientData is datasets.ClientData is worker.partition_spec.ClientData

@@ -46,6 +46,22 @@ def random_tier(model: TieredLoRAModel, tier: str, seed: int, zero_b: bool = Fal
     return tensors
 
 
+def assert_close_to_rounding(actual: torch.Tensor, expected: torch.Tensor, ulps: int) -> None:
+    """``|actual - expected| <= ulps * eps * max|expected|`` everywhere.
+
+    Two float32 evaluations of one function in different orders (fused vs per-tier products, merged
+    vs separate weights) differ by rounding of the largest partial sums, so the error is a few eps
+    times the largest magnitude for every element, small ones included: a fixed ``atol`` is too
+    tight when the outputs are large (the qkv outputs here reach ~100) and an elementwise ``rtol``
+    fails on small elements. Any real mistake (a tier's scaling, a slice offset) is O(max|expected|).
+    """
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    scale = float(expected.abs().max())
+    assert scale > 0
+    np.testing.assert_allclose(actual.numpy(), expected.numpy(), rtol=0,
+                               atol=ulps * torch.finfo(expected.dtype).eps * scale)
+
+
 def images(n: int = 3, seed: int = 1) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).random((n, 1, 8, 8)).astype(np.float32))
 
@@ -88,13 +104,13 @@ def test_fused_forward_equals_per_tier_per_slice_reference(ranks, alpha, tiers):
     model.set_active_tiers(tiers)
     x_tokens = torch.from_numpy(np.random.default_rng(2).normal(size=(3, 5, DIM)).astype(np.float32))
     with torch.no_grad():
+        # Measured (1 and 2 threads): <= 2 units of eps * max|expected| for one layer, <= 5 for the
+        # logits through the whole ViT; the tolerances leave a 30-50x margin.
         for wrapper in model._wrapped.values():
-            np.testing.assert_allclose(wrapper(x_tokens).numpy(),
-                                       slow_module_reference(wrapper, model, tiers, x_tokens).numpy(),
-                                       rtol=1e-5, atol=1e-5)
+            assert_close_to_rounding(wrapper(x_tokens), slow_module_reference(wrapper, model, tiers, x_tokens),
+                                     ulps=2 ** 6)
         x = images()
-        np.testing.assert_allclose(model(x).numpy(), merged_reference(reference, model, tiers)(x).numpy(),
-                                   rtol=1e-4, atol=1e-4)
+        assert_close_to_rounding(model(x), merged_reference(reference, model, tiers)(x), ulps=2 ** 8)
 
 
 def test_fused_forward_with_gradients_matches_the_cached_one():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
+import shared.gram as gram_module
 import shared.lsac_scale as ls
 from shared.subspace import (
     LsacResult,
@@ -66,7 +67,7 @@ def test_update_gram_blocks_agree_with_one_block(monkeypatch):
     clients, root, heads, _, _ = planted_population(rng, [5, 6])
     whole = ls.update_gram(clients, root, heads, dtype=np.float64)
 
-    monkeypatch.setattr(ls, "_BLOCK_ENTRIES", 50)   # one or two clients per block
+    monkeypatch.setattr(gram_module, "_BLOCK_ENTRIES", 50)   # one or two clients per block (shared.gram's blocks)
     blocked = ls.update_gram(clients, root, heads, dtype=np.float64)
 
     np.testing.assert_allclose(blocked, whole, atol=1e-12 * np.abs(whole).max())
@@ -287,3 +288,25 @@ def test_lsac_auto_switches_to_the_approximate_path_above_the_threshold():
     assert adjusted_rand_score(truth, approx_subspace.labels) == 1.0
     with pytest.raises(ValueError, match="unknown LSAC features"):
         ls.lsac_auto("other", clients, root, heads, 4, exact_max_clients=50)
+
+
+def test_gram_and_subspace_never_import_lsac_scale():
+    """One-way dependency: shared.gram <- shared.subspace <- shared.lsac_scale (no cycle), and the
+    kernels stay importable from shared.lsac_scale."""
+    import ast
+    from pathlib import Path
+
+    def imported(path: Path) -> set[str]:
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):      # top level and inside functions
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        return found
+
+    folder = Path(gram_module.__file__).parent
+    assert "shared.lsac_scale" not in imported(folder / "subspace.py")
+    assert not {"shared.lsac_scale", "shared.subspace"} & imported(folder / "gram.py")
+    assert ls.update_gram_target is gram_module.update_gram_target
+    assert ls.pairwise_contracted_gram is gram_module.pairwise_contracted_gram
