@@ -58,7 +58,7 @@ class DatabaseCollector(Collector):
         current_k = GaugeMetricFamily("hilora_clusters_k", "K of the newest clustering run, per federation",
                                       labels=["federation"])
         accuracy = GaugeMetricFamily("hilora_accuracy", "Mean test accuracy the workers reported in the newest "
-                                     "training round that reports the tier, per federation and tier",
+                                     "training or final-evaluation round that reports the tier, per federation and tier",
                                      labels=["federation", "tier"])
         try:
             with self._session_factory() as session:

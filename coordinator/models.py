@@ -2,7 +2,9 @@
 
 Invariants live in the database: one task per (round, client), one adapter version per
 (federation, tier, scope, version), one round per (federation, stage, scope, number), unique
-token hashes. Status values are documented on the enums in ``shared.schemas``.
+token hashes. States are the enums of ``shared.states``, stored as their text value
+(``EnumText``); every change of one goes through the transition table there
+(``shared.states.move``, or a guarded UPDATE whose ``WHERE`` comes from ``shared.states.sources``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from shared.states import ClientStatus, Cohort, FederationState, Onboarding, RoundStatus, Stage, StateEnum, TaskStatus
+
 
 class UTCDateTime(TypeDecorator):
     """Timezone-aware UTC datetimes on every backend (SQLite stores naive UTC text)."""
@@ -45,6 +49,25 @@ class UTCDateTime(TypeDecorator):
         return value.replace(tzinfo=timezone.utc)
 
 
+class EnumText(TypeDecorator):
+    """A ``shared.states`` enum in a plain text column: the database holds the value (as it always
+    has; no database enum type, no migration), Python sees the enum. Binding a value that is not
+    one of the enum's is an error, so no unknown state reaches the database."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum: type[StateEnum], length: int = 16) -> None:
+        super().__init__(length)
+        self.enum = enum
+
+    def process_bind_param(self, value, dialect):  # noqa: ANN001
+        return None if value is None else self.enum(value).value
+
+    def process_result_value(self, value, dialect):  # noqa: ANN001
+        return None if value is None else self.enum(value)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -61,12 +84,15 @@ class Blob(Base):
 
 
 class Federation(Base):
+    """A federation. ``state``: enrolling -> root -> probe -> cluster -> leaf -> serving, each stage
+    skipped when the schedule leaves it out (``shared.states.FederationState``, ``TRANSITIONS``)."""
+
     __tablename__ = "federations"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     config: Mapped[dict] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[FederationState] = mapped_column(EnumText(FederationState))
     enrollment_secret_hash: Mapped[str] = mapped_column(String(64))
     backbone_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
     last_rho: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -78,8 +104,11 @@ class Federation(Base):
 
 
 class Client(Base):
-    """A data owner. ``cohort`` is 'train' for clients registered before the probe stage and
-    'late' for clients onboarded afterwards (the unseen clients of the paper)."""
+    """A data owner. ``cohort`` is 'train' for clients registered while the federation enrolls or
+    trains its root, 'late' for clients registered from the probe stage on (the unseen clients of
+    the paper), which are onboarded while serving. ``status``: active -> revoked. ``onboarding``:
+    'none' for the training cohort; waiting -> probe -> leaf -> ready (waiting -> leaf without
+    clusters) for a late client (``shared.states``)."""
 
     __tablename__ = "clients"
     __table_args__ = (UniqueConstraint("federation_id", "name", name="uq_clients_federation_name"),)
@@ -88,11 +117,11 @@ class Client(Base):
     federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    status: Mapped[str] = mapped_column(String(16))  # active | revoked
-    cohort: Mapped[str] = mapped_column(String(16))  # train | late
+    status: Mapped[ClientStatus] = mapped_column(EnumText(ClientStatus))
+    cohort: Mapped[Cohort] = mapped_column(EnumText(Cohort))
     num_samples: Mapped[int] = mapped_column(Integer, default=0)
     cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id"), nullable=True)
-    onboarding: Mapped[str] = mapped_column(String(16), default="none")  # none | probe | leaf | ready
+    onboarding: Mapped[Onboarding] = mapped_column(EnumText(Onboarding), default=Onboarding.none.value)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
@@ -104,6 +133,7 @@ class ClusteringRun(Base):
     federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id", ondelete="CASCADE"), index=True)
     probe_round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"))
     features: Mapped[str] = mapped_column(String(16))
+    algorithm: Mapped[str] = mapped_column(String(16), default="lsac", server_default="lsac")  # Clustering.algorithm
     k: Mapped[int] = mapped_column(Integer)
     num_clients: Mapped[int] = mapped_column(Integer)
     eigengaps: Mapped[list] = mapped_column(JSON)
@@ -140,10 +170,16 @@ class Assignment(Base):
 
 
 class Round(Base):
-    """A round: open -> done (aggregated or, for probe/leaf, all tasks terminal) | failed.
+    """A round of one stage (root, probe, cluster, leaf, eval): open -> done | failed
+    (``shared.states.RoundStatus``). Root, probe and cluster rounds need their quorum of done tasks
+    (aggregated, resp. clustered) else fail and a fresh round opens; leaf and eval rounds are done
+    with at least one done task, once all tasks are terminal or at the deadline.
 
-    ``scope`` is 'all' (every training client), 'root', 'cluster:<id>' or 'client:<id>'
-    (onboarding of one late client)."""
+    ``scope`` (``shared.states.scope``): 'root' (root rounds), 'all' (the probe round of every
+    training client), 'cluster:<id>' (a cluster's rounds), 'leaf:<cluster id>' | 'leaf:none' and
+    'eval:<cluster id>' | 'eval:none' (the leaf and final evaluation rounds of one cluster's
+    members, or of the clients without a cluster), 'client:<id>' (onboarding of one late client:
+    its probe and leaf rounds)."""
 
     __tablename__ = "rounds"
     __table_args__ = (
@@ -152,10 +188,10 @@ class Round(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id", ondelete="CASCADE"), index=True)
-    stage: Mapped[str] = mapped_column(String(16))
+    stage: Mapped[Stage] = mapped_column(EnumText(Stage))
     scope: Mapped[str] = mapped_column(String(64))
     number: Mapped[int] = mapped_column(Integer)
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    status: Mapped[RoundStatus] = mapped_column(EnumText(RoundStatus), index=True)
     # Plain ids, not foreign keys: adapter_versions -> clusters -> clustering_runs -> rounds would
     # otherwise form a cycle that SQLite cannot create.
     input_root_version_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -195,8 +231,10 @@ class AdapterVersion(Base):
 
 
 class Task(Base):
-    """One client's work in one round. Status transitions are documented on
-    ``shared.schemas.TaskStatus``; every transition is a guarded UPDATE."""
+    """One client's work in one round: pending -> leased -> done, with leased -> pending (lease
+    expired or released), leased -> failed (expired at the last attempt) and pending|leased ->
+    cancelled (``shared.states.TaskStatus``). Every transition is a guarded UPDATE whose
+    ``WHERE status IN (...)`` is ``shared.states.sources``."""
 
     __tablename__ = "tasks"
     __table_args__ = (
@@ -209,8 +247,8 @@ class Task(Base):
     round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), index=True)
     federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id", ondelete="CASCADE"))
     client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
-    stage: Mapped[str] = mapped_column(String(16))
-    status: Mapped[str] = mapped_column(String(16))
+    stage: Mapped[Stage] = mapped_column(EnumText(Stage))
+    status: Mapped[TaskStatus] = mapped_column(EnumText(TaskStatus))
     lease_id: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     attempt: Mapped[int] = mapped_column(Integer, default=0)
     # Leases given back by their worker (SIGTERM, pre-emption): they do not count toward max_attempts.
@@ -240,3 +278,24 @@ class AuditEvent(Base):
     federation_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     target: Mapped[str | None] = mapped_column(String(200), nullable=True)
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+class ClientFeature(Base):
+    """Per-client clustering features the coordinator keeps between rounds, as a safetensors blob.
+
+    kind 'root_b_ema' (``clustering.algorithm`` 'lsac-paper'): per target, the EMA over the root
+    rounds of the client's uploaded B scaled to unit Frobenius norm (float32, named by target);
+    ``rounds`` is how many root uploads it has averaged. Replaced (new blob) every root round the
+    client is aggregated in; deleted with the client. Garbage collection keeps the blob while a
+    row refers to it and frees superseded ones (kind 'client_feature')."""
+
+    __tablename__ = "client_features"
+    __table_args__ = (UniqueConstraint("client_id", "kind", name="uq_client_features_client_kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id", ondelete="CASCADE"), index=True)
+    client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))  # root_b_ema
+    blob_sha256: Mapped[str] = mapped_column(ForeignKey("blobs.sha256"))
+    rounds: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -32,6 +32,7 @@ from coordinator.migrate import schema_is_at_head
 from coordinator.models import AdapterVersion, Client
 from coordinator.security import constant_time_equals
 from coordinator.services import (
+    adapters,
     admin_actions,
     federations,
     registration,
@@ -177,7 +178,7 @@ async def put_blob(sha256: str, request: Request, _admin: AdminAuth) -> dict:
         blobs = request.app.state.blobs
         blobs.adopt(tmp, sha)
         with request.app.state.session_factory() as session, session.begin():
-            tasks.ensure_blob_row(session, sha, size, "backbone", _now(request))
+            adapters.ensure_blob_row(session, sha, size, "backbone", _now(request))
 
     await run_in_threadpool(record)
     return {"sha256": sha, "bytes": size}
@@ -217,7 +218,7 @@ def start_federation(federation_id: DbId, request: Request, session: SessionDep,
     """Start training now, with the clients registered so far (instead of waiting for min_clients)."""
     with session.begin():
         fed = federations.get_federation(session, federation_id, lock=True)
-        if fed.state != FederationState.enrolling.value:
+        if fed.state != FederationState.enrolling:
             raise Conflict(f"federation {federation_id} is already {fed.state}", code="already_started")
         start_training(session, fed, federations.federation_config(fed), _now(request))
         status = reporting.federation_status(session, fed)
@@ -451,8 +452,8 @@ async def _upload(task_id: int, request: Request, token: str, lease_id: str,
 
     client_id, limit, shapes = await run_in_threadpool(plan)
     if limit == 0:
-        raise Conflict("this task takes no upload (leaves never leave the client): complete it with metrics",
-                       code="no_upload_expected")
+        raise Conflict("this task takes no upload (a leaf never leaves the client; an eval task only "
+                       "evaluates): complete it with metrics", code="no_upload_expected")
     with request.app.state.upload_slots.slot(client_id):  # 429 / 503 when too many are in flight
         return await _receive_upload(request, factory, task_id, token, lease_id, declared_sha, limit, shapes)
 
@@ -472,7 +473,7 @@ async def _receive_upload(request: Request, factory, task_id: int, token: str, l
         with factory() as session, session.begin():
             client = registration.authenticate_client(session, token)
             return tasks.accept_upload(session, request.app.state.blobs, client, task_id, lease_id, tmp, sha,
-                                       size, _now(request), validated=True)
+                                       size, _now(request))
 
     try:  # one hop to the threadpool for both
         sha, size = await run_in_threadpool(check_and_accept)

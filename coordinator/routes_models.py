@@ -31,6 +31,7 @@ from coordinator.services import federations, registration
 from coordinator.services.adapters import latest_version
 from shared.merge import MODEL_FORMAT, merge_lora, model_metadata, pack_model
 from shared.schemas import SHA256_HEADER, AdapterRef, ClientAdapters
+from shared.states import ScopeKind, scope
 from shared.tensors import TensorValidationError, unpack_tensors
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_protocol)], responses=_errors, tags=["models"])
@@ -56,7 +57,7 @@ def client_adapters(client_id: DbId, session: SessionDep, token: Token) -> Clien
             raise Forbidden(f"this token belongs to client {client.id}, not client {client_id}",
                             code="not_your_client")
         root = latest_version(session, client.federation_id, "root")
-        cluster = (latest_version(session, client.federation_id, f"cluster:{client.cluster_id}")
+        cluster = (latest_version(session, client.federation_id, scope(ScopeKind.cluster, client.cluster_id))
                    if client.cluster_id is not None else None)
         return ClientAdapters(root=_ref(root), cluster=_ref(cluster))
 
@@ -76,7 +77,7 @@ def _merged_model(request: Request, session, federation_id: int, label: int | No
             if cluster is None:
                 raise NotFound(f"federation {federation_id} has no cluster with label {label}",
                                code="cluster_not_found")
-            version = latest_version(session, fed.id, f"cluster:{cluster.id}")
+            version = latest_version(session, fed.id, scope(ScopeKind.cluster, cluster.id))
             if version is None:
                 raise NotFound(f"cluster {label} of federation {federation_id} has no adapter version",
                                code="no_cluster_version")

@@ -103,9 +103,31 @@ class Training(BaseModel):
     seed: int = 0
 
 
+ClusteringAlgorithm = Literal["lsac", "kmeans-flat", "lsac-paper"]
+
+
 class Clustering(BaseModel):
+    """How the coordinator clusters the training clients at the root-to-cluster switch, reruns
+    that on an admin's recluster, and joins late clients to a cluster (docs/method.md,
+    "Clustering algorithms")."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
+    algorithm: ClusteringAlgorithm = Field(
+        default="lsac",
+        description="'lsac': LSAC (self-tuning affinity, eigengap K, contrast test) on the probe uploads "
+                    "(features, knn, contrast, force_k); 'kmeans-flat': LSAC as for 'lsac' chooses K, then "
+                    "k-means on the flattened probe updates B A - B_root A_root gives the labels; "
+                    "'lsac-paper': LSAC as the paper writes it (median-sigma affinity, eigengap K over "
+                    "[k_min, k_max], no contrast test) on the subspace distance of each client's EMA (factor "
+                    "ema) of its unit-norm root-stage B, kept on the coordinator during the root stage; needs "
+                    "root.B aggregated and root_rounds >= 1; features, knn and contrast are unused, "
+                    "force_k fixes K (at most n - 1)")
+    ema: float = Field(
+        default=0.9, ge=0, lt=1,
+        description="lsac-paper: EMA factor lambda over the root rounds; each root round, a client's "
+                    "EMA becomes lambda * EMA + (1 - lambda) * its uploaded B scaled to unit Frobenius norm "
+                    "per target (its first upload sets it); 0: the last upload only")
     features: Literal["update", "subspace"] = "update"
     k_min: int = Field(default=1, ge=1)
     k_max: int = Field(default=10, ge=1)
@@ -155,6 +177,13 @@ class FederationConfig(BaseModel):
     def _check(self) -> "FederationConfig":
         if (self.leaf.A, self.leaf.B, self.leaf.head) != ("local", "local", "local"):
             raise ValueError("the leaf tier is always local: its factors never leave the client")
+        if self.clustering.algorithm == "lsac-paper" and self.cluster.enabled:
+            if self.root.B != "aggregate":
+                raise ValueError("clustering.algorithm 'lsac-paper' clusters on the clients' root-stage B, "
+                                 "which they upload only when root.B is 'aggregate'")
+            if self.schedule.root_rounds < 1:
+                raise ValueError("clustering.algorithm 'lsac-paper' needs schedule.root_rounds >= 1: its "
+                                 "features are built during the root rounds")
         return self
 
     def tier_policy(self, tier: str) -> TierPolicy:

@@ -7,53 +7,24 @@ against the federation's adapter manifest.
 from __future__ import annotations
 
 from datetime import datetime
-from enum import Enum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.config import FederationConfig, Training
+from shared.states import (
+    ClientStatus,
+    Cohort,
+    FederationState,
+    Onboarding,
+    RoundStatus,
+    Stage,
+    TaskStatus,
+)
 
 PROTOCOL_HEADER = "X-Hilora-Protocol"
 WORKER_ID_HEADER = "X-Hilora-Worker-Id"
 SHA256_HEADER = "X-Hilora-Sha256"
-
-Stage = Literal["root", "probe", "cluster", "leaf"]
-
-
-class FederationState(str, Enum):
-    """Life of a federation. Transitions only go forward, in this order:
-
-    - ``enrolling``: clients register; training starts at ``schedule.min_clients`` or on admin start.
-    - ``root``: root rounds (aggregated over all clients) until ``root_rounds`` or rho <= tau.
-    - ``probe``: one round in which every client trains from the final root; not aggregated;
-      LSAC clusters the probes when it completes.
-    - ``cluster``: each cluster trains its adapter for ``cluster_rounds`` rounds (root frozen).
-    - ``leaf``: every client trains its private leaf for ``leaf_rounds`` rounds; metrics only.
-    - ``serving``: training is over; a newly registered client is onboarded
-      (probe -> assignment -> leaf rounds).
-    """
-
-    enrolling = "enrolling"
-    root = "root"
-    probe = "probe"
-    cluster = "cluster"
-    leaf = "leaf"
-    serving = "serving"
-
-
-class TaskStatus(str, Enum):
-    """A task: pending -> leased -> done; leased -> pending when its lease expires (attempt < max)
-    or its worker releases it; leased -> failed when its lease expires at the last attempt;
-    pending|leased -> cancelled when its round is decided at the deadline without it.
-    done, failed and cancelled are terminal."""
-
-    pending = "pending"
-    leased = "leased"
-    done = "done"
-    failed = "failed"
-    cancelled = "cancelled"
-
 
 class ErrorBody(BaseModel):
     error: str = Field(description="machine-readable reason, e.g. 'wrong_shape', 'stale_lease'")
@@ -101,7 +72,7 @@ class RoundInfo(BaseModel):
     stage: Stage
     scope: str
     number: int
-    status: str
+    status: RoundStatus
     tasks_total: int
     tasks_done: int
     tasks_failed: int
@@ -130,6 +101,8 @@ class ClusterInfo(BaseModel):
 class ClusteringRunInfo(BaseModel):
     id: int
     k: int
+    algorithm: str = Field(default="lsac", description="clustering.algorithm the run used: lsac, kmeans-flat, "
+                                                        "lsac-paper")
     features: str
     num_clients: int
     eigengaps: list[float]
@@ -190,7 +163,7 @@ class ClientRegistered(BaseModel):
     client_id: int
     name: str
     token: str = Field(description="shown once; the client's credential")
-    cohort: Literal["train", "late"]
+    cohort: Cohort
 
 
 class AdapterRef(BaseModel):
@@ -269,11 +242,13 @@ class TaskCompleted(BaseModel):
 class ClientReport(BaseModel):
     client_id: int
     name: str
-    cohort: str
+    cohort: Cohort
     cluster_label: int | None
     num_samples: int
     metrics: dict[str, float] = Field(description="latest value of each metric the worker reported")
-    zero_shot: float | None = Field(default=None, description="root+cluster accuracy when assigned")
+    zero_shot: float | None = Field(default=None, description=(
+        "accuracy of the federation's shared model (root + the client's cluster, if any) on this client "
+        "before its leaf trained: the first done leaf task's acc_cluster, else its acc_root"))
     uploaded_bytes: int
 
 
@@ -378,7 +353,8 @@ class TierStats(BaseModel):
 
 
 class AccuracyStep(BaseModel):
-    """One round of the training cascade (all scopes of a stage's round number together)."""
+    """One round of the training cascade (all scopes of a stage's round number together), or the
+    final evaluation (stage 'eval')."""
 
     stage: Stage
     number: int
@@ -389,7 +365,7 @@ class AccuracyStep(BaseModel):
 class ClientAccuracy(BaseModel):
     client_id: int
     name: str
-    cohort: str
+    cohort: Cohort
     cluster_label: int | None
     acc_root: float | None
     acc_cluster: float | None
@@ -398,7 +374,9 @@ class ClientAccuracy(BaseModel):
 
 class AccuracyView(BaseModel):
     """Accuracies the workers reported: root and cluster tasks evaluate the adapters they
-    received, leaf tasks evaluate root + cluster + the trained leaf (worker.train.evaluate_tiers)."""
+    received, leaf tasks evaluate root + cluster + the trained leaf, and the final evaluation
+    (stage 'eval', once training is over) evaluates the final root, root + cluster and root +
+    cluster + leaf (worker.train.evaluate_tiers)."""
 
     steps: list[AccuracyStep]
     latest: dict[str, TierStats] = Field(description="each tier in the newest step that reports it")
@@ -408,9 +386,9 @@ class AccuracyView(BaseModel):
 class ClientRow(BaseModel):
     client_id: int
     name: str
-    status: str
-    cohort: str
-    onboarding: str
+    status: ClientStatus
+    cohort: Cohort
+    onboarding: Onboarding
     cluster_label: int | None
     num_samples: int
     last_seen_at: datetime | None
@@ -464,11 +442,13 @@ class WorkersView(BaseModel):
 class UnseenClientRow(BaseModel):
     client_id: int
     name: str
-    status: str
-    onboarding: str = Field(description="waiting -> probe -> leaf -> ready")
+    status: ClientStatus
+    onboarding: Onboarding = Field(description="waiting -> probe -> leaf -> ready")
     cluster_label: int | None
     similarity: float | None = Field(description="mean probe similarity to the cluster it was assigned to")
-    zero_shot: float | None = Field(description="root + cluster accuracy before its leaf trained")
+    zero_shot: float | None = Field(description=(
+        "accuracy of the shared model (root + assigned cluster, if any) before its leaf trained: the "
+        "first done leaf task's acc_cluster, else its acc_root (as ClientReport.zero_shot)"))
     after_leaf: float | None = Field(description="root + cluster + leaf accuracy, latest")
     leaf_rounds_done: int
     created_at: datetime
@@ -488,4 +468,4 @@ class ReclusterResult(BaseModel):
     clusters_kept: list[int] = Field(description="labels of existing clusters matched by membership overlap")
     clusters_created: list[int] = Field(description="labels of new clusters (adapter version 0)")
     moves: list[AssignmentMove]
-    tasks_cancelled: int = Field(description="open cluster/leaf tasks of moved clients, cancelled")
+    tasks_cancelled: int = Field(description="open cluster, leaf and eval tasks of moved clients, cancelled")

@@ -851,7 +851,7 @@
     const values = await confirmDialog({
       title: "Recluster this federation?",
       text: "LSAC runs again on the newest probe round of all clients. Matched clusters keep their adapters; " +
-        "unmatched ones start at version 0. Open cluster and leaf tasks of clients that move are cancelled.",
+        "unmatched ones start at version 0. Open cluster, leaf and evaluation tasks of clients that move are cancelled.",
       fields: [
         { name: "force_k", label: "Force K (optional)", type: "number", min: 1, step: 1, placeholder: "eigengap rule" },
         { name: "features", label: "Features", options: [["", "federation setting"], ["update", "update"], ["subspace", "subspace"]] },

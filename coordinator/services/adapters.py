@@ -1,4 +1,5 @@
-"""Adapter versions: creation of version 0 in numpy, immutable versions as blobs, loading."""
+"""Adapter versions: creation of version 0 in numpy, immutable versions as blobs, loading; and
+``ensure_blob_row``, the one way a blob's row is recorded."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from datetime import datetime
 
 import numpy as np
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobStore
@@ -16,6 +18,31 @@ from shared.manifest import AdapterManifest
 from shared.tensors import pack_tensors, unpack_tensors
 
 Tensors = dict[str, np.ndarray]
+
+
+def ensure_blob_row(session: Session, sha256: str, size: int, kind: str, now: datetime) -> None:
+    """Record a blob (its file already in the store) unless its row exists. Race-safe: two
+    transactions recording the same bytes at once (two uploads of one body; an adapter version
+    equal to an upload) both succeed, where a SELECT-then-INSERT lets the second one fail with a
+    unique violation (under load on Postgres it did: a 500). On PostgreSQL and SQLite one
+    INSERT .. ON CONFLICT DO NOTHING; elsewhere an INSERT in a savepoint whose unique violation is
+    ignored. The first row wins: its kind stays."""
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        session.execute(insert(Blob).values(sha256=sha256, size=size, kind=kind, created_at=now)
+                        .on_conflict_do_nothing(index_elements=[Blob.sha256]))
+        return
+    if session.get(Blob, sha256) is not None:
+        return
+    try:
+        with session.begin_nested():
+            session.add(Blob(sha256=sha256, size=size, kind=kind, created_at=now))
+    except IntegrityError:
+        pass  # recorded concurrently by another transaction
 
 
 def _seed_for(*parts: object) -> int:
@@ -60,9 +87,7 @@ def write_version(session: Session, blobs: BlobStore, *, federation_id: int, tie
                   cluster_id: int | None, version: int, tensors: Tensors, now: datetime) -> AdapterVersion:
     data = pack_tensors(tensors)
     sha = blobs.put_bytes(data)
-    if session.get(Blob, sha) is None:
-        session.add(Blob(sha256=sha, size=len(data), kind="adapter", created_at=now))
-        session.flush()
+    ensure_blob_row(session, sha, len(data), "adapter", now)
     row = AdapterVersion(federation_id=federation_id, tier=tier, scope=scope, cluster_id=cluster_id,
                          version=version, blob_sha256=sha, created_at=now)
     session.add(row)

@@ -24,9 +24,9 @@ from coordinator.errors import Conflict, Invalid, NotFound
 from coordinator.models import AuditEvent, Client, Federation, Round, Task
 from coordinator.security import hash_secret, new_secret
 from coordinator.services.federations import get_federation
-from shared.schemas import TaskStatus
+from coordinator.services.tasks import task_status_may_become
+from shared.states import ClientStatus, Machine, RoundStatus, TaskStatus, move
 
-OPEN_TASK = (TaskStatus.pending.value, TaskStatus.leased.value)
 MAX_DEADLINE_AHEAD = timedelta(days=366)
 
 
@@ -55,17 +55,17 @@ def revoke_client(session: Session, federation_id: int, client_id: int, now: dat
     client = session.get(Client, client_id)
     if client is None or client.federation_id != federation_id:
         raise NotFound(f"client {client_id} is not in federation {federation_id}", code="client_not_found")
-    if client.status == "revoked":
+    if client.status == ClientStatus.revoked:
         raise Conflict(f"client {client_id} is already revoked", code="already_revoked")
-    client.status = "revoked"
+    move(Machine.client, client, ClientStatus.revoked)
     cancelled = session.execute(
-        update(Task).where(Task.client_id == client_id, Task.status.in_(OPEN_TASK))
-        .values(status=TaskStatus.cancelled.value, lease_expires_at=None, finished_at=now,
+        update(Task).where(Task.client_id == client_id, task_status_may_become(TaskStatus.cancelled))
+        .values(status=TaskStatus.cancelled, lease_expires_at=None, finished_at=now,
                 error="the client was revoked")
     ).rowcount or 0
     audit(session, now, "revoke_client", federation_id, f"client:{client_id}",
           {"name": client.name, "reason": reason[:500], "tasks_cancelled": cancelled})
-    return {"client_id": client_id, "name": client.name, "status": "revoked", "tasks_cancelled": cancelled}
+    return {"client_id": client_id, "name": client.name, "status": client.status.value, "tasks_cancelled": cancelled}
 
 
 def pause_federation(session: Session, federation_id: int, now: datetime, reason: str = "") -> Federation:
@@ -84,7 +84,8 @@ def resume_federation(session: Session, federation_id: int, now: datetime) -> Fe
         raise Conflict(f"federation {federation_id} is not paused", code="not_paused")
     paused_for = now - fed.paused_at
     moved = 0
-    for rnd in session.scalars(select(Round).where(Round.federation_id == federation_id, Round.status == "open",
+    for rnd in session.scalars(select(Round).where(Round.federation_id == federation_id,
+                                                   Round.status == RoundStatus.open,
                                                    Round.deadline_at.is_not(None))):
         rnd.deadline_at = rnd.deadline_at + paused_for
         moved += 1
@@ -104,7 +105,7 @@ def set_round_deadline(session: Session, round_id: int, now: datetime, *, deadli
     rnd = session.get(Round, round_id, with_for_update=True)
     if rnd is None:
         raise NotFound(f"round {round_id} does not exist", code="round_not_found")
-    if rnd.status != "open":
+    if rnd.status != RoundStatus.open:
         raise Conflict(f"round {round_id} is {rnd.status}: only an open round has a deadline to move",
                        code="round_closed")
     old = rnd.deadline_at

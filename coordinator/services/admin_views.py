@@ -2,7 +2,8 @@
 glance, stage timeline and rounds, clusters and clustering runs (affinity, moves), accuracy per
 tier, clients, workers and leases, unseen clients. Plain reads; each call is one transaction of
 the caller. Numbers the workers report (``acc_root``, ``acc_cluster``, ``acc_leaf``) come from
-``Task.metrics`` (see ``worker.train.evaluate_tiers``).
+``Task.metrics`` (see ``worker.train.evaluate_tiers``), those of the final evaluation (stage
+'eval', opened when training ends) included.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from coordinator.errors import NotFound
 from coordinator.models import Assignment, AuditEvent, Client, Cluster, ClusteringRun, Federation, Round, Task
 from coordinator.services.adapters import latest_version
 from coordinator.services.federations import federation_config, list_federations
+from coordinator.services.reporting import zero_shot_accuracy
 from shared.schemas import (
     AccuracyStep,
     AccuracyView,
@@ -29,29 +31,45 @@ from shared.schemas import (
     ClusteringRunRow,
     ClusterRow,
     FederationOverview,
-    FederationState,
     FederationTimeline,
     LeaseRow,
     RoundRow,
     RunTransition,
     StageSpan,
     TaskFailureRow,
-    TaskStatus,
     TierStats,
     UnseenClientRow,
     WorkerRow,
     WorkersView,
 )
+from shared.states import (
+    ClientStatus,
+    Cohort,
+    FederationState,
+    RoundStatus,
+    ScopeKind,
+    Stage,
+    TaskStatus,
+    parse_scope,
+    scope,
+    scope_pattern,
+)
 from shared.tensors import METADATA_KEY, read_safetensors_header, unpack_tensors
 
 TIERS = ("root", "cluster", "leaf")
-TRAINING_STAGES = ("root", "probe", "cluster", "leaf")
-STAGE_ORDER = {s.value: i for i, s in enumerate(FederationState)}
-DONE = TaskStatus.done.value
+TRAINING_STAGES = (Stage.root, Stage.probe, Stage.cluster, Stage.leaf)
+# stages whose tasks report accuracy per tier: the training rounds that evaluate what they
+# received, and the final evaluation
+ACCURACY_STAGES = (Stage.root, Stage.cluster, Stage.leaf, Stage.eval)
+STATE_ORDER = {s.value: i for i, s in enumerate(FederationState)}
+# the order of accuracy steps: the cascade's stages, then the final evaluation
+STEP_ORDER = {s.value: i for i, s in enumerate(Stage)}
+DONE = TaskStatus.done
+ONBOARDING = scope_pattern(ScopeKind.client)  # the rounds of one late client's onboarding
 
 
-def _is_onboarding(scope: str) -> bool:
-    return scope.startswith("client:")
+def _is_onboarding(round_scope: str) -> bool:
+    return parse_scope(round_scope).kind == ScopeKind.client
 
 
 def online_window_seconds(fed: Federation) -> float:
@@ -83,7 +101,7 @@ def federations_overview(session: Session, now: datetime) -> list[FederationOver
     for fed in list_federations(session):
         window = online_window_seconds(fed)
         open_rounds = list(session.execute(select(Round.id, Round.stage, Round.number).where(
-            Round.federation_id == fed.id, Round.status == "open")))
+            Round.federation_id == fed.id, Round.status == RoundStatus.open)))
         in_stage = [number for _, stage, number in open_rounds if stage == fed.state]
         counts: dict[str, int] = {}
         if open_rounds:
@@ -96,7 +114,7 @@ def federations_overview(session: Session, now: datetime) -> list[FederationOver
         k = session.scalar(select(ClusteringRun.k).where(ClusteringRun.federation_id == fed.id)
                            .order_by(ClusteringRun.id.desc()).limit(1))
         last_agg = session.scalar(select(func.max(Round.closed_at)).where(
-            Round.federation_id == fed.id, Round.status == "done", Round.result_version_id.is_not(None)))
+            Round.federation_id == fed.id, Round.status == RoundStatus.done, Round.result_version_id.is_not(None)))
         out.append(FederationOverview(
             federation_id=fed.id, name=fed.name, state=FederationState(fed.state), paused_at=fed.paused_at,
             current_round=max(in_stage or [n for _, _, n in open_rounds], default=None),
@@ -118,39 +136,41 @@ def _round_rows(session: Session, rounds: list[Round]) -> list[RoundRow]:
         c = counts.get(r.id, {})
         rows.append(RoundRow(
             id=r.id, stage=r.stage, scope=r.scope, number=r.number, status=r.status,
-            tasks_total=sum(c.values()), tasks_done=c.get(DONE, 0), tasks_failed=c.get(TaskStatus.failed.value, 0),
-            tasks_cancelled=c.get(TaskStatus.cancelled.value, 0), quorum=r.quorum, deadline_at=r.deadline_at,
+            tasks_total=sum(c.values()), tasks_done=c.get(DONE, 0), tasks_failed=c.get(TaskStatus.failed, 0),
+            tasks_cancelled=c.get(TaskStatus.cancelled, 0), quorum=r.quorum, deadline_at=r.deadline_at,
             failure=r.failure, rho=r.rho, created_at=r.created_at, closed_at=r.closed_at,
             duration_seconds=_seconds(r.closed_at, r.created_at), aggregation_seconds=r.aggregation_seconds))
     return rows
 
 
 def federation_timeline(session: Session, fed: Federation, limit: int = 200) -> FederationTimeline:
-    """The stages the federation went through (from its rounds) and its newest ``limit`` rounds."""
+    """The stages the federation went through (from its rounds) and its newest ``limit`` rounds.
+    The serving span counts the rounds run while serving: the final evaluation and onboarding."""
     spans = list(session.execute(
         select(Round.stage, func.min(Round.created_at), func.max(Round.closed_at),
-               func.sum(case((Round.status == "done", 1), else_=0)),
-               func.sum(case((Round.status == "failed", 1), else_=0)))
-        .where(Round.federation_id == fed.id, ~Round.scope.like("client:%")).group_by(Round.stage)))
+               func.sum(case((Round.status == RoundStatus.done, 1), else_=0)),
+               func.sum(case((Round.status == RoundStatus.failed, 1), else_=0)))
+        .where(Round.federation_id == fed.id, ~Round.scope.like(ONBOARDING)).group_by(Round.stage)))
     by_stage = {stage: (start, end, done or 0, failed or 0) for stage, start, end, done, failed in spans}
-    current = STAGE_ORDER[fed.state]
+    current = STATE_ORDER[fed.state]
     stages = []
     first_round = min((v[0] for v in by_stage.values()), default=None)
     stages.append(StageSpan(stage=FederationState.enrolling, started_at=fed.created_at,
                             ended_at=first_round if current > 0 else None, rounds_done=0, rounds_failed=0))
     training_end = None
     for stage in TRAINING_STAGES:
-        if stage not in by_stage or STAGE_ORDER[stage] > current:
+        if stage not in by_stage or STATE_ORDER[stage] > current:
             continue
         start, end, done, failed = by_stage[stage]
-        ended = end if STAGE_ORDER[stage] < current else None
+        ended = end if STATE_ORDER[stage] < current else None
         training_end = max(filter(None, (training_end, end)), default=None)
         stages.append(StageSpan(stage=FederationState(stage), started_at=start, ended_at=ended,
                                 rounds_done=done, rounds_failed=failed))
-    if fed.state == FederationState.serving.value:
+    if fed.state == FederationState.serving:
+        while_serving = Round.scope.like(ONBOARDING) | (Round.stage == Stage.eval)
         done, failed = (session.scalar(select(func.count()).select_from(Round).where(
-            Round.federation_id == fed.id, Round.scope.like("client:%"), Round.status == status)) or 0
-            for status in ("done", "failed"))
+            Round.federation_id == fed.id, while_serving, Round.status == status)) or 0
+            for status in (RoundStatus.done, RoundStatus.failed))
         stages.append(StageSpan(stage=FederationState.serving, started_at=training_end or fed.updated_at,
                                 ended_at=None, rounds_done=done, rounds_failed=failed))
     total = session.scalar(select(func.count()).select_from(Round).where(Round.federation_id == fed.id)) or 0
@@ -165,12 +185,12 @@ def federation_timeline(session: Session, fed: Federation, limit: int = 200) -> 
 def clusters(session: Session, fed: Federation, now: datetime) -> list[ClusterRow]:
     members: dict[int, list[str]] = defaultdict(list)
     for cluster_id, name in session.execute(select(Client.cluster_id, Client.name).where(
-            Client.federation_id == fed.id, Client.cluster_id.is_not(None), Client.status == "active")
+            Client.federation_id == fed.id, Client.cluster_id.is_not(None), Client.status == ClientStatus.active)
             .order_by(Client.name)):
         members[cluster_id].append(name)
     rows = []
     for c in session.scalars(select(Cluster).where(Cluster.federation_id == fed.id).order_by(Cluster.label)):
-        version = latest_version(session, fed.id, f"cluster:{c.id}")
+        version = latest_version(session, fed.id, scope(ScopeKind.cluster, c.id))
         rows.append(ClusterRow(id=c.id, label=c.label, size=len(members[c.id]), members=members[c.id],
                                created_at=c.created_at, age_seconds=(now - c.created_at).total_seconds(),
                                created_run_id=c.created_run_id,
@@ -189,8 +209,8 @@ def _admin_runs(session: Session, federation_id: int) -> set[int]:
 
 
 def run_row(run: ClusteringRun, admin_runs: set[int]) -> ClusteringRunRow:
-    return ClusteringRunRow(id=run.id, k=run.k, features=run.features, num_clients=run.num_clients,
-                            eigengaps=list(run.eigengaps), contrast_ratio=run.contrast_ratio,
+    return ClusteringRunRow(id=run.id, k=run.k, algorithm=run.algorithm, features=run.features,
+                            num_clients=run.num_clients, eigengaps=list(run.eigengaps), contrast_ratio=run.contrast_ratio,
                             created_at=run.created_at, probe_round_id=run.probe_round_id,
                             trigger="admin" if run.id in admin_runs else "scheduler",
                             has_affinity=run.affinity_sha256 is not None)
@@ -269,7 +289,7 @@ def _accuracy_rows(session: Session, federation_id: int, round_ids: list[int] | 
 
 
 def _step_key(stage: str, number: int) -> tuple[int, int]:
-    return STAGE_ORDER[stage], number
+    return STEP_ORDER[stage], number
 
 
 def _tier_values(rows) -> dict[str, list[float]]:  # noqa: ANN001
@@ -283,10 +303,11 @@ def _tier_values(rows) -> dict[str, list[float]]:  # noqa: ANN001
 
 
 def latest_accuracy(session: Session, federation_id: int) -> dict[str, TierStats]:
-    """Accuracy per tier in the newest training round (root, cluster or leaf; every scope of that
-    round number) whose tasks reported any. Reads one round's tasks at a time, newest first."""
+    """Accuracy per tier in the newest round (root, cluster, leaf or the final evaluation; every
+    scope of that round number) whose tasks reported any. Reads one round's tasks at a time,
+    newest first."""
     steps = session.execute(select(Round.stage, Round.number, Round.id).where(
-        Round.federation_id == federation_id, Round.stage.in_(TIERS), ~Round.scope.like("client:%"))).all()
+        Round.federation_id == federation_id, Round.stage.in_(ACCURACY_STAGES), ~Round.scope.like(ONBOARDING))).all()
     grouped: dict[tuple[str, int], list[int]] = defaultdict(list)
     for stage, number, round_id in steps:
         grouped[(stage, number)].append(round_id)
@@ -311,7 +332,7 @@ def accuracy(session: Session, fed: Federation) -> AccuracyView:
     rows = _accuracy_rows(session, fed.id)
     by_step: dict[tuple[str, int], list] = defaultdict(list)
     for row in rows:
-        if row.stage in TIERS and not _is_onboarding(row.scope):
+        if row.stage in ACCURACY_STAGES and not _is_onboarding(row.scope):
             by_step[(row.stage, row.number)].append(row)
     steps = []
     for stage, number in sorted(by_step, key=lambda k: _step_key(*k)):
@@ -352,7 +373,7 @@ def workers(session: Session, fed: Federation, now: datetime, failures: int = 20
     leased = session.execute(
         select(Task, Round.number, Round.scope, Client.name).join(Round, Round.id == Task.round_id)
         .join(Client, Client.id == Task.client_id)
-        .where(Task.federation_id == fed.id, Task.status == TaskStatus.leased.value)
+        .where(Task.federation_id == fed.id, Task.status == TaskStatus.leased)
         .order_by(Task.lease_expires_at, Task.id)).all()
     leases = [LeaseRow(task_id=t.id, worker_id=t.worker_id, client_id=t.client_id, client_name=name, stage=t.stage,
                        scope=scope, round_number=number, attempt=t.attempt, lease_expires_at=t.lease_expires_at,
@@ -361,8 +382,8 @@ def workers(session: Session, fed: Federation, now: datetime, failures: int = 20
         select(Task, Round.number, Client.name).join(Round, Round.id == Task.round_id)
         .join(Client, Client.id == Task.client_id)
         .where(Task.federation_id == fed.id,
-               (Task.status == TaskStatus.failed.value)
-               | ((Task.status == TaskStatus.cancelled.value) & Task.error.is_not(None)))
+               (Task.status == TaskStatus.failed)
+               | ((Task.status == TaskStatus.cancelled) & Task.error.is_not(None)))
         .order_by(Task.finished_at.desc(), Task.id.desc()).limit(failures)).all()
     failure_rows = [TaskFailureRow(task_id=t.id, worker_id=t.worker_id, client_id=t.client_id, client_name=name,
                                    stage=t.stage, round_number=number, status=TaskStatus(t.status), attempt=t.attempt,
@@ -373,9 +394,10 @@ def workers(session: Session, fed: Federation, now: datetime, failures: int = 20
             .where(Task.federation_id == fed.id, Task.worker_id.is_not(None))
             .group_by(Task.worker_id, Task.status)):
         s = stats.setdefault(worker_id, {"leased": 0, "done": 0, "failed": 0, "last": None})
-        if status in ("leased", "done", "failed"):
-            s[status] += n
-        if status in ("done", "failed") and last is not None and (s["last"] is None or last > s["last"]):
+        if status in (TaskStatus.leased, TaskStatus.done, TaskStatus.failed):
+            s[status.value] += n
+        if status in (TaskStatus.done, TaskStatus.failed) and last is not None and (
+                s["last"] is None or last > s["last"]):
             s["last"] = last
     rows = [WorkerRow(worker_id=w, live_leases=s["leased"], tasks_done=s["done"], tasks_failed=s["failed"],
                       last_finished_at=s["last"]) for w, s in sorted(stats.items())]
@@ -383,28 +405,25 @@ def workers(session: Session, fed: Federation, now: datetime, failures: int = 20
 
 
 def unseen_clients(session: Session, fed: Federation) -> list[UnseenClientRow]:
-    """Clients onboarded while serving: assignment by probe similarity, zero-shot (root + cluster
-    before its leaf trained, the first leaf task's ``acc_cluster``) and after-leaf accuracy."""
+    """Clients onboarded while serving: assignment by probe similarity, zero-shot accuracy
+    (``reporting.zero_shot_accuracy``: root + cluster before its leaf trained) and after-leaf
+    accuracy."""
     labels_of = _labels(session, fed.id)
     out = []
-    for c in session.scalars(select(Client).where(Client.federation_id == fed.id, Client.cohort == "late")
+    for c in session.scalars(select(Client).where(Client.federation_id == fed.id, Client.cohort == Cohort.late)
                              .order_by(Client.id)):
         similarity = session.scalar(select(Assignment.similarity).where(
             Assignment.client_id == c.id, Assignment.source == "onboarding").order_by(Assignment.id.desc()).limit(1))
         leaf_metrics = [m or {} for m in session.scalars(
-            select(Task.metrics).where(Task.client_id == c.id, Task.status == DONE, Task.stage == "leaf")
+            select(Task.metrics).where(Task.client_id == c.id, Task.status == DONE, Task.stage == Stage.leaf)
             .order_by(Task.id))]
-        zero_shot = None
-        if leaf_metrics:
-            first = leaf_metrics[0]
-            zero_shot = first.get("acc_cluster", first.get("acc_root"))
         after = next((m["acc_leaf"] for m in reversed(leaf_metrics) if "acc_leaf" in m), None)
         rounds_done = session.scalar(select(func.count()).select_from(Round).where(
-            Round.federation_id == fed.id, Round.stage == "leaf", Round.scope == f"client:{c.id}",
-            Round.status == "done")) or 0
+            Round.federation_id == fed.id, Round.stage == Stage.leaf, Round.scope == scope(ScopeKind.client, c.id),
+            Round.status == RoundStatus.done)) or 0
         out.append(UnseenClientRow(client_id=c.id, name=c.name, status=c.status, onboarding=c.onboarding,
                                    cluster_label=labels_of.get(c.cluster_id), similarity=similarity,
-                                   zero_shot=None if zero_shot is None else float(zero_shot),
+                                   zero_shot=zero_shot_accuracy(session, c.id),
                                    after_leaf=None if after is None else float(after),
                                    leaf_rounds_done=rounds_done, created_at=c.created_at))
     return out

@@ -16,6 +16,7 @@ from coordinator.blobs import BlobStore
 from coordinator.faults import fault_point
 from coordinator.models import AdapterVersion, Round, Task
 from coordinator.services.adapters import load_version, write_version
+from coordinator.services.client_features import update_root_b_emas
 from shared.aggregate import combine_tier_uploads, relative_change
 from shared.config import FederationConfig
 from shared.probes import factor_pairs
@@ -43,6 +44,9 @@ def aggregate_round(session: Session, blobs: BlobStore, cfg: FederationConfig, r
     # memory-mapped and read target by target by the math below, so the round's uploads are never
     # all copied into this process at once; strict=False: each was checked strictly when accepted
     uploads = [blobs.map_tensors(t.upload_sha256, strict=False) if factors else {} for t in tasks]
+    if tier == "root" and cfg.clustering.algorithm == "lsac-paper" and cfg.cluster.enabled:
+        # lsac-paper's features: each client's EMA of its unit-norm B, from the raw (unclipped) upload
+        update_root_b_emas(session, blobs, cfg.manifest, cfg.clustering.ema, rnd.federation_id, tasks, uploads, now)
     reported = [float(max(t.num_samples or 0, 1)) for t in tasks]
     weights, _ = cap_weights(reported, policy.max_weight_ratio)  # no client's claim dominates
     rnd.aggregation_weights = [{"client_id": t.client_id, "reported": r, "weight": w}

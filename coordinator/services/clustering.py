@@ -1,11 +1,12 @@
-"""LSAC runs on probe uploads, cluster creation, nearest-cluster onboarding of late clients, and
-an admin's recluster of a running federation."""
+"""Clustering runs (``clustering.algorithm``: LSAC, k-means-flat or LSAC as the paper writes it;
+docs/method.md, "Clustering algorithms"), cluster creation, nearest-cluster onboarding of late
+clients, and an admin's recluster of a running federation."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import numpy as np
@@ -16,14 +17,25 @@ from sqlalchemy.orm import Session
 from coordinator.blobs import BlobStore
 from coordinator.errors import Conflict, Invalid
 from coordinator.metrics import observe_clustering_seconds
-from coordinator.models import AdapterVersion, Assignment, Blob, Client, Cluster, ClusteringRun, Round, Task
-from coordinator.services.adapters import head_of, initial_tier_tensors, load_version, write_version
+from coordinator.models import AdapterVersion, Assignment, Client, Cluster, ClusteringRun, Round, Task
+from coordinator.services.adapters import ensure_blob_row, head_of, initial_tier_tensors, load_version, write_version
 from coordinator.services.admin_actions import audit
+from coordinator.services.client_features import Bases, load_root_b_emas, normalised_b, subspace_bases_of
 from coordinator.services.federations import federation_config, get_federation
+from coordinator.services.tasks import task_status_may_become
 from shared.config import Clustering, FederationConfig
-from shared.probes import probe_distance
-from shared.schemas import TaskStatus
-from shared.subspace import LsacResult, assign_to_clusters, lsac, match_cluster_ids
+from shared.probes import factor_pairs, probe_distance
+from shared.states import RoundStatus, Stage, TaskStatus
+from shared.subspace import (
+    LsacResult,
+    assign_to_clusters,
+    gram_kmeans_labels,
+    lsac,
+    lsac_paper,
+    match_cluster_ids,
+    subspace_distance,
+    update_gram,
+)
 from shared.tensors import pack_tensors, unpack_tensors
 
 Tensors = dict[str, np.ndarray]
@@ -48,24 +60,50 @@ def _probe_inputs(session: Session, blobs: BlobStore, probe_round: Round) -> tup
     return tasks, root, probes
 
 
-def _run_lsac(session: Session, blobs: BlobStore, cfg: FederationConfig, c: Clustering, probe_round: Round,
-              now: datetime) -> tuple[ClusteringRun, list[Task], LsacResult, Tensors]:
-    """LSAC with settings ``c`` on a probe round's uploads; stores the distance and affinity
-    matrices as a blob and records the ClusteringRun. Its duration goes to the app's metrics."""
-    started = time.perf_counter()
-    tasks, root, probes = _probe_inputs(session, blobs, probe_round)
+def _member_bases(session: Session, blobs: BlobStore, cfg: FederationConfig, tasks: list[Task],
+                  probes: list[Tensors]) -> list[Bases]:
+    """lsac-paper's features of the clients of ``tasks``: per target, the top-r left singular
+    vectors of the client's root-B EMA (client_features); a client without one (no root upload
+    aggregated) gets those of its unit-norm probe B, as a late client does."""
+    emas = load_root_b_emas(session, blobs, [t.client_id for t in tasks])
+    return [subspace_bases_of(cfg.manifest, emas[t.client_id] if t.client_id in emas
+                              else normalised_b(cfg.manifest, probe)) for t, probe in zip(tasks, probes)]
+
+
+def _cluster(session: Session, blobs: BlobStore, cfg: FederationConfig, c: Clustering, tasks: list[Task],
+             root: Tensors, probes: list[Tensors]) -> tuple[LsacResult, np.ndarray]:
+    """The partition of the clients of ``tasks`` by ``c.algorithm`` and the distance matrix behind
+    it. The result's ``labels`` and ``k`` are the final ones; for kmeans-flat its eigengaps,
+    contrast ratio and affinity are those of the LSAC run that chose K."""
+    if c.algorithm == "lsac-paper":
+        distance = subspace_distance(_member_bases(session, blobs, cfg, tasks, probes))
+        k_min, k_max = (c.k_min, c.k_max) if c.force_k is None else (c.force_k, c.force_k)
+        return lsac_paper(distance, k_min=k_min, k_max=k_max, seed=c.seed), distance
     distance = probe_distance(cfg.manifest, c.features, root, probes)
     result = lsac(distance, k_min=c.k_min, k_max=c.k_max, knn=c.knn, contrast=c.contrast,
                   force_k=c.force_k, seed=c.seed)
+    if c.algorithm == "kmeans-flat":  # LSAC's K, k-means on the flattened probe updates B A - B_root A_root
+        gram = update_gram([factor_pairs(cfg.manifest, p) for p in probes], factor_pairs(cfg.manifest, root))
+        labels = gram_kmeans_labels(gram, result.k, seed=c.seed)
+        result = replace(result, k=int(labels.max()) + 1, labels=labels)
+    return result, distance
+
+
+def _run_lsac(session: Session, blobs: BlobStore, cfg: FederationConfig, c: Clustering, probe_round: Round,
+              now: datetime) -> tuple[ClusteringRun, list[Task], LsacResult, Tensors]:
+    """Clustering (``c.algorithm``) with settings ``c`` of the clients of a probe round's done
+    uploads; stores the distance and affinity matrices as a blob and records the ClusteringRun.
+    Its duration goes to the app's metrics."""
+    started = time.perf_counter()
+    tasks, root, probes = _probe_inputs(session, blobs, probe_round)
+    result, distance = _cluster(session, blobs, cfg, c, tasks, root, probes)
     data = pack_tensors({"distance": distance.astype(np.float32),
                          "affinity": np.asarray(result.affinity, dtype=np.float32)},
                         metadata={"client_ids": ",".join(str(t.client_id) for t in tasks)})
     sha = blobs.put_bytes(data)
-    if session.get(Blob, sha) is None:
-        session.add(Blob(sha256=sha, size=len(data), kind="affinity", created_at=now))
-        session.flush()
+    ensure_blob_row(session, sha, len(data), "affinity", now)
     run = ClusteringRun(federation_id=probe_round.federation_id, probe_round_id=probe_round.id,
-                        features=c.features, k=int(result.k), num_clients=len(tasks),
+                        features=c.features, algorithm=c.algorithm, k=int(result.k), num_clients=len(tasks),
                         eigengaps=[float(x) for x in result.eigengaps],
                         contrast_ratio=None if result.contrast_ratio is None else float(result.contrast_ratio),
                         affinity_sha256=sha, created_at=now)
@@ -118,7 +156,9 @@ def latest_run(session: Session, federation_id: int) -> ClusteringRun | None:
 def assign_late_client(session: Session, blobs: BlobStore, cfg: FederationConfig, client: Client,
                        probe_task: Task, now: datetime) -> Cluster:
     """Join a late client to the cluster whose members' probes are most similar to its own probe
-    (mean similarity, method.md section 5; both probes start from the same final root)."""
+    (mean similarity, method.md section 5; both probes start from the same final root). With
+    lsac-paper the members' features are their root-B EMA subspaces and the late client's the
+    subspace of its unit-norm probe B."""
     run = latest_run(session, client.federation_id)
     if run is None:
         raise ValueError("no clustering run to assign against")
@@ -130,7 +170,12 @@ def assign_late_client(session: Session, blobs: BlobStore, cfg: FederationConfig
     root = load_version(blobs, session.get(AdapterVersion, probe_round.input_root_version_id))
     probes = [unpack_tensors(blobs.get_bytes(t.upload_sha256)) for t in members]
     probes.append(unpack_tensors(blobs.get_bytes(probe_task.upload_sha256)))
-    similarity = 1.0 - probe_distance(cfg.manifest, cfg.clustering.features, root, probes)
+    if cfg.clustering.algorithm == "lsac-paper":
+        bases = _member_bases(session, blobs, cfg, members, probes[:-1])
+        bases.append(subspace_bases_of(cfg.manifest, normalised_b(cfg.manifest, probes[-1])))
+        similarity = 1.0 - subspace_distance(bases)
+    else:
+        similarity = 1.0 - probe_distance(cfg.manifest, cfg.clustering.features, root, probes)
     member_clusters = np.array([labels_by_client[t.client_id] for t in members])
     chosen = int(assign_to_clusters(similarity[-1:, :-1], member_clusters)[0])
     score = float(similarity[-1, :-1][member_clusters == chosen].mean())
@@ -154,15 +199,16 @@ class ReclusterOutcome:
 def newest_done_probe_round(session: Session, federation_id: int) -> Round | None:
     """The newest done probe round of all training clients (scope 'all'); None before one exists."""
     return session.scalars(
-        select(Round).where(Round.federation_id == federation_id, Round.stage == "probe", Round.scope == "all",
-                            Round.status == "done").order_by(Round.number.desc()).limit(1)).first()
+        select(Round).where(Round.federation_id == federation_id, Round.stage == Stage.probe, Round.scope == "all",
+                            Round.status == RoundStatus.done).order_by(Round.number.desc()).limit(1)).first()
 
 
 def recluster(session: Session, blobs: BlobStore, federation_id: int, now: datetime, *,
               force_k: int | None = None, features: str | None = None, knn: int | None = None,
               reason: str = "") -> ReclusterOutcome:
-    """Rerun LSAC (with optional overrides of the federation's clustering settings) on the uploads
-    of the newest done all-clients probe round, and move the training clients to the new clusters.
+    """Rerun the federation's clustering algorithm (with optional overrides of its settings) on
+    the clients of the newest done all-clients probe round (lsac-paper: on their stored root-B
+    EMAs), and move the training clients to the new clusters.
 
     - New labels are matched to the existing clusters by membership overlap
       (``shared.subspace.match_cluster_ids``): a matched cluster keeps its row, label and adapter
@@ -170,7 +216,7 @@ def recluster(session: Session, blobs: BlobStore, federation_id: int, now: datet
       ``cluster_probes``) and the next free label.
     - Every clustered client gets an Assignment row (source 'lsac') of the new run.
     - A client that changed cluster can no longer read its old cluster's adapter: its open
-      (pending or leased) cluster and leaf tasks are cancelled, and its next round is one of its
+      (pending or leased) cluster, leaf and eval tasks are cancelled, and its next round is one of its
       new cluster (docs/operations.md, "Reclustering").
     - Late clients keep their cluster; later onboardings are assigned against the new run.
 
@@ -216,12 +262,12 @@ def recluster(session: Session, blobs: BlobStore, federation_id: int, now: datet
     moved_ids = [m[0] for m in moves]
     cancelled = 0
     if moved_ids:
-        open_rounds = select(Round.id).where(Round.federation_id == federation_id, Round.status == "open",
-                                             Round.stage.in_(("cluster", "leaf")))
+        open_rounds = select(Round.id).where(Round.federation_id == federation_id, Round.status == RoundStatus.open,
+                                             Round.stage.in_((Stage.cluster, Stage.leaf, Stage.eval)))
         cancelled = session.execute(
             update(Task).where(Task.client_id.in_(moved_ids), Task.round_id.in_(open_rounds),
-                               Task.status.in_((TaskStatus.pending.value, TaskStatus.leased.value)))
-            .values(status=TaskStatus.cancelled.value, lease_expires_at=None, finished_at=now,
+                               task_status_may_become(TaskStatus.cancelled))
+            .values(status=TaskStatus.cancelled, lease_expires_at=None, finished_at=now,
                     error="the client moved to another cluster (recluster)")
         ).rowcount or 0
     kept = sorted({target[k].label for k, old in matches.items() if old is not None})

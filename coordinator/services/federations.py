@@ -15,7 +15,7 @@ from coordinator.models import Blob, Federation
 from coordinator.security import hash_secret, new_secret
 from coordinator.services.adapters import backbone_head, initial_tier_tensors, write_version
 from shared.config import FederationConfig
-from shared.schemas import FederationState
+from shared.states import FederationState, Machine, enter
 
 
 def create_federation(session: Session, blobs: BlobStore, config: FederationConfig,
@@ -37,7 +37,8 @@ def create_federation(session: Session, blobs: BlobStore, config: FederationConf
     head = backbone_head(config.manifest, backbone)
     secret = new_secret("hle")
     fed = Federation(name=config.name, config=config.model_dump(mode="json"),
-                     state=FederationState.enrolling.value, enrollment_secret_hash=hash_secret(secret),
+                     state=enter(Machine.federation, FederationState.enrolling),
+                     enrollment_secret_hash=hash_secret(secret),
                      backbone_sha256=config.backbone.sha256, created_at=now, updated_at=now)
     session.add(fed)
     session.flush()

@@ -11,7 +11,7 @@ from coordinator.errors import Conflict, Forbidden, Unauthorized
 from coordinator.models import Client
 from coordinator.security import hash_secret, new_secret, secret_matches
 from coordinator.services.federations import get_federation
-from shared.schemas import FederationState
+from shared.states import ClientStatus, Cohort, FederationState, Machine, Onboarding, enter
 
 
 def register_client(session: Session, federation_id: int, enrollment_secret: str, name: str,
@@ -28,11 +28,13 @@ def register_client(session: Session, federation_id: int, enrollment_secret: str
     if exists is not None:
         raise Conflict(f"client {name!r} is already registered in federation {federation_id}",
                        code="client_exists")
-    early = fed.state in (FederationState.enrolling.value, FederationState.root.value)
+    early = fed.state in (FederationState.enrolling, FederationState.root)
     token = new_secret("hlc")
     client = Client(federation_id=federation_id, name=name, token_hash=hash_secret(token),
-                    status="active", cohort="train" if early else "late", num_samples=num_samples,
-                    onboarding="none" if early else "waiting", created_at=now, last_seen_at=now)
+                    status=enter(Machine.client, ClientStatus.active),
+                    cohort=Cohort.train if early else Cohort.late, num_samples=num_samples,
+                    onboarding=enter(Machine.onboarding, Onboarding.none if early else Onboarding.waiting),
+                    created_at=now, last_seen_at=now)
     session.add(client)
     session.flush()
     return client, token
@@ -44,6 +46,6 @@ def authenticate_client(session: Session, token: str) -> Client:
     client = session.scalars(select(Client).where(Client.token_hash == hash_secret(token))).first()
     if client is None or not secret_matches(token, client.token_hash):
         raise Unauthorized("unknown client token", code="bad_token")
-    if client.status != "active":
+    if client.status != ClientStatus.active:
         raise Forbidden("this client has been revoked", code="revoked")
     return client

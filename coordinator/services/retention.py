@@ -1,11 +1,13 @@
 """Lifecycle of data: retention of uploads, garbage collection of blobs, deletion of clients.
 
 What is kept, always: every adapter version (the federation's history; clients and exports refer
-to them by id), every backbone, clustering affinities, and the uploads of open rounds. What goes:
+to them by id), every backbone, clustering affinities, each client's current clustering features
+(table client_features: lsac-paper's root-B EMA), and the uploads of open rounds. What goes:
 
 - uploads of rounds closed more than ``upload_retention_seconds`` ago, except the probe uploads
   of the newest done probe round of each scope (a clustering rerun needs them);
-- blob rows of kind upload that nothing refers to any more, and their files;
+- blob rows of kind upload or client_feature that nothing refers to any more (a client's
+  superseded EMA, a deleted client's features), and their files;
 - files in the blob store with no row (left by a crash between writing a blob and committing its
   row), and temp files, once older than ``grace_seconds`` (an upload in flight is younger).
 
@@ -25,9 +27,10 @@ from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobStore
 from coordinator.errors import NotFound
-from coordinator.models import AdapterVersion, Blob, Client, ClusteringRun, Federation, Round, Task
+from coordinator.models import AdapterVersion, Blob, Client, ClientFeature, ClusteringRun, Federation, Round, Task
+from shared.states import Machine, RoundStatus, Stage, terminal
 
-COLLECTABLE_KINDS = ("upload",)
+COLLECTABLE_KINDS = ("upload", "client_feature")
 
 
 @dataclass
@@ -53,12 +56,13 @@ def _referenced():  # noqa: ANN202
         select(AdapterVersion.blob_sha256),
         select(Federation.backbone_sha256),
         select(ClusteringRun.affinity_sha256).where(ClusteringRun.affinity_sha256.is_not(None)),
+        select(ClientFeature.blob_sha256),
     )
 
 
 def _kept_probe_rounds(session: Session):  # noqa: ANN202
     """Ids of the newest done probe round of every (federation, scope)."""
-    newest = (select(func.max(Round.id)).where(Round.stage == "probe", Round.status == "done")
+    newest = (select(func.max(Round.id)).where(Round.stage == Stage.probe, Round.status == RoundStatus.done)
               .group_by(Round.federation_id, Round.scope))
     return set(session.scalars(newest))
 
@@ -67,7 +71,7 @@ def release_old_uploads(session: Session, now: datetime, retention_seconds: floa
     """Drop the reference from tasks of rounds closed before ``now - retention``. Returns the count."""
     cutoff = now - timedelta(seconds=retention_seconds)
     keep = _kept_probe_rounds(session)
-    old_rounds = select(Round.id).where(Round.status.in_(("done", "failed")), Round.closed_at < cutoff)
+    old_rounds = select(Round.id).where(Round.status.in_(terminal(Machine.round)), Round.closed_at < cutoff)
     if keep:
         old_rounds = old_rounds.where(Round.id.not_in(keep))
     return session.execute(
@@ -143,7 +147,7 @@ def collect_garbage(session_factory, blobs: BlobStore, now: datetime, *,  # noqa
 
 def delete_client(session: Session, federation_id: int, client_id: int) -> dict:
     """Delete a client: its row, token, assignments, tasks (so its uploads and per-task metrics)
-    go; the adapter versions it contributed to stay. Open tasks of it disappear from their rounds,
+    and clustering features go; the adapter versions it contributed to stay. Open tasks of it disappear from their rounds,
     whose quorum is then judged on the remaining tasks. Returns what was removed."""
     client = session.get(Client, client_id)
     if client is None or client.federation_id != federation_id:
@@ -153,6 +157,7 @@ def delete_client(session: Session, federation_id: int, client_id: int) -> dict:
     uploads = session.scalar(select(func.count()).select_from(Task).where(
         Task.client_id == client_id, Task.upload_sha256.is_not(None))) or 0
     session.execute(delete(Task).where(Task.client_id == client_id))
+    session.execute(delete(ClientFeature).where(ClientFeature.client_id == client_id))
     session.delete(client)
     session.flush()
     return {"client_id": client_id, "name": client.name, "tasks_deleted": sum(counts.values()),

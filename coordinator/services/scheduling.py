@@ -3,15 +3,24 @@
 ``advance_federation`` is called by the coordinator's background loop (and by tests, with an
 injected ``now``). Each call makes every transition that is due and returns how many it made; it
 is idempotent when nothing is due. Stage order: enrolling -> root -> probe -> cluster -> leaf ->
-serving (``shared.schemas.FederationState``). Late clients are onboarded while serving:
-waiting -> probe -> leaf -> ready (``Client.onboarding``).
+serving (``shared.states.FederationState``; a stage the schedule leaves out is skipped). Every
+state change goes through the transition table (``shared.states.move``). Late clients are
+onboarded while serving: waiting -> probe -> leaf -> ready (``Client.onboarding``).
+
+The final evaluation: when training ends (the step into serving), the scheduler opens one
+evaluation round (stage 'eval') per cluster of the active training clients, like the leaf rounds
+(scope 'eval:<cluster id>', or 'eval:none' for clients without a cluster), on the final root and
+cluster versions: workers evaluate root, root + cluster and root + cluster + their leaf, and
+report metrics only. It is always on (``FINAL_EVALUATION``): without it the last version of each
+stage is never evaluated (workers evaluate adapters as received, before training them). Eval
+rounds are decided while serving, like leaf rounds, and never reopened.
 
 Quorum and deadlines (``shared.config.Schedule``): a root, cluster or probe round is decided when
 all its tasks are terminal, at its deadline, or as soon as its quorum can no longer be reached. It
 aggregates only when at least ``Round.quorum`` tasks are done; otherwise it is recorded as failed
 (with the reason) and a fresh round with fresh tasks opens. Tasks still open when a round is decided
-are cancelled, so a late upload for them is refused. Leaf rounds aggregate nothing: they close when
-all tasks are terminal or at the deadline.
+are cancelled, so a late upload for them is refused. Leaf and eval rounds aggregate nothing: they
+close when all tasks are terminal or at the deadline, done with at least one done task, else failed.
 
 Several replicas may run this loop; ``scheduler_tick`` takes a Postgres advisory lock so exactly
 one runs a tick at a time, and each federation is advanced under a row lock of the federation.
@@ -34,27 +43,48 @@ from coordinator.services.adapters import latest_version
 from coordinator.services.aggregation import aggregate_round
 from coordinator.services.clustering import assign_late_client, cluster_probes
 from coordinator.services.federations import federation_config, get_federation
-from coordinator.services.tasks import count_tasks, expire_leases
+from coordinator.services.tasks import count_tasks, expire_leases, task_status_may_become
 from shared.config import FederationConfig
-from shared.schemas import FederationState, TaskStatus
+from shared.states import (
+    ClientStatus,
+    Cohort,
+    FederationState,
+    Machine,
+    Onboarding,
+    RoundStatus,
+    ScopeKind,
+    Stage,
+    TaskStatus,
+    enter,
+    move,
+    scope,
+    scope_pattern,
+    terminal,
+)
 
-TERMINAL = (TaskStatus.done.value, TaskStatus.failed.value, TaskStatus.cancelled.value)
-OPEN = (TaskStatus.pending.value, TaskStatus.leased.value)
-QUORUM_STAGES = ("root", "cluster", "probe")
+TERMINAL = terminal(Machine.task)  # done, failed, cancelled
+OPEN = tuple(s for s in TaskStatus if s not in TERMINAL)  # pending, leased: a round waits for these
+QUORUM_STAGES = (Stage.root, Stage.cluster, Stage.probe)
+# The final evaluation rounds open whenever training ends (a constant, not a setting: without them
+# the final version of each stage is never evaluated).
+FINAL_EVALUATION = True
+ROOT, ALL = scope(ScopeKind.root), scope(ScopeKind.all)
 MAX_TRANSITIONS_PER_CALL = 64
 SCHEDULER_LOCK_KEY = 0x68696C6F7261  # 'hilora': the Postgres advisory lock of scheduler ticks
 
 
-def open_round(session: Session, fed: Federation, stage: str, scope: str, client_ids: list[int],
+def open_round(session: Session, fed: Federation, stage: Stage, scope: str, client_ids: list[int],
                now: datetime, root_version_id: int | None, cluster_version_id: int | None = None,
                reset_leaf: bool = False) -> Round:
     """Open the next round of (stage, scope) with one pending task per client."""
+    stage = Stage(stage)
     last = session.scalar(select(func.max(Round.number)).where(
         Round.federation_id == fed.id, Round.stage == stage, Round.scope == scope))
     schedule = federation_config(fed).schedule
     deadline = (now + timedelta(seconds=schedule.round_deadline_seconds)
                 if schedule.round_deadline_seconds else None)
-    rnd = Round(federation_id=fed.id, stage=stage, scope=scope, number=(last or 0) + 1, status="open",
+    rnd = Round(federation_id=fed.id, stage=stage, scope=scope, number=(last or 0) + 1,
+                status=enter(Machine.round, RoundStatus.open),
                 input_root_version_id=root_version_id, input_cluster_version_id=cluster_version_id,
                 quorum=schedule.quorum(len(client_ids)) if stage in QUORUM_STAGES else None,
                 deadline_at=deadline, created_at=now)
@@ -62,7 +92,8 @@ def open_round(session: Session, fed: Federation, stage: str, scope: str, client
     session.flush()
     if client_ids:  # one multi-row INSERT (ORM bulk), not one ORM object per task
         session.execute(insert(Task), [
-            dict(round_id=rnd.id, federation_id=fed.id, client_id=cid, stage=stage, status=TaskStatus.pending.value,
+            dict(round_id=rnd.id, federation_id=fed.id, client_id=cid, stage=stage,
+                 status=enter(Machine.task, TaskStatus.pending),
                  attempt=0, releases=0, upload_bytes=0, reset_leaf=reset_leaf, created_at=now)
             for cid in sorted(client_ids)])
     fault_point("round_open")
@@ -71,20 +102,20 @@ def open_round(session: Session, fed: Federation, stage: str, scope: str, client
 
 def _training_clients(session: Session, fed: Federation) -> list[Client]:
     return list(session.scalars(
-        select(Client).where(Client.federation_id == fed.id, Client.status == "active",
-                             Client.cohort == "train").order_by(Client.id)))
+        select(Client).where(Client.federation_id == fed.id, Client.status == ClientStatus.active,
+                             Client.cohort == Cohort.train).order_by(Client.id)))
 
 
-def _latest_round(session: Session, fed: Federation, stage: str, scope: str) -> Round | None:
+def _latest_round(session: Session, fed: Federation, stage: Stage, scope: str) -> Round | None:
     return session.scalars(
         select(Round).where(Round.federation_id == fed.id, Round.stage == stage, Round.scope == scope)
         .order_by(Round.number.desc()).limit(1)).first()
 
 
-def _done_rounds(session: Session, fed: Federation, stage: str, scope: str) -> int:
+def _done_rounds(session: Session, fed: Federation, stage: Stage, scope: str) -> int:
     return session.scalar(select(func.count()).select_from(Round).where(
         Round.federation_id == fed.id, Round.stage == stage, Round.scope == scope,
-        Round.status == "done")) or 0
+        Round.status == RoundStatus.done)) or 0
 
 
 WAIT, AGGREGATE, FAIL = "wait", "aggregate", "fail"
@@ -93,7 +124,7 @@ WAIT, AGGREGATE, FAIL = "wait", "aggregate", "fail"
 def _verdict(rnd: Round, counts: dict[str, int], now: datetime) -> str:
     """What the round's task counts call for, without acting on it: WAIT while open tasks can
     still matter (before the deadline, with the quorum still reachable); else AGGREGATE with the
-    quorum done (leaf rounds: at least one), else FAIL."""
+    quorum done (leaf and eval rounds: at least one), else FAIL."""
     done = counts.get(TaskStatus.done.value, 0)
     still_open = sum(counts.get(s, 0) for s in OPEN)
     need = rnd.quorum if rnd.quorum is not None else 1
@@ -113,8 +144,8 @@ def _decide(session: Session, rnd: Round, now: datetime) -> str:
         return WAIT
     still_open = sum(counts.get(s, 0) for s in OPEN)
     if still_open:
-        session.execute(update(Task).where(Task.round_id == rnd.id, Task.status.in_(OPEN))
-                        .values(status=TaskStatus.cancelled.value, lease_expires_at=None, finished_at=now,
+        session.execute(update(Task).where(Task.round_id == rnd.id, task_status_may_become(TaskStatus.cancelled))
+                        .values(status=TaskStatus.cancelled, lease_expires_at=None, finished_at=now,
                                 error="the round was decided without this task"))
     if verdict == FAIL:
         at_deadline = rnd.deadline_at is not None and now >= rnd.deadline_at
@@ -126,12 +157,12 @@ def _decide(session: Session, rnd: Round, now: datetime) -> str:
 
 
 def _set_state(fed: Federation, state: FederationState, now: datetime) -> None:
-    fed.state = state.value
+    move(Machine.federation, fed, state)
     fed.updated_at = now
 
 
 def _root_version_id(session: Session, fed: Federation) -> int:
-    return latest_version(session, fed.id, "root").id
+    return latest_version(session, fed.id, ROOT).id
 
 
 def start_training(session: Session, fed: Federation, cfg: FederationConfig, now: datetime) -> None:
@@ -140,7 +171,7 @@ def start_training(session: Session, fed: Federation, cfg: FederationConfig, now
         raise Conflict("no client is registered: nothing to train", code="no_clients")
     if cfg.schedule.root_rounds > 0:
         _set_state(fed, FederationState.root, now)
-        open_round(session, fed, "root", "root", [c.id for c in clients], now, _root_version_id(session, fed))
+        open_round(session, fed, Stage.root, ROOT, [c.id for c in clients], now, _root_version_id(session, fed))
     else:
         _enter_probe_or_leaf(session, fed, cfg, now)
 
@@ -149,7 +180,7 @@ def _enter_probe_or_leaf(session: Session, fed: Federation, cfg: FederationConfi
     clients = [c.id for c in _training_clients(session, fed)]
     if cfg.cluster.enabled:
         _set_state(fed, FederationState.probe, now)
-        open_round(session, fed, "probe", "all", clients, now, _root_version_id(session, fed))
+        open_round(session, fed, Stage.probe, ALL, clients, now, _root_version_id(session, fed))
     else:
         _enter_leaf(session, fed, cfg, now)
 
@@ -159,21 +190,35 @@ def _enter_leaf(session: Session, fed: Federation, cfg: FederationConfig, now: d
         _set_state(fed, FederationState.leaf, now)
         _open_leaf_rounds(session, fed, now, first=True)
     else:
-        _set_state(fed, FederationState.serving, now)
+        _finish_training(session, fed, now)
 
 
-def _open_leaf_rounds(session: Session, fed: Federation, now: datetime, first: bool) -> None:
-    """Open the next leaf round. A round's inputs name one cluster adapter, so each leaf round is
-    one round per cluster (scope 'leaf:<cluster id>') plus one for clients without a cluster
-    ('leaf:none'); together they are one leaf round of the federation."""
+def _finish_training(session: Session, fed: Federation, now: datetime) -> None:
+    """Training is over: open the final evaluation rounds, then serve."""
+    if FINAL_EVALUATION:
+        _open_per_cluster_rounds(session, fed, now, Stage.eval, ScopeKind.eval)
+    _set_state(fed, FederationState.serving, now)
+
+
+def _open_per_cluster_rounds(session: Session, fed: Federation, now: datetime, stage: Stage, kind: ScopeKind,
+                             reset_leaf: bool = False) -> None:
+    """Open a round of ``stage`` for the active training clients. A round's inputs name one
+    cluster adapter, so it is one round per cluster (scope '<kind>:<cluster id>', on that
+    cluster's newest version) plus one for clients without a cluster ('<kind>:none'); together
+    they are one round of the federation."""
     root_id = _root_version_id(session, fed)
     groups: dict[int | None, list[int]] = {}
     for c in _training_clients(session, fed):
         groups.setdefault(c.cluster_id, []).append(c.id)
     for cluster_id, members in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
-        cluster_version = latest_version(session, fed.id, f"cluster:{cluster_id}") if cluster_id else None
-        open_round(session, fed, "leaf", f"leaf:{cluster_id if cluster_id else 'none'}", members, now,
-                   root_id, cluster_version.id if cluster_version else None, reset_leaf=first)
+        cluster_version = latest_version(session, fed.id, scope(ScopeKind.cluster, cluster_id)) if cluster_id else None
+        open_round(session, fed, stage, scope(kind, cluster_id or None), members, now,
+                   root_id, cluster_version.id if cluster_version else None, reset_leaf=reset_leaf)
+
+
+def _open_leaf_rounds(session: Session, fed: Federation, now: datetime, first: bool) -> None:
+    """Open the next leaf round (one per cluster: 'leaf:<cluster id>', 'leaf:none')."""
+    _open_per_cluster_rounds(session, fed, now, Stage.leaf, ScopeKind.leaf, reset_leaf=first)
 
 
 def advance_federation(session: Session, blobs: BlobStore, federation_id: int, now: datetime) -> int:
@@ -207,31 +252,31 @@ def _advance_once(session: Session, blobs: BlobStore, fed: Federation, cfg: Fede
         return _advance_cluster(session, blobs, fed, cfg, now)
     if state == FederationState.leaf:
         return _advance_leaf(session, fed, cfg, now)
-    return _advance_onboarding(session, blobs, fed, cfg, now)
+    return _advance_serving(session, blobs, fed, cfg, now)
 
 
-def _close(rnd: Round, status: str, now: datetime) -> None:
-    rnd.status = status
+def _close(rnd: Round, status: RoundStatus, now: datetime) -> None:
+    move(Machine.round, rnd, status)
     rnd.closed_at = now
 
 
 def _advance_root(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
                   now: datetime) -> bool:
-    rnd = _latest_round(session, fed, "root", "root")
-    if rnd is None or rnd.status != "open":
+    rnd = _latest_round(session, fed, Stage.root, ROOT)
+    if rnd is None or rnd.status != RoundStatus.open:
         return _open_root_round(session, fed, now, _root_version_id(session, fed))
     verdict = _decide(session, rnd, now)
     if verdict == WAIT:
         return False
     if verdict == FAIL:
-        _close(rnd, "failed", now)
+        _close(rnd, RoundStatus.failed, now)
         _open_root_round(session, fed, now, rnd.input_root_version_id)
         return True
     version = aggregate_round(session, blobs, cfg, rnd, now)
     rnd.result_version_id = version.id
     fed.last_rho = rnd.rho
-    _close(rnd, "done", now)
-    done_rounds = _done_rounds(session, fed, "root", "root")
+    _close(rnd, RoundStatus.done, now)
+    done_rounds = _done_rounds(session, fed, Stage.root, ROOT)
     converged = cfg.schedule.tau_rel > 0 and rnd.rho is not None and rnd.rho <= cfg.schedule.tau_rel
     if done_rounds >= cfg.schedule.root_rounds or converged:
         _enter_probe_or_leaf(session, fed, cfg, now)
@@ -247,29 +292,29 @@ def _open_root_round(session: Session, fed: Federation, now: datetime, root_vers
     clients = [c.id for c in _training_clients(session, fed)]
     if not clients:
         return False
-    open_round(session, fed, "root", "root", clients, now, root_version_id)
+    open_round(session, fed, Stage.root, ROOT, clients, now, root_version_id)
     return True
 
 
 def _advance_probe(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
                    now: datetime) -> bool:
-    rnd = _latest_round(session, fed, "probe", "all")
+    rnd = _latest_round(session, fed, Stage.probe, ALL)
     clients = [c.id for c in _training_clients(session, fed)]
-    if rnd.status != "open":  # the last one failed with no client left to ask (see _open_root_round)
+    if rnd.status != RoundStatus.open:  # the last one failed with no client left to ask (see _open_root_round)
         if not clients:
             return False
-        open_round(session, fed, "probe", "all", clients, now, rnd.input_root_version_id)
+        open_round(session, fed, Stage.probe, ALL, clients, now, rnd.input_root_version_id)
         return True
     verdict = _decide(session, rnd, now)
     if verdict == WAIT:
         return False
     if verdict == FAIL:
-        _close(rnd, "failed", now)
+        _close(rnd, RoundStatus.failed, now)
         if clients:
-            open_round(session, fed, "probe", "all", clients, now, rnd.input_root_version_id)
+            open_round(session, fed, Stage.probe, ALL, clients, now, rnd.input_root_version_id)
         return True
     cluster_probes(session, blobs, cfg, rnd, now)
-    _close(rnd, "done", now)
+    _close(rnd, RoundStatus.done, now)
     if cfg.schedule.cluster_rounds > 0:
         _set_state(fed, FederationState.cluster, now)
         for cluster in _clusters(session, fed):
@@ -287,8 +332,9 @@ def _open_cluster_round(session: Session, fed: Federation, cluster: Cluster, now
     members = [c.id for c in _training_clients(session, fed) if c.cluster_id == cluster.id]
     if not members:
         return None
-    version = latest_version(session, fed.id, f"cluster:{cluster.id}")
-    return open_round(session, fed, "cluster", f"cluster:{cluster.id}", members, now,
+    cluster_scope = scope(ScopeKind.cluster, cluster.id)
+    version = latest_version(session, fed.id, cluster_scope)
+    return open_round(session, fed, Stage.cluster, cluster_scope, members, now,
                       _root_version_id(session, fed), version.id)
 
 
@@ -297,27 +343,27 @@ def _advance_cluster(session: Session, blobs: BlobStore, fed: Federation, cfg: F
     progressed = False
     all_complete = True
     for cluster in _clusters(session, fed):
-        scope = f"cluster:{cluster.id}"
-        rnd = _latest_round(session, fed, "cluster", scope)
+        cluster_scope = scope(ScopeKind.cluster, cluster.id)
+        rnd = _latest_round(session, fed, Stage.cluster, cluster_scope)
         if rnd is None:
             # a cluster an admin's recluster made during this stage gets its cluster rounds too;
             # a cluster without members gets none
             if _open_cluster_round(session, fed, cluster, now) is not None:
                 progressed, all_complete = True, False
             continue
-        if rnd.status == "open":
+        if rnd.status == RoundStatus.open:
             verdict = _decide(session, rnd, now)
             if verdict == WAIT:
                 all_complete = False
                 continue
             if verdict == FAIL:
-                _close(rnd, "failed", now)
+                _close(rnd, RoundStatus.failed, now)
             else:
                 version = aggregate_round(session, blobs, cfg, rnd, now)
                 rnd.result_version_id = version.id
-                _close(rnd, "done", now)
+                _close(rnd, RoundStatus.done, now)
             progressed = True
-            if _done_rounds(session, fed, "cluster", scope) < cfg.schedule.cluster_rounds:
+            if _done_rounds(session, fed, Stage.cluster, cluster_scope) < cfg.schedule.cluster_rounds:
                 _open_cluster_round(session, fed, cluster, now)
                 all_complete = False
     if all_complete:
@@ -326,72 +372,100 @@ def _advance_cluster(session: Session, blobs: BlobStore, fed: Federation, cfg: F
     return progressed
 
 
+def _open_rounds(session: Session, fed: Federation, stage: Stage, kind: ScopeKind) -> list[Round]:
+    return list(session.scalars(select(Round).where(
+        Round.federation_id == fed.id, Round.stage == stage, Round.status == RoundStatus.open,
+        Round.scope.like(scope_pattern(kind))).order_by(Round.id)))
+
+
+def _close_without_quorum(session: Session, rnd: Round, now: datetime) -> None:
+    """Close a decided leaf or eval round: done with at least one done task, else failed."""
+    _close(rnd, RoundStatus.done if _decide(session, rnd, now) == AGGREGATE else RoundStatus.failed, now)
+
+
 def _advance_leaf(session: Session, fed: Federation, cfg: FederationConfig, now: datetime) -> bool:
-    open_rounds = list(session.scalars(select(Round).where(
-        Round.federation_id == fed.id, Round.stage == "leaf", Round.status == "open",
-        Round.scope.like("leaf:%"))))
+    open_rounds = _open_rounds(session, fed, Stage.leaf, ScopeKind.leaf)
     if not open_rounds:
         return False
     # the leaf rounds of a federation (one per cluster) close together
     if any(_verdict(r, count_tasks(session, r.id), now) == WAIT for r in open_rounds):
         return False
     for rnd in open_rounds:
-        _close(rnd, "done" if _decide(session, rnd, now) == AGGREGATE else "failed", now)
-    completed = max(_done_rounds(session, fed, "leaf", r.scope) for r in open_rounds)
+        _close_without_quorum(session, rnd, now)
+    completed = max(_done_rounds(session, fed, Stage.leaf, r.scope) for r in open_rounds)
     if completed >= cfg.schedule.leaf_rounds:
-        _set_state(fed, FederationState.serving, now)
+        _finish_training(session, fed, now)
     else:
         _open_leaf_rounds(session, fed, now, first=False)
     return True
+
+
+def _advance_eval(session: Session, fed: Federation, now: datetime) -> bool:
+    """Serving: decide each open final evaluation round once all its tasks are terminal or at its
+    deadline (no quorum, never reopened)."""
+    progressed = False
+    for rnd in _open_rounds(session, fed, Stage.eval, ScopeKind.eval):
+        if _verdict(rnd, count_tasks(session, rnd.id), now) == WAIT:
+            continue
+        _close_without_quorum(session, rnd, now)
+        progressed = True
+    return progressed
+
+
+def _advance_serving(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
+                     now: datetime) -> bool:
+    evaluated = _advance_eval(session, fed, now)
+    onboarded = _advance_onboarding(session, blobs, fed, cfg, now)
+    return evaluated or onboarded
 
 
 def _advance_onboarding(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
                         now: datetime) -> bool:
     """Serving: move each late client one step: waiting -> probe -> leaf -> ready."""
     late = list(session.scalars(select(Client).where(
-        Client.federation_id == fed.id, Client.status == "active", Client.cohort == "late",
-        Client.onboarding.in_(("waiting", "probe", "leaf"))).order_by(Client.id)))
+        Client.federation_id == fed.id, Client.status == ClientStatus.active, Client.cohort == Cohort.late,
+        Client.onboarding.in_((Onboarding.waiting, Onboarding.probe, Onboarding.leaf))).order_by(Client.id)))
     progressed = False
     root_id = _root_version_id(session, fed)
     clustered = cfg.cluster.enabled and _clusters(session, fed)
     for client in late:
-        scope = f"client:{client.id}"
-        if client.onboarding == "waiting":
+        client_scope = scope(ScopeKind.client, client.id)
+        if client.onboarding == Onboarding.waiting:
             if clustered:
-                open_round(session, fed, "probe", scope, [client.id], now, root_id)
-                client.onboarding = "probe"
+                open_round(session, fed, Stage.probe, client_scope, [client.id], now, root_id)
+                move(Machine.onboarding, client, Onboarding.probe)
             else:
                 _open_client_leaf(session, fed, client, now, root_id, first=True)
-                client.onboarding = "leaf"
+                move(Machine.onboarding, client, Onboarding.leaf)
             progressed = True
-        elif client.onboarding == "probe":
-            rnd = _latest_round(session, fed, "probe", scope)
+        elif client.onboarding == Onboarding.probe:
+            rnd = _latest_round(session, fed, Stage.probe, client_scope)
             verdict = _decide(session, rnd, now)
             if verdict == WAIT:
                 continue
             if verdict == FAIL:
-                _close(rnd, "failed", now)
-                open_round(session, fed, "probe", scope, [client.id], now, root_id)
+                _close(rnd, RoundStatus.failed, now)
+                open_round(session, fed, Stage.probe, client_scope, [client.id], now, root_id)
             else:
                 task = session.scalars(select(Task).where(Task.round_id == rnd.id)).one()
                 assign_late_client(session, blobs, cfg, client, task, now)
-                _close(rnd, "done", now)
+                _close(rnd, RoundStatus.done, now)
                 _open_client_leaf(session, fed, client, now, root_id, first=True)
-                client.onboarding = "leaf"
+                move(Machine.onboarding, client, Onboarding.leaf)
             progressed = True
-        elif client.onboarding == "leaf":
-            rnd = _latest_round(session, fed, "leaf", scope)
+        elif client.onboarding == Onboarding.leaf:
+            rnd = _latest_round(session, fed, Stage.leaf, client_scope)
             if rnd is None:
                 _open_client_leaf(session, fed, client, now, root_id, first=True)
                 progressed = True
                 continue
-            if rnd.status == "open":
+            if rnd.status == RoundStatus.open:
                 verdict = _decide(session, rnd, now)
                 if verdict == WAIT:
                     continue
-                _close(rnd, "done" if verdict == AGGREGATE else "failed", now)
-            if _done_rounds(session, fed, "leaf", scope) >= cfg.schedule.unseen_leaf_rounds:
-                client.onboarding = "ready"
+                _close(rnd, RoundStatus.done if verdict == AGGREGATE else RoundStatus.failed, now)
+            if _done_rounds(session, fed, Stage.leaf, client_scope) >= cfg.schedule.unseen_leaf_rounds:
+                move(Machine.onboarding, client, Onboarding.ready)
             else:
                 _open_client_leaf(session, fed, client, now, root_id, first=False)
             progressed = True
@@ -400,9 +474,9 @@ def _advance_onboarding(session: Session, blobs: BlobStore, fed: Federation, cfg
 
 def _open_client_leaf(session: Session, fed: Federation, client: Client, now: datetime, root_id: int,
                       first: bool) -> Round:
-    cluster_version = (latest_version(session, fed.id, f"cluster:{client.cluster_id}")
+    cluster_version = (latest_version(session, fed.id, scope(ScopeKind.cluster, client.cluster_id))
                        if client.cluster_id else None)
-    return open_round(session, fed, "leaf", f"client:{client.id}", [client.id], now, root_id,
+    return open_round(session, fed, Stage.leaf, scope(ScopeKind.client, client.id), [client.id], now, root_id,
                       cluster_version.id if cluster_version else None, reset_leaf=first)
 
 

@@ -1,12 +1,15 @@
 """Tasks and leases: lease, heartbeat, upload acceptance, completion, expiry.
 
-State contract (``shared.schemas.TaskStatus``):
+State contract (``shared.states.TaskStatus``; every status change is one guarded UPDATE whose
+``WHERE status IN (...)`` is ``task_status_may_become``, i.e. the transition table's sources):
 - ``lease_task`` MUST hand a task only to the client it belongs to, and only a pending one; the
   transition pending -> leased is one guarded UPDATE, so two pollers never get the same task.
 - ``heartbeat``, ``accept_upload`` and ``complete_task`` MUST fail with Conflict (409) and change
   nothing when the lease id is not the task's current one, or the lease has expired.
-- ``accept_upload`` MUST refuse (4xx) a body whose tensors do not match the federation's manifest
-  for this task (names, shapes, dtype float32, finite values, size) before anything refers to it.
+- An upload whose tensors do not match the federation's manifest for this task (names, shapes,
+  dtype float32, finite values, size) MUST be refused (4xx) before anything refers to it: the
+  upload route checks it (``upload_plan``, ``check_upload_body``) before ``accept_upload``.
+- An eval task (the final evaluation) trains nothing and takes no upload.
 - ``complete_task`` repeated under the same lease returns the first answer.
 """
 
@@ -17,40 +20,52 @@ import secrets
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobStore
 from coordinator.errors import Conflict, Forbidden, Invalid, NotFound, PayloadTooLarge
-from coordinator.models import AdapterVersion, Blob, Client, Federation, Round, Task
+from coordinator.models import AdapterVersion, Client, Federation, Round, Task
+from coordinator.services.adapters import ensure_blob_row
 from coordinator.services.federations import federation_config
 from shared.config import FederationConfig
 from shared.manifest import FACTORS
-from shared.schemas import (
-    AdapterRef,
-    FederationState,
-    LeaseResponse,
-    TaskAssignment,
-    TaskStatus,
-)
+from shared.schemas import AdapterRef, LeaseResponse, TaskAssignment
+from shared.states import ClientStatus, Cohort, FederationState, Machine, Onboarding, Stage, TaskStatus, sources
 from shared.tensors import TensorValidationError, validate_tensor_file
 
-STAGE_TIER = {"root": "root", "probe": "root", "cluster": "cluster", "leaf": "leaf"}
+# The tier a task of each training stage trains (an eval task trains none: see ``task_tier``).
+STAGE_TIER = {Stage.root: "root", Stage.probe: "root", Stage.cluster: "cluster", Stage.leaf: "leaf"}
+
+
+def task_status_may_become(target: TaskStatus) -> ColumnElement[bool]:
+    """The WHERE clause of a guarded UPDATE that moves a task to ``target``: its status is one the
+    transition table (``shared.states``) allows to move there."""
+    froms = sources(Machine.task, target)
+    return Task.status == froms[0] if len(froms) == 1 else Task.status.in_(froms)
+
+
+def task_tier(stage: Stage, has_cluster_input: bool) -> str:
+    """The tier a task of ``stage`` works on: the trained tier, and for an eval task the deepest
+    shared tier it evaluates ('cluster' when its round has a cluster version, else 'root')."""
+    if stage == Stage.eval:
+        return "cluster" if has_cluster_input else "root"
+    return STAGE_TIER[Stage(stage)]
 
 
 def expected_upload(cfg: FederationConfig, stage: str) -> tuple[str, ...]:
     """Factors a task of this stage uploads: the tier's aggregated ones; the probe uploads the whole
-    root tier (clustering needs A, B and head); the leaf uploads nothing."""
-    if stage == "probe":
+    root tier (clustering needs A, B and head); the leaf and eval tasks upload nothing."""
+    if stage == Stage.probe:
         return FACTORS
-    if stage == "leaf":
+    if stage in (Stage.leaf, Stage.eval):
         return ()
-    return cfg.tier_policy(STAGE_TIER[stage]).uploaded_factors()
+    return cfg.tier_policy(STAGE_TIER[Stage(stage)]).uploaded_factors()
 
 
 def upload_limit(cfg: FederationConfig, stage: str) -> int:
     factors = expected_upload(cfg, stage)
-    return cfg.manifest.max_body_bytes(STAGE_TIER[stage], factors) if factors else 0
+    return cfg.manifest.max_body_bytes(STAGE_TIER[Stage(stage)], factors) if factors else 0
 
 
 def _owned_task(session: Session, client: Client, task_id: int) -> Task:
@@ -70,13 +85,14 @@ def _adapter_ref(session: Session, version_id: int | None) -> AdapterRef | None:
 
 
 def client_state(fed: Federation, client: Client) -> str:
-    if client.status != "active":
+    """The client's state as its worker sees it (``LeaseResponse.client_state``): derived, not stored."""
+    if client.status != ClientStatus.active:
         return "revoked"
-    if client.cohort == "late":
-        return "ready" if client.onboarding == "ready" else "onboarding"
-    if fed.state == FederationState.enrolling.value:
+    if client.cohort == Cohort.late:
+        return "ready" if client.onboarding == Onboarding.ready else "onboarding"
+    if fed.state == FederationState.enrolling:
         return "waiting"
-    if fed.state == FederationState.serving.value:
+    if fed.state == FederationState.serving:
         return "ready"
     return "training"
 
@@ -91,7 +107,7 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime) 
     if client.last_seen_at is None or now - client.last_seen_at >= resolution:
         client.last_seen_at = now
     pick = (select(Task.id)
-            .where(Task.client_id == client.id, Task.status == TaskStatus.pending.value)
+            .where(Task.client_id == client.id, task_status_may_become(TaskStatus.leased))
             .order_by(Task.id).limit(1))
     if session.get_bind().dialect.name == "postgresql":
         pick = pick.with_for_update(skip_locked=True)
@@ -103,8 +119,8 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime) 
     expires = now + timedelta(seconds=cfg.schedule.lease_seconds)
     leased = session.execute(
         update(Task)
-        .where(Task.id == pick.scalar_subquery(), Task.status == TaskStatus.pending.value)
-        .values(status=TaskStatus.leased.value, lease_id=lease_id, attempt=Task.attempt + 1,
+        .where(Task.id == pick.scalar_subquery(), task_status_may_become(TaskStatus.leased))
+        .values(status=TaskStatus.leased, lease_id=lease_id, attempt=Task.attempt + 1,
                 lease_expires_at=expires, worker_id=worker_id[:200])
         .returning(Task.id)
     ).scalar_one_or_none()
@@ -114,8 +130,9 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime) 
     task = session.get(Task, leased)
     session.refresh(task)
     rnd = session.get(Round, task.round_id)
-    tier = STAGE_TIER[task.stage]
+    tier = task_tier(task.stage, rnd.input_cluster_version_id is not None)
     policy = cfg.tier_policy(tier)
+    evaluating = task.stage == Stage.eval  # the final evaluation: nothing trains, nothing is uploaded
     assignment = TaskAssignment(
         task_id=task.id, lease_id=lease_id, attempt=task.attempt, lease_expires_at=expires,
         lease_seconds=cfg.schedule.lease_seconds, federation_id=fed.id, client_id=client.id,
@@ -123,11 +140,14 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime) 
         root=_adapter_ref(session, rnd.input_root_version_id),
         cluster=_adapter_ref(session, rnd.input_cluster_version_id),
         train_tier=tier,
-        epochs=cfg.schedule.probe_epochs if task.stage == "probe" else cfg.schedule.local_epochs,
-        trainable=list(policy.trained_factors()),
+        epochs=(0 if evaluating else cfg.schedule.probe_epochs if task.stage == Stage.probe
+                else cfg.schedule.local_epochs),
+        trainable=[] if evaluating else list(policy.trained_factors()),
         upload=list(expected_upload(cfg, task.stage)),
-        local=[f for f in FACTORS if getattr(policy, f) == "local"] if task.stage != "probe" else [],
-        reset_leaf=task.reset_leaf,
+        # the client's own local factors are laid over the federation's version (not for a probe,
+        # which starts from the federation's root alone)
+        local=[f for f in FACTORS if getattr(policy, f) == "local"] if task.stage != Stage.probe else [],
+        reset_leaf=task.reset_leaf and not evaluating,
         training=cfg.training,
     )
     return LeaseResponse(task=assignment, retry_after=0.0, federation_state=state,
@@ -135,10 +155,10 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime) 
 
 
 def _require_live_lease(task: Task, lease_id: str, now: datetime) -> None:
-    if task.lease_id == lease_id and task.status in (TaskStatus.cancelled.value, TaskStatus.failed.value):
+    if task.lease_id == lease_id and task.status in (TaskStatus.cancelled, TaskStatus.failed):
         raise Conflict(f"task {task.id} is {task.status}: its round was decided without it "
                        f"({task.error or 'no detail'}); drop this result", code=f"task_{task.status}")
-    if task.status != TaskStatus.leased.value or task.lease_id != lease_id:
+    if task.status != TaskStatus.leased or task.lease_id != lease_id:
         raise Conflict(f"lease {lease_id} is not the current lease of task {task.id} "
                        f"(task is {task.status})", code="stale_lease")
     if task.lease_expires_at is not None and task.lease_expires_at < now:
@@ -153,7 +173,7 @@ def heartbeat(session: Session, client: Client, task_id: int, lease_id: str, now
     expires = now + timedelta(seconds=cfg.schedule.lease_seconds)
     updated = session.execute(
         update(Task)
-        .where(Task.id == task.id, Task.status == TaskStatus.leased.value, Task.lease_id == lease_id)
+        .where(Task.id == task.id, Task.status == TaskStatus.leased, Task.lease_id == lease_id)
         .values(lease_expires_at=expires)
     ).rowcount
     if updated != 1:
@@ -169,8 +189,8 @@ def release_task(session: Session, client: Client, task_id: int, lease_id: str, 
     _require_live_lease(task, lease_id, now)
     updated = session.execute(
         update(Task)
-        .where(Task.id == task.id, Task.status == TaskStatus.leased.value, Task.lease_id == lease_id)
-        .values(status=TaskStatus.pending.value, lease_id=None, lease_expires_at=None, worker_id=None,
+        .where(Task.id == task.id, task_status_may_become(TaskStatus.pending), Task.lease_id == lease_id)
+        .values(status=TaskStatus.pending, lease_id=None, lease_expires_at=None, worker_id=None,
                 upload_sha256=None, upload_bytes=0, releases=Task.releases + 1)
     ).rowcount
     if updated != 1:
@@ -180,35 +200,16 @@ def release_task(session: Session, client: Client, task_id: int, lease_id: str, 
     return task
 
 
-def ensure_blob_row(session: Session, sha256: str, size: int, kind: str, now: datetime) -> None:
-    """Insert the blob's row unless it exists. Two uploads of the same bytes can race here (under
-    load on Postgres they did: a unique violation, a 500); INSERT .. ON CONFLICT DO NOTHING cannot."""
-    dialect = session.get_bind().dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        session.execute(insert(Blob).values(sha256=sha256, size=size, kind=kind, created_at=now)
-                        .on_conflict_do_nothing(index_elements=[Blob.sha256]))
-    elif session.get(Blob, sha256) is None:
-        session.add(Blob(sha256=sha256, size=size, kind=kind, created_at=now))
-        session.flush()
-
-
-def upload_limit_for_task(session: Session, client: Client, task_id: int) -> int:
-    """The largest body a valid upload for this task can have (0: the task takes no upload)."""
-    return upload_plan(session, client, task_id)[0]
-
-
 def upload_plan(session: Session, client: Client, task_id: int) -> tuple[int, dict[str, tuple[int, ...]]]:
-    """(the largest valid body, the expected tensor names and shapes) of this task's upload."""
+    """(the largest valid body, the expected tensor names and shapes) of this task's upload; (0, {})
+    for a task that takes none (leaf, eval). The upload route streams at most that many bytes and
+    checks the body against the shapes (``check_upload_body``) before ``accept_upload``."""
     task = _owned_task(session, client, task_id)
     cfg = federation_config(session.get(Federation, task.federation_id))
     factors = expected_upload(cfg, task.stage)
     if not factors:
         return 0, {}
-    return upload_limit(cfg, task.stage), cfg.manifest.tier_shapes(STAGE_TIER[task.stage], factors)
+    return upload_limit(cfg, task.stage), cfg.manifest.tier_shapes(STAGE_TIER[Stage(task.stage)], factors)
 
 
 def check_upload_body(path: Path, shapes: dict[str, tuple[int, ...]], limit: int) -> None:
@@ -223,11 +224,12 @@ def check_upload_body(path: Path, shapes: dict[str, tuple[int, ...]], limit: int
 
 
 def accept_upload(session: Session, blobs: BlobStore, client: Client, task_id: int, lease_id: str,
-                  tmp: Path, sha256: str, size: int, now: datetime, validated: bool = False) -> tuple[str, int]:
-    """Validate a streamed upload (already in ``tmp`` with its sha256) and attach it to the task.
-    ``validated``: the caller already ran ``check_upload_body`` on it against this task's plan."""
+                  tmp: Path, sha256: str, size: int, now: datetime) -> tuple[str, int]:
+    """Attach a streamed upload (already in ``tmp`` with its sha256) to the task under its live
+    lease. The caller has checked the body against this task's plan (``upload_plan``,
+    ``check_upload_body``) outside the transaction: nothing here parses it again."""
     task = _owned_task(session, client, task_id)
-    if task.status == TaskStatus.done.value and task.lease_id == lease_id:
+    if task.status == TaskStatus.done and task.lease_id == lease_id:
         tmp.unlink(missing_ok=True)
         if task.upload_sha256 == sha256:
             return sha256, task.upload_bytes
@@ -237,20 +239,14 @@ def accept_upload(session: Session, blobs: BlobStore, client: Client, task_id: i
     factors = expected_upload(cfg, task.stage)
     if not factors:
         tmp.unlink(missing_ok=True)
-        raise Conflict(f"a {task.stage} task takes no upload: leaves never leave the client; "
-                       f"complete it with metrics only", code="no_upload_expected")
-    tier = STAGE_TIER[task.stage]
-    if not validated:
-        try:
-            check_upload_body(tmp, cfg.manifest.tier_shapes(tier, factors), upload_limit(cfg, task.stage))
-        except (PayloadTooLarge, Invalid):
-            tmp.unlink(missing_ok=True)
-            raise
+        why = "leaves never leave the client" if task.stage == Stage.leaf else "it evaluates only"
+        raise Conflict(f"a {task.stage} task takes no upload ({why}); complete it with metrics only",
+                       code="no_upload_expected")
     blobs.adopt(tmp, sha256)
     ensure_blob_row(session, sha256, size, "upload", now)
     updated = session.execute(
         update(Task)
-        .where(Task.id == task.id, Task.status == TaskStatus.leased.value, Task.lease_id == lease_id)
+        .where(Task.id == task.id, Task.status == TaskStatus.leased, Task.lease_id == lease_id)
         .values(upload_sha256=sha256, upload_bytes=size)
     ).rowcount
     if updated != 1:
@@ -262,7 +258,7 @@ def accept_upload(session: Session, blobs: BlobStore, client: Client, task_id: i
 def complete_task(session: Session, client: Client, task_id: int, lease_id: str, num_samples: int,
                   metrics: dict[str, float], now: datetime) -> Task:
     task = _owned_task(session, client, task_id)
-    if task.status == TaskStatus.done.value and task.lease_id == lease_id:
+    if task.status == TaskStatus.done and task.lease_id == lease_id:
         return task
     _require_live_lease(task, lease_id, now)
     bad = [k for k, v in metrics.items() if not math.isfinite(v) or len(k) > 64]
@@ -275,8 +271,8 @@ def complete_task(session: Session, client: Client, task_id: int, lease_id: str,
                        code="upload_missing")
     updated = session.execute(
         update(Task)
-        .where(Task.id == task.id, Task.status == TaskStatus.leased.value, Task.lease_id == lease_id)
-        .values(status=TaskStatus.done.value, finished_at=now, num_samples=num_samples,
+        .where(Task.id == task.id, task_status_may_become(TaskStatus.done), Task.lease_id == lease_id)
+        .values(status=TaskStatus.done, finished_at=now, num_samples=num_samples,
                 metrics=dict(metrics))
     ).rowcount
     if updated != 1:
@@ -292,15 +288,16 @@ def expire_leases(session: Session, now: datetime) -> int:
     expired = session.execute(
         select(Task.id, Task.attempt, Task.releases, Task.lease_id, Federation.config)
         .join(Federation, Federation.id == Task.federation_id)
-        .where(Task.status == TaskStatus.leased.value, Task.lease_expires_at < now)
+        .where(Task.status == TaskStatus.leased, Task.lease_expires_at < now)
     ).all()
     for task_id, attempt, releases, lease_id, config in expired:
         max_attempts = FederationConfig.model_validate(config).schedule.max_attempts
         final = attempt - (releases or 0) >= max_attempts
+        target = TaskStatus.failed if final else TaskStatus.pending
         session.execute(
             update(Task)
-            .where(Task.id == task_id, Task.status == TaskStatus.leased.value, Task.lease_id == lease_id)
-            .values(status=TaskStatus.failed.value if final else TaskStatus.pending.value,
+            .where(Task.id == task_id, task_status_may_become(target), Task.lease_id == lease_id)
+            .values(status=target,
                     lease_id=lease_id if final else None, lease_expires_at=None,
                     upload_sha256=None, upload_bytes=0,
                     finished_at=now if final else None,

@@ -21,6 +21,7 @@ from conftest import (
 from sqlalchemy import select
 
 from coordinator.models import Blob, Task
+from shared import PROTOCOL_VERSION
 from shared.manifest import qv_targets
 from shared.tensors import pack_tensors
 
@@ -53,7 +54,9 @@ def lease(api, cid: int, token: str) -> dict:
 
 def test_version_and_protocol_check(api):
     r = api.get("/v1/version")
-    assert r.status_code == 200 and r.json()["protocol"] == 1
+    assert r.status_code == 200 and r.json()["protocol"] == PROTOCOL_VERSION == 2  # 2: eval tasks
+    r = api.get("/v1/version", headers={"X-Hilora-Protocol": "1"})  # a worker without eval tasks
+    assert r.status_code == 426
     r = api.get("/v1/version", headers={"X-Hilora-Protocol": "999"})
     assert r.status_code == 426
     assert r.json()["error"] == "protocol_mismatch"

@@ -215,14 +215,20 @@ def create_tiny_federation(url: str, name: str, schedule: dict) -> tuple[int, st
     return created.federation_id, created.enrollment_secret, config
 
 
-def api_state(url: str, fid: int) -> str | None:
-    """The federation's state, or None while the coordinator is unreachable."""
+def api_state(url: str, fid: int, trained: bool = False) -> str | None:
+    """The federation's state, or None while the coordinator is unreachable. ``trained``: report
+    'serving' only once the final evaluation rounds (opened on entering serving) are decided."""
     try:
         r = httpx.get(f"{url}/v1/federations/{fid}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
                       timeout=5)
     except httpx.TransportError:
         return None
-    return r.json()["state"] if r.status_code == 200 else None
+    if r.status_code != 200:
+        return None
+    body = r.json()
+    if trained and body["state"] == "serving" and any(x["status"] == "open" for x in body["rounds"]):
+        return "evaluating"
+    return body["state"]
 
 
 class DB:
@@ -258,6 +264,10 @@ class DB:
 
     def state(self, fid: int) -> str:
         return self.rows(Federation, Federation.id == fid)[0].state
+
+    def trained(self, fid: int) -> bool:
+        """Serving, with the final evaluation rounds (opened on entering serving) decided."""
+        return self.state(fid) == "serving" and all(r.status != "open" for r in self.rounds(fid))
 
 
 def check_consistency(db: DB, fid: int, schedule: dict) -> None:
@@ -367,7 +377,7 @@ def test_worker_killed_mid_lease_is_requeued_and_its_late_upload_refused(tmp_pat
         assert snapshot[0] == "done" and snapshot[3] == 2
         assert root1.id == db.rounds(fid, "root")[0].id and len(db.rounds(fid, "root")) == 1
         # and the run finishes
-        assert wait_for(lambda: db.state(fid) == "serving", 60, interval=0.2), _tail(coord.log)
+        assert wait_for(lambda: db.trained(fid), 60, interval=0.2), _tail(coord.log)
         assert again.wait(30) == 0 and other.wait(30) == 0
         check_consistency(db, fid, schedule)
     finally:
@@ -424,7 +434,7 @@ def run_crash_federation(procs: Processes, workdir: Path, fault_at: str | None) 
                 if api_state(coord.url, fid) == "enrolling":
                     admin_start(coord.url, fid)
                 return False
-            return coord.alive() and api_state(coord.url, fid) == "serving"
+            return coord.alive() and api_state(coord.url, fid, trained=True) == "serving"
 
         assert wait_for(serving, 120, interval=0.1), _tail(coord.log) + "\n" + _tail(workers[0].log)
         codes = [w.wait(40) for w in workers]
@@ -546,7 +556,7 @@ def test_quorum_one_worker_killed_the_round_aggregates_with_eight(tmp_path, proc
         assert len(v1) == 1 and root1.result_version_id == v1[0].id
         # the killed worker's clients come back in another process; the run finishes
         again = FakeWorkerProc(procs, tmp_path, "w0-again", coord.url, fid, secret, QUORUM_CLIENTS[:2], creds)
-        assert wait_for(lambda: db.state(fid) == "serving", 90, interval=0.2), _tail(coord.log) + _tail(again.log)
+        assert wait_for(lambda: db.trained(fid), 90, interval=0.2), _tail(coord.log) + _tail(again.log)
         assert [w.wait(30) for w in workers[1:] + [again]] == [0] * 5
         assert all(r.status == "done" for r in db.rounds(fid))
         check_consistency(db, fid, schedule)
@@ -579,7 +589,7 @@ def test_quorum_three_workers_killed_the_round_fails_and_reopens(tmp_path, procs
         assert [v.version for v in db.versions(fid) if v.tier == "root"] == [0]  # nothing from 4 uploads
         # the six clients come back; the fresh round completes with all ten
         again = FakeWorkerProc(procs, tmp_path, "again", coord.url, fid, secret, QUORUM_CLIENTS[:6], creds)
-        assert wait_for(lambda: db.state(fid) == "serving", 90, interval=0.2), _tail(coord.log) + _tail(again.log)
+        assert wait_for(lambda: db.trained(fid), 90, interval=0.2), _tail(coord.log) + _tail(again.log)
         assert [w.wait(30) for w in workers[3:] + [again]] == [0] * 3
         roots = db.rounds(fid, "root")
         assert [(r.number, r.status) for r in roots] == [(1, "failed"), (2, "done")]
@@ -621,7 +631,7 @@ def test_quorum_at_the_deadline_aggregates_and_cancels_the_open_tasks(tmp_path, 
         assert all(t.upload_sha256 is None for t in db.tasks(root1.id) if t.status == "cancelled")
         workers[0].kill()
         again = FakeWorkerProc(procs, tmp_path, "w0-again", coord.url, fid, secret, QUORUM_CLIENTS[:2], creds)
-        assert wait_for(lambda: db.state(fid) == "serving", 90, interval=0.2), _tail(coord.log) + _tail(again.log)
+        assert wait_for(lambda: db.trained(fid), 90, interval=0.2), _tail(coord.log) + _tail(again.log)
         check_consistency(db, fid, schedule)
     finally:
         db.close()
@@ -654,7 +664,7 @@ def test_a_stopping_worker_releases_its_lease_without_spending_an_attempt(tmp_pa
             assert task.status == "pending" and task.releases == 1 and task.lease_id is None
         # max_attempts is 1, yet the released task is leased and finished again
         workers = [FakeWorkerProc(procs, tmp_path, n, coord.url, fid, secret, [n], creds) for n in ("a", "b")]
-        assert wait_for(lambda: db.state(fid) == "serving", 60, interval=0.2), _tail(coord.log)
+        assert wait_for(lambda: db.trained(fid), 60, interval=0.2), _tail(coord.log)
         assert [w.wait(30) for w in workers] == [0, 0]
         with Session(db.engine) as s:
             task = s.get(Task, first["task_id"])
@@ -692,7 +702,7 @@ def test_two_replicas_on_one_postgres_database(tmp_path, procs, pg_server):
         def serving() -> bool:
             for r in replicas:
                 assert r.alive(), _tail(r.log)
-            return db.state(fid) == "serving"
+            return db.trained(fid)
 
         assert wait_for(serving, 200, interval=0.3), "\n".join(_tail(r.log) for r in replicas)
         assert [w.wait(40) for w in workers] == [0] * 4, "\n".join(_tail(w.log) for w in workers)

@@ -24,7 +24,9 @@ Events (``event`` key): ``start``, ``registered``, ``credentials`` (reused), ``p
 first pass over the hosted clients), ``leased``, ``uploaded``, ``completed``, ``refused`` (a 4xx:
 ``status`` and ``error`` = the coordinator's code), ``unavailable`` (retries exhausted),
 ``released``, ``hanging``, ``exit``. Every loop is bounded by
-``max_seconds``. Exit codes: 0 every hosted client is ready (federation serving, no task left),
+``max_seconds``. Eval tasks (the final evaluation, once the federation serves) are completed with
+fake accuracies and no upload, like leaf tasks. Exit codes: 0 every hosted client is ready
+(federation serving, no task left: its eval task done too),
 1 max_seconds passed, 2 setup refused (e.g. a name registered elsewhere without saved credentials),
 3 stopped while hanging, 4 stopped (SIGTERM / ``stop``).
 """
@@ -94,13 +96,22 @@ def deterministic_body(manifest, client: str, task: TaskAssignment) -> bytes:
     return pack_tensors(deterministic_upload(manifest, client, task))
 
 
-def deterministic_metrics(client: str, task: TaskAssignment) -> dict[str, float]:
+def deterministic_metrics(client: str, task: TaskAssignment, has_leaf: bool = False) -> dict[str, float]:
+    """What ``client`` reports for ``task``. ``has_leaf``: the client trained a leaf before (an eval
+    task then reports root + cluster + leaf too, as the real worker does with its saved leaf)."""
     rng = np.random.default_rng(task_seed(client, task) ^ 0x5EED)
     acc = sorted(float(x) for x in rng.uniform(0.3, 0.95, size=3))
     if task.stage == "leaf":
         return {"acc_root": acc[0], "acc_cluster": acc[1], "acc_leaf": acc[2]}
     if task.stage == "probe":
         return {"loss": round(1.0 - acc[1], 6)}
+    if task.stage == "eval":  # the final evaluation: forward passes only, no loss, no upload
+        metrics = {"acc_root": acc[0]}
+        if task.cluster is not None:
+            metrics["acc_cluster"] = acc[1]
+        if has_leaf:
+            metrics["acc_leaf"] = acc[2]
+        return metrics
     # like worker.daemon: root and cluster tasks evaluate the adapters they received
     metrics = {"loss": round(1.0 - acc[1], 6), "acc_root": acc[0]}
     if task.stage == "cluster":
@@ -172,6 +183,7 @@ class _Hosted:
     token: str
     task: TaskAssignment | None = None  # in flight: leased, not yet completed
     uploaded: bool = False
+    has_leaf: bool = False  # a leaf task of this client completed in this process
 
 
 @dataclass
@@ -211,7 +223,7 @@ class FakeWorker:
 
     def _task_fields(self, hosted: _Hosted, task: TaskAssignment) -> dict[str, Any]:
         return {"client": hosted.name, "client_id": hosted.client_id, "task_id": task.task_id,
-                "lease_id": task.lease_id, "attempt": task.attempt, "stage": task.stage, "scope": task.scope,
+                "lease_id": task.lease_id, "attempt": task.attempt, "stage": str(task.stage), "scope": task.scope,
                 "round": task.round_number}
 
     def _time_left(self) -> float:
@@ -285,7 +297,8 @@ class FakeWorker:
                 self._event("uploaded", sha256=ack.sha256, bytes=ack.bytes, **fields)
             what = "complete"
             done = http.complete(task.task_id, hosted.token, task.lease_id, client_num_samples(hosted.name),
-                                 deterministic_metrics(hosted.name, task))
+                                 deterministic_metrics(hosted.name, task, hosted.has_leaf))
+            hosted.has_leaf = hosted.has_leaf or task.stage == "leaf"
             self._event("completed", status=done.status.value, num_samples=client_num_samples(hosted.name),
                         **fields)
             hosted.task, hosted.uploaded = None, False
