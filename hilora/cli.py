@@ -352,9 +352,10 @@ def demo(
 ) -> None:
     """Run the whole cascade on one machine over real HTTP and print the results."""
     os.environ["HILORA_DEV"] = "1"
-    from hilora.demo import DemoOptions, format_table, run_demo, write_report
+    from hilora.demo import format_table, run_demo, write_report
+    from hilora.options import RunOptions
 
-    opts = DemoOptions(partition=partition, workers=workers, threads=threads, seed=seed, timeout=timeout,
+    opts = RunOptions(partition=partition, workers=workers, threads=threads, seed=seed, timeout=timeout,
                        workdir=str(workdir) if workdir else None)
     for name, value in (("root_rounds", root_rounds), ("cluster_rounds", cluster_rounds),
                         ("leaf_rounds", leaf_rounds), ("local_epochs", local_epochs), ("features", features)):
@@ -444,9 +445,17 @@ def bench(
                     ] = None,
     data_cache_gb: Annotated[float, typer.Option(
         min=0.1, help="client arrays kept in memory, GB (least recently used dropped)")] = 8.0,
+    transport: Annotated[str, typer.Option(
+        help="'inprocess': the coordinator and one worker in this process (fast, deterministic); 'http': a "
+             "coordinator process and --workers worker processes on loopback, as `hilora demo`")] = "inprocess",
+    workers: Annotated[int, typer.Option(min=1, help="worker processes with --transport http")] = 3,
+    workdir: Annotated[Optional[Path], typer.Option(
+        help="keep the coordinator's database, blobs, worker state and logs here (default: a temp folder, "
+             "removed afterwards)")] = None,
 ) -> None:
-    """Compare HiLoRA with federated-LoRA baselines and its ablations on one partition, in one process:
-    the same data, backbone, rounds and local epochs for every method."""
+    """Compare HiLoRA with federated-LoRA baselines and its ablations on one partition: every method is a
+    federation that the real coordinator and worker code run, with the same data, backbone, rounds and
+    local epochs."""
     from dataclasses import replace
 
     from hilora.bench import (
@@ -476,6 +485,14 @@ def bench(
     for path, what in ((report, "--report"), (plots, "--plots")):
         if path is not None and ((what == "--report" and path.is_dir()) or (what == "--plots" and path.is_file())):
             _fail(f"{what} {path}: is a {'directory' if path.is_dir() else 'file'}")
+    from hilora.options import TRANSPORTS
+
+    if transport not in TRANSPORTS:
+        _fail(f"--transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+    if workdir is not None and workdir.exists() and not workdir.is_dir():
+        _fail(f"--workdir {workdir}: is a file")
+    if workdir is not None and workdir.is_dir() and any(workdir.iterdir()):
+        _fail(f"--workdir {workdir}: is not empty (a bench run starts a new coordinator database there)")
     if paper is not None and partition is not None:
         _fail("--paper and --partition exclude each other: --paper names the partition")
     if paper is not None and paper not in PAPER_PARTITIONS:
@@ -510,7 +527,8 @@ def bench(
     opts = replace(opts, paper=paper, data_root=str(data_root) if data_root is not None else None, model=model,
                    model_kwargs=extra_kwargs, checkpoint=checkpoint,
                    rank=rank or (PAPER_RANK if paper is not None else opts.rank),
-                   data_cache_bytes=int(data_cache_gb * (1 << 30)))
+                   data_cache_bytes=int(data_cache_gb * (1 << 30)), transport=transport, workers=workers,
+                   workdir=str(workdir) if workdir is not None else None)
     try:
         if rounds is not None:
             root_rounds, cluster_rounds, leaf_rounds = parse_rounds(rounds)
@@ -526,11 +544,12 @@ def bench(
     except RuntimeError:
         pass
     chosen = chosen or default_methods(opts)
-    typer.echo(f"hilora bench ({'quick' if quick else 'full'}, {device}, {opts.threads} threads): "
+    typer.echo(f"hilora bench ({'quick' if quick else 'full'}, {device}, {opts.threads} threads, "
+               f"{opts.transport}): "
                f"{', '.join(chosen)} on {paper or opts.partition}, seeds {seed_list}")
     try:
         result = run_bench(opts, chosen, seed_list, say=lambda m: typer.echo(m, err=True))
-    except ValueError as exc:
+    except (ValueError, RuntimeError) as exc:
         _fail(str(exc), code=1)
     typer.echo(format_table(result))
     written = write_outputs(result, report, plots)

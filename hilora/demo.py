@@ -12,40 +12,20 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hilora.bench import accuracy_stats
+from hilora.bench.engine import onboarding_done, training_done
+from hilora.bench.report import accuracy_stats, majority_clusters
 from hilora.launcher import LocalCluster, wait_for
+from hilora.options import RunOptions
 from worker.client import CoordinatorClient
 
 
-@dataclass
-class DemoOptions:
-    partition: str = "demo"
-    workers: int = 3
-    threads: int = 1
-    root_rounds: int = 4
-    cluster_rounds: int = 3
-    leaf_rounds: int = 2
-    unseen_leaf_rounds: int = 2
-    local_epochs: int = 2
-    probe_epochs: int = 2
-    rank: int = 4
-    lr: float = 3e-3
-    head_lr: float = 3e-2
-    batch_size: int = 32
-    features: str = "update"
-    seed: int = 0
-    timeout: float = 900.0
-    workdir: str | None = None
-    keep: bool = False
-
-
-def federation_file(opts: DemoOptions, num_train_clients: int, checkpoint: str = "demo") -> dict[str, Any]:
+def federation_file(opts: RunOptions, num_train_clients: int, checkpoint: str = "demo") -> dict[str, Any]:
     from worker.backbone import DEMO_BACKBONE_KWARGS, DEMO_BACKBONE_MODEL
 
     return {
@@ -72,11 +52,7 @@ def summarize(report: dict, groups: dict[str, str], wall_seconds: float) -> dict
            if clustered else None)
     unseen_correct = None
     if late and clustered:
-        # the cluster holding most members of each planted group
-        majority: dict[str, int] = {}
-        for g in set(groups[c["name"]] for c in clustered):
-            labels = [c["cluster_label"] for c in clustered if groups[c["name"]] == g]
-            majority[g] = max(set(labels), key=labels.count)
+        majority = majority_clusters(groups, {c["name"]: c["cluster_label"] for c in clustered})
         unseen_correct = float(np.mean([majority.get(groups[c["name"]]) == c["cluster_label"] for c in late]))
 
     def metric(clients: list[dict], key: str) -> list[float]:
@@ -149,7 +125,7 @@ def _progress_printer(client: CoordinatorClient, token: str, fid: int, say: Call
     return tick, last
 
 
-def run_demo(opts: DemoOptions, say: Callable[[str], None] = print,
+def run_demo(opts: RunOptions, say: Callable[[str], None] = print,
              serve: Callable[[dict[str, Any], LocalCluster], None] | None = None) -> dict[str, Any]:
     """Run the demo and return its numbers. ``serve`` (``hilora demo --serve``) is called with them
     while the coordinator still runs; the coordinator stops when it returns."""
@@ -190,9 +166,9 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print,
             say(f"started {n_workers} worker processes hosting {len(train)} clients")
             tick, last = _progress_printer(client, cluster.admin_token, fid, say, t0)
 
-            def serving() -> bool:
+            def serving() -> bool:   # and the final evaluation is over
                 cluster.check_workers()
-                return last.get("status") is not None and last["status"].state.value == "serving"
+                return last.get("status") is not None and training_done(last["status"])
 
             if not wait_for(serving, opts.timeout, on_tick=tick):
                 raise RuntimeError(f"the federation did not reach serving within {opts.timeout:.0f}s")
@@ -205,8 +181,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print,
 
                 def onboarded() -> bool:
                     cluster.check_workers()
-                    s = last.get("status")
-                    return s is not None and s.clients_total == len(clients) and s.onboarding_pending == 0
+                    return last.get("status") is not None and onboarding_done(len(clients))(last["status"])
 
                 if not wait_for(onboarded, opts.timeout, on_tick=tick):
                     raise RuntimeError(f"unseen clients were not onboarded within {opts.timeout:.0f}s")

@@ -22,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from shared.schemas import TaskAssignment
 from shared.tensors import pack_tensors, unpack_tensors
 from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 from worker.files import atomic_write
+from worker.state import ClientFiles
 
 log = logging.getLogger("hilora.worker")
 
@@ -97,8 +98,8 @@ class ClientSlot:
     spec: HostedClient
     client_id: int
     token: str
-    state_dir: Path
-    data: Any = None
+    files: ClientFiles
+    data: Any = None   # the client's arrays; None when the daemon was given a ``data`` mapping
     last_state: str = "waiting"
 
 
@@ -144,7 +145,10 @@ class WorkerDaemon:
 
     def __init__(self, client: CoordinatorClient, config: WorkerConfig, state_dir: Path, device: str = "cpu",
                  exit_when_idle: bool = False, max_seconds: float | None = None, grace_seconds: float = 30.0,
-                 report_timeout: float = 300.0) -> None:
+                 report_timeout: float = 300.0, data: Mapping[str, Any] | None = None) -> None:
+        """``data``: the hosted clients' arrays by client name, looked up at every task (e.g. a bounded
+        cache, so that many hosted clients need not all be in memory); by default each client's
+        partition is read once at ``setup`` and kept."""
         self.client = client
         client.interrupted = self.interrupted  # requests stop retrying once the daemon is stopping
         self.config = config
@@ -161,38 +165,47 @@ class WorkerDaemon:
         self.slots: list[ClientSlot] = []
         self._runtime: tuple[FederationConfig, Any] | None = None
         self._adapter_cache: dict[int, dict] = {}
+        self._data = data
 
     # ------------------------------------------------------------------ setup
 
-    def _client_dir(self, name: str) -> Path:
-        return self.state_dir / f"federation-{self.config.federation_id}" / name
-
     def setup(self) -> None:
         """Load or create every hosted client's credentials (registering with the secret once)."""
+        self.client.version()
+        self.add_clients(self.config.clients)
+
+    def add_clients(self, specs: Sequence[HostedClient]) -> None:
+        """Host more clients from now on (registering each with the secret unless it has credentials),
+        e.g. clients that join a federation that is already serving."""
         from worker.data import client_arrays, load_partition
 
-        self.client.version()
-        for spec in self.config.clients:
-            cdir = self._client_dir(spec.name)
-            cdir.mkdir(parents=True, exist_ok=True)
-            data = client_arrays(load_partition(spec.data.partition), spec.data.client)
-            token_file = cdir / "credentials.json"
+        hosted = {slot.spec.name for slot in self.slots}
+        for spec in specs:
+            if spec.name in hosted:
+                raise ValueError(f"client {spec.name} is already hosted by this worker")
+            files = ClientFiles.of(self.state_dir, self.config.federation_id, spec.name)
+            files.dir.mkdir(parents=True, exist_ok=True)
+            data = (self._data[spec.name] if self._data is not None
+                    else client_arrays(load_partition(spec.data.partition), spec.data.client))
             if spec.token is not None:
                 client_id, token = spec.client_id, spec.token
-            elif token_file.exists():
-                saved = json.loads(token_file.read_text())
-                client_id, token = int(saved["client_id"]), saved["token"]
+            elif files.credentials.exists():
+                client_id, token = files.read_credentials()
             else:
                 secret = spec.enrollment_secret or self.config.enrollment_secret
                 if not secret:
                     raise ValueError(f"client {spec.name} has no token and no enrollment secret to register with")
                 reg = self.client.register(self.config.federation_id, secret, spec.name, len(data.y_train))
                 client_id, token = reg.client_id, reg.token
-                fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "w") as fh:
-                    json.dump({"client_id": client_id, "token": token, "name": spec.name}, fh)
+                files.write_credentials(client_id, token, spec.name)
                 log.info("registered client %s as id %s", spec.name, client_id)
-            self.slots.append(ClientSlot(spec=spec, client_id=client_id, token=token, state_dir=cdir, data=data))
+            self.slots.append(ClientSlot(spec=spec, client_id=client_id, token=token, files=files,
+                                         data=None if self._data is not None else data))
+            hosted.add(spec.name)
+
+    def client_data(self, slot: ClientSlot) -> Any:
+        """The slot's arrays (from the ``data`` mapping when the daemon was given one)."""
+        return self._data[slot.spec.name] if self._data is not None else slot.data
 
     def _model(self, token: str):  # noqa: ANN202
         """The federation's model, built once per process and reused by every hosted client."""
@@ -315,6 +328,7 @@ class WorkerDaemon:
         from worker.train import TrainingStopped, evaluate_tiers, train_tier
 
         cfg, model = self._model(slot.token)
+        data = self.client_data(slot)
         t0 = time.monotonic()
         tier = task.train_tier
         model.load_tier("root", self._adapter(task.root, slot.token))
@@ -327,27 +341,39 @@ class WorkerDaemon:
             # coordinator's version for every tier in use, as export does. A probe starts from the
             # federation's root alone, so that every client's probe has the same starting point.
             for used in tiers:
-                local_file = slot.state_dir / f"local-{used}.safetensors"
+                local_file = slot.files.local(used)
                 if local_file.exists():
                     model.load_tier(used, unpack_tensors(local_file.read_bytes()), partial=True)
+        if task.stage == "eval":
+            # the federation's final versions as this client uses them, with its leaf if it has one:
+            # forward passes only, nothing trained or uploaded
+            if slot.files.leaf.exists():
+                model.load_tier("leaf", unpack_tensors(slot.files.leaf.read_bytes()))
+                tiers.append("leaf")
+            evaluated = evaluate_tiers(model, data, tuple(tiers), self.device)
+            evaluated["eval_seconds"] = time.monotonic() - t0
+            if not self.report(slot, task, None, evaluated):
+                return {}
+            log.info("client %s: evaluation done %s", slot.spec.name,
+                     {k: round(v, 4) for k, v in evaluated.items() if k.startswith("acc")})
+            return evaluated
         if tier == "leaf":
-            leaf_file = slot.state_dir / "leaf.safetensors"
-            if task.reset_leaf or not leaf_file.exists():
+            if task.reset_leaf or not slot.files.leaf.exists():
                 head_from = "cluster" if task.cluster is not None else "root"
                 model.init_tier("leaf", seed=task_seed(cfg.training.seed, "leaf", slot.client_id),
                                 head_from=head_from)
             else:
-                model.load_tier("leaf", unpack_tensors(leaf_file.read_bytes()))
+                model.load_tier("leaf", unpack_tensors(slot.files.leaf.read_bytes()))
             tiers.append("leaf")
         metrics: dict[str, float] = {}
         if tier in ("root", "cluster") and task.stage != "probe":
             # accuracy of the adapter as received: the federation's model on this client's data
-            metrics.update(evaluate_tiers(model, slot.data, tuple(tiers), self.device))
+            metrics.update(evaluate_tiers(model, data, tuple(tiers), self.device))
         log.info("client %s: training task %s (%s round %s, %s epochs)", slot.spec.name, task.task_id, task.stage,
                  task.round_number, task.epochs)
         try:
             train_metrics = train_tier(
-                model, tier, slot.data, epochs=task.epochs, lr=task.training.lr, head_lr=task.training.head_lr,
+                model, tier, data, epochs=task.epochs, lr=task.training.lr, head_lr=task.training.head_lr,
                 batch_size=task.training.batch_size, weight_decay=task.training.weight_decay,
                 gamma_c=task.training.gamma_c, gamma_l=task.training.gamma_l,
                 seed=task_seed(task.training.seed, task.stage, task.round_number, slot.client_id),
@@ -365,11 +391,10 @@ class WorkerDaemon:
             return {}
         metrics.update({k: float(v) for k, v in train_metrics.items()})
         if tier == "leaf":
-            metrics.update(evaluate_tiers(model, slot.data, tuple(tiers), self.device))
-            atomic_write(slot.state_dir / "leaf.safetensors", pack_tensors(model.export_tier("leaf")))
+            metrics.update(evaluate_tiers(model, data, tuple(tiers), self.device))
+            atomic_write(slot.files.leaf, pack_tensors(model.export_tier("leaf")))
         elif task.local:
-            atomic_write(slot.state_dir / f"local-{tier}.safetensors",
-                         pack_tensors(model.export_tier(tier, factors=tuple(task.local))))
+            atomic_write(slot.files.local(tier), pack_tensors(model.export_tier(tier, factors=tuple(task.local))))
         metrics["train_seconds"] = time.monotonic() - t0
         body = pack_tensors(model.export_tier(tier, factors=tuple(task.upload))) if task.upload else None
         if not self.report(slot, task, body, metrics):
@@ -389,7 +414,8 @@ class WorkerDaemon:
                 if not uploaded:
                     self.client.upload(task.task_id, slot.token, task.lease_id, body)
                     uploaded = True
-                self.client.complete(task.task_id, slot.token, task.lease_id, len(slot.data.y_train), metrics)
+                self.client.complete(task.task_id, slot.token, task.lease_id, len(self.client_data(slot).y_train),
+                                     metrics)
                 return True
             except CoordinatorError as exc:
                 level = logging.WARNING if exc.status in (404, 409, 410) else logging.ERROR

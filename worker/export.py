@@ -29,6 +29,7 @@ from shared.merge import merge_lora, model_metadata, pack_model, read_model_meta
 from shared.tensors import TensorValidationError, unpack_tensors
 from worker.client import CoordinatorClient
 from worker.files import atomic_write
+from worker.state import ClientFiles
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -40,28 +41,6 @@ class ExportResult:
     bytes: int
     tiers: list[str]
     versions: dict[str, Any] = field(default_factory=dict)
-
-
-def client_dir(state_dir: str | os.PathLike, federation_id: int, client_name: str) -> Path:
-    """Where the worker keeps one client's credentials, leaf and local factors."""
-    return Path(state_dir) / f"federation-{federation_id}" / client_name
-
-
-def read_credentials(cdir: Path) -> tuple[int, str]:
-    """(client_id, token) from a client's ``credentials.json``.
-
-    Raises:
-        ValueError: the file is missing or not the worker's format.
-    """
-    path = cdir / "credentials.json"
-    try:
-        saved = json.loads(path.read_text())
-        return int(saved["client_id"]), str(saved["token"])
-    except FileNotFoundError:
-        raise ValueError(f"no credentials at {path}: is --state-dir the worker's state directory and "
-                         f"--federation/--client a client it hosts?") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is not a worker credentials file: {exc}") from None
 
 
 def _read_tensor_file(path: Path) -> dict[str, np.ndarray]:
@@ -105,8 +84,8 @@ def export_client_model(client: CoordinatorClient, state_dir: str | os.PathLike,
             backbone that does not fit the manifest.
         worker.client.CoordinatorError / CoordinatorUnavailable: the coordinator refused or is down.
     """
-    cdir = client_dir(state_dir, federation_id, client_name)
-    client_id, token = read_credentials(cdir)
+    files = ClientFiles.of(state_dir, federation_id, client_name)
+    client_id, token = files.read_credentials()
     cfg = client.federation_config(federation_id, token)
     refs = client.client_adapters(client_id, token)
     if refs.root is None:
@@ -118,12 +97,12 @@ def export_client_model(client: CoordinatorClient, state_dir: str | os.PathLike,
         if ref is None:
             continue
         received = unpack_tensors(client.adapter(ref.id, token, ref.sha256))
-        tiers[tier], from_local = compose_tier(cfg.manifest, tier, received, cdir / f"local-{tier}.safetensors")
+        tiers[tier], from_local = compose_tier(cfg.manifest, tier, received, files.local(tier))
         versions[tier] = ref.model_dump()
         if from_local:
             local[tier] = from_local
     if include_leaf:
-        leaf_file = cdir / "leaf.safetensors"
+        leaf_file = files.leaf
         if not leaf_file.exists():
             raise ValueError(f"client {client_name} has no leaf yet ({leaf_file} does not exist): wait for its "
                              f"leaf rounds, or export without it (--no-leaf)")

@@ -19,6 +19,7 @@ from hilora.cli import app as cli_app
 from hilora.launcher import LocalCluster
 from shared.tensors import unpack_tensors
 from worker.client import CoordinatorClient
+from worker.state import ClientFiles
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -61,10 +62,9 @@ def _workers_model(url: str, fid: int, cdir, status):
     """The client's model as its worker holds it: the adapter versions its last leaf round used,
     its leaf file, in a TieredLoRAModel."""
     from worker.backbone import build_backbone
-    from worker.export import read_credentials
     from worker.lora import TieredLoRAModel
 
-    client_id, token = read_credentials(cdir)
+    client_id, token = ClientFiles(cdir).read_credentials()
     with CoordinatorClient(url) as client:
         cfg = client.federation_config(fid, token)
         refs = client.client_adapters(client_id, token)
@@ -76,7 +76,7 @@ def _workers_model(url: str, fid: int, cdir, status):
     model = TieredLoRAModel(build_backbone(cfg.backbone.model, cfg.backbone.model_kwargs, checkpoint), cfg.manifest)
     model.load_tier("root", root)
     model.load_tier("cluster", cluster)
-    model.load_tier("leaf", unpack_tensors((cdir / "leaf.safetensors").read_bytes()))
+    model.load_tier("leaf", unpack_tensors(ClientFiles(cdir).leaf.read_bytes()))
     model.set_active_tiers(("root", "cluster", "leaf"))
     return model.eval()
 
@@ -93,7 +93,7 @@ def test_export_then_predict_gives_the_workers_predictions(tmp_path, demo_backbo
             status = client.federation_status(cluster.admin_token, fid)
             report = client.federation_report(cluster.admin_token, fid)
         state = tmp_path / "run" / "state"
-        cdir = state / f"federation-{fid}" / CLIENT
+        cdir = ClientFiles.of(state, fid, CLIENT).dir
 
         out = tmp_path / "model.safetensors"
         info = json.loads(_invoke("export", "--coordinator", cluster.url, "--state-dir", str(state),

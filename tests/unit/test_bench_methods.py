@@ -4,7 +4,6 @@ run on a tiny random model uploads exactly the factors each configuration aggreg
 
 from __future__ import annotations
 
-from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +12,6 @@ import pytest
 from hilora.bench import (
     BASELINES,
     METHODS,
-    BenchOptions,
     BenchSetup,
     default_methods,
     method_config,
@@ -21,6 +19,7 @@ from hilora.bench import (
     parse_rounds,
     preset,
 )
+from hilora.options import RunOptions
 from shared.manifest import AdapterManifest, HeadSpec, TierSpec, qv_targets
 from shared.subspace import (
     gram_kmeans_labels,
@@ -32,7 +31,7 @@ from shared.subspace import (
 
 pytestmark = pytest.mark.unit
 
-OPTS = BenchOptions(root_rounds=3, cluster_rounds=2, leaf_rounds=1)
+OPTS = RunOptions(root_rounds=3, cluster_rounds=2, leaf_rounds=1)
 
 
 def test_flat_baselines_spend_every_round_on_one_global_adapter():
@@ -80,11 +79,11 @@ def test_ablations_change_one_thing_of_hilora():
     no_ortho = method_config("no-ortho", OPTS)
     assert (no_ortho.training.gamma_c, no_ortho.training.gamma_l) == (0.0, 0.0)
     assert (hilora.training.gamma_c, hilora.training.gamma_l) == (OPTS.gamma_c, OPTS.gamma_l)
-    assert method_config("kmeans-flat", OPTS).clusterer == "kmeans-flat"
+    assert method_config("kmeans-flat", OPTS).clustering.algorithm == "kmeans-flat"
     assert method_config("lsac-subspace", OPTS).clustering.features == "subspace"
     assert method_config("lsac-update", OPTS).clustering.features == "update"
     paper = method_config("lsac-paper", OPTS)
-    assert paper.clusterer == "lsac-paper" and paper.clustering.features == "subspace"
+    assert paper.clustering.algorithm == "lsac-paper" and paper.clustering.features == "subspace"
     for name in ("no-cluster", "no-ortho", "kmeans-flat", "lsac-subspace", "lsac-paper"):
         cfg = method_config(name, OPTS)
         assert cfg.root == hilora.root and cfg.cluster == hilora.cluster and cfg.schedule == hilora.schedule
@@ -102,9 +101,9 @@ def test_every_method_is_a_valid_federation_config():
 
 
 def test_default_methods_skip_the_feature_set_hilora_already_uses():
-    assert "lsac-update" not in default_methods(BenchOptions(features="update"))
-    assert "lsac-subspace" in default_methods(BenchOptions(features="update"))
-    assert "lsac-subspace" not in default_methods(BenchOptions(features="subspace"))
+    assert "lsac-update" not in default_methods(RunOptions(features="update"))
+    assert "lsac-subspace" in default_methods(RunOptions(features="update"))
+    assert "lsac-subspace" not in default_methods(RunOptions(features="subspace"))
     assert default_methods(OPTS)[0] == "hilora"
 
 
@@ -196,16 +195,26 @@ def test_lsac_paper_uses_the_median_distance_and_allows_k_1():
 # ------------------------------------------------------------------ the engine on a tiny random model
 
 @pytest.fixture(scope="module")
-def tiny_setup():
+def tiny_service(tmp_path_factory):
+    """A service in process and a set-up on a tiny random ViT with random data (3 clients per group,
+    one of each held out as unseen)."""
     import torch
+    from safetensors.torch import save_file
 
-    from worker.backbone import DEMO_BACKBONE_KWARGS, build_backbone, manifest_for_model
+    from hilora.bench import open_service
+    from worker.backbone import DEMO_BACKBONE_KWARGS, build_backbone, checkpoint_sha256, manifest_for_model
     from worker.data import ClientData
 
     torch.set_num_threads(1)
+    workdir = tmp_path_factory.mktemp("tiny-engine")
     kwargs = {**DEMO_BACKBONE_KWARGS, "embed_dim": 16, "depth": 1, "num_heads": 2}
-    artifact = SimpleNamespace(model="vit_tiny_patch16_224", model_kwargs=kwargs, path=None, sha256="0" * 64)
-    manifest = manifest_for_model(build_backbone(artifact.model, kwargs, None), rank=2)
+    torch.manual_seed(0)
+    backbone = build_backbone("vit_tiny_patch16_224", kwargs, None)
+    path = workdir / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(path))
+    artifact = SimpleNamespace(model="vit_tiny_patch16_224", model_kwargs=kwargs, path=path,
+                               sha256=checkpoint_sha256(path))
+    manifest = manifest_for_model(backbone, rank=2)
     rng = np.random.default_rng(0)
     clients = [SimpleNamespace(name=f"{g}-{i:02d}", group=g, unseen=(i == 2)) for g in ("a", "b") for i in range(3)]
 
@@ -216,13 +225,16 @@ def tiny_setup():
     for c in clients:
         (xt, yt), (xs, ys) = arrays(16), arrays(8)
         data[c.name] = ClientData(xt, yt, xs, ys, np.arange(16), np.arange(8))
-    opts = replace(BenchOptions(root_rounds=2, cluster_rounds=1, leaf_rounds=1, unseen_leaf_rounds=1,
-                                local_epochs=1, probe_epochs=1, rank=2, threads=1, knn=2, k_max=3))
-    setup = BenchSetup(opts=opts, artifact=artifact, partition=SimpleNamespace(name="random"),
+    opts = RunOptions(root_rounds=2, cluster_rounds=1, leaf_rounds=1, unseen_leaf_rounds=1, local_epochs=1,
+                      probe_epochs=1, rank=2, threads=1, knn=2, k_max=3)
+    partition = SimpleNamespace(name="random", model_dump=lambda mode="json": {"name": "random"})
+    setup = BenchSetup(opts=opts, artifact=artifact, partition=partition,
                        train=[c for c in clients if not c.unseen], unseen=[c for c in clients if c.unseen],
                        data=data, manifest=manifest)
-    setup.weights = {c.name: 16.0 for c in clients}
-    return setup
+    service = open_service(workdir / "service", opts)
+    service.admin.put_blob(service.admin_token, path.read_bytes())
+    yield service, setup, setup.write_partition(workdir)
+    service.close()
 
 
 def _factor_bytes(manifest, factors, rounds, clients):
@@ -233,14 +245,15 @@ def _factor_bytes(manifest, factors, rounds, clients):
     return rounds * clients * len(pack_tensors(tensors))
 
 
-def test_engine_uploads_exactly_the_aggregated_factors(tiny_setup):
+def test_engine_uploads_exactly_the_aggregated_factors(tiny_service):
     from hilora.bench import run_method
 
-    m, n, total = tiny_setup.manifest, len(tiny_setup.train), tiny_setup.opts.total_rounds
+    service, setup, partition_file = tiny_service
+    m, n, total = setup.manifest, len(setup.train), setup.opts.total_rounds
     expected = {"local": 0, "fedit": _factor_bytes(m, ("A", "B", "head"), total, n),
                 "fedsa": _factor_bytes(m, ("A", "head"), total, n), "ffa": _factor_bytes(m, ("B", "head"), total, n)}
     for name, size in expected.items():
-        result = run_method(tiny_setup, name)
+        result = run_method(service, setup, name, partition_file)
         assert result["bytes_uploaded"] == size, name
         assert [r["stage"] for r in result["rounds"]] == ["root"] * total
         assert result["clustering"] is None and set(result["tiers"]) == {"root"}
@@ -248,16 +261,18 @@ def test_engine_uploads_exactly_the_aggregated_factors(tiny_setup):
         assert all(0.0 <= row["final"] <= 1.0 for row in result["clients"])
 
 
-def test_engine_runs_the_cascade_for_hierarchical_methods(tiny_setup):
+def test_engine_runs_the_cascade_for_hierarchical_methods(tiny_service):
     from hilora.bench import run_method
 
-    o = tiny_setup.opts
+    service, setup, partition_file = tiny_service
+    o = setup.opts
     for name in ("no-cluster", "kmeans-flat", "lsac-paper"):
-        result = run_method(tiny_setup, name)
+        result = run_method(service, setup, name, partition_file)
         stages = [r["stage"] for r in result["rounds"]]
         assert stages == ["root"] * o.root_rounds + ["cluster"] * o.cluster_rounds + ["leaf"] * o.leaf_rounds
-        assert result["clustering"]["clusterer"] == method_config(name, o).clusterer
+        assert result["clustering"]["clusterer"] == method_config(name, o).clustering.algorithm
         assert set(result["tiers"]) == {"root", "cluster", "leaf"}
         assert result["unseen"]["bytes_uploaded"] > 0          # unseen clients' probes
         assert all(r["cluster"] in set(result["clustering"]["labels"]) for r in result["unseen_clients"])
-    assert run_method(tiny_setup, "no-cluster")["clustering"]["k"] == 1
+        if name == "no-cluster":
+            assert result["clustering"]["k"] == 1

@@ -20,6 +20,7 @@ from shared.schemas import FederationState, LeaseResponse, TaskAssignment
 from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 from worker.daemon import ClientSlot, HostedClient, WorkerConfig, WorkerDaemon
 from worker.data import ClientData
+from worker.state import ClientFiles
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -93,7 +94,7 @@ def _daemon(client: FakeClient, tmp_path: Path, **kw) -> tuple[WorkerDaemon, Cli
     spec = HostedClient(name="site-a", data={"partition": "tiny", "client": "upright-00"}, client_id=3, token="t")
     daemon = WorkerDaemon(client, WorkerConfig(federation_id=1, clients=[spec]), tmp_path, **kw)  # type: ignore[arg-type]
     daemon.report_pause = 0.01
-    slot = ClientSlot(spec=spec, client_id=3, token="t", state_dir=tmp_path, data=_data())
+    slot = ClientSlot(spec=spec, client_id=3, token="t", files=ClientFiles(tmp_path), data=_data())
     daemon.slots.append(slot)
     return daemon, slot
 
@@ -194,7 +195,7 @@ def test_a_revoked_client_is_dropped_and_the_other_hosted_clients_go_on(tmp_path
     client = FakeClient(lease=lease)
     daemon, _slot = _daemon(client, tmp_path)
     other = HostedClient(name="site-b", data={"partition": "tiny", "client": "upright-00"}, client_id=4, token="u")
-    daemon.slots.append(ClientSlot(spec=other, client_id=4, token="u", state_dir=tmp_path, data=_data()))
+    daemon.slots.append(ClientSlot(spec=other, client_id=4, token="u", files=ClientFiles(tmp_path), data=_data()))
     with caplog.at_level(logging.ERROR, logger="hilora.worker"):
         assert daemon.run() == 0
     assert polled.count(3) == 1 and polled.count(4) == 3

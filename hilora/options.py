@@ -1,0 +1,73 @@
+"""The one options type of ``hilora demo`` and ``hilora bench``.
+
+Both run federations through the real coordinator and worker code; they differ only in which
+fields they read: the demo runs the ``hilora`` method over HTTP with ``workers`` worker processes,
+the bench runs every method it is asked for, in process by default. The defaults are the demo's
+tuned settings (rank 4, learning rates, batch 32, 2 local and 2 probe epochs, 4/3/2 rounds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Transport = Literal["inprocess", "http"]
+TRANSPORTS: tuple[str, ...] = ("inprocess", "http")
+
+
+@dataclass
+class RunOptions:
+    # data
+    partition: str = "demo"
+    partition_seed: int | None = None   # override the partition file's data seed
+    seed: int = 0                       # training, initialisation and clustering seed
+    # schedule
+    root_rounds: int = 4
+    cluster_rounds: int = 3
+    leaf_rounds: int = 2
+    unseen_leaf_rounds: int = 2
+    local_epochs: int = 2
+    probe_epochs: int = 2
+    # adapters and training
+    rank: int = 4
+    alpha: float | None = None
+    lr: float = 3e-3
+    head_lr: float = 3e-2
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    gamma_c: float = 0.1
+    gamma_l: float = 0.1
+    # clustering
+    features: str = "update"
+    k_min: int = 1
+    k_max: int = 10
+    knn: int = 5
+    contrast: float = 1.25
+    force_k: int | None = None   # every hierarchical method but no-cluster (which forces 1)
+    ema: float = 0.9             # lsac-paper: EMA factor lambda of the smoothed root-stage B
+    # where it runs
+    threads: int = 1             # torch threads per process (the demo backbone is tiny)
+    device: str = "cpu"
+    transport: Transport = "inprocess"   # bench: the service in this process, or worker processes over HTTP
+    workers: int = 3             # worker processes over HTTP (the demo; the bench with transport "http")
+    timeout: float = 900.0       # seconds a federation may take to reach each milestone over HTTP
+    workdir: str | None = None   # keep the coordinator's database, blobs, worker state and logs here
+    keep: bool = False
+    # the backbone
+    backbone_epochs: int = 60
+    cache_dir: str | None = None
+    paper: str | None = None          # a bench paper set-up name: the partition, built over data_root
+    data_root: str | None = None      # the data folder of a disk partition (overrides its ``root``)
+    model: str | None = None          # a timm model name; None: the demo backbone (paper: ViT-B/16)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # beyond num_classes / img_size / in_chans
+    checkpoint: str | None = None     # None: random init (seeded); "pretrained": timm's weights; or a file
+    data_cache_bytes: int = 8 << 30   # client arrays kept in memory (least recently used are dropped)
+
+    @property
+    def total_rounds(self) -> int:
+        return self.root_rounds + self.cluster_rounds + self.leaf_rounds
+
+    @property
+    def demo_backbone(self) -> bool:
+        """No model and no paper set-up named: the cached demo ViT."""
+        return self.model is None and self.paper is None
