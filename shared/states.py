@@ -54,9 +54,9 @@ class FederationState(StateEnum):
       LSAC clusters the probes when it completes.
     - ``cluster``: each cluster trains its adapter for ``cluster_rounds`` rounds (root frozen).
     - ``leaf``: every client trains its private leaf for ``leaf_rounds`` rounds; metrics only.
-    - ``serving``: training is over. On entering it, the scheduler opens the final evaluation
-      rounds (stage ``eval``: every training client evaluates the final root, root + cluster and
-      root + cluster + its leaf); a newly registered client is onboarded
+    - ``serving``: training is over. On entering it without leaf rounds behind it, the scheduler
+      opens the final evaluation rounds (stage ``eval``: every training client evaluates the final
+      root, root + cluster and root + cluster + its leaf); a newly registered client is onboarded
       (probe -> assignment -> leaf rounds).
 
     A stage the schedule leaves out is skipped (no root rounds, clustering disabled, no cluster or
@@ -74,7 +74,8 @@ class FederationState(StateEnum):
 class Stage(StateEnum):
     """What a round (and its tasks) does. ``root``/``probe``/``cluster``/``leaf`` train in the
     federation stage of that name (``probe`` and ``leaf`` also onboard a late client while
-    serving); ``eval`` evaluates the final versions once training is over (nothing trains)."""
+    serving); ``eval`` evaluates the final versions once a training without leaf rounds is over
+    (nothing trains)."""
 
     root = "root"
     probe = "probe"

@@ -7,13 +7,16 @@ serving (``shared.states.FederationState``; a stage the schedule leaves out is s
 state change goes through the transition table (``shared.states.move``). Late clients are
 onboarded while serving: waiting -> probe -> leaf -> ready (``Client.onboarding``).
 
-The final evaluation: when training ends (the step into serving), the scheduler opens one
-evaluation round (stage 'eval') per cluster of the active training clients, like the leaf rounds
-(scope 'eval:<cluster id>', or 'eval:none' for clients without a cluster), on the final root and
-cluster versions: workers evaluate root, root + cluster and root + cluster + their leaf, and
-report metrics only. It is always on (``FINAL_EVALUATION``): without it the last version of each
-stage is never evaluated (workers evaluate adapters as received, before training them). Eval
-rounds are decided while serving, like leaf rounds, and never reopened.
+The final evaluation: workers evaluate the adapters a root or cluster task hands them before
+training them, so the last version of those stages is measured by the next stage's tasks. Leaf
+tasks evaluate root + cluster + leaf after training, so a federation that ends with leaf rounds
+has measured its final versions. One that ends with a root or cluster stage (no leaf rounds: the
+flat baselines) would never evaluate its final adapters, so when its training ends (the step into
+serving) the scheduler opens one evaluation round (stage 'eval') per cluster of the active training
+clients, like the leaf rounds (scope 'eval:<cluster id>', or 'eval:none' for clients without a
+cluster), on the final root and cluster versions: workers evaluate root, root + cluster and root +
+cluster + their leaf if they have one, and report metrics only (``FINAL_EVALUATION``). Eval rounds
+are decided while serving, like leaf rounds, and never reopened.
 
 Quorum and deadlines (``shared.config.Schedule``): a root, cluster or probe round is decided when
 all its tasks are terminal, at its deadline, or as soon as its quorum can no longer be reached. It
@@ -65,8 +68,8 @@ from shared.states import (
 TERMINAL = terminal(Machine.task)  # done, failed, cancelled
 OPEN = tuple(s for s in TaskStatus if s not in TERMINAL)  # pending, leased: a round waits for these
 QUORUM_STAGES = (Stage.root, Stage.cluster, Stage.probe)
-# The final evaluation rounds open whenever training ends (a constant, not a setting: without them
-# the final version of each stage is never evaluated).
+# The final evaluation rounds open whenever training ends without leaf rounds (a constant, not a
+# setting: without them the final version of the last stage is never evaluated).
 FINAL_EVALUATION = True
 ROOT, ALL = scope(ScopeKind.root), scope(ScopeKind.all)
 MAX_TRANSITIONS_PER_CALL = 64
@@ -193,9 +196,10 @@ def _enter_leaf(session: Session, fed: Federation, cfg: FederationConfig, now: d
         _finish_training(session, fed, now)
 
 
-def _finish_training(session: Session, fed: Federation, now: datetime) -> None:
-    """Training is over: open the final evaluation rounds, then serve."""
-    if FINAL_EVALUATION:
+def _finish_training(session: Session, fed: Federation, now: datetime, after_leaf: bool = False) -> None:
+    """Training is over: open the final evaluation rounds (unless the last stage was the leaf
+    stage, whose tasks evaluated every final version after training), then serve."""
+    if FINAL_EVALUATION and not after_leaf:
         _open_per_cluster_rounds(session, fed, now, Stage.eval, ScopeKind.eval)
     _set_state(fed, FederationState.serving, now)
 
@@ -394,7 +398,7 @@ def _advance_leaf(session: Session, fed: Federation, cfg: FederationConfig, now:
         _close_without_quorum(session, rnd, now)
     completed = max(_done_rounds(session, fed, Stage.leaf, r.scope) for r in open_rounds)
     if completed >= cfg.schedule.leaf_rounds:
-        _finish_training(session, fed, now)
+        _finish_training(session, fed, now, after_leaf=True)
     else:
         _open_leaf_rounds(session, fed, now, first=False)
     return True

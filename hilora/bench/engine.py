@@ -138,6 +138,7 @@ class InProcessService:
         names = {h.name for h in hosted}
         polled = [slot for slot in daemon.slots if slot.spec.name in names]   # this phase's clients
         idle_ticks = 0
+        self.tick()   # training starts (or a newcomer's onboarding) before the first pass
         for _ in range(MAX_STEPS):
             # one pass: every client runs the task it has (one lease each), then one scheduler tick
             # (aggregation, clustering, the next round); no client is polled twice between ticks

@@ -131,12 +131,10 @@ def test_the_operator_view_of_a_whole_cascade(api, app, clock):
     assert all(s["ended_at"] for s in timeline["stages"][:-1]) and timeline["stages"][-1]["ended_at"] is None
     root_span = timeline["stages"][1]
     assert (root_span["rounds_done"], root_span["rounds_failed"]) == (2, 0)
-    # while serving: the final evaluation (one round per cluster) and each late client's probe and leaf round
-    assert timeline["stages"][-1]["rounds_done"] == run.k + 2 * len(LATE)
-    evals = [r for r in timeline["rounds"] if r["stage"] == "eval"]
-    assert sorted(r["scope"] for r in evals) == sorted(f"eval:{cid}" for cid in labels)
-    assert all(r["status"] == "done" and r["quorum"] is None and r["tasks_done"] == r["tasks_total"] for r in evals)
-    assert sum(r["tasks_total"] for r in evals) == len(TRAIN)  # the training cohort; late clients do not evaluate
+    # while serving: each late client's probe and leaf round; no evaluation round, since the leaf
+    # round that ended training evaluated every final version after training
+    assert timeline["stages"][-1]["rounds_done"] == 2 * len(LATE)
+    assert not [r for r in timeline["rounds"] if r["stage"] == "eval"]
     assert timeline["rounds_total"] == len(rounds) and [r["id"] for r in timeline["rounds"]] == [r.id for r in reversed(rounds)]
     first = timeline["rounds"][-1]
     assert first["stage"] == "root" and first["status"] == "done" and first["tasks_done"] == len(TRAIN)
@@ -163,20 +161,14 @@ def test_the_operator_view_of_a_whole_cascade(api, app, clock):
     assert get(api, f"/v1/federations/{fid}/assignment-moves") == []
 
     accuracy = get(api, f"/v1/federations/{fid}/accuracy")
-    assert [s["label"] for s in accuracy["steps"]] == ["root 1", "root 2", "cluster 1", "leaf 1", "eval 1"]
-    assert [sorted(s["tiers"]) for s in accuracy["steps"]] == [
-        ["root"], ["root"], ["cluster", "root"], ["cluster", "leaf", "root"], ["cluster", "leaf", "root"]]
+    assert [s["label"] for s in accuracy["steps"]] == ["root 1", "root 2", "cluster 1", "leaf 1"]
+    assert [sorted(s["tiers"]) for s in accuracy["steps"]] == [["root"], ["root"], ["cluster", "root"],
+                                                                ["cluster", "leaf", "root"]]
     stage_of = {r.id: (r.stage, r.number, r.scope) for r in rounds}
     leaf = [t.metrics["acc_leaf"] for t in tasks if stage_of[t.round_id][0] == "leaf"
             and not stage_of[t.round_id][2].startswith("client:") and t.status == "done"]
-    assert accuracy["steps"][-2]["tiers"]["leaf"] == pytest.approx(
+    assert accuracy["steps"][-1]["tiers"]["leaf"] == pytest.approx(
         {"mean": float(np.mean(leaf)), "p10": float(np.percentile(leaf, 10)), "n": len(TRAIN)})
-    # the final evaluation: every training client's final root, root + cluster and root + cluster + leaf
-    final = [t.metrics for t in tasks if stage_of[t.round_id][0] == "eval" and t.status == "done"]
-    assert len(final) == len(TRAIN) and all(sorted(m) == ["acc_cluster", "acc_leaf", "acc_root"] for m in final)
-    assert accuracy["steps"][-1]["tiers"]["root"] == pytest.approx(
-        {"mean": float(np.mean([m["acc_root"] for m in final])),
-         "p10": float(np.percentile([m["acc_root"] for m in final], 10)), "n": len(TRAIN)})
     assert accuracy["latest"] == accuracy["steps"][-1]["tiers"]
     assert len(accuracy["clients"]) == len(TRAIN) + len(LATE)
     assert all(c["acc_root"] is not None and c["acc_leaf"] is not None for c in accuracy["clients"])
@@ -185,9 +177,9 @@ def test_the_operator_view_of_a_whole_cascade(api, app, clock):
     assert sorted(table) == sorted(TRAIN + LATE)
     a = table["a"]
     assert (a["status"], a["cohort"], a["cluster_label"], a["online"]) == ("active", "train", labels[by_name["a"].cluster_id], False)
-    assert a["tasks_done"] == 6 and a["num_samples"] == by_name["a"].num_samples  # 2 root, probe, cluster, leaf, eval
-    a_eval = [t.metrics for t in tasks if t.client_id == by_name["a"].id and t.stage == "eval"][0]
-    assert [a[f"acc_{t}"] for t in ("root", "cluster", "leaf")] == [a_eval[f"acc_{t}"] for t in ("root", "cluster", "leaf")]
+    assert a["tasks_done"] == 5 and a["num_samples"] == by_name["a"].num_samples  # 2 root, probe, cluster, leaf
+    a_leaf = [t.metrics for t in tasks if t.client_id == by_name["a"].id and t.stage == "leaf"][-1]
+    assert [a[f"acc_{t}"] for t in ("root", "cluster", "leaf")] == [a_leaf[f"acc_{t}"] for t in ("root", "cluster", "leaf")]
     assert table["late-1"]["cohort"] == "late" and table["late-1"]["onboarding"] == "ready"
 
     workers = get(api, f"/v1/federations/{fid}/workers")

@@ -134,7 +134,7 @@ def test_cluster_tier_serves_the_permuted_group_that_the_root_cannot(tiny_run):
     assert np.mean([r["acc_cluster"] for r in upright]) > 0.75
 
 
-def test_tier_means_are_ordered_and_read_from_the_final_evaluation(tiny_run):
+def test_tier_means_are_ordered_and_the_final_numbers_are_the_last_leaf_rounds(tiny_run):
     run = _run(tiny_run, "hilora")
     tiers = run["tiers"]
     assert tiers["root"]["n"] == tiers["cluster"]["n"] == tiers["leaf"]["n"] == 6

@@ -217,7 +217,8 @@ def create_tiny_federation(url: str, name: str, schedule: dict) -> tuple[int, st
 
 def api_state(url: str, fid: int, trained: bool = False) -> str | None:
     """The federation's state, or None while the coordinator is unreachable. ``trained``: report
-    'serving' only once the final evaluation rounds (opened on entering serving) are decided."""
+    'serving' only once no round is open (the final evaluation rounds of a schedule without leaf
+    rounds open on entering serving)."""
     try:
         r = httpx.get(f"{url}/v1/federations/{fid}", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
                       timeout=5)
@@ -266,7 +267,7 @@ class DB:
         return self.rows(Federation, Federation.id == fid)[0].state
 
     def trained(self, fid: int) -> bool:
-        """Serving, with the final evaluation rounds (opened on entering serving) decided."""
+        """Serving, and no round open (a schedule without leaf rounds ends with evaluation rounds)."""
         return self.state(fid) == "serving" and all(r.status != "open" for r in self.rounds(fid))
 
 
