@@ -16,7 +16,6 @@ initial root, on the same data and backbone.
 from hilora.bench.engine import (
     HttpService,
     InProcessService,
-    adapter_versions,
     open_service,
     round_curve,
     run_bench,
@@ -53,7 +52,7 @@ from hilora.bench.setup import (
 __all__ = [
     "ABLATIONS", "BASELINES", "METHODS", "METHOD_SUMMARIES", "PAPER_MODEL", "PAPER_PARTITIONS", "PAPER_RANK",
     "BenchSetup", "ClientDataCache", "HttpService", "InProcessService", "MethodConfig", "accuracy_stats",
-    "adapter_versions", "bench_backbone", "check_client_data", "check_partition", "check_partition_data",
+    "bench_backbone", "check_client_data", "check_partition", "check_partition_data",
     "default_methods", "format_table", "majority_clusters", "method_config", "open_service", "paper_partition",
     "parse_methods", "parse_rounds", "partition_num_classes", "prepare", "preset", "round_curve", "run_bench",
     "run_method", "summarize", "write_outputs",

@@ -378,24 +378,6 @@ def run_method(service: Any, setup: BenchSetup, name: str, partition_file: Path,
     return result
 
 
-def adapter_versions(service: Any, fid: int) -> list[dict[str, Any]]:
-    """Every adapter version of a federation with its blob's sha256, in (tier, scope, version)
-    order, read through the service's session (for the equivalence test and audits)."""
-    from sqlalchemy import select
-
-    from coordinator.models import AdapterVersion, Cluster
-
-    if not isinstance(service, InProcessService):
-        raise TypeError("adapter_versions reads the database of an in-process service")
-    with service.app.state.session_factory() as session:
-        labels = {c.id: c.label for c in session.scalars(select(Cluster).where(Cluster.federation_id == fid))}
-        rows = session.scalars(select(AdapterVersion).where(AdapterVersion.federation_id == fid))
-        return sorted(({"tier": v.tier, "cluster_label": labels.get(v.cluster_id), "version": v.version,
-                        "sha256": v.blob_sha256} for v in rows),
-                      key=lambda v: (v["tier"], -1 if v["cluster_label"] is None else v["cluster_label"],
-                                     v["version"]))
-
-
 # --------------------------------------------------------------------------- many methods and seeds
 
 def run_bench(opts: RunOptions, methods: Sequence[str], seeds: Sequence[int], say: Say | None = None,
@@ -444,4 +426,4 @@ def run_bench(opts: RunOptions, methods: Sequence[str], seeds: Sequence[int], sa
 
 
 __all__ = ["InProcessService", "HttpService", "open_service", "run_method", "run_bench", "round_curve",
-           "adapter_versions", "training_done", "onboarding_done"]
+           "training_done", "onboarding_done", "register"]
