@@ -410,7 +410,8 @@ def bench(
     methods: Annotated[Optional[list[str]], typer.Option(
         "--methods", "-m", help="methods to run, comma-separated or repeated (default: all; see docs/usage.md): "
                                 "hilora, local, fedit, flexlora, fedsa, ffa, no-cluster, no-ortho, kmeans-flat, "
-                                "lsac-subspace, lsac-update, lsac-paper")] = None,
+                                "lsac-subspace, lsac-update, lsac-paper, and oracle (the planted groups as "
+                                "clusters; only when named)")] = None,
     rounds: Annotated[Optional[str], typer.Option(
         help="R/C/L: hilora's root/cluster/leaf rounds; flat baselines run R+C+L rounds "
              "(default 2/2/1 with --quick, 20/20/10 with --full)")] = None,

@@ -103,7 +103,8 @@ class Training(BaseModel):
     seed: int = 0
 
 
-ClusteringAlgorithm = Literal["lsac", "kmeans-flat", "lsac-paper"]
+ClusteringAlgorithm = Literal["lsac", "kmeans-flat", "lsac-paper", "manual"]
+MAX_MANUAL_ASSIGNMENT = 100_000
 
 
 class Clustering(BaseModel):
@@ -122,7 +123,14 @@ class Clustering(BaseModel):
                     "[k_min, k_max], no contrast test) on the subspace distance of each client's EMA (factor "
                     "ema) of its unit-norm root-stage B, kept on the coordinator during the root stage; needs "
                     "root.B aggregated and root_rounds >= 1; features, knn and contrast are unused, "
-                    "force_k fixes K (at most n - 1)")
+                    "force_k fixes K (at most n - 1); 'manual': the clusters are given by 'assignment' "
+                    "(client name -> cluster label), for sites whose grouping is known in advance; a "
+                    "clustered client it does not name joins the named clients' cluster its probe is "
+                    "closest to (features)")
+    assignment: dict[str, int] | None = Field(
+        default=None,
+        description="'manual' only: client name -> cluster label (an integer >= 0); the labels become the "
+                    "clusters' labels; late clients it names join that cluster without a probe comparison")
     ema: float = Field(
         default=0.9, ge=0, lt=1,
         description="lsac-paper: EMA factor lambda over the root rounds; each root round, a client's "
@@ -140,6 +148,18 @@ class Clustering(BaseModel):
     def _check(self) -> "Clustering":
         if self.k_max < self.k_min:
             raise ValueError("k_max must be >= k_min")
+        if self.algorithm == "manual":
+            if not self.assignment:
+                raise ValueError("algorithm 'manual' needs an assignment: {client name: cluster label}")
+            if len(self.assignment) > MAX_MANUAL_ASSIGNMENT:
+                raise ValueError(f"assignment names {len(self.assignment)} clients; at most {MAX_MANUAL_ASSIGNMENT}")
+            bad = sorted(name for name, label in self.assignment.items()
+                         if not 0 <= label <= MAX_MANUAL_ASSIGNMENT or not 1 <= len(name) <= 200)
+            if bad:
+                raise ValueError(f"assignment: labels must be integers 0..{MAX_MANUAL_ASSIGNMENT} and names 1-200 "
+                                 f"characters; not so for {bad[:5]}")
+        elif self.assignment is not None:
+            raise ValueError(f"assignment is only for algorithm 'manual' (this one is {self.algorithm!r})")
         return self
 
 

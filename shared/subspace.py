@@ -473,6 +473,23 @@ def assign_to_clusters(similarity: np.ndarray, labels: np.ndarray) -> np.ndarray
     return cluster_ids[np.argmax(mean_similarity, axis=1)]
 
 
+def manual_labels(names: Sequence[str], assignment: Mapping[str, int], similarity: np.ndarray) -> np.ndarray:
+    """Cluster labels given by hand (``clustering.algorithm`` 'manual'): each client of ``names``
+    that ``assignment`` names gets its label; every other one joins the named clients' cluster it
+    is most similar to on average (``similarity``, n x n over ``names``, as ``assign_to_clusters``).
+    When none of ``names`` is named, all of them get the smallest label of the assignment."""
+    labels = np.array([int(assignment.get(name, -1)) for name in names], dtype=np.int64)
+    if len(assignment) == 0:
+        raise ValueError("manual clustering needs a non-empty assignment")
+    unnamed = np.flatnonzero(labels < 0)
+    if unnamed.size == labels.size:
+        return np.full(labels.size, min(int(v) for v in assignment.values()), dtype=np.int64)
+    if unnamed.size:
+        scores = np.asarray(similarity, dtype=np.float64)
+        labels[unnamed] = assign_to_clusters(scores[unnamed], labels)
+    return labels
+
+
 def match_cluster_ids(
     old_labels: np.ndarray, new_labels: np.ndarray
 ) -> dict[int, int | None]:

@@ -32,6 +32,7 @@ from shared.subspace import (
     gram_kmeans_labels,
     lsac,
     lsac_paper,
+    manual_labels,
     match_cluster_ids,
     subspace_distance,
     update_gram,
@@ -86,6 +87,10 @@ def _cluster(session: Session, blobs: BlobStore, cfg: FederationConfig, c: Clust
         gram = update_gram([factor_pairs(cfg.manifest, p) for p in probes], factor_pairs(cfg.manifest, root))
         labels = gram_kmeans_labels(gram, result.k, seed=c.seed)
         result = replace(result, k=int(labels.max()) + 1, labels=labels)
+    elif c.algorithm == "manual":  # the admin's labels; LSAC's affinity and eigengaps stay for the record
+        names = [session.get(Client, t.client_id).name for t in tasks]
+        labels = manual_labels(names, c.assignment or {}, 1.0 - distance)
+        result = replace(result, k=len(set(labels.tolist())), labels=labels)
     return result, distance
 
 
@@ -158,10 +163,20 @@ def assign_late_client(session: Session, blobs: BlobStore, cfg: FederationConfig
     """Join a late client to the cluster whose members' probes are most similar to its own probe
     (mean similarity, method.md section 5; both probes start from the same final root). With
     lsac-paper the members' features are their root-B EMA subspaces and the late client's the
-    subspace of its unit-norm probe B."""
+    subspace of its unit-norm probe B. With 'manual', a late client the assignment names joins the
+    cluster of its label when that cluster exists."""
     run = latest_run(session, client.federation_id)
     if run is None:
         raise ValueError("no clustering run to assign against")
+    given = (cfg.clustering.assignment or {}).get(client.name) if cfg.clustering.algorithm == "manual" else None
+    named = session.scalars(select(Cluster).where(Cluster.federation_id == client.federation_id,
+                                                  Cluster.label == given)).first() if given is not None else None
+    if named is not None:  # 'manual' names this client: its cluster, without a probe comparison
+        session.add(Assignment(client_id=client.id, cluster_id=named.id, clustering_run_id=None,
+                               source="onboarding", similarity=None, created_at=now))
+        client.cluster_id = named.id
+        session.flush()
+        return named
     members = _done_probe_tasks(session, run.probe_round_id)
     labels_by_client = {a.client_id: a.cluster_id for a in session.scalars(
         select(Assignment).where(Assignment.clustering_run_id == run.id))}

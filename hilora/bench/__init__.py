@@ -26,11 +26,13 @@ from hilora.bench.methods import (
     BASELINES,
     METHOD_SUMMARIES,
     METHODS,
+    REFERENCES,
     MethodConfig,
     default_methods,
     method_config,
     parse_methods,
     parse_rounds,
+    planted_assignment,
     preset,
 )
 from hilora.bench.report import accuracy_stats, format_table, majority_clusters, summarize, write_outputs
@@ -50,7 +52,7 @@ from hilora.bench.setup import (
 )
 
 __all__ = [
-    "ABLATIONS", "BASELINES", "METHODS", "METHOD_SUMMARIES", "PAPER_MODEL", "PAPER_PARTITIONS", "PAPER_RANK",
+    "ABLATIONS", "BASELINES", "METHODS", "REFERENCES", "planted_assignment", "METHOD_SUMMARIES", "PAPER_MODEL", "PAPER_PARTITIONS", "PAPER_RANK",
     "BenchSetup", "ClientDataCache", "HttpService", "InProcessService", "MethodConfig", "accuracy_stats",
     "bench_backbone", "check_client_data", "check_partition", "check_partition_data",
     "default_methods", "format_table", "majority_clusters", "method_config", "open_service", "paper_partition",

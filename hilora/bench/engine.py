@@ -274,7 +274,7 @@ def run_method(service: Any, setup: BenchSetup, name: str, partition_file: Path,
     from shared.config import FederationConfig
 
     opts = setup.opts
-    cfg = method_config(name, opts)
+    cfg = method_config(name, opts, {c.name: c.group for c in setup.train + setup.unseen})
     t0 = time.monotonic()
 
     def log(message: str) -> None:

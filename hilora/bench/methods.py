@@ -9,7 +9,7 @@ clusters: the coordinator and the workers do, exactly as in a real federation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -18,7 +18,8 @@ from shared.config import Backbone, Clustering, FederationConfig, Schedule, Tier
 
 BASELINES = ("local", "fedit", "flexlora", "fedsa", "ffa")
 ABLATIONS = ("no-cluster", "no-ortho", "kmeans-flat", "lsac-subspace", "lsac-update", "lsac-paper")
-METHODS = ("hilora",) + BASELINES + ABLATIONS
+REFERENCES = ("oracle",)   # not run by default: asked for with -m
+METHODS = ("hilora",) + BASELINES + ABLATIONS + REFERENCES
 METHOD_SUMMARIES = {
     "hilora": "root, probe + LSAC, cluster, leaf (method.md)",
     "local": "Local-LoRA: root kept local (A, B, head), nothing uploaded",
@@ -32,6 +33,7 @@ METHOD_SUMMARIES = {
     "lsac-subspace": "hilora with the subspace feature set",
     "lsac-update": "hilora with the update feature set",
     "lsac-paper": "hilora, LSAC as the paper writes it: EMA of unit-norm root-stage B, median sigma",
+    "oracle": "hilora with the partition's planted groups as its clusters (clustering.algorithm manual)",
 }
 
 
@@ -72,9 +74,10 @@ def parse_methods(values: Sequence[str] | None) -> list[str]:
 
 
 def default_methods(opts: RunOptions) -> list[str]:
-    """Every method except the LSAC feature set that hilora already uses."""
+    """Every method except the LSAC feature set that hilora already uses and the references
+    (``oracle``), which run when asked for."""
     same_as_hilora = f"lsac-{opts.features}"
-    return [m for m in METHODS if m != same_as_hilora]
+    return [m for m in METHODS if m != same_as_hilora and m not in REFERENCES]
 
 
 @dataclass(frozen=True)
@@ -110,10 +113,20 @@ class MethodConfig:
                 "summary": METHOD_SUMMARIES[self.name]}
 
 
-def method_config(name: str, opts: RunOptions) -> MethodConfig:
-    """The configuration of method ``name`` under ``opts`` (see ``METHOD_SUMMARIES``)."""
+def planted_assignment(groups: Mapping[str, str]) -> dict[str, int]:
+    """The planted groups as a manual clustering: client name -> the index of its group among the
+    group names in sorted order."""
+    index = {g: i for i, g in enumerate(sorted(set(groups.values())))}
+    return {name: index[g] for name, g in sorted(groups.items())}
+
+
+def method_config(name: str, opts: RunOptions, groups: Mapping[str, str] | None = None) -> MethodConfig:
+    """The configuration of method ``name`` under ``opts`` (see ``METHOD_SUMMARIES``). ``groups``
+    (client name -> planted group, training and unseen clients) is what ``oracle`` clusters by."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; methods are {', '.join(METHODS)}")
+    if name == "oracle" and not groups:
+        raise ValueError("the oracle method needs the partition's planted groups")
     schedule = Schedule(min_clients=1, root_rounds=opts.root_rounds, cluster_rounds=opts.cluster_rounds,
                         leaf_rounds=opts.leaf_rounds, unseen_leaf_rounds=opts.unseen_leaf_rounds,
                         local_epochs=opts.local_epochs, probe_epochs=opts.probe_epochs,
@@ -143,5 +156,8 @@ def method_config(name: str, opts: RunOptions) -> MethodConfig:
         clustering = clustering.model_copy(update={"features": name.removeprefix("lsac-")})
     elif name == "lsac-paper":
         clustering = clustering.model_copy(update={"algorithm": "lsac-paper", "features": "subspace", "k_min": 1})
+    elif name == "oracle":
+        clustering = Clustering.model_validate({**clustering.model_dump(), "algorithm": "manual",
+                                                "assignment": planted_assignment(groups or {})})
     return MethodConfig(name=name, root=root, cluster=cluster, leaf=TierPolicy(A="local", B="local", head="local"),
                         schedule=schedule, training=training, clustering=clustering)

@@ -256,3 +256,52 @@ def test_bad_clustering_settings_are_refused_on_create(api, clustering, root, ex
     assert r.status_code == 422, r.text
     assert r.json()["error"] == "invalid_request" and expected in r.json()["detail"], r.text
     assert api.get("/v1/federations", headers=admin_headers()).json() == []
+
+
+def test_manual_clustering_takes_the_admins_labels_and_places_the_rest_by_probe(api, app):
+    """'manual': the named clients get the given labels (which become the clusters' labels); b1,
+    not named, and the late b-late join the named cluster their probe is closest to; a-late, named,
+    joins its label's cluster directly."""
+    dirs = group_directions()
+    assignment = {"a0": 5, "a1": 5, "a2": 5, "a3": 5, "a4": 5, "b0": 7, "a-late": 5}
+    fid, secret, clients = start(api, app, "manual", assignment=assignment)
+    for r in range(SCHEDULE["root_rounds"]):
+        run_all(api, clients, dirs, seed=r)
+    run_all(api, clients, dirs, seed=10)
+    s = status(api, fid)
+    assert s["state"] == "cluster" and s["clustering"]["k"] == 2
+    assert {c["label"]: sorted(c["members"]) for c in s["clusters"]} == {5: PLANTED[0], 7: PLANTED[1]}
+    with app.state.session_factory() as session:
+        run = session.scalars(select(ClusteringRun).where(ClusteringRun.federation_id == fid)).one()
+        assert (run.algorithm, run.k, run.num_clients) == ("manual", 2, N) and run.affinity_sha256 is not None
+    run_all(api, clients, dirs, seed=20)
+    run_all(api, clients, dirs, seed=30)
+    late = {name: register(api, fid, secret, name) for name in LATE_GROUP}
+    tick(app)
+    run_all(api, late, dirs, seed=40, groups=LATE_GROUP)
+    run_all(api, late, dirs, seed=41, groups=LATE_GROUP)
+    s = status(api, fid)
+    assert {c["label"]: sorted(c["members"]) for c in s["clusters"]} == {
+        5: sorted(["a-late", *PLANTED[0]]), 7: sorted(["b-late", *PLANTED[1]])}
+    unseen = {u["name"]: u for u in api.get(f"/v1/federations/{fid}/unseen-clients", headers=admin_headers()).json()}
+    assert unseen["a-late"]["similarity"] is None            # named: no probe comparison
+    assert unseen["b-late"]["similarity"] is not None        # placed by its probe
+    # an admin's recluster keeps the manual clusters: nobody moves
+    r = api.post(f"/v1/federations/{fid}/recluster", json={"reason": "manual"}, headers=admin_headers())
+    assert r.status_code == 200, r.text
+    assert r.json()["moves"] == [] and r.json()["clusters_kept"] == [5, 7]
+
+
+@pytest.mark.parametrize("clustering, expected", [
+    ({"algorithm": "manual"}, "needs an assignment"),
+    ({"algorithm": "manual", "assignment": {}}, "needs an assignment"),
+    ({"algorithm": "manual", "assignment": {"a0": -1}}, "labels must be integers"),
+    ({"algorithm": "manual", "assignment": {"a0": "x"}}, "clustering.assignment"),
+    ({"assignment": {"a0": 0}}, "only for algorithm 'manual'"),
+])
+def test_bad_manual_assignments_are_refused_on_create(api, clustering, expected):
+    sha = upload_backbone(api)
+    r = api.post("/v1/federations", json={"config": tiny_config("bad", sha, clustering=clustering)},
+                 headers=admin_headers())
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "invalid_request" and expected in r.json()["detail"], r.text

@@ -104,7 +104,7 @@ def tiny_run(tmp_path_factory):
     opts = RunOptions(partition="tiny", seed=0, root_rounds=2, cluster_rounds=2, leaf_rounds=1, unseen_leaf_rounds=1,
                       local_epochs=2, probe_epochs=2, knn=2, k_max=4,
                       workdir=str(tmp_path_factory.mktemp("tiny-bench")))
-    return run_bench(opts, ["hilora", "fedit"], [0])
+    return run_bench(opts, ["hilora", "fedit", "oracle"], [0])
 
 
 def _run(report: dict, method: str) -> dict:
@@ -155,6 +155,18 @@ def test_a_flat_method_is_scored_on_its_final_root(tiny_run):
     assert [(r["stage"], r["stage_round"]) for r in run["rounds"]] == [("root", i) for i in range(1, 6)]
     assert run["final"]["mean"] == pytest.approx(run["rounds"][-1]["mean"])
     assert run["bytes_uploaded"] > 0
+
+
+def test_oracle_runs_hilora_on_the_planted_groups(tiny_run):
+    oracle, hilora = _run(tiny_run, "oracle"), _run(tiny_run, "hilora")
+    assert oracle["clustering"]["clusterer"] == "manual" and oracle["clustering"]["ari"] == pytest.approx(1.0)
+    assert oracle["config"]["clustering"]["assignment"] == {"permuted-00": 0, "permuted-01": 0, "permuted-02": 0,
+                                                            "upright-00": 1, "upright-01": 1, "upright-02": 1}
+    # LSAC found the planted groups here too: the same partition of the clients
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(oracle["clustering"]["labels"], hilora["clustering"]["labels"]) == pytest.approx(1.0)
+    assert oracle["tiers"]["cluster"]["mean"] > oracle["tiers"]["root"]["mean"] + 0.15
 
 
 def test_root_aggregation_converges(tiny_run):

@@ -96,8 +96,23 @@ def test_every_method_is_a_valid_federation_config():
                                head=HeadSpec(in_features=dim, num_classes=3))
     backbone = {"model": "vit_tiny_patch16_224", "model_kwargs": {}, "sha256": "0" * 64}
     for name in METHODS:
-        config = method_config(name, OPTS).federation_config(backbone, manifest)
+        config = method_config(name, OPTS, {"a": "g1", "b": "g2"}).federation_config(backbone, manifest)
         assert config.cluster.enabled == (name not in BASELINES)
+
+
+def test_oracle_clusters_by_the_planted_groups_and_runs_only_when_asked_for():
+    from hilora.bench import planted_assignment
+
+    groups = {"up-00": "upright", "up-01": "upright", "perm-00": "permuted", "perm-01-unseen": "permuted"}
+    assert planted_assignment(groups) == {"perm-00": 0, "perm-01-unseen": 0, "up-00": 1, "up-01": 1}
+    oracle = method_config("oracle", OPTS, groups)
+    hilora = method_config("hilora", OPTS)
+    assert oracle.clustering.algorithm == "manual" and oracle.clustering.assignment == planted_assignment(groups)
+    assert (oracle.root, oracle.cluster, oracle.schedule, oracle.training) == (
+        hilora.root, hilora.cluster, hilora.schedule, hilora.training)
+    assert "oracle" in parse_methods(["oracle"]) and "oracle" not in default_methods(OPTS)
+    with pytest.raises(ValueError, match="planted groups"):
+        method_config("oracle", OPTS)
 
 
 def test_default_methods_skip_the_feature_set_hilora_already_uses():

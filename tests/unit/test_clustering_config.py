@@ -3,6 +3,7 @@ federation-level checks lsac-paper needs."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from pydantic import ValidationError
 
@@ -79,3 +80,40 @@ def test_the_field_descriptions_document_the_algorithms():
     for word in ("lsac", "kmeans-flat", "lsac-paper"):
         assert word in fields["algorithm"].description
     assert "lambda" in fields["ema"].description
+
+
+def test_manual_labels_keep_the_named_and_place_the_rest_by_mean_similarity():
+    from shared.subspace import manual_labels
+
+    names = ["a", "b", "c", "d", "e"]
+    similarity = np.array([[1.0, 0.9, 0.1, 0.2, 0.8],
+                           [0.9, 1.0, 0.2, 0.1, 0.7],
+                           [0.1, 0.2, 1.0, 0.9, 0.3],
+                           [0.2, 0.1, 0.9, 1.0, 0.4],
+                           [0.8, 0.7, 0.3, 0.4, 1.0]])
+    labels = manual_labels(names, {"a": 3, "b": 3, "c": 8, "zz": 1}, similarity)
+    # slow reference: d and e join the named cluster of highest mean similarity to its named members
+    expected = []
+    for i, n in enumerate(names):
+        given = {"a": 3, "b": 3, "c": 8}.get(n)
+        if given is None:
+            means = {lab: np.mean([similarity[i, j] for j, m in enumerate(names) if {"a": 3, "b": 3, "c": 8}.get(m) == lab])
+                     for lab in (3, 8)}
+            given = max(means, key=means.get)
+        expected.append(given)
+    assert labels.tolist() == expected == [3, 3, 8, 8, 3]
+    # nobody named: everyone gets the smallest label given
+    assert manual_labels(["x", "y"], {"a": 4, "b": 2}, np.eye(2)).tolist() == [2, 2]
+    with pytest.raises(ValueError, match="non-empty"):
+        manual_labels(["x"], {}, np.eye(1))
+
+
+def test_manual_clustering_needs_its_assignment_and_only_it_takes_one():
+    ok = Clustering(algorithm="manual", assignment={"site-a": 0, "site-b": 1})
+    assert ok.assignment == {"site-a": 0, "site-b": 1}
+    for bad, message in (({"algorithm": "manual"}, "needs an assignment"),
+                         ({"algorithm": "manual", "assignment": {"a": -2}}, "labels must be integers"),
+                         ({"algorithm": "manual", "assignment": {"": 0}}, "names 1-200"),
+                         ({"algorithm": "lsac", "assignment": {"a": 0}}, "only for algorithm 'manual'")):
+        with pytest.raises(ValidationError, match=message):
+            Clustering.model_validate(bad)
