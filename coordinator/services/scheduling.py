@@ -15,7 +15,7 @@ flat baselines) would never evaluate its final adapters, so when its training en
 serving) the scheduler opens one evaluation round (stage 'eval') per cluster of the active training
 clients, like the leaf rounds (scope 'eval:<cluster id>', or 'eval:none' for clients without a
 cluster), on the final root and cluster versions: workers evaluate root, root + cluster and root +
-cluster + their leaf if they have one, and report metrics only (``FINAL_EVALUATION``). Eval rounds
+cluster + their leaf if they have one, and report metrics only. Eval rounds
 are decided while serving, like leaf rounds, and never reopened.
 
 Quorum and deadlines (``shared.config.Schedule``): a root, cluster or probe round is decided when
@@ -68,9 +68,6 @@ from shared.states import (
 TERMINAL = terminal(Machine.task)  # done, failed, cancelled
 OPEN = tuple(s for s in TaskStatus if s not in TERMINAL)  # pending, leased: a round waits for these
 QUORUM_STAGES = (Stage.root, Stage.cluster, Stage.probe)
-# The final evaluation rounds open whenever training ends without leaf rounds (a constant, not a
-# setting: without them the final version of the last stage is never evaluated).
-FINAL_EVALUATION = True
 ROOT, ALL = scope(ScopeKind.root), scope(ScopeKind.all)
 MAX_TRANSITIONS_PER_CALL = 64
 SCHEDULER_LOCK_KEY = 0x68696C6F7261  # 'hilora': the Postgres advisory lock of scheduler ticks
@@ -199,7 +196,7 @@ def _enter_leaf(session: Session, fed: Federation, cfg: FederationConfig, now: d
 def _finish_training(session: Session, fed: Federation, now: datetime, after_leaf: bool = False) -> None:
     """Training is over: open the final evaluation rounds (unless the last stage was the leaf
     stage, whose tasks evaluated every final version after training), then serve."""
-    if FINAL_EVALUATION and not after_leaf:
+    if not after_leaf:
         _open_per_cluster_rounds(session, fed, now, Stage.eval, ScopeKind.eval)
     _set_state(fed, FederationState.serving, now)
 
