@@ -421,6 +421,18 @@ def bench(
     quick: Annotated[Optional[bool], typer.Option(
         "--quick/--full", help="--quick: the demo's training settings, 2/2/1 rounds, minutes on a CPU; --full: "
                                "20/20/10 rounds, 5 unseen leaf rounds. Default: --quick without a CUDA device")] = None,
+    standard: Annotated[bool, typer.Option(
+        "--standard", help="6/6/3 rounds with the demo's training settings: every tier converged on the demo "
+                           "ViT, about a minute per method on one core (between --quick and --full)")] = False,
+    family: Annotated[Optional[str], typer.Option(
+        help="run a benchmark family (a fixed design of partitions, docs/benchmarks.md) instead of one "
+             "partition: 'core' (19 cells) or 'smoke' (2 small cells); needs --out; default methods "
+             "hilora, oracle, local, fedit, flexlora, fedsa, ffa")] = None,
+    cells: Annotated[Optional[list[str]], typer.Option(
+        help="with --family: only these cells (comma-separated or repeated)")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="with --family: the results folder; one file per cell, seed and method as each finishes, and "
+             "a run into a folder that has some of them resumes where it stopped")] = None,
     local_epochs: Annotated[Optional[int], typer.Option(min=1, help="local epochs per round, every method")] = None,
     unseen_leaf_rounds: Annotated[Optional[int], typer.Option(min=0, help="leaf rounds of unseen clients")] = None,
     report: Annotated[Optional[Path], typer.Option(help="write the numbers as JSON here")] = None,
@@ -496,6 +508,30 @@ def bench(
         _fail(f"--workdir {workdir}: is not empty (a bench run starts a new coordinator database there)")
     if paper is not None and partition is not None:
         _fail("--paper and --partition exclude each other: --paper names the partition")
+    if standard and quick is not None:
+        _fail("--standard excludes --quick and --full: each names the rounds")
+    from hilora.bench.family import FAMILIES, family_cells
+
+    if family is None and (cells or out is not None):
+        _fail("--cells and --out go with --family")
+    if family is not None:
+        if partition is not None or paper is not None:
+            _fail("--family excludes --partition and --paper: the family names its partitions")
+        if out is None:
+            _fail("--family needs --out DIR (where each result is written as it finishes, so a run resumes)")
+        if out.exists() and not out.is_dir():
+            _fail(f"--out {out}: is a file")
+        if workdir is not None:
+            _fail("--family runs each cell in its own temporary service: --workdir is for one partition")
+        if model is not None or checkpoint is not None or model_kwargs is not None or data_root is not None:
+            _fail("--family runs on the demo backbone over the offline mnist5k data: no --model, --checkpoint, "
+                  "--model-kwargs or --data-root")
+        if family not in FAMILIES:
+            _fail(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
+        try:
+            family_cells(family, _split_values(cells))
+        except ValueError as exc:
+            _fail(str(exc))
     if paper is not None and paper not in PAPER_PARTITIONS:
         _fail(f"--paper must be one of {', '.join(PAPER_PARTITIONS)}, got {paper!r}")
     if paper is not None and data_root is None:
@@ -520,9 +556,10 @@ def bench(
         _fail(f"--device {device}: no CUDA device is available")
     elif device != "cpu" and not device.startswith("cuda"):
         _fail(f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-    if quick is None:
+    if quick is None and not standard:
         quick = not device.startswith("cuda")
-    opts = preset(quick)
+    level = "standard" if standard else ("quick" if quick else "full")
+    opts = preset(level)
     if partition is not None:
         opts = replace(opts, partition=partition)
     opts = replace(opts, paper=paper, data_root=str(data_root) if data_root is not None else None, model=model,
@@ -534,7 +571,8 @@ def bench(
         if rounds is not None:
             root_rounds, cluster_rounds, leaf_rounds = parse_rounds(rounds)
             opts = replace(opts, root_rounds=root_rounds, cluster_rounds=cluster_rounds, leaf_rounds=leaf_rounds)
-        check_partition_data(opts.partition, paper, opts.data_root, model, extra_kwargs, checkpoint)
+        if family is None:
+            check_partition_data(opts.partition, paper, opts.data_root, model, extra_kwargs, checkpoint)
     except ValueError as exc:
         _fail(str(exc))
     opts = replace(opts, device=device, threads=threads,
@@ -544,8 +582,11 @@ def bench(
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
+    if family is not None:
+        _bench_family(opts, family, _split_values(cells), chosen, seed_list, out, plots, report, level)
+        return
     chosen = chosen or default_methods(opts)
-    typer.echo(f"hilora bench ({'quick' if quick else 'full'}, {device}, {opts.threads} threads, "
+    typer.echo(f"hilora bench ({level}, {device}, {opts.threads} threads, "
                f"{opts.transport}): "
                f"{', '.join(chosen)} on {paper or opts.partition}, seeds {seed_list}")
     try:
@@ -554,6 +595,38 @@ def bench(
         _fail(str(exc), code=1)
     typer.echo(format_table(result))
     written = write_outputs(result, report, plots)
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
+def _bench_family(opts, family: str, cells: list[str], methods: list[str], seeds: list[int], out: Path,
+                  plots: Optional[Path], report: Optional[Path], level: str) -> None:
+    """``hilora bench --family``: every cell x seed x method not yet in ``out``, then the family table."""
+    from hilora.bench.family import FAMILY_METHODS, format_family, render_heatmap, run_family
+
+    def atomic_write(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
+    methods = methods or list(FAMILY_METHODS)
+    typer.echo(f"hilora bench --family {family} ({level}, {opts.device}, {opts.threads} threads): "
+               f"{', '.join(methods)}, seeds {seeds}, into {out}")
+    try:
+        result = run_family(opts, family, methods, seeds, out, cells or None, say=lambda m: typer.echo(m, err=True))
+    except (ValueError, RuntimeError) as exc:
+        _fail(str(exc), code=1)
+    text = format_family(result)
+    typer.echo(text)
+    atomic_write(out / "family.md", (text + "\n").encode())
+    written = [out / "family.json", out / "family.md"]
+    if report is not None:
+        atomic_write(report, json.dumps(result, indent=1).encode())
+        written.append(report)
+    if plots is not None:
+        atomic_write(plots / "family_heatmap.png", render_heatmap(result))
+        written.append(plots / "family_heatmap.png")
     for path in written:
         typer.echo(f"wrote {path}")
 

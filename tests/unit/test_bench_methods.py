@@ -128,6 +128,12 @@ def test_presets_use_the_demo_settings_and_the_paper_shape():
     assert (full.root_rounds, full.cluster_rounds, full.leaf_rounds) == (20, 20, 10)
     assert quick.partition == full.partition == "demo"
     assert quick.local_epochs == full.local_epochs and quick.rank == full.rank
+    standard = preset("standard")
+    assert (standard.root_rounds, standard.cluster_rounds, standard.leaf_rounds) == (6, 6, 3)
+    assert standard.local_epochs == quick.local_epochs and standard.unseen_leaf_rounds == 2
+    assert preset("quick") == quick and preset("full") == full
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        preset("huge")
 
 
 def test_parse_rounds_and_methods():
