@@ -437,6 +437,15 @@ def bench(
     unseen_leaf_rounds: Annotated[Optional[int], typer.Option(min=0, help="leaf rounds of unseen clients")] = None,
     report: Annotated[Optional[Path], typer.Option(help="write the numbers as JSON here")] = None,
     plots: Annotated[Optional[Path], typer.Option(help="write PNG plots into this directory")] = None,
+    probe_loss: Annotated[str, typer.Option(
+        help="clustering.probe_loss of every hierarchical method: 'ce' or 'balanced' (cross entropy weighted by "
+             "inverse class frequency)")] = "ce",
+    probe_steps: Annotated[Optional[int], typer.Option(
+        min=1, help="clustering.probe_steps: the probe's length in optimizer steps (default: 2 probe epochs)")
+    ] = None,
+    head_weight: Annotated[float, typer.Option(
+        min=0.0, help="clustering.head_weight: the probe's head delta scaled by this in the update features")
+    ] = 1.0,
     threads: Annotated[int, typer.Option(
         min=1, help="torch CPU threads (the demo backbone is tiny: on a busy machine more than 1 is much slower)")
                        ] = 1,
@@ -508,6 +517,8 @@ def bench(
         _fail(f"--workdir {workdir}: is not empty (a bench run starts a new coordinator database there)")
     if paper is not None and partition is not None:
         _fail("--paper and --partition exclude each other: --paper names the partition")
+    if probe_loss not in ("ce", "balanced"):
+        _fail(f"--probe-loss must be 'ce' or 'balanced', got {probe_loss!r}")
     if standard and quick is not None:
         _fail("--standard excludes --quick and --full: each names the rounds")
     from hilora.bench.family import FAMILIES, family_cells
@@ -575,7 +586,8 @@ def bench(
             check_partition_data(opts.partition, paper, opts.data_root, model, extra_kwargs, checkpoint)
     except ValueError as exc:
         _fail(str(exc))
-    opts = replace(opts, device=device, threads=threads,
+    opts = replace(opts, device=device, threads=threads, probe_loss=probe_loss, probe_steps=probe_steps,
+                   head_weight=head_weight,
                    local_epochs=local_epochs or opts.local_epochs,
                    unseen_leaf_rounds=opts.unseen_leaf_rounds if unseen_leaf_rounds is None else unseen_leaf_rounds)
     try:

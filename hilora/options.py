@@ -45,6 +45,9 @@ class RunOptions:
     contrast: float = 1.25
     force_k: int | None = None   # every hierarchical method but no-cluster (which forces 1)
     ema: float = 0.9             # lsac-paper: EMA factor lambda of the smoothed root-stage B
+    probe_loss: str = "ce"       # the probe's loss: "ce" or "balanced" (inverse class frequency)
+    probe_steps: int | None = None   # the probe's length in optimizer steps (None: probe_epochs)
+    head_weight: float = 1.0     # update features: the probe's head delta scaled by this
     # where it runs
     threads: int = 1             # torch threads per process (the demo backbone is tiny)
     device: str = "cpu"

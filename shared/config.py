@@ -137,6 +137,21 @@ class Clustering(BaseModel):
                     "EMA becomes lambda * EMA + (1 - lambda) * its uploaded B scaled to unit Frobenius norm "
                     "per target (its first upload sets it); 0: the last upload only")
     features: Literal["update", "subspace"] = "update"
+    probe_loss: Literal["ce", "balanced"] = Field(
+        default="ce",
+        description="the probe round's loss: 'ce' (cross entropy, as every other round) or 'balanced' (each "
+                    "sample weighted by the inverse frequency of its class in the client's training data, so that "
+                    "the probe update says how the client maps inputs to labels rather than which labels it "
+                    "happens to hold)")
+    probe_steps: int | None = Field(
+        default=None, ge=1, le=100_000,
+        description="the probe trains exactly this many optimizer steps (mini-batches; the data is cycled), "
+                    "whatever the client's size, so that every client's probe update is of the same length; "
+                    "null: schedule.probe_epochs epochs")
+    head_weight: float = Field(
+        default=1.0, ge=0, le=1e3,
+        description="'update' features: the probe's head delta is scaled by this before it joins the flattened "
+                    "LoRA update (0: LoRA only; larger: the head counts more)")
     k_min: int = Field(default=1, ge=1)
     k_max: int = Field(default=10, ge=1)
     knn: int = Field(default=5, ge=1)

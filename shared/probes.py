@@ -28,13 +28,17 @@ def head_delta(tensors: Tensors, root: Tensors) -> np.ndarray:
                            for k in ("head.weight", "head.bias")])
 
 
-def probe_distance(manifest: AdapterManifest, features: str, root: Tensors, probes: Sequence[Tensors]) -> np.ndarray:
+def probe_distance(manifest: AdapterManifest, features: str, root: Tensors, probes: Sequence[Tensors],
+                   head_weight: float = 1.0) -> np.ndarray:
     """Pairwise distances of probe uploads taken from the same ``root``: ``update`` (cosine of the
-    flattened dW plus head delta) or ``subspace`` (principal angles of the B updates)."""
+    flattened dW plus the head delta scaled by ``head_weight``) or ``subspace`` (principal angles of
+    the B updates)."""
     clients = [factor_pairs(manifest, p) for p in probes]
     root_pairs = factor_pairs(manifest, root)
     if features == "update":
-        return update_distance(clients, root_pairs, [head_delta(p, root) for p in probes])
+        if head_weight == 0.0:
+            return update_distance(clients, root_pairs, None)
+        return update_distance(clients, root_pairs, [head_weight * head_delta(p, root) for p in probes])
     if features == "subspace":
         return subspace_distance(subspace_bases(clients, root_pairs, manifest.tiers["root"].rank))
     raise ValueError(f"unknown LSAC features {features!r}: use 'update' or 'subspace'")

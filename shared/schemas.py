@@ -195,6 +195,9 @@ class TaskAssignment(BaseModel):
     cluster: AdapterRef | None
     train_tier: Literal["root", "cluster", "leaf"]
     epochs: int
+    steps: int | None = Field(default=None, description="exact optimizer steps (overrides epochs; protocol 3)")
+    loss: Literal["ce", "balanced"] = Field(
+        default="ce", description="'balanced': cross entropy weighted by inverse class frequency (protocol 3)")
     trainable: list[str] = Field(description="factors of train_tier that train: A, B, head")
     upload: list[str] = Field(description="factors of train_tier to upload; empty: metrics only")
     local: list[str] = Field(description="factors the client keeps between rounds (never uploaded)")

@@ -369,8 +369,8 @@ class WorkerDaemon:
         if tier in ("root", "cluster") and task.stage != "probe":
             # accuracy of the adapter as received: the federation's model on this client's data
             metrics.update(evaluate_tiers(model, data, tuple(tiers), self.device))
-        log.info("client %s: training task %s (%s round %s, %s epochs)", slot.spec.name, task.task_id, task.stage,
-                 task.round_number, task.epochs)
+        log.info("client %s: training task %s (%s round %s, %s)", slot.spec.name, task.task_id, task.stage,
+                 task.round_number, f"{task.steps} steps" if task.steps else f"{task.epochs} epochs")
         try:
             train_metrics = train_tier(
                 model, tier, data, epochs=task.epochs, lr=task.training.lr, head_lr=task.training.head_lr,
@@ -378,7 +378,8 @@ class WorkerDaemon:
                 gamma_c=task.training.gamma_c, gamma_l=task.training.gamma_l,
                 seed=task_seed(task.training.seed, task.stage, task.round_number, slot.client_id),
                 trainable=tuple(task.trainable), device=self.device,
-                should_stop=lambda: hb.lost is not None or self.past_grace())
+                should_stop=lambda: hb.lost is not None or self.past_grace(),
+                steps=task.steps, class_balanced=task.loss == "balanced")
         except TrainingStopped:
             if hb.lost:
                 log.warning("task %s lost its lease while training (%s); training stopped, nothing uploaded",

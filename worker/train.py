@@ -38,7 +38,8 @@ def _as_tensor(array: object, dtype: torch.dtype, device: str | torch.device) ->
 def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int, lr: float, head_lr: float,
                batch_size: int, weight_decay: float, gamma_c: float, gamma_l: float, seed: int,
                trainable: Sequence[str] = ("A", "B", "head"), device: str | torch.device = "cpu",
-               should_stop: Callable[[], bool] | None = None) -> dict[str, float | int]:
+               should_stop: Callable[[], bool] | None = None, steps: int | None = None,
+               class_balanced: bool = False) -> dict[str, float | int]:
     """Train the ``trainable`` factors of ``tier`` on ``data.x_train``/``data.y_train``.
 
     Active tiers are all tiers up to and including ``tier``; everything else is frozen. AdamW with
@@ -46,7 +47,10 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
     is cross entropy plus ``model.orthogonality_loss(tier, gamma_c, gamma_l)``. Mini-batches are
     shuffled with a generator seeded by ``seed``. Every parameter is frozen again afterwards.
     ``should_stop``, when given, is called before every mini-batch; when it returns true training
-    stops at once with ``TrainingStopped``.
+    stops at once with ``TrainingStopped``. ``steps``, when given, replaces ``epochs``: exactly that
+    many optimizer steps, the data cycled in freshly shuffled passes (the last one cut short).
+    ``class_balanced`` weights each sample's cross entropy by ``n / (k * count[class])`` (``k``:
+    the classes the client holds), so every class the client holds weighs the same in the loss.
 
     Returns:
         ``{"train_loss": mean loss over the last epoch's samples, "steps": optimizer steps}``.
@@ -57,6 +61,8 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     trainable = tuple(trainable)
     if not trainable:
         raise ValueError("nothing to train: trainable is empty")
@@ -77,27 +83,48 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
         groups.append({"params": model.tier_parameters(tier, ["head"]), "lr": head_lr})
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(int(seed))
-    steps = 0
+    weight: torch.Tensor | None = None
+    batches = -(-n // batch_size)
+    passes = epochs if steps is None else -(-steps // batches)
+    budget = passes * batches if steps is None else steps
+    done = 0
     epoch_loss = 0.0
     try:
-        for _ in range(epochs):
+        for _ in range(passes):
             order = torch.randperm(n, generator=generator).to(device)
             total = torch.zeros((), device=device)
+            seen = 0
             for start in range(0, n, batch_size):
+                if done >= budget:
+                    break
                 if should_stop is not None and should_stop():
-                    raise TrainingStopped(f"stopped after {steps} steps")
+                    raise TrainingStopped(f"stopped after {done} steps")
                 index = order[start:start + batch_size]
                 logits = model(x[index])
-                loss = F.cross_entropy(logits, y[index]) + model.orthogonality_loss(tier, gamma_c, gamma_l)
+                if class_balanced and weight is None:
+                    weight = _class_weights(y, int(logits.shape[1]))
+                loss = (F.cross_entropy(logits, y[index], weight=weight)
+                        + model.orthogonality_loss(tier, gamma_c, gamma_l))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                steps += 1
+                done += 1
+                seen += int(index.shape[0])
                 total += loss.detach() * index.shape[0]
-            epoch_loss = float(total) / n
+            epoch_loss = float(total) / max(seen, 1)
     finally:
         model.freeze_all()
-    return {"train_loss": epoch_loss, "steps": steps}
+    return {"train_loss": epoch_loss, "steps": done}
+
+
+def _class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-class weights (``num_classes``,) ``n / (k * count[c])`` for the ``k`` classes present in
+    ``y`` (0 for the absent ones), so that every present class carries the same total weight."""
+    counts = torch.bincount(y, minlength=num_classes).to(torch.float32)
+    present = counts > 0
+    weight = torch.zeros_like(counts)
+    weight[present] = float(y.shape[0]) / (float(present.sum()) * counts[present])
+    return weight
 
 
 @torch.no_grad()

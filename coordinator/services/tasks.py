@@ -142,6 +142,8 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime) 
         train_tier=tier,
         epochs=(0 if evaluating else cfg.schedule.probe_epochs if task.stage == Stage.probe
                 else cfg.schedule.local_epochs),
+        steps=cfg.clustering.probe_steps if task.stage == Stage.probe else None,
+        loss=cfg.clustering.probe_loss if task.stage == Stage.probe else "ce",
         trainable=[] if evaluating else list(policy.trained_factors()),
         upload=list(expected_upload(cfg, task.stage)),
         # the client's own local factors are laid over the federation's version (not for a probe,

@@ -176,7 +176,16 @@ def run_family(opts: RunOptions, family: str, methods: Sequence[str], seeds: Seq
     chosen = family_cells(family, cells)
     parse_methods(methods)
     out = Path(out)
+    settings = run_settings(opts, family)
+    recorded = out / "settings.json"
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        if before != settings:
+            changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
+            raise ValueError(f"{out} holds results of a run with other settings ({', '.join(changed)}: "
+                             f"{ {k: before.get(k) for k in changed} }); use another --out folder")
     (out / "partitions").mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(settings, indent=1, sort_keys=True))
     started = time.monotonic()
     for cell in chosen:
         partition_file = out / "partitions" / f"{cell.name}.json"
@@ -202,6 +211,16 @@ def run_family(opts: RunOptions, family: str, methods: Sequence[str], seeds: Seq
     report = family_report(out, family, methods, seeds, opts)
     (out / "family.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def run_settings(opts: RunOptions, family: str) -> dict[str, Any]:
+    """What makes results comparable: the family and every option but the seed, the partition and
+    where it runs (``settings.json`` of a results folder; a resumed run must match it)."""
+    from dataclasses import asdict
+
+    skip = {"seed", "partition", "partition_seed", "workdir", "keep", "transport", "workers", "timeout", "threads",
+            "device", "cache_dir", "data_cache_bytes"}
+    return {"family": family, **{k: v for k, v in asdict(opts).items() if k not in skip}}
 
 
 def load_results(out: Path, cells: Sequence[FamilyCell], methods: Sequence[str],
@@ -309,6 +328,8 @@ def family_report(out: Path, family: str, methods: Sequence[str], seeds: Sequenc
         "expected": len(cells) * len(methods) * len(seeds),
     }
     if opts is not None:
+        report["clustering"] = {"probe_loss": opts.probe_loss, "probe_steps": opts.probe_steps,
+                                "head_weight": opts.head_weight, "probe_epochs": opts.probe_epochs}
         report["rounds"] = {"root": opts.root_rounds, "cluster": opts.cluster_rounds, "leaf": opts.leaf_rounds,
                             "local_epochs": opts.local_epochs, "probe_epochs": opts.probe_epochs}
     report["targets"] = {m: targets(cells, table, m) for m in methods if m not in REFERENCES
@@ -382,4 +403,4 @@ def render_heatmap(report: Mapping[str, Any], against: str = "local") -> bytes:
 
 
 __all__ = ["CORE", "FAMILIES", "FAMILY_METHODS", "FamilyCell", "cell_summary", "family_cells", "family_report",
-           "format_family", "load_results", "render_heatmap", "result_path", "run_family", "targets"]
+           "format_family", "load_results", "run_settings", "render_heatmap", "result_path", "run_family", "targets"]

@@ -145,7 +145,8 @@ def method_config(name: str, opts: RunOptions, groups: Mapping[str, str] | None 
     training = Training(lr=opts.lr, head_lr=opts.head_lr, weight_decay=opts.weight_decay, batch_size=opts.batch_size,
                         gamma_c=opts.gamma_c, gamma_l=opts.gamma_l, seed=opts.seed)
     clustering = Clustering(features=opts.features, k_min=opts.k_min, k_max=opts.k_max, knn=opts.knn,
-                            contrast=opts.contrast, force_k=opts.force_k, seed=opts.seed, ema=opts.ema)
+                            contrast=opts.contrast, force_k=opts.force_k, seed=opts.seed, ema=opts.ema,
+                            probe_loss=opts.probe_loss, probe_steps=opts.probe_steps, head_weight=opts.head_weight)
     root, cluster = TierPolicy(), TierPolicy()
     if name in BASELINES:
         root = {"local": TierPolicy(A="local", B="local", head="local"),

@@ -138,3 +138,32 @@ def test_full_cascade_with_simulated_clients(api, app):
     with app.state.session_factory() as session:
         stages = [r.stage for r in session.scalars(select(Round).order_by(Round.id))]
     assert stages[:3] == ["root", "root", "probe"]
+
+
+def test_probe_tasks_carry_the_clustering_probe_options_and_other_tasks_do_not(api, app):
+    dirs = group_directions()
+    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": 1,
+                                                   "leaf_rounds": 1},
+                                    clustering={"k_max": 4, "knn": 2, "probe_loss": "balanced", "probe_steps": 7,
+                                                "head_weight": 0.5})
+    clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
+    tick(app)
+    root = run_pending(api, clients, dirs, seed=0)
+    assert {(t["stage"], t["steps"], t["loss"]) for t in root} == {("root", None, "ce")}
+    probe = run_pending(api, clients, dirs, seed=1)
+    assert {(t["stage"], t["steps"], t["loss"]) for t in probe} == {("probe", 7, "balanced")}
+    s = status(api, fid)
+    assert s["state"] == "cluster" and s["clustering"]["k"] == 2   # head_weight 0.5 still separates the groups
+    cluster = run_pending(api, clients, dirs, seed=2)
+    assert {(t["stage"], t["steps"], t["loss"]) for t in cluster} == {("cluster", None, "ce")}
+
+
+@pytest.mark.parametrize("clustering", [{"probe_loss": "focal"}, {"probe_steps": 0}, {"head_weight": -1},
+                                        {"head_weight": 1e4}])
+def test_bad_probe_options_are_refused(api, clustering):
+    from conftest import tiny_config, upload_backbone
+
+    sha = upload_backbone(api)
+    r = api.post("/v1/federations", json={"config": tiny_config("bad", sha, clustering=clustering)},
+                 headers=admin_headers())
+    assert r.status_code == 422, r.text

@@ -59,3 +59,14 @@ def test_family_refuses_bad_flags(tmp_path, args, message):
     args = [str(tmp_path / a) if a == "X" else a for a in args]
     proc = _bench(*args)
     assert proc.returncode == 2 and message in proc.stderr + proc.stdout
+
+
+def test_a_resumed_family_run_must_use_the_same_settings(tmp_path):
+    out = tmp_path / "family"
+    first = _bench("--family", "smoke", "--quick", "--rounds", "1/1/1", "-m", "local", "--out", str(out),
+                   "--cells", "n20-none-1x4-d1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    other = _bench("--family", "smoke", "--quick", "--rounds", "1/1/1", "-m", "local", "--out", str(out),
+                   "--probe-loss", "balanced")
+    assert other.returncode == 1 and "other settings (probe_loss" in other.stderr + other.stdout
+    assert len(list((out / "results").rglob("*.json"))) == 1

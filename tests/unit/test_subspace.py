@@ -511,3 +511,36 @@ def test_match_cluster_ids_with_new_clients_split_and_no_overlap():
     assert match_cluster_ids(-np.ones(3, dtype=int), np.array([0, 1, 1])) == {0: None, 1: None}
     with pytest.raises(ValueError, match="shape"):
         match_cluster_ids(old, new[:3])
+
+
+def test_probe_distance_weights_the_head_delta():
+    from shared.manifest import AdapterManifest, qv_targets
+    from shared.probes import probe_distance
+
+    targets = qv_targets(1, 6)
+    manifest = AdapterManifest.model_validate({
+        "targets": [t.model_dump() for t in targets],
+        "tiers": {t: {"rank": 2, "alpha": 2} for t in ("root", "cluster", "leaf")},
+        "head": {"in_features": 6, "num_classes": 3}})
+    rng = np.random.default_rng(0)
+
+    def adapter():
+        out = {}
+        for t in targets:
+            out[f"{t.name}.lora_A"] = rng.normal(size=(2, 6))
+            out[f"{t.name}.lora_B"] = rng.normal(size=(6, 2))
+        out["head.weight"], out["head.bias"] = rng.normal(size=(3, 6)), rng.normal(size=3)
+        return out
+
+    root, probes = adapter(), [adapter() for _ in range(4)]
+    lora_only = probe_distance(manifest, "update", root, [{**p, "head.weight": root["head.weight"],
+                                                           "head.bias": root["head.bias"]} for p in probes])
+    np.testing.assert_allclose(probe_distance(manifest, "update", root, probes, head_weight=0.0), lora_only)
+    both = probe_distance(manifest, "update", root, probes)
+    assert not np.allclose(both, lora_only)
+    heads = np.array([np.concatenate([(p["head.weight"] - root["head.weight"]).ravel(),
+                                      p["head.bias"] - root["head.bias"]]) for p in probes])
+    unit = heads / np.linalg.norm(heads, axis=1, keepdims=True)
+    head_only = np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
+    heavy = probe_distance(manifest, "update", root, probes, head_weight=1e3)
+    np.testing.assert_allclose(heavy, head_only, atol=1e-4)   # the head dominates as its weight grows

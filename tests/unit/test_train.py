@@ -186,3 +186,56 @@ def test_pretrained_backbone_is_cached_and_root_training_learns_a_label_permutat
                gamma_c=0.1, gamma_l=0.1, seed=0)
     after = evaluate_tiers(model, permuted, ("root",), "cpu")["acc_root"]
     assert before < 0.3 and after > before + 0.3
+
+
+def test_steps_replace_epochs_and_cycle_the_data():
+    by_epochs, by_steps, cut = small_model(), small_model(), small_model()
+    assert _train(by_epochs, epochs=2)["steps"] == 6                 # 48 samples, batch 16: 3 per pass
+    assert _train(by_steps, epochs=1, steps=6)["steps"] == 6         # the same two shuffled passes
+    for name, value in by_epochs.export_tier("root").items():
+        np.testing.assert_array_equal(value, by_steps.export_tier("root")[name])
+    assert _train(cut, epochs=9, steps=5)["steps"] == 5              # steps win over epochs, a pass cut short
+    assert _train(small_model(), data=small_data(8), epochs=1, steps=7)["steps"] == 7   # 7 passes of one batch
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        _train(small_model(), steps=0)
+
+
+def test_class_weights_give_every_present_class_the_same_total():
+    from worker.train import _class_weights
+
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 3, 3, 7, 7, 7, 7])
+    w = _class_weights(y, 10)
+    assert w.shape == (10,) and w[1] == 0 and w[5] == 0
+    totals = [float(w[c] * (y == c).sum()) for c in (0, 3, 7)]
+    np.testing.assert_allclose(totals, [4.0, 4.0, 4.0])              # n / k = 12 / 3 each
+    assert float((w[y]).sum()) == pytest.approx(12.0)
+
+
+def test_balanced_loss_matches_a_per_sample_reference_and_is_plain_on_balanced_data():
+    from torch.nn import functional as F
+
+    from worker.train import _class_weights
+
+    torch.manual_seed(0)
+    logits = torch.randn(12, 10, dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 3, 3, 7, 7, 7, 7])
+    w = _class_weights(y, 10).to(torch.float64)
+    per_sample = [-torch.log_softmax(logits[i], 0)[y[i]] * w[y[i]] for i in range(12)]
+    reference = sum(per_sample) / sum(w[y[i]] for i in range(12))
+    torch.testing.assert_close(F.cross_entropy(logits, y, weight=w), reference)
+    balanced = ClientData(**{**small_data().__dict__, "y_train": np.repeat(np.arange(8), 6).astype(np.int64)})
+    plain, weighted = small_model(), small_model()
+    _train(plain, data=balanced)
+    _train(weighted, data=balanced, class_balanced=True)
+    for name, value in plain.export_tier("root").items():            # all weights 1: the same training
+        np.testing.assert_allclose(value, weighted.export_tier("root")[name], rtol=1e-4, atol=1e-6)
+
+
+def test_balanced_loss_changes_training_on_skewed_data():
+    skewed = ClientData(**{**small_data().__dict__, "y_train": np.array([0] * 40 + [1] * 8, dtype=np.int64)})
+    plain, weighted = small_model(), small_model()
+    _train(plain, data=skewed)
+    _train(weighted, data=skewed, class_balanced=True)
+    bias_plain, bias_weighted = plain.export_tier("root")["head.bias"], weighted.export_tier("root")["head.bias"]
+    # the majority class's logit gains less over the minority's when each class weighs the same
+    assert bias_weighted[0] - bias_weighted[1] < bias_plain[0] - bias_plain[1]
