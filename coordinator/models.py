@@ -164,7 +164,7 @@ class Assignment(Base):
     client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"), index=True)
     cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id"))
     clustering_run_id: Mapped[int | None] = mapped_column(ForeignKey("clustering_runs.id"), nullable=True)
-    source: Mapped[str] = mapped_column(String(16))  # lsac | onboarding
+    source: Mapped[str] = mapped_column(String(16))  # lsac | onboarding | manual
     similarity: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

@@ -124,13 +124,14 @@ def unseen_clients(federation_id: DbId, session: SessionDep, _admin: AdminAuth) 
 def recluster(federation_id: DbId, request: Request, session: SessionDep, _admin: AdminAuth,
               body: ReclusterRequest | None = None) -> ReclusterResult:
     """Rerun LSAC on the newest done probe round of all clients (optionally with force_k,
-    features or knn), keep matched clusters, create the others, move clients; audited.
+    features or knn), keep matched clusters, create the others, move clients; audited. With an
+    ``assignment`` (client name -> cluster label) the clients are assigned by hand instead.
     409 ``no_probe_round`` before a probe round is done. See docs/operations.md, Reclustering."""
     body = body or ReclusterRequest()
     with session.begin():
         outcome = clustering.recluster(session, request.app.state.blobs, federation_id, _now(request),
                                        force_k=body.force_k, features=body.features, knn=body.knn,
-                                       reason=body.reason)
+                                       assignment=body.assignment, reason=body.reason)
         result = ReclusterResult(
             run=admin_views.run_row(outcome.run, {outcome.run.id}), clusters_kept=outcome.clusters_kept,
             clusters_created=outcome.clusters_created,

@@ -223,6 +223,40 @@ def admin_start(federation: Annotated[int, typer.Option(help="federation id")],
             _fail(str(exc))
 
 
+@admin_app.command("assign")
+def admin_assign(federation: Annotated[int, typer.Option(help="federation id")],
+                 assignment: Annotated[str, typer.Option(
+                     help="client name -> cluster label, as a JSON object or a JSON file: an existing cluster's "
+                          "label moves the client there, a new label makes a new cluster; clients not named stay")],
+                 reason: Annotated[str, typer.Option(help="recorded in the audit log")] = "",
+                 coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700", admin_token: AdminToken = None) -> None:
+    """Assign clients to clusters by hand on a running federation (after its probe round); prints
+    the clustering run, the clusters kept and created and every move (JSON)."""
+    from worker.client import CoordinatorClient, CoordinatorError
+
+    text = assignment
+    if not assignment.lstrip().startswith("{"):
+        path = Path(assignment)
+        if not path.is_file():
+            _fail(f"--assignment {assignment}: neither a JSON object nor a file")
+        text = path.read_text()
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as exc:
+        _fail(f"--assignment is not valid JSON: {exc}")
+    if not isinstance(mapping, dict) or not mapping or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in mapping.items()):
+        _fail("--assignment must be a non-empty JSON object of client name -> integer cluster label")
+    token = _admin_token(admin_token)
+    with CoordinatorClient(coordinator_url) as http:
+        try:
+            r = http.request("POST", f"/v1/federations/{federation}/recluster", token=token,
+                             json={"assignment": mapping, "reason": reason})
+        except CoordinatorError as exc:
+            _fail(str(exc))
+    typer.echo(json.dumps(r.json(), indent=2))
+
+
 @admin_app.command("delete-client")
 def admin_delete_client(federation: Annotated[int, typer.Option(help="federation id")],
                         client: Annotated[int, typer.Option(help="client id")],

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.config import FederationConfig, Training
 from shared.states import (
@@ -463,7 +463,19 @@ class ReclusterRequest(BaseModel):
     force_k: int | None = Field(default=None, ge=1, le=1000, description="take this K instead of the eigengap rule")
     features: Literal["update", "subspace"] | None = Field(default=None, description="override clustering.features")
     knn: int | None = Field(default=None, ge=1, le=1000, description="override clustering.knn")
+    assignment: dict[str, int] | None = Field(
+        default=None, description="assign by hand: client name -> cluster label (an existing cluster's label, or a "
+                                  "new one for a new cluster); the clients it does not name keep their cluster; "
+                                  "excludes force_k")
     reason: str = Field(default="", max_length=500, description="recorded in the audit table")
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "ReclusterRequest":
+        if self.assignment is not None and not self.assignment:
+            raise ValueError("assignment names no client: give {client name: cluster label}")
+        if self.assignment is not None and self.force_k is not None:
+            raise ValueError("assignment and force_k exclude each other: an assignment gives the clusters")
+        return self
 
 
 class ReclusterResult(BaseModel):

@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -131,11 +132,13 @@ def _new_cluster(session: Session, blobs: BlobStore, cfg: FederationConfig, fede
     return cluster
 
 
-def _assign(session: Session, run: ClusteringRun, tasks: list[Task], clusters: list[Cluster], now: datetime) -> None:
-    """Record that the client of ``tasks[i]`` is in ``clusters[i]`` (source 'lsac') and move it."""
+def _assign(session: Session, run: ClusteringRun, tasks: list[Task], clusters: list[Cluster], now: datetime,
+            source: str = "lsac") -> None:
+    """Record that the client of ``tasks[i]`` is in ``clusters[i]`` (``source``: 'lsac', or
+    'manual' for an admin's assignment) and move it."""
     for task, cluster in zip(tasks, clusters):
         session.add(Assignment(client_id=task.client_id, cluster_id=cluster.id, clustering_run_id=run.id,
-                               source="lsac", created_at=now))
+                               source=source, created_at=now))
         session.get(Client, task.client_id).cluster_id = cluster.id
     session.flush()
 
@@ -221,60 +224,88 @@ def newest_done_probe_round(session: Session, federation_id: int) -> Round | Non
 
 def recluster(session: Session, blobs: BlobStore, federation_id: int, now: datetime, *,
               force_k: int | None = None, features: str | None = None, knn: int | None = None,
-              reason: str = "") -> ReclusterOutcome:
+              assignment: dict[str, int] | None = None, reason: str = "") -> ReclusterOutcome:
     """Rerun the federation's clustering algorithm (with optional overrides of its settings) on
     the clients of the newest done all-clients probe round (lsac-paper: on their stored root-B
-    EMAs), and move the training clients to the new clusters.
+    EMAs), and move the training clients to the new clusters. With ``assignment`` (client name ->
+    cluster label) the run is a manual one (``clustering.algorithm`` 'manual' for this run only):
+    the named clients go to the cluster of that label; the other clients of the probe round keep
+    their cluster (one without a cluster joins the cluster its probe is closest to).
 
     - New labels are matched to the existing clusters by membership overlap
       (``shared.subspace.match_cluster_ids``): a matched cluster keeps its row, label and adapter
       versions; an unmatched one becomes a new cluster with a version-0 adapter (like
-      ``cluster_probes``) and the next free label.
-    - Every clustered client gets an Assignment row (source 'lsac') of the new run.
+      ``cluster_probes``) and the next free label. A manual run's labels are the clusters' labels
+      themselves: an existing label is that cluster, a new one a new cluster with that label.
+    - Every clustered client gets an Assignment row (source 'lsac', or 'manual') of the new run.
     - A client that changed cluster can no longer read its old cluster's adapter: its open
       (pending or leased) cluster, leaf and eval tasks are cancelled, and its next round is one of its
       new cluster (docs/operations.md, "Reclustering").
     - Late clients keep their cluster; later onboardings are assigned against the new run.
 
     MUST fail: 404 for an unknown federation; 409 ``no_probe_round`` before a probe round of all
-    clients is done (or once its uploads are gone); 422 ``bad_clustering`` for invalid overrides.
+    clients is done (or once its uploads are gone); 422 ``bad_clustering`` for invalid overrides;
+    422 ``unknown_clients`` for an assignment naming a client that is not in that probe round.
     """
     fed = get_federation(session, federation_id, lock=True)
     cfg = federation_config(fed)
     probe_round = newest_done_probe_round(session, federation_id)
     if probe_round is None:
+        hint = (" (to fix the clusters before training, create the federation with clustering.algorithm 'manual')"
+                if assignment is not None else "")
         raise Conflict(f"federation {federation_id} has no done probe round yet: nothing to recluster "
-                       f"(it is {fed.state})", code="no_probe_round")
-    overrides = {k: v for k, v in (("force_k", force_k), ("features", features), ("knn", knn)) if v is not None}
+                       f"(it is {fed.state}){hint}", code="no_probe_round")
+    overrides: dict[str, Any] = {k: v for k, v in (("force_k", force_k), ("features", features), ("knn", knn))
+                                 if v is not None}
+    clusters = list(session.scalars(select(Cluster).where(Cluster.federation_id == federation_id)))
+    by_id = {c.id: c for c in clusters}
+    if assignment is not None:
+        probed = [session.get(Client, t.client_id) for t in _done_probe_tasks(session, probe_round.id)]
+        unknown = sorted(set(assignment) - {c.name for c in probed})
+        if unknown:
+            raise Invalid(f"the assignment names {len(unknown)} client(s) that are not clustered training clients "
+                          f"of the newest probe round (round {probe_round.number}): {', '.join(unknown[:10])}",
+                          code="unknown_clients")
+        # the clients it does not name stay where they are
+        current = {c.name: by_id[c.cluster_id].label for c in probed if c.cluster_id in by_id}
+        overrides.update(algorithm="manual", assignment={**current, **assignment})
     try:
         settings = Clustering.model_validate({**cfg.clustering.model_dump(), **overrides})
     except ValidationError as exc:
         raise Invalid("; ".join(e["msg"] for e in exc.errors()), code="bad_clustering") from None
-    clusters = list(session.scalars(select(Cluster).where(Cluster.federation_id == federation_id)))
-    by_id = {c.id: c for c in clusters}
     try:
         run, tasks, result, root = _run_lsac(session, blobs, cfg, settings, probe_round, now)
     except ValueError as exc:
         raise Conflict(f"probe round {probe_round.id} cannot be clustered again: {exc}", code="no_probe_round") from None
     members = [session.get(Client, t.client_id) for t in tasks]
-    old_labels = np.array([by_id[c.cluster_id].label if c.cluster_id in by_id else -1 for c in members])
-    matches = match_cluster_ids(old_labels, result.labels)
     by_label = {c.label: c for c in clusters}
-    next_label = max(by_label, default=-1) + 1
     target: dict[int, Cluster] = {}
     created: list[int] = []
-    for new_label in sorted(matches):
-        old = matches[new_label]
-        if old is not None:
-            target[new_label] = by_label[old]
-        else:
-            target[new_label] = _new_cluster(session, blobs, cfg, federation_id, next_label, run, root, now)
-            created.append(next_label)
-            next_label += 1
+    if assignment is not None:
+        kept = sorted({int(x) for x in result.labels} & set(by_label))
+        for label in sorted({int(x) for x in result.labels}):
+            if label in by_label:
+                target[label] = by_label[label]
+            else:
+                target[label] = _new_cluster(session, blobs, cfg, federation_id, label, run, root, now)
+                created.append(label)
+    else:
+        old_labels = np.array([by_id[c.cluster_id].label if c.cluster_id in by_id else -1 for c in members])
+        matches = match_cluster_ids(old_labels, result.labels)
+        next_label = max(by_label, default=-1) + 1
+        for new_label in sorted(matches):
+            old = matches[new_label]
+            if old is not None:
+                target[new_label] = by_label[old]
+            else:
+                target[new_label] = _new_cluster(session, blobs, cfg, federation_id, next_label, run, root, now)
+                created.append(next_label)
+                next_label += 1
+        kept = sorted({target[k].label for k, old in matches.items() if old is not None})
     chosen = [target[int(label)] for label in result.labels]
     moves = [(c.id, c.name, by_id[c.cluster_id].label if c.cluster_id in by_id else None, cluster.label)
              for c, cluster in zip(members, chosen) if c.cluster_id != cluster.id]
-    _assign(session, run, tasks, chosen, now)
+    _assign(session, run, tasks, chosen, now, source="manual" if assignment is not None else "lsac")
     moved_ids = [m[0] for m in moves]
     cancelled = 0
     if moved_ids:
@@ -286,12 +317,16 @@ def recluster(session: Session, blobs: BlobStore, federation_id: int, now: datet
             .values(status=TaskStatus.cancelled, lease_expires_at=None, finished_at=now,
                     error="the client moved to another cluster (recluster)")
         ).rowcount or 0
-    kept = sorted({target[k].label for k, old in matches.items() if old is not None})
-    audit(session, now, "recluster", federation_id, f"clustering_run:{run.id}",
-          {"run_id": run.id, "probe_round_id": probe_round.id, "overrides": overrides, "k": run.k,
-           "clusters_kept": kept, "clusters_created": created, "moved": len(moves),
-           "tasks_cancelled": cancelled, "reason": reason[:500]})
-    log.info("recluster of federation %s: run %s, K=%s, kept %s, created %s, %s clients moved, %s tasks cancelled",
-             federation_id, run.id, run.k, kept, created, len(moves), cancelled)
+    action = "assign" if assignment is not None else "recluster"
+    details: dict[str, Any] = {"run_id": run.id, "probe_round_id": probe_round.id, "k": run.k,
+                               "clusters_kept": kept, "clusters_created": created, "moved": len(moves),
+                               "tasks_cancelled": cancelled, "reason": reason[:500]}
+    if assignment is not None:
+        details["assigned"] = len(assignment)
+    else:
+        details["overrides"] = overrides
+    audit(session, now, action, federation_id, f"clustering_run:{run.id}", details)
+    log.info("%s of federation %s: run %s, K=%s, kept %s, created %s, %s clients moved, %s tasks cancelled",
+             action, federation_id, run.id, run.k, kept, created, len(moves), cancelled)
     return ReclusterOutcome(run=run, clusters_kept=kept, clusters_created=created, moves=moves,
                             tasks_cancelled=cancelled)

@@ -283,3 +283,52 @@ def test_recluster_during_the_cluster_stage_moves_open_work_to_the_new_clusters(
     with app.state.session_factory() as s:
         leaf_scopes = {r.scope for r in s.scalars(select(Round).where(Round.stage == "leaf"))}
     assert leaf_scopes == {f"leaf:{c['id']}" for c in status["clusters"]}
+
+
+def test_assign_by_hand_during_the_cluster_stage(api, app):
+    dirs = group_directions()
+    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": 2,
+                                                   "leaf_rounds": 1})
+    clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
+    tick(app)
+    r = api.post(f"/v1/federations/{fid}/recluster", json={"assignment": {"a0": 0}}, headers=admin_headers())
+    assert r.status_code == 409 and r.json()["error"] == "no_probe_round"
+    assert "clustering.algorithm 'manual'" in r.json()["detail"]
+    run_pending(api, clients, dirs, seed=0)   # root
+    run_pending(api, clients, dirs, seed=10)  # probe -> LSAC (K=2: a*, b*) -> cluster rounds open
+    with app.state.session_factory() as s:
+        label_of = {c.name: s.get(Cluster, c.cluster_id).label for c in s.scalars(select(Client))}
+    a, b = label_of["a0"], label_of["b0"]
+    assert {label_of[n] for n in ("a1", "a2")} == {a} and a != b
+    # bad input: unknown clients, bad labels, assignment with force_k; nothing changes
+    for body, code in (({"assignment": {"a0": 0, "zz": 1}}, "unknown_clients"),
+                       ({"assignment": {"a0": -1}}, "bad_clustering"),
+                       ({"assignment": {"a0": 0}, "force_k": 2}, "invalid_request")):
+        r = api.post(f"/v1/federations/{fid}/recluster", json=body, headers=admin_headers())
+        assert r.status_code == 422 and r.json()["error"] == code, (body, r.text)
+    assert "zz" in api.post(f"/v1/federations/{fid}/recluster", json={"assignment": {"zz": 0}},
+                            headers=admin_headers()).json()["detail"]
+    # a2 goes to b's cluster, b2 to a new cluster 7; the others are not named: they stay
+    r = api.post(f"/v1/federations/{fid}/recluster", json={"assignment": {"a2": b, "b2": 7}, "reason": "site map"},
+                 headers=admin_headers())
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["clusters_created"] == [7] and sorted(result["clusters_kept"]) == sorted({a, b})
+    assert sorted((m["name"], m["from_label"], m["to_label"]) for m in result["moves"]) == [("a2", a, b), ("b2", b, 7)]
+    assert result["tasks_cancelled"] == 2 and result["run"]["algorithm"] == "manual"
+    with app.state.session_factory() as s:
+        now = {c.name: s.get(Cluster, c.cluster_id).label for c in s.scalars(select(Client))}
+        run = s.get(ClusteringRun, result["run"]["id"])
+        sources = {a.source for a in s.scalars(select(Assignment).where(Assignment.clustering_run_id == run.id))}
+        event = s.scalars(select(AuditEvent).where(AuditEvent.action == "assign")).one()
+    assert now == {"a0": a, "a1": a, "a2": b, "b0": b, "b1": b, "b2": 7}
+    assert sources == {"manual"} and event.detail["assigned"] == 2 and event.detail["reason"] == "site map"
+    for seed in range(20, 30):
+        if get(api, f"/v1/federations/{fid}")["state"] == "serving":
+            break
+        run_pending(api, clients, dirs, seed=seed)
+    status = get(api, f"/v1/federations/{fid}")
+    assert status["state"] == "serving"
+    assert {c["label"]: sorted(c["members"]) for c in status["clusters"]} == {
+        a: ["a0", "a1"], b: ["a2", "b0", "b1"], 7: ["b2"]}
+    assert {c["label"]: c["adapter_version"] for c in status["clusters"]} == {a: 2, b: 2, 7: 2}

@@ -77,3 +77,16 @@ def test_worker_says_when_the_coordinator_cannot_be_reached(tmp_path):
     proc = hilora("worker", "--coordinator", f"http://127.0.0.1:{port}", "--config", str(cfg), "--retries", "1",
                   "--state-dir", str(tmp_path / "state"))
     assert proc.returncode == 2 and "cannot reach the coordinator" in proc.stderr
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "neither a JSON object nor a file"),
+    ('{"a": "x"}', "integer cluster label"),
+    ("{}", "non-empty JSON object"),
+    ("missing.json", "neither a JSON object nor a file"),
+])
+def test_admin_assign_refuses_a_bad_assignment_before_calling(value, message):
+    proc = hilora("admin", "assign", "--federation", "1", "--assignment", value, "--coordinator",
+                  "http://127.0.0.1:9", env={"HILORA_ADMIN_TOKEN": "t" * 20})
+    assert proc.returncode == 2 and message in proc.stderr

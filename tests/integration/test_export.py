@@ -140,6 +140,18 @@ def test_export_then_predict_gives_the_workers_predictions(tmp_path, demo_backbo
                 "--federation", str(fid), "--out", str(root_model))
         rows_root = json.loads(_invoke("predict", "--model", str(root_model), "--images", str(images), "--json"))
         assert len(rows_root) == 12
+
+        # the admin moves the client to a cluster of its own by hand; the others stay
+        moved = json.loads(_invoke("admin", "assign", "--coordinator", cluster.url, "--admin-token",
+                                   cluster.admin_token, "--federation", str(fid), "--assignment",
+                                   json.dumps({CLIENT: 9}), "--reason", "known site"))
+        assert moved["clusters_created"] == [9] and moved["run"]["algorithm"] == "manual"
+        assert [(m["name"], m["from_label"], m["to_label"]) for m in moved["moves"]] == [
+            (CLIENT, reported.cluster_label, 9)]
+        result = CliRunner().invoke(cli_app, ["admin", "assign", "--coordinator", cluster.url, "--admin-token",
+                                              cluster.admin_token, "--federation", str(fid), "--assignment",
+                                              json.dumps({"nobody": 1})])
+        assert result.exit_code == 2 and "nobody" in result.output
     finally:
         cluster.stop()
 
