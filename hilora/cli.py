@@ -477,6 +477,10 @@ def bench(
     probe_steps: Annotated[Optional[int], typer.Option(
         min=1, help="clustering.probe_steps: the probe's length in optimizer steps (default: 2 probe epochs)")
     ] = None,
+    validation_fraction: Annotated[float, typer.Option(
+        min=0.0, max=0.5, help="training.validation_fraction: share of each client's training data held out to "
+                               "choose its model among root, +cluster and +leaf (hierarchical methods; 0: off)")
+    ] = 0.0,
     head_weight: Annotated[float, typer.Option(
         min=0.0, help="clustering.head_weight: the probe's head delta scaled by this in the update features")
     ] = 1.0,
@@ -621,7 +625,7 @@ def bench(
     except ValueError as exc:
         _fail(str(exc))
     opts = replace(opts, device=device, threads=threads, probe_loss=probe_loss, probe_steps=probe_steps,
-                   head_weight=head_weight,
+                   head_weight=head_weight, validation_fraction=validation_fraction,
                    local_epochs=local_epochs or opts.local_epochs,
                    unseen_leaf_rounds=opts.unseen_leaf_rounds if unseen_leaf_rounds is None else unseen_leaf_rounds)
     try:

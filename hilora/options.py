@@ -37,6 +37,7 @@ class RunOptions:
     weight_decay: float = 0.0
     gamma_c: float = 0.1
     gamma_l: float = 0.1
+    validation_fraction: float = 0.0   # held out per client to choose its model (hierarchical methods)
     # clustering
     features: str = "update"
     k_min: int = 1

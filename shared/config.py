@@ -101,6 +101,13 @@ class Training(BaseModel):
     gamma_c: float = Field(default=0.1, ge=0)
     gamma_l: float = Field(default=0.1, ge=0)
     seed: int = 0
+    validation_fraction: float = Field(
+        default=0.0, ge=0, le=0.5,
+        description="share of each client's training data held out (drawn once per client, seeded) to choose its "
+                    "model: every tier trains on the rest, and each evaluation also scores root, +cluster and "
+                    "+leaf on the held-out part and reports the best (ties: the smaller model) as 'selected' "
+                    "with its test accuracy 'acc_selected'; 0: off (every model trains on all the data; the "
+                    "client's model is its highest tier). Ignored by a federation with a root tier only")
 
 
 ClusteringAlgorithm = Literal["lsac", "kmeans-flat", "lsac-paper", "manual"]

@@ -362,7 +362,8 @@ class AccuracyStep(BaseModel):
     stage: Stage
     number: int
     label: str
-    tiers: dict[str, TierStats] = Field(description="keys 'root', 'cluster', 'leaf' where reported")
+    tiers: dict[str, TierStats] = Field(description="keys 'root', 'cluster', 'leaf' where reported, and "
+                                                    "'selected' (each client's chosen model) with a validation split")
 
 
 class ClientAccuracy(BaseModel):
@@ -373,6 +374,9 @@ class ClientAccuracy(BaseModel):
     acc_root: float | None
     acc_cluster: float | None
     acc_leaf: float | None
+    acc_selected: float | None = Field(default=None, description=(
+        "test accuracy of the model the client chose on its held-out validation part "
+        "(training.validation_fraction > 0); None when it holds none out"))
 
 
 class AccuracyView(BaseModel):
@@ -400,6 +404,9 @@ class ClientRow(BaseModel):
     acc_root: float | None
     acc_cluster: float | None
     acc_leaf: float | None
+    acc_selected: float | None = Field(default=None, description=(
+        "test accuracy of the model the client chose on its held-out validation part "
+        "(training.validation_fraction > 0); None when it holds none out"))
 
 
 class LeaseRow(BaseModel):

@@ -109,6 +109,16 @@ def task_seed(base: int, *parts: object) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def validation_fraction(cfg: Any) -> float:
+    """The share of a client's training data held out to choose its model
+    (``training.validation_fraction``); 0 for a federation with a root tier only (one model:
+    nothing to choose)."""
+    fraction = float(cfg.training.validation_fraction)
+    if fraction <= 0:
+        return 0.0
+    return fraction if cfg.cluster.enabled or cfg.schedule.leaf_rounds > 0 else 0.0
+
+
 class Heartbeater:
     """Extends a lease every lease/3 seconds while a task trains."""
 
@@ -325,10 +335,12 @@ class WorkerDaemon:
             return self._execute(slot, task, hb)
 
     def _execute(self, slot: ClientSlot, task: TaskAssignment, hb: Heartbeater) -> dict[str, float]:
-        from worker.train import TrainingStopped, evaluate_tiers, train_tier
+        from worker.train import TrainingStopped, evaluate_with_selection, split_validation, train_tier
 
         cfg, model = self._model(slot.token)
-        data = self.client_data(slot)
+        split = split_validation(self.client_data(slot), validation_fraction(cfg),
+                                 task_seed(cfg.training.seed, "validation", slot.spec.name))
+        data = split.fit if split is not None else self.client_data(slot)
         t0 = time.monotonic()
         tier = task.train_tier
         model.load_tier("root", self._adapter(task.root, slot.token))
@@ -350,9 +362,9 @@ class WorkerDaemon:
             if slot.files.leaf.exists():
                 model.load_tier("leaf", unpack_tensors(slot.files.leaf.read_bytes()))
                 tiers.append("leaf")
-            evaluated = evaluate_tiers(model, data, tuple(tiers), self.device)
+            evaluated = evaluate_with_selection(model, data, tuple(tiers), split, self.device)
             evaluated["eval_seconds"] = time.monotonic() - t0
-            if not self.report(slot, task, None, evaluated):
+            if not self.report(slot, task, None, evaluated, num_samples=len(data.y_train)):
                 return {}
             log.info("client %s: evaluation done %s", slot.spec.name,
                      {k: round(v, 4) for k, v in evaluated.items() if k.startswith("acc")})
@@ -360,7 +372,7 @@ class WorkerDaemon:
         if tier == "leaf":
             if task.reset_leaf or not slot.files.leaf.exists():
                 head_from = "cluster" if task.cluster is not None else "root"
-                model.init_tier("leaf", seed=task_seed(cfg.training.seed, "leaf", slot.client_id),
+                model.init_tier("leaf", seed=task_seed(cfg.training.seed, "leaf", slot.spec.name),
                                 head_from=head_from)
             else:
                 model.load_tier("leaf", unpack_tensors(slot.files.leaf.read_bytes()))
@@ -368,7 +380,7 @@ class WorkerDaemon:
         metrics: dict[str, float] = {}
         if tier in ("root", "cluster") and task.stage != "probe":
             # accuracy of the adapter as received: the federation's model on this client's data
-            metrics.update(evaluate_tiers(model, data, tuple(tiers), self.device))
+            metrics.update(evaluate_with_selection(model, data, tuple(tiers), split, self.device))
         log.info("client %s: training task %s (%s round %s, %s)", slot.spec.name, task.task_id, task.stage,
                  task.round_number, f"{task.steps} steps" if task.steps else f"{task.epochs} epochs")
         try:
@@ -376,7 +388,7 @@ class WorkerDaemon:
                 model, tier, data, epochs=task.epochs, lr=task.training.lr, head_lr=task.training.head_lr,
                 batch_size=task.training.batch_size, weight_decay=task.training.weight_decay,
                 gamma_c=task.training.gamma_c, gamma_l=task.training.gamma_l,
-                seed=task_seed(task.training.seed, task.stage, task.round_number, slot.client_id),
+                seed=task_seed(task.training.seed, task.stage, task.round_number, slot.spec.name),
                 trainable=tuple(task.trainable), device=self.device,
                 should_stop=lambda: hb.lost is not None or self.past_grace(),
                 steps=task.steps, class_balanced=task.loss == "balanced")
@@ -392,20 +404,22 @@ class WorkerDaemon:
             return {}
         metrics.update({k: float(v) for k, v in train_metrics.items()})
         if tier == "leaf":
-            metrics.update(evaluate_tiers(model, data, tuple(tiers), self.device))
+            metrics.update(evaluate_with_selection(model, data, tuple(tiers), split, self.device))
             atomic_write(slot.files.leaf, pack_tensors(model.export_tier("leaf")))
         elif task.local:
             atomic_write(slot.files.local(tier), pack_tensors(model.export_tier(tier, factors=tuple(task.local))))
         metrics["train_seconds"] = time.monotonic() - t0
         body = pack_tensors(model.export_tier(tier, factors=tuple(task.upload))) if task.upload else None
-        if not self.report(slot, task, body, metrics):
+        if not self.report(slot, task, body, metrics, num_samples=len(data.y_train)):
             return {}
         log.info("client %s: %s round %s done in %.2fs %s", slot.spec.name, task.stage, task.round_number,
                  time.monotonic() - t0, {k: round(v, 4) for k, v in metrics.items() if k.startswith("acc")})
         return metrics
 
-    def report(self, slot: ClientSlot, task: TaskAssignment, body: bytes | None, metrics: dict[str, float]) -> bool:
-        """Upload ``body`` (if any) and complete the task. True when the coordinator took it;
+    def report(self, slot: ClientSlot, task: TaskAssignment, body: bytes | None, metrics: dict[str, float],
+               num_samples: int | None = None) -> bool:
+        """Upload ``body`` (if any) and complete the task with ``num_samples`` (the samples it trained
+        on; default: all of the client's training samples). True when the coordinator took it;
         False when the result was dropped (a 4xx answer, or unreachable for ``report_timeout``
         seconds, or the daemon is past its shutdown grace). Never raises for coordinator trouble."""
         deadline = time.monotonic() + self.report_timeout
@@ -415,7 +429,8 @@ class WorkerDaemon:
                 if not uploaded:
                     self.client.upload(task.task_id, slot.token, task.lease_id, body)
                     uploaded = True
-                self.client.complete(task.task_id, slot.token, task.lease_id, len(self.client_data(slot).y_train),
+                self.client.complete(task.task_id, slot.token, task.lease_id,
+                                     num_samples if num_samples is not None else len(self.client_data(slot).y_train),
                                      metrics)
                 return True
             except CoordinatorError as exc:

@@ -6,7 +6,8 @@ function of the model state, the data and the seed on CPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -159,4 +160,58 @@ def evaluate_tiers(model: TieredLoRAModel, data: ClientData, tiers_available: It
     metrics: dict[str, float] = {}
     for i, tier in enumerate(available):
         metrics[f"acc_{tier}"] = evaluate(model, data.x_test, data.y_test, available[: i + 1], device)
+    return metrics
+
+
+TIER_INDEX = {tier: float(i) for i, tier in enumerate(TIERS)}   # the ``selected`` metric: 0 root, 1 cluster, 2 leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationSplit:
+    """A client's training data cut once into the part every tier trains on (``fit``, a
+    ``ClientData`` whose test arrays are the client's own test set) and a held-out part
+    (``x``, ``y``) on which the client chooses its model."""
+
+    fit: ClientData
+    x: np.ndarray
+    y: np.ndarray
+
+
+def split_validation(data: ClientData, fraction: float, seed: int) -> ValidationSplit | None:
+    """Hold out ``round(fraction * n)`` (at least 1) of the ``n`` training samples, drawn by a
+    generator seeded with ``seed``; the rest (at least 1) is the fit part. None when ``fraction``
+    is 0 or the client has fewer than 2 training samples (nothing to hold out)."""
+    n = int(np.asarray(data.y_train).shape[0])
+    if fraction <= 0 or n < 2:
+        return None
+    held = min(n - 1, max(1, int(round(fraction * n))))
+    order = np.random.default_rng(int(seed)).permutation(n)
+    val, fit = np.sort(order[:held]), np.sort(order[held:])
+    fit_data = dataclasses.replace(data, x_train=data.x_train[fit], y_train=data.y_train[fit],
+                                   train_indices=np.asarray(data.train_indices)[fit])
+    return ValidationSplit(fit=fit_data, x=data.x_train[val], y=data.y_train[val])
+
+
+def select_tier(validation: Mapping[str, float]) -> str:
+    """The tier whose model scores best on the validation part (``val_<tier>`` accuracies of the
+    models with every tier up to it active); a tie goes to the lower tier (the smaller model)."""
+    if not validation:
+        raise ValueError("no validation accuracy to select on")
+    present = [t for t in TIERS if t in validation]
+    return max(present, key=lambda t: (validation[t], -TIERS.index(t)))
+
+
+def evaluate_with_selection(model: TieredLoRAModel, data: ClientData, tiers_available: Iterable[str],
+                            split: ValidationSplit | None, device: str | torch.device = "cpu") -> dict[str, float]:
+    """``evaluate_tiers`` on the test set and, with a validation ``split``, each tier's accuracy on
+    the held-out part (``val_root``, ...), the tier chosen on it (``selected``: 0 root, 1 cluster,
+    2 leaf; ``select_tier``) and that model's test accuracy (``acc_selected``)."""
+    metrics = evaluate_tiers(model, data, tiers_available, device)
+    if split is None:
+        return metrics
+    available = [t for t in TIERS if t in set(tiers_available)]
+    validation = {t: evaluate(model, split.x, split.y, available[: i + 1], device) for i, t in enumerate(available)}
+    chosen = select_tier(validation)
+    metrics.update({f"val_{t}": v for t, v in validation.items()})
+    metrics.update(selected=TIER_INDEX[chosen], acc_selected=metrics[f"acc_{chosen}"])
     return metrics

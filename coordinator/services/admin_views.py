@@ -57,6 +57,8 @@ from shared.states import (
 from shared.tensors import METADATA_KEY, read_safetensors_header, unpack_tensors
 
 TIERS = ("root", "cluster", "leaf")
+# accuracies the views show: each tier's, and the model each client chose on its validation part
+ACCURACY_KEYS = TIERS + ("selected",)
 TRAINING_STAGES = (Stage.root, Stage.probe, Stage.cluster, Stage.leaf)
 # stages whose tasks report accuracy per tier: the training rounds that evaluate what they
 # received, and the final evaluation
@@ -295,7 +297,7 @@ def _step_key(stage: str, number: int) -> tuple[int, int]:
 def _tier_values(rows) -> dict[str, list[float]]:  # noqa: ANN001
     values: dict[str, list[float]] = defaultdict(list)
     for row in rows:
-        for tier in TIERS:
+        for tier in ACCURACY_KEYS:
             value = (row.metrics or {}).get(f"acc_{tier}")
             if isinstance(value, (int, float)):
                 values[tier].append(float(value))
@@ -314,14 +316,14 @@ def latest_accuracy(session: Session, federation_id: int) -> dict[str, TierStats
     for key in sorted(grouped, key=lambda k: _step_key(*k), reverse=True):
         values = _tier_values(_accuracy_rows(session, federation_id, grouped[key]))
         if values:
-            return {tier: tier_stats(values[tier]) for tier in TIERS if values.get(tier)}
+            return {tier: tier_stats(values[tier]) for tier in ACCURACY_KEYS if values.get(tier)}
     return {}
 
 
 def _latest_per_client(rows) -> dict[int, dict[str, float]]:  # noqa: ANN001
     latest: dict[int, dict[str, float]] = defaultdict(dict)
     for row in rows:  # in task id order: later tasks overwrite
-        for tier in TIERS:
+        for tier in ACCURACY_KEYS:
             value = (row.metrics or {}).get(f"acc_{tier}")
             if isinstance(value, (int, float)):
                 latest[row.client_id][tier] = float(value)
@@ -339,12 +341,12 @@ def accuracy(session: Session, fed: Federation) -> AccuracyView:
         values = _tier_values(by_step[(stage, number)])
         if values:
             steps.append(AccuracyStep(stage=stage, number=number, label=f"{stage} {number}",
-                                      tiers={t: tier_stats(values[t]) for t in TIERS if values.get(t)}))
+                                      tiers={t: tier_stats(values[t]) for t in ACCURACY_KEYS if values.get(t)}))
     latest = _latest_per_client(rows)
     labels_of = _labels(session, fed.id)
     clients = [ClientAccuracy(client_id=c.id, name=c.name, cohort=c.cohort, cluster_label=labels_of.get(c.cluster_id),
                               acc_root=latest[c.id].get("root"), acc_cluster=latest[c.id].get("cluster"),
-                              acc_leaf=latest[c.id].get("leaf"))
+                              acc_leaf=latest[c.id].get("leaf"), acc_selected=latest[c.id].get("selected"))
                for c in session.scalars(select(Client).where(Client.federation_id == fed.id).order_by(Client.id))
                if c.id in latest]
     return AccuracyView(steps=steps, latest=steps[-1].tiers if steps else {}, clients=clients)
@@ -364,7 +366,8 @@ def clients_table(session: Session, fed: Federation, now: datetime) -> list[Clie
                       last_seen_at=c.last_seen_at,
                       online=c.last_seen_at is not None and c.last_seen_at >= now - window,
                       tasks_done=done.get(c.id, 0), acc_root=latest.get(c.id, {}).get("root"),
-                      acc_cluster=latest.get(c.id, {}).get("cluster"), acc_leaf=latest.get(c.id, {}).get("leaf"))
+                      acc_cluster=latest.get(c.id, {}).get("cluster"), acc_leaf=latest.get(c.id, {}).get("leaf"),
+                      acc_selected=latest.get(c.id, {}).get("selected"))
             for c in session.scalars(select(Client).where(Client.federation_id == fed.id).order_by(Client.id))]
 
 

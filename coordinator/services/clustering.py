@@ -125,8 +125,7 @@ def _new_cluster(session: Session, blobs: BlobStore, cfg: FederationConfig, fede
     cluster = Cluster(federation_id=federation_id, label=label, created_run_id=run.id, created_at=now)
     session.add(cluster)
     session.flush()
-    tensors = initial_tier_tensors(cfg.manifest, "cluster", head_of(root),
-                                   ("cluster", federation_id, label, cfg.training.seed))
+    tensors = initial_tier_tensors(cfg.manifest, "cluster", head_of(root), ("cluster", label, cfg.training.seed))
     write_version(session, blobs, federation_id=federation_id, tier="cluster", scope=f"cluster:{cluster.id}",
                   cluster_id=cluster.id, version=0, tensors=tensors, now=now)
     return cluster

@@ -42,8 +42,9 @@ def create_federation(session: Session, blobs: BlobStore, config: FederationConf
                      backbone_sha256=config.backbone.sha256, created_at=now, updated_at=now)
     session.add(fed)
     session.flush()
-    tensors = initial_tier_tensors(config.manifest, "root", head,
-                                   ("root", fed.id, config.training.seed))
+    # seeded by the federation's training seed alone (not its id): two federations with the same
+    # seed start from the same root, so a benchmark's methods start alike whatever their order
+    tensors = initial_tier_tensors(config.manifest, "root", head, ("root", config.training.seed))
     write_version(session, blobs, federation_id=fed.id, tier="root", scope="root", cluster_id=None,
                   version=0, tensors=tensors, now=now)
     return fed, secret

@@ -75,7 +75,7 @@ def onboarding_done(expected_clients: int) -> Callable[[FederationStatus], bool]
 
 def register(service: Any, setup: BenchSetup, fid: int, secret: str, clients: Sequence[Any],
              partition_file: Path) -> list[dict[str, Any]]:
-    """Register ``clients`` in name order (so client ids, which seed every task, do not depend on
+    """Register ``clients`` in name order (so client ids do not depend on
     which worker process happens to register first) and return their worker-config entries with
     the credentials."""
     hosted = []
@@ -305,8 +305,11 @@ def run_method(service: Any, setup: BenchSetup, name: str, partition_file: Path,
     def tier_values(tier: str, names: Sequence[str]) -> list[float]:
         return [latest[n][f"acc_{tier}"] for n in names if latest.get(n, {}).get(f"acc_{tier}") is not None]
 
-    acc = {tier: {n: latest.get(n, {}).get(f"acc_{tier}") for n in train_names} for tier in ("root", "cluster", "leaf")}
-    if cfg.hierarchical:
+    acc = {tier: {n: latest.get(n, {}).get(f"acc_{tier}") for n in train_names}
+           for tier in ("root", "cluster", "leaf", "selected")}
+    if cfg.hierarchical and cfg.training.validation_fraction > 0:
+        final_tier = "selected"   # each client's model, chosen on its held-out validation part
+    elif cfg.hierarchical:
         final_tier = "leaf" if cfg.schedule.leaf_rounds > 0 else "cluster"
     else:
         final_tier = "root"
@@ -341,6 +344,8 @@ def run_method(service: Any, setup: BenchSetup, name: str, partition_file: Path,
             row.update(cluster=labels[n], acc_cluster=acc["cluster"][n])
             if acc["leaf"][n] is not None:
                 row["acc_leaf"] = acc["leaf"][n]
+            if acc["selected"][n] is not None:
+                row["acc_selected"] = acc["selected"][n]
         rows.append(row)
     majority = majority_clusters({n: groups[n] for n in train_names}, labels) if labels else {}
     unseen_rows = []
@@ -361,7 +366,10 @@ def run_method(service: Any, setup: BenchSetup, name: str, partition_file: Path,
         "final": accuracy_stats([acc[final_tier][n] for n in train_names]),
         "tiers": {"root": accuracy_stats(tier_values("root", train_names)),
                   **({"cluster": accuracy_stats(tier_values("cluster", train_names)),
-                      "leaf": accuracy_stats(tier_values("leaf", train_names))} if cfg.hierarchical else {})},
+                      "leaf": accuracy_stats(tier_values("leaf", train_names))} if cfg.hierarchical else {}),
+                  **({"selected": accuracy_stats(tier_values("selected", train_names))}
+                     if final_tier == "selected" else {})},
+        "final_tier": final_tier,
         "clustering": clustering_out,
         "unseen": {"root": accuracy_stats([r["acc_root"] for r in unseen_rows if r["acc_root"] is not None]),
                    "zero_shot": accuracy_stats([r["zero_shot"] for r in unseen_rows]),

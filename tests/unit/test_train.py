@@ -239,3 +239,50 @@ def test_balanced_loss_changes_training_on_skewed_data():
     bias_plain, bias_weighted = plain.export_tier("root")["head.bias"], weighted.export_tier("root")["head.bias"]
     # the majority class's logit gains less over the minority's when each class weighs the same
     assert bias_weighted[0] - bias_weighted[1] < bias_plain[0] - bias_plain[1]
+
+
+def test_split_validation_holds_out_a_seeded_share_and_keeps_the_rest():
+    from worker.train import split_validation
+
+    data = small_data(20)
+    split = split_validation(data, 0.2, seed=3)
+    assert split.x.shape[0] == 4 and split.fit.x_train.shape[0] == 16
+    held = sorted(set(range(20)) - set(split.fit.train_indices.tolist()))
+    np.testing.assert_array_equal(split.y, data.y_train[held])
+    np.testing.assert_array_equal(split.fit.x_test, data.x_test)          # the test set is untouched
+    again = split_validation(data, 0.2, seed=3)
+    np.testing.assert_array_equal(again.fit.train_indices, split.fit.train_indices)
+    assert not np.array_equal(split_validation(data, 0.2, seed=4).fit.train_indices, split.fit.train_indices)
+    assert split_validation(data, 0.0, seed=3) is None
+    assert split_validation(small_data(1), 0.5, seed=3) is None            # nothing to hold out
+    tiny = split_validation(small_data(3), 0.01, seed=0)                   # at least one held out, one kept
+    assert tiny.x.shape[0] == 1 and tiny.fit.x_train.shape[0] == 2
+    two = split_validation(small_data(2), 0.5, seed=0)
+    assert two.x.shape[0] == 1 and two.fit.x_train.shape[0] == 1
+
+
+def test_select_tier_takes_the_best_and_breaks_ties_toward_the_smaller_model():
+    from worker.train import select_tier
+
+    assert select_tier({"root": 0.5, "cluster": 0.75, "leaf": 0.5}) == "cluster"
+    assert select_tier({"root": 0.5, "cluster": 0.75, "leaf": 0.75}) == "cluster"
+    assert select_tier({"root": 0.8, "cluster": 0.8}) == "root"
+    assert select_tier({"root": 0.1, "cluster": 0.2, "leaf": 0.3}) == "leaf"
+    with pytest.raises(ValueError, match="no validation accuracy"):
+        select_tier({})
+
+
+def test_evaluate_with_selection_reports_the_chosen_models_test_accuracy():
+    from worker.train import evaluate_with_selection, split_validation
+
+    model, data = small_model(), small_data(40)
+    split = split_validation(data, 0.25, seed=0)
+    plain = evaluate_with_selection(model, split.fit, ("root", "cluster", "leaf"), None)
+    assert set(plain) == {"acc_root", "acc_cluster", "acc_leaf"}
+    metrics = evaluate_with_selection(model, split.fit, ("root", "cluster", "leaf"), split)
+    validation = {t: evaluate(model, split.x, split.y, ("root", "cluster", "leaf")[: i + 1])
+                  for i, t in enumerate(("root", "cluster", "leaf"))}
+    assert {t: metrics[f"val_{t}"] for t in validation} == validation
+    chosen = ("root", "cluster", "leaf")[int(metrics["selected"])]
+    assert validation[chosen] == max(validation.values())
+    assert metrics["acc_selected"] == metrics[f"acc_{chosen}"]
