@@ -481,6 +481,12 @@ def bench(
         min=0.0, max=0.5, help="training.validation_fraction: share of each client's training data held out to "
                                "choose its model among root, +cluster and +leaf (hierarchical methods; 0: off)")
     ] = 0.0,
+    leaf: Annotated[str, typer.Option(
+        help="what the leaf tier trains in every hierarchical method: 'all' (a personal LoRA and head) or 'head' "
+             "(a personal head on the cluster model: leaf.A and leaf.B frozen)")] = "all",
+    contrast: Annotated[Optional[float], typer.Option(
+        min=0.0, help="clustering.contrast: LSAC accepts K > 1 only if the between/within distance ratio reaches "
+                      "this (default 1.25)")] = None,
     head_weight: Annotated[float, typer.Option(
         min=0.0, help="clustering.head_weight: the probe's head delta scaled by this in the update features")
     ] = 1.0,
@@ -555,6 +561,8 @@ def bench(
         _fail(f"--workdir {workdir}: is not empty (a bench run starts a new coordinator database there)")
     if paper is not None and partition is not None:
         _fail("--paper and --partition exclude each other: --paper names the partition")
+    if leaf not in ("all", "head"):
+        _fail(f"--leaf must be 'all' or 'head', got {leaf!r}")
     if probe_loss not in ("ce", "balanced"):
         _fail(f"--probe-loss must be 'ce' or 'balanced', got {probe_loss!r}")
     if standard and quick is not None:
@@ -625,7 +633,8 @@ def bench(
     except ValueError as exc:
         _fail(str(exc))
     opts = replace(opts, device=device, threads=threads, probe_loss=probe_loss, probe_steps=probe_steps,
-                   head_weight=head_weight, validation_fraction=validation_fraction,
+                   head_weight=head_weight, validation_fraction=validation_fraction, leaf=leaf,
+                   contrast=opts.contrast if contrast is None else contrast,
                    local_epochs=local_epochs or opts.local_epochs,
                    unseen_leaf_rounds=opts.unseen_leaf_rounds if unseen_leaf_rounds is None else unseen_leaf_rounds)
     try:

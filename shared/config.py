@@ -217,8 +217,9 @@ class FederationConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "FederationConfig":
-        if (self.leaf.A, self.leaf.B, self.leaf.head) != ("local", "local", "local"):
-            raise ValueError("the leaf tier is always local: its factors never leave the client")
+        if self.leaf.head != "local" or {self.leaf.A, self.leaf.B} - {"local", "frozen"} or self.leaf.A != self.leaf.B:
+            raise ValueError("the leaf tier is always local: its factors never leave the client; its A and B are "
+                             "both 'local' (a personal LoRA and head) or both 'frozen' (a personal head only)")
         if self.clustering.algorithm == "lsac-paper" and self.cluster.enabled:
             if self.root.B != "aggregate":
                 raise ValueError("clustering.algorithm 'lsac-paper' clusters on the clients' root-stage B, "

@@ -172,5 +172,6 @@ def method_config(name: str, opts: RunOptions, groups: Mapping[str, str] | None 
     elif name == "oracle":
         clustering = Clustering.model_validate({**clustering.model_dump(), "algorithm": "manual",
                                                 "assignment": planted_assignment(groups or {})})
-    return MethodConfig(name=name, root=root, cluster=cluster, leaf=TierPolicy(A="local", B="local", head="local"),
+    leaf_lora = "frozen" if opts.leaf == "head" else "local"
+    return MethodConfig(name=name, root=root, cluster=cluster, leaf=TierPolicy(A=leaf_lora, B=leaf_lora, head="local"),
                         schedule=schedule, training=training, clustering=clustering)

@@ -117,3 +117,19 @@ def test_manual_clustering_needs_its_assignment_and_only_it_takes_one():
                          ({"algorithm": "lsac", "assignment": {"a": 0}}, "only for algorithm 'manual'")):
         with pytest.raises(ValidationError, match=message):
             Clustering.model_validate(bad)
+
+
+def test_the_leaf_trains_a_personal_lora_and_head_or_a_personal_head_only():
+    assert FederationConfig.model_validate(federation()).leaf.trained_factors() == ("A", "B", "head")
+    head_only = FederationConfig.model_validate(federation(leaf={"A": "frozen", "B": "frozen", "head": "local"}))
+    assert head_only.leaf.trained_factors() == ("head",) and head_only.leaf.uploaded_factors() == ()
+    for leaf in ({"A": "aggregate", "B": "aggregate", "head": "local"}, {"A": "local", "B": "local", "head": "aggregate"},
+                 {"A": "frozen", "B": "local", "head": "local"}):
+        with pytest.raises(ValidationError, match="leaf tier is always local"):
+            FederationConfig.model_validate(federation(leaf=leaf))
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 0.6])
+def test_a_validation_fraction_outside_0_to_half_is_refused(fraction):
+    with pytest.raises(ValidationError, match="validation_fraction"):
+        FederationConfig.model_validate(federation(training={"validation_fraction": fraction}))
