@@ -35,7 +35,8 @@ def simulated_upload(received: dict[str, np.ndarray], group: int, seed: int, dir
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
-def run_pending(api, clients: dict[str, tuple[int, str]], dirs, seed: int, groups=GROUP_OF) -> list[dict]:
+def run_pending(api, clients: dict[str, tuple[int, str]], dirs, seed: int, groups=GROUP_OF,
+                leaf_metrics: dict | None = None) -> list[dict]:
     """Every client leases and finishes its task (if it has one). Returns the tasks run."""
     ran = []
     for name, (cid, token) in sorted(clients.items()):
@@ -58,7 +59,7 @@ def run_pending(api, clients: dict[str, tuple[int, str]], dirs, seed: int, group
             r = api.put(f"/v1/tasks/{task['task_id']}/upload", params={"lease_id": task["lease_id"]},
                         content=b"x", headers=bearer(token))
             assert r.status_code == 409 and r.json()["error"] == "no_upload_expected"
-        metrics = {"acc_root": 0.5, "acc_cluster": 0.7, "acc_leaf": 0.9} if task["stage"] == "leaf" else {}
+        metrics = (leaf_metrics or {"acc_root": 0.5, "acc_cluster": 0.7, "acc_leaf": 0.9}) if task["stage"] == "leaf" else {}
         r = api.post(f"/v1/tasks/{task['task_id']}/complete",
                      json={"lease_id": task["lease_id"], "num_samples": 10, "metrics": metrics}, headers=bearer(token))
         assert r.status_code == 200, r.text
@@ -167,3 +168,24 @@ def test_bad_probe_options_are_refused(api, clustering):
     r = api.post("/v1/federations", json={"config": tiny_config("bad", sha, clustering=clustering)},
                  headers=admin_headers())
     assert r.status_code == 422, r.text
+
+
+def test_the_model_each_client_chose_shows_in_the_accuracy_views(api, app):
+    dirs = group_directions()
+    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": 1,
+                                                   "leaf_rounds": 1}, training={"validation_fraction": 0.25})
+    clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
+    tick(app)
+    chosen = {"acc_root": 0.5, "acc_cluster": 0.7, "acc_leaf": 0.6, "val_root": 0.25, "val_cluster": 0.75,
+              "val_leaf": 0.5, "selected": 1.0, "acc_selected": 0.7}
+    for seed in range(6):
+        if status(api, fid)["state"] == "serving":
+            break
+        run_pending(api, clients, dirs, seed=seed, leaf_metrics=chosen)
+    assert status(api, fid)["state"] == "serving"
+    headers = admin_headers()
+    accuracy = api.get(f"/v1/federations/{fid}/accuracy", headers=headers).json()
+    assert accuracy["latest"]["selected"]["mean"] == pytest.approx(0.7) and accuracy["latest"]["leaf"]["mean"] == 0.6
+    assert {c["acc_selected"] for c in accuracy["clients"]} == {0.7}
+    table = api.get(f"/v1/federations/{fid}/clients", headers=headers).json()
+    assert {c["acc_selected"] for c in table} == {0.7}
