@@ -484,6 +484,8 @@ def bench(
     leaf: Annotated[str, typer.Option(
         help="what the leaf tier trains in every hierarchical method: 'all' (a personal LoRA and head) or 'head' "
              "(a personal head on the cluster model: leaf.A and leaf.B frozen)")] = "all",
+    leaf_lr_scale: Annotated[float, typer.Option(
+        min=1e-6, max=10.0, help="training.leaf_lr_scale: the leaf tier's learning rates scaled by this")] = 1.0,
     contrast: Annotated[Optional[float], typer.Option(
         min=0.0, help="clustering.contrast: LSAC accepts K > 1 only if the between/within distance ratio reaches "
                       "this (default 1.25)")] = None,
@@ -634,6 +636,7 @@ def bench(
         _fail(str(exc))
     opts = replace(opts, device=device, threads=threads, probe_loss=probe_loss, probe_steps=probe_steps,
                    head_weight=head_weight, validation_fraction=validation_fraction, leaf=leaf,
+                   leaf_lr_scale=leaf_lr_scale,
                    contrast=opts.contrast if contrast is None else contrast,
                    local_epochs=local_epochs or opts.local_epochs,
                    unseen_leaf_rounds=opts.unseen_leaf_rounds if unseen_leaf_rounds is None else unseen_leaf_rounds)

@@ -37,6 +37,7 @@ class RunOptions:
     weight_decay: float = 0.0
     gamma_c: float = 0.1
     gamma_l: float = 0.1
+    leaf_lr_scale: float = 1.0   # the leaf's learning rates scaled by this
     leaf: str = "all"            # what the leaf tier trains: "all" (LoRA A, B and head) or "head" (a personal head)
     validation_fraction: float = 0.0   # held out per client to choose its model (hierarchical methods)
     # clustering

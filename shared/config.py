@@ -101,6 +101,11 @@ class Training(BaseModel):
     gamma_c: float = Field(default=0.1, ge=0)
     gamma_l: float = Field(default=0.1, ge=0)
     seed: int = 0
+    leaf_lr_scale: float = Field(
+        default=1.0, gt=0, le=10,
+        description="the leaf tier trains with lr and head_lr multiplied by this: a leaf starts from the cluster "
+                    "model with a fresh optimizer, and on a few dozen images Adam's first steps at the shared "
+                    "learning rates move it away from what the cluster learned (docs/method.md)")
     validation_fraction: float = Field(
         default=0.0, ge=0, le=0.5,
         description="share of each client's training data held out (drawn once per client, seeded) to choose its "

@@ -383,9 +383,10 @@ class WorkerDaemon:
             metrics.update(evaluate_with_selection(model, data, tuple(tiers), split, self.device))
         log.info("client %s: training task %s (%s round %s, %s)", slot.spec.name, task.task_id, task.stage,
                  task.round_number, f"{task.steps} steps" if task.steps else f"{task.epochs} epochs")
+        scale = task.training.leaf_lr_scale if tier == "leaf" else 1.0
         try:
             train_metrics = train_tier(
-                model, tier, data, epochs=task.epochs, lr=task.training.lr, head_lr=task.training.head_lr,
+                model, tier, data, epochs=task.epochs, lr=task.training.lr * scale, head_lr=task.training.head_lr * scale,
                 batch_size=task.training.batch_size, weight_decay=task.training.weight_decay,
                 gamma_c=task.training.gamma_c, gamma_l=task.training.gamma_l,
                 seed=task_seed(task.training.seed, task.stage, task.round_number, slot.spec.name),

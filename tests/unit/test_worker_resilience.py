@@ -375,3 +375,30 @@ def test_client_release_conflict_is_a_coordinator_error():
     with pytest.raises(CoordinatorError) as info:
         client.release(7, "tok", "lease-7")
     assert info.value.status == 409 and info.value.code == "stale_lease"
+
+
+@pytest.mark.parametrize(("tier", "expected"), [("root", (1e-3, 1e-2)), ("leaf", (1e-4, 1e-3))])
+def test_only_the_leaf_trains_at_the_scaled_learning_rates(tmp_path, small_runtime, monkeypatch, tier, expected):
+    from types import SimpleNamespace
+
+    import worker.train as train
+    from shared.schemas import AdapterRef
+    from shared.tensors import pack_tensors
+
+    seen = {}
+
+    def spy(model, tier_, data, **kw):
+        seen.update(tier=tier_, lr=kw["lr"], head_lr=kw["head_lr"])
+        return {"train_loss": 0.0, "steps": 1}
+
+    monkeypatch.setattr(train, "train_tier", spy)
+    client = FakeClient(adapter=[pack_tensors(small_runtime.export_tier("root"))], complete=[None])
+    daemon, slot = _daemon(client, tmp_path)
+    cfg = SimpleNamespace(training=Training(seed=0), cluster=SimpleNamespace(enabled=False),
+                          schedule=SimpleNamespace(leaf_rounds=1))
+    daemon._runtime = (cfg, small_runtime)
+    task = _task(upload=() if tier == "leaf" else ("A", "B", "head"),
+                 root=AdapterRef(id=1, tier="root", version=1, sha256="0" * 64)).model_copy(update={
+        "stage": tier, "train_tier": tier, "training": Training(lr=1e-3, head_lr=1e-2, leaf_lr_scale=0.1)})
+    daemon.execute(slot, task)
+    assert seen["tier"] == tier and (seen["lr"], seen["head_lr"]) == pytest.approx(expected)
