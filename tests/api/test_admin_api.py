@@ -246,12 +246,25 @@ def test_recluster_matches_clusters_creates_the_rest_and_records_the_run(api, ap
     assert get(api, "/v1/overview")[0]["k"] == first.k + 1
 
 
-def test_recluster_during_the_cluster_stage_moves_open_work_to_the_new_clusters(api, app):
+def _six_clients_training(api, app):  # noqa: ANN001, ANN202
+    """A federation of the six simulated clients (two groups), 1/2/1 rounds, its root stage open."""
     dirs = group_directions()
     fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": 2,
                                                    "leaf_rounds": 1})
     clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
     tick(app)
+    return fid, clients, dirs
+
+
+def _run_to_serving(api, fid: int, clients, dirs) -> None:  # noqa: ANN001
+    for seed in range(20, 30):
+        if get(api, f"/v1/federations/{fid}")["state"] == "serving":
+            break
+        run_pending(api, clients, dirs, seed=seed)
+
+
+def test_recluster_during_the_cluster_stage_moves_open_work_to_the_new_clusters(api, app):
+    fid, clients, dirs = _six_clients_training(api, app)
     run_pending(api, clients, dirs, seed=0)   # root
     run_pending(api, clients, dirs, seed=10)  # probe -> LSAC (K=2) -> cluster rounds open
     assert get(api, f"/v1/federations/{fid}")["state"] == "cluster"
@@ -272,10 +285,7 @@ def test_recluster_during_the_cluster_stage_moves_open_work_to_the_new_clusters(
         first_round = s.scalars(select(Round).where(Round.scope == f"cluster:{new.id}")).one()
         assert first_round.status == "open"
         assert {s.get(Client, t.client_id).name for t in s.scalars(select(Task).where(Task.round_id == first_round.id))} == moved
-    for seed in range(20, 30):
-        if get(api, f"/v1/federations/{fid}")["state"] == "serving":
-            break
-        run_pending(api, clients, dirs, seed=seed)
+    _run_to_serving(api, fid, clients, dirs)
     status = get(api, f"/v1/federations/{fid}")
     assert status["state"] == "serving"
     versions = {c["label"]: c["adapter_version"] for c in status["clusters"]}
@@ -286,11 +296,7 @@ def test_recluster_during_the_cluster_stage_moves_open_work_to_the_new_clusters(
 
 
 def test_assign_by_hand_during_the_cluster_stage(api, app):
-    dirs = group_directions()
-    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": 2,
-                                                   "leaf_rounds": 1})
-    clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
-    tick(app)
+    fid, clients, dirs = _six_clients_training(api, app)
     r = api.post(f"/v1/federations/{fid}/recluster", json={"assignment": {"a0": 0}}, headers=admin_headers())
     assert r.status_code == 409 and r.json()["error"] == "no_probe_round"
     assert "clustering.algorithm 'manual'" in r.json()["detail"]
@@ -323,10 +329,7 @@ def test_assign_by_hand_during_the_cluster_stage(api, app):
         event = s.scalars(select(AuditEvent).where(AuditEvent.action == "assign")).one()
     assert now == {"a0": a, "a1": a, "a2": b, "b0": b, "b1": b, "b2": 7}
     assert sources == {"manual"} and event.detail["assigned"] == 2 and event.detail["reason"] == "site map"
-    for seed in range(20, 30):
-        if get(api, f"/v1/federations/{fid}")["state"] == "serving":
-            break
-        run_pending(api, clients, dirs, seed=seed)
+    _run_to_serving(api, fid, clients, dirs)
     status = get(api, f"/v1/federations/{fid}")
     assert status["state"] == "serving"
     assert {c["label"]: sorted(c["members"]) for c in status["clusters"]} == {
