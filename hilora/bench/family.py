@@ -6,7 +6,9 @@ code so that every run of a family measures exactly the same cells. The design i
 any default is tuned on it; a cell is never dropped or changed after its results are seen (a
 change is a new family name). ``run_family`` runs cells x seeds x methods through the one engine
 (``run_bench``), one result file per (cell, seed, method) as soon as it is known, and skips the
-files that already exist: a family run that stops resumes where it stopped.
+files that already exist: a family run that stops resumes where it stopped, and several processes
+may run disjoint ``cells`` of one family into the same folder at once (every file is written
+through a rename).
 
 Family ``core`` (docs/benchmarks.md, "The partition family"): 16 cells with planted groups over
 
@@ -185,11 +187,11 @@ def run_family(opts: RunOptions, family: str, methods: Sequence[str], seeds: Seq
             raise ValueError(f"{out} holds results of a run with other settings ({', '.join(changed)}: "
                              f"{ {k: before.get(k) for k in changed} }); use another --out folder")
     (out / "partitions").mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(settings, indent=1, sort_keys=True))
+    _write_atomic(recorded, json.dumps(settings, indent=1, sort_keys=True))
     started = time.monotonic()
     for cell in chosen:
         partition_file = out / "partitions" / f"{cell.name}.json"
-        partition_file.write_text(json.dumps(cell.partition(), indent=1))
+        _write_atomic(partition_file, json.dumps(cell.partition(), indent=1))
         for seed in seeds:
             todo = [m for m in methods if not result_path(out, cell.name, seed, m).is_file()]
             if not todo:
@@ -200,17 +202,25 @@ def run_family(opts: RunOptions, family: str, methods: Sequence[str], seeds: Seq
             def keep(result: dict[str, Any], cell_name: str = cell.name, seed_: int = int(seed)) -> None:
                 path = result_path(out, cell_name, seed_, result["method"])
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(_compact(result)))
-                tmp.replace(path)
+                _write_atomic(path, json.dumps(_compact(result)))
 
             cell_opts = replace(opts, partition=str(partition_file), partition_seed=int(seed), workdir=None)
             run_bench(cell_opts, todo, [int(seed)], say=say, keep=keep)
             report = family_report(out, family, methods, seeds, opts)
-            (out / "family.json").write_text(json.dumps(report, indent=1))
+            _write_atomic(out / "family.json", json.dumps(report, indent=1))
     report = family_report(out, family, methods, seeds, opts)
-    (out / "family.json").write_text(json.dumps(report, indent=1))
+    _write_atomic(out / "family.json", json.dumps(report, indent=1))
     return report
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file of this process and a rename, so that several processes
+    running disjoint ``--cells`` of one family into the same folder never leave a torn file."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def run_settings(opts: RunOptions, family: str) -> dict[str, Any]:
