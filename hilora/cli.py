@@ -489,6 +489,11 @@ def bench(
     contrast: Annotated[Optional[float], typer.Option(
         min=0.0, help="clustering.contrast: LSAC accepts K > 1 only if the between/within distance ratio reaches "
                       "this (default 1.25)")] = None,
+    k_rule: Annotated[str, typer.Option(
+        help="clustering.k_rule: 'eigengap' (with the contrast test) or 'silhouette' (the K whose partition has "
+             "the best mean silhouette, if it reaches --min-silhouette)")] = "eigengap",
+    min_silhouette: Annotated[float, typer.Option(
+        min=-1.0, max=1.0, help="clustering.min_silhouette (k_rule silhouette)")] = 0.15,
     head_weight: Annotated[float, typer.Option(
         min=0.0, help="clustering.head_weight: the probe's head delta scaled by this in the update features")
     ] = 1.0,
@@ -563,6 +568,8 @@ def bench(
         _fail(f"--workdir {workdir}: is not empty (a bench run starts a new coordinator database there)")
     if paper is not None and partition is not None:
         _fail("--paper and --partition exclude each other: --paper names the partition")
+    if k_rule not in ("eigengap", "silhouette"):
+        _fail(f"--k-rule must be 'eigengap' or 'silhouette', got {k_rule!r}")
     if leaf not in ("all", "head"):
         _fail(f"--leaf must be 'all' or 'head', got {leaf!r}")
     if probe_loss not in ("ce", "balanced"):
@@ -636,7 +643,7 @@ def bench(
         _fail(str(exc))
     opts = replace(opts, device=device, threads=threads, probe_loss=probe_loss, probe_steps=probe_steps,
                    head_weight=head_weight, validation_fraction=validation_fraction, leaf=leaf,
-                   leaf_lr_scale=leaf_lr_scale,
+                   leaf_lr_scale=leaf_lr_scale, k_rule=k_rule, min_silhouette=min_silhouette,
                    contrast=opts.contrast if contrast is None else contrast,
                    local_epochs=local_epochs or opts.local_epochs,
                    unseen_leaf_rounds=opts.unseen_leaf_rounds if unseen_leaf_rounds is None else unseen_leaf_rounds)

@@ -46,6 +46,8 @@ class RunOptions:
     k_max: int = 10
     knn: int = 5
     contrast: float = 1.25
+    k_rule: str = "eigengap"     # "eigengap" (with the contrast test) or "silhouette"
+    min_silhouette: float = 0.15
     force_k: int | None = None   # every hierarchical method but no-cluster (which forces 1)
     ema: float = 0.9             # lsac-paper: EMA factor lambda of the smoothed root-stage B
     probe_loss: str = "ce"       # the probe's loss: "ce" or "balanced" (inverse class frequency)

@@ -168,6 +168,15 @@ class Clustering(BaseModel):
     k_max: int = Field(default=10, ge=1)
     knn: int = Field(default=5, ge=1)
     contrast: float = Field(default=1.25, gt=0, description="accept K>1 only if between/within distance >= contrast")
+    k_rule: Literal["eigengap", "silhouette"] = Field(
+        default="eigengap",
+        description="how LSAC ('lsac', 'kmeans-flat', and 'manual' for its record) chooses K: 'eigengap' (the "
+                    "largest eigengap, accepted if the contrast test passes) or 'silhouette' (every K in "
+                    "[max(2, k_min), k_max] is tried; the partition with the highest mean silhouette wins if it "
+                    "reaches min_silhouette, else K = 1; contrast unused)")
+    min_silhouette: float = Field(
+        default=0.15, ge=-1, le=1,
+        description="k_rule 'silhouette': the mean silhouette a partition into K >= 2 clusters needs")
     force_k: int | None = Field(default=None, ge=1)
     seed: int = 0
 

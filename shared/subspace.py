@@ -366,6 +366,33 @@ def between_within_distance_ratio(D: np.ndarray, labels: np.ndarray) -> float:
     return float("inf") if between_mean > 0 else 1.0
 
 
+def silhouette(D: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette of a partition from its distance matrix (Rousseeuw 1987): for each point,
+    ``(b - a) / max(a, b)`` with ``a`` its mean distance to the other points of its cluster and
+    ``b`` the smallest mean distance to the points of another cluster; 0 for a point alone in its
+    cluster (and where ``a = b = 0``). ValueError unless there are 2 to n - 1 clusters."""
+    distance = _square_matrix(D, "D")
+    labels = np.asarray(labels)
+    n = distance.shape[0]
+    if labels.shape != (n,):
+        raise ValueError(f"labels have shape {labels.shape}, expected ({n},)")
+    clusters = np.unique(labels)
+    if not 2 <= clusters.size <= n - 1:
+        raise ValueError(f"a silhouette needs 2 to n - 1 clusters, got {clusters.size} for n = {n}")
+    member = labels[None, :] == clusters[:, None]                 # (k, n)
+    sizes = member.sum(axis=1)
+    sums = distance @ member.T.astype(np.float64)                 # (n, k): distance to each cluster
+    own = np.searchsorted(clusters, labels)
+    own_size = sizes[own]
+    a = np.where(own_size > 1, sums[np.arange(n), own] / np.maximum(own_size - 1, 1), 0.0)
+    means = sums / sizes[None, :]
+    means[np.arange(n), own] = np.inf
+    b = means.min(axis=1)
+    top = np.maximum(a, b)
+    score = np.where((own_size > 1) & (top > 0), (b - a) / np.where(top > 0, top, 1.0), 0.0)
+    return float(score.mean())
+
+
 @dataclass(frozen=True, eq=False)
 class LsacResult:
     """Outcome of one LSAC run.
@@ -378,6 +405,8 @@ class LsacResult:
         contrast_ratio: between/within mean distance of the candidate partition (also when it
             was rejected), None when no partition into K >= 2 was tried.
         affinity: the self-tuning affinity matrix used.
+        silhouettes: with the silhouette K rule, ``silhouettes[i]`` is the mean silhouette of the
+            spectral partition into ``k_lo + i`` clusters, for every K tried; else None.
     """
 
     k: int
@@ -386,6 +415,7 @@ class LsacResult:
     eigengaps: np.ndarray
     contrast_ratio: float | None
     affinity: np.ndarray
+    silhouettes: np.ndarray | None = None
 
 
 
@@ -408,6 +438,8 @@ def lsac(
     contrast: float = 1.25,
     force_k: int | None = None,
     seed: int = 0,
+    k_rule: str = "eigengap",
+    min_silhouette: float = 0.15,
 ) -> LsacResult:
     """Cluster n points from their distance matrix D (n x n) with the measured LSAC rule.
 
@@ -418,6 +450,10 @@ def lsac(
        clamped to n - 1), the points are clustered by ``spectral_labels(S, K*, seed)``, and K* is
        accepted only if the between/within mean distance ratio is >= ``contrast``; else K = 1
        (all labels 0) unless ``k_min >= 2``, in which case K* is kept.
+       With ``k_rule="silhouette"`` the eigengap and the contrast test are not used: every K in
+       that range is tried (``spectral_labels(S, K, seed)``), K* is the one whose partition has
+       the highest mean ``silhouette`` on D (smallest K on ties), and it is accepted only if that
+       silhouette is >= ``min_silhouette``; else K = 1 unless ``k_min >= 2``.
     3. K in the result is the number of distinct labels actually produced.
 
     D must be square, finite and non-negative; it is symmetrised and its diagonal set to zero.
@@ -430,12 +466,25 @@ def lsac(
     gap_count = max(0, min(k_max, n - 1))
     eigengaps = np.diff(eigenvalues)[:gap_count]
     contrast_ratio: float | None = None
+    silhouettes: np.ndarray | None = None
+    if k_rule not in ("eigengap", "silhouette"):
+        raise ValueError(f"unknown K rule {k_rule!r}: use 'eigengap' or 'silhouette'")
     if force_k is not None:
         labels = spectral_labels(affinity, int(min(max(force_k, 1), n)), seed)
         if labels.max() >= 1:
             contrast_ratio = between_within_distance_ratio(distance, labels)
     elif n < 3 or k_max < 2:
         labels = np.zeros(n, dtype=np.int64)
+    elif k_rule == "silhouette":
+        highest = min(k_max, n - 1)
+        lowest = min(max(2, k_min), highest)
+        candidates = [spectral_labels(affinity, k, seed) for k in range(lowest, highest + 1)]
+        silhouettes = np.array([silhouette(distance, c) if 2 <= c.max() + 1 <= n - 1 else -1.0
+                                for c in candidates])
+        labels = candidates[int(np.argmax(silhouettes))]
+        contrast_ratio = between_within_distance_ratio(distance, labels)
+        if float(silhouettes.max()) < min_silhouette and k_min < 2:
+            labels = np.zeros(n, dtype=np.int64)
     else:
         highest = min(k_max, n - 1)
         lowest = min(max(2, k_min), highest)
@@ -451,6 +500,7 @@ def lsac(
         eigengaps=eigengaps,
         contrast_ratio=contrast_ratio,
         affinity=affinity,
+        silhouettes=silhouettes,
     )
 
 

@@ -147,7 +147,8 @@ def method_config(name: str, opts: RunOptions, groups: Mapping[str, str] | None 
                         validation_fraction=opts.validation_fraction, leaf_lr_scale=opts.leaf_lr_scale)
     clustering = Clustering(features=opts.features, k_min=opts.k_min, k_max=opts.k_max, knn=opts.knn,
                             contrast=opts.contrast, force_k=opts.force_k, seed=opts.seed, ema=opts.ema,
-                            probe_loss=opts.probe_loss, probe_steps=opts.probe_steps, head_weight=opts.head_weight)
+                            probe_loss=opts.probe_loss, probe_steps=opts.probe_steps, head_weight=opts.head_weight,
+                            k_rule=opts.k_rule, min_silhouette=opts.min_silhouette)
     root, cluster = TierPolicy(), TierPolicy()
     if name in BASELINES:
         root = {"local": TierPolicy(A="local", B="local", head="local"),

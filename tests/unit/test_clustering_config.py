@@ -133,3 +133,10 @@ def test_the_leaf_trains_a_personal_lora_and_head_or_a_personal_head_only():
 def test_a_validation_fraction_outside_0_to_half_is_refused(fraction):
     with pytest.raises(ValidationError, match="validation_fraction"):
         FederationConfig.model_validate(federation(training={"validation_fraction": fraction}))
+
+
+def test_k_rule_and_min_silhouette_are_checked():
+    assert Clustering().k_rule == "eigengap" and Clustering(k_rule="silhouette").min_silhouette == 0.15
+    for bad in ({"k_rule": "gap"}, {"min_silhouette": 1.5}, {"min_silhouette": -2}):
+        with pytest.raises(ValidationError):
+            Clustering.model_validate(bad)

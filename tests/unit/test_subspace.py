@@ -544,3 +544,45 @@ def test_probe_distance_weights_the_head_delta():
     head_only = np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
     heavy = probe_distance(manifest, "update", root, probes, head_weight=1e3)
     np.testing.assert_allclose(heavy, head_only, atol=1e-4)   # the head dominates as its weight grows
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_silhouette_matches_sklearn(seed):
+    from sklearn.metrics import silhouette_score
+
+    from shared.subspace import silhouette
+
+    rng = np.random.default_rng(seed)
+    points = rng.normal(size=(23, 4))
+    D = np.linalg.norm(points[:, None] - points[None, :], axis=2)
+    for k in (2, 3, 7):
+        labels = rng.integers(0, k, 23)
+        labels[0] = k + 5                      # a singleton cluster: its silhouette is 0
+        if len(set(labels)) < 2:
+            continue
+        assert silhouette(D, labels) == pytest.approx(silhouette_score(D, labels, metric="precomputed"), abs=1e-12)
+    with pytest.raises(ValueError, match="2 to n - 1 clusters"):
+        silhouette(D, np.zeros(23, dtype=int))
+    with pytest.raises(ValueError, match="2 to n - 1 clusters"):
+        silhouette(D, np.arange(23))
+
+
+def test_lsac_silhouette_rule_finds_blobs_and_keeps_noise_whole():
+    from shared.subspace import lsac
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 6)) * 4
+    points = np.concatenate([c + rng.normal(size=(n, 6)) for c, n in zip(centers, (4, 7, 12))])
+    truth = np.repeat([0, 1, 2], (4, 7, 12))
+    D = np.linalg.norm(points[:, None] - points[None, :], axis=2)
+    result = lsac(D, knn=3, k_rule="silhouette")
+    assert result.k == 3 and adjusted_rand_score(truth, result.labels) == 1.0
+    assert result.silhouettes.shape == (9,) and int(np.argmax(result.silhouettes)) == 1   # K = 2..10
+    noise = rng.normal(size=(23, 500))   # high-dimensional, as probe updates are: no structure at any K
+    Dn = np.linalg.norm(noise[:, None] - noise[None, :], axis=2)
+    flat = lsac(Dn, knn=3, k_rule="silhouette")
+    assert flat.k == 1 and float(flat.silhouettes.max()) < 0.15
+    assert lsac(Dn, knn=3, k_rule="silhouette", k_min=2).k >= 2     # k_min >= 2 keeps the best K
+    assert lsac(Dn, knn=3, k_rule="silhouette", min_silhouette=-1.0).k >= 2
+    with pytest.raises(ValueError, match="unknown K rule"):
+        lsac(D, k_rule="gap")
