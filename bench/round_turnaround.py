@@ -115,7 +115,8 @@ def run_backend(name: str, database_url: str, workdir: Path, clients: int, round
 
     clock = Clock()
     settings = Settings(database_url=database_url, blob_dir=workdir / f"blobs-{name}", admin_token=ADMIN,
-                        dev=False, run_scheduler=False, lease_rate_per_second=0)
+                        dev=False, run_scheduler=False, lease_rate_per_second=0,
+                        registration_rate_per_second=0)
     app = create_app(settings, clock=clock)
     math_combine = Timed(aggregation_service.combine_tier_uploads)
     math_rho = Timed(aggregation_service.relative_change)

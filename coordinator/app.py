@@ -24,6 +24,7 @@ from coordinator.db import make_engine, make_read_session_factory, make_session_
 from coordinator.errors import ServiceError
 from coordinator.limits import (
     COMMON_RESPONSES,
+    BodyBudget,
     BodyLimitMiddleware,
     LeaseRateLimiter,
     UploadSlots,
@@ -37,6 +38,7 @@ from coordinator.routes_admin import router as admin_router
 from coordinator.routes_models import router as models_router
 from coordinator.security import constant_time_equals
 from coordinator.services.retention import collect_garbage
+from coordinator import api_docs
 from coordinator.services.scheduling import scheduler_tick
 from coordinator.settings import Settings
 from shared import __version__
@@ -141,7 +143,9 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
 
     # Every route may answer 413 (coordinator.limits) and 426 (the protocol check): say so once here.
     app = FastAPI(title="hilora coordinator", version=__version__, lifespan=lifespan, responses=COMMON_RESPONSES,
-                  description="HiLoRA federated learning: registration, tasks, adapters, clustering.")
+                  description="HiLoRA federated learning: registration, tasks, adapters, clustering.",
+                  docs_url=None, redoc_url=None)  # their pages load CDN scripts: our /docs has none
+    api_docs.install(app)
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = session_factory
@@ -151,8 +155,13 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.state.scheduler = scheduler
     app.state.metrics = metrics
     app.state.lease_limiter = LeaseRateLimiter(settings.lease_rate_per_second, settings.lease_burst)
-    app.state.upload_slots = UploadSlots(settings.max_uploads_in_flight_per_client, settings.max_uploads_in_flight)
-    app.add_middleware(BodyLimitMiddleware, limit_of=lambda: settings.max_json_body_bytes)
+    app.state.registration_limiter = LeaseRateLimiter(settings.registration_rate_per_second,
+                                                      settings.registration_burst)
+    app.state.upload_slots = UploadSlots(settings.max_uploads_in_flight_per_client, settings.max_uploads_in_flight,
+                                         settings.max_uploads_in_flight_per_federation)
+    app.state.body_budget = BodyBudget(settings.max_buffered_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit_of=lambda: settings.max_json_body_bytes,
+                       budget=app.state.body_budget, timeout_of=lambda: settings.body_read_timeout_seconds)
     app.add_middleware(MetricsMiddleware, metrics_of=lambda: metrics)
     app.add_middleware(RequestContextMiddleware)
 
@@ -170,7 +179,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         headers = ({"Retry-After": retry_after_header(getattr(exc, "retry_after", 1.0))}
                    if exc.status_code in (429, 503) else None)
-        if exc.status_code == 413:  # stop reading the rest of a refused body: close the connection
+        if exc.status_code in (408, 413):  # stop reading the rest of a refused body: close the connection
             headers = {"Connection": "close"}
         return JSONResponse(status_code=exc.status_code, content={"error": exc.code, "detail": exc.detail},
                             headers=headers)

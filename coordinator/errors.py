@@ -40,6 +40,13 @@ class PayloadTooLarge(ServiceError):
     code = "too_large"
 
 
+class BodyTimeout(ServiceError):
+    """The next chunk of a request body did not arrive within HILORA_BODY_READ_TIMEOUT_SECONDS."""
+
+    status_code = 408
+    code = "body_timeout"
+
+
 class Invalid(ServiceError):
     status_code = 422
     code = "invalid"

@@ -118,6 +118,10 @@ class Metrics:
         self.upload_bytes = Counter("hilora_upload_bytes", "Bytes of accepted uploads", registry=r)
         self.ticks = Counter("hilora_scheduler_ticks", "Scheduler ticks by outcome (ok, failed, skipped: "
                              "another replica held the lock)", ["outcome"], registry=r)
+        self.scheduler_failures = Counter(
+            "hilora_scheduler_failures", "Failed attempts to advance one federation, by the stage it was in "
+            "(the tick went on with the other federations; see the federation's last_failure)",
+            ["stage"], registry=r)
         self.lease_seconds = Histogram("hilora_lease_seconds", "Time to answer a lease request, by outcome",
                                        ["outcome"], registry=r,
                                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
@@ -148,6 +152,16 @@ def observe_clustering_seconds(seconds: float, features: str) -> None:
         metrics.clustering_seconds.labels(features).observe(seconds)
 
 
+def observe_scheduler_failure(stage: str) -> None:
+    """Count one failed attempt to advance a federation on the current app's metrics."""
+    metrics = _current.get()
+    if metrics is not None:
+        metrics.scheduler_failures.labels(stage).inc()
+
+
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 class MetricsMiddleware:
     """Counts every HTTP request by its route template (``/v1/tasks/{task_id}/upload``, never the
     concrete path, so label cardinality stays bounded) and response status."""
@@ -176,5 +190,7 @@ class MetricsMiddleware:
             _current.reset(token)
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            metrics.requests.labels(scope.get("method", "?"), template, str(status["code"])).inc()
+            method = scope.get("method", "")
+            method = method if method in HTTP_METHODS else "other"  # a made-up method is no new series
+            metrics.requests.labels(method, template, str(status["code"])).inc()
             metrics.request_seconds.labels(template).observe(time.perf_counter() - start)

@@ -99,6 +99,14 @@ class Federation(Base):
     # Paused: the scheduler makes no transition and leases hand out nothing; deadlines of open
     # rounds are pushed back by the paused time on resume.
     paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Why: the admin's note, or the scheduler's when it paused a federation it failed to advance
+    # ``MAX_CONSECUTIVE_FAILURES`` ticks in a row (``coordinator.services.scheduling``).
+    paused_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Scheduler ticks in a row that failed to advance this federation (0 after one that did), and
+    # the newest failure; the counter is reset by a good tick and by an admin's resume.
+    failure_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
+    last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -258,11 +266,18 @@ class Task(Base):
     reset_leaf: Mapped[bool] = mapped_column(Boolean, default=False)
     upload_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), nullable=True)
     upload_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Distinct bodies accepted for this task (a new body under the lease replaces the stored one,
+    # whose blob is freed at once): at most Settings.max_uploads_per_task.
+    upload_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     num_samples: Mapped[int | None] = mapped_column(Integer, nullable=True)
     metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Set when aggregation could not combine this done task's upload into float32 values and left
+    # it out (``coordinator.services.aggregation``); ``error`` says why. The task stays done: the
+    # worker did its part, the coordinator refused to use the result.
+    quarantined_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class AuditEvent(Base):

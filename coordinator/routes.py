@@ -3,6 +3,7 @@ transaction and maps domain errors (``coordinator.errors``) to HTTP codes (in ``
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import time
@@ -18,6 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from coordinator.blobs import fsync_file, start_writeback
 from coordinator.errors import (
+    BodyTimeout,
     Conflict,
     Forbidden,
     Invalid,
@@ -232,9 +234,11 @@ def start_federation(federation_id: DbId, request: Request, session: SessionDep,
 def register_client(federation_id: DbId, body: ClientRegister, request: Request, session: SessionDep,
                     token: Token) -> ClientRegistered:
     """Register with the federation's enrollment secret; the client token is shown once."""
-    with session.begin():
-        client, client_token = registration.register_client(session, federation_id, token, body.name,
-                                                            body.num_samples, _now(request))
+    limiter = request.app.state.registration_limiter
+    with session.begin():  # throttled per federation once the secret matched (guesses spend nobody's bucket)
+        client, client_token = registration.register_client(
+            session, federation_id, token, body.name, body.num_samples, _now(request),
+            throttle=lambda: limiter.check(("registration", federation_id), "registrations", per="federation"))
         result = ClientRegistered(federation_id=federation_id, client_id=client.id, name=client.name,
                                   token=client_token, cohort=client.cohort)
     request.app.state.scheduler.wake()
@@ -401,9 +405,18 @@ async def _stream_to_temp(request: Request, limit: int) -> tuple[str, int, FileP
     fd, tmp = request.app.state.blobs.temp_file()
     digest = hashlib.sha256()
     size = written_back = 0
+    timeout = request.app.state.settings.body_read_timeout_seconds
+    chunks = request.stream().__aiter__()
     try:
         with os.fdopen(fd, "wb") as fh:
-            async for chunk in request.stream():
+            while True:
+                try:  # a stalled body holds an upload slot: not for longer than the timeout
+                    chunk = await asyncio.wait_for(chunks.__anext__(), timeout)
+                except StopAsyncIteration:
+                    break
+                except asyncio.TimeoutError:
+                    raise BodyTimeout(f"no part of the body arrived for {timeout:g} s after {size} bytes "
+                                      f"(HILORA_BODY_READ_TIMEOUT_SECONDS)") from None
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"the body passed the limit of {limit} bytes for this request")
@@ -445,41 +458,45 @@ async def _upload(task_id: int, request: Request, token: str, lease_id: str,
                   declared_sha: str | None) -> UploadAck:
     factory = request.app.state.session_factory
 
-    def plan() -> tuple[int, int, dict]:
+    def plan() -> tuple[int, tasks.UploadPlan]:
         with request.app.state.read_session_factory() as session, session.begin():
             client = registration.authenticate_client(session, token)
-            return client.id, *tasks.upload_plan(session, client, task_id)
+            return client.id, tasks.upload_plan(session, client, task_id, lease_id, _now(request))
 
-    client_id, limit, shapes = await run_in_threadpool(plan)
-    if limit == 0:
+    client_id, plan_ = await run_in_threadpool(plan)  # the lease is checked before the body is read
+    if plan_.limit == 0:
         raise Conflict("this task takes no upload (a leaf never leaves the client; an eval task only "
                        "evaluates): complete it with metrics", code="no_upload_expected")
-    with request.app.state.upload_slots.slot(client_id):  # 429 / 503 when too many are in flight
-        return await _receive_upload(request, factory, task_id, token, lease_id, declared_sha, limit, shapes)
+    # 429 / 503 when too many are in flight (for this client, its federation, this replica)
+    with request.app.state.upload_slots.slot(client_id, plan_.federation_id):
+        return await _receive_upload(request, factory, task_id, token, lease_id, declared_sha, plan_)
 
 
 async def _receive_upload(request: Request, factory, task_id: int, token: str, lease_id: str,  # noqa: ANN001
-                          declared_sha: str | None, limit: int, shapes: dict) -> UploadAck:
-    sha, size, tmp = await _stream_to_temp(request, limit)
+                          declared_sha: str | None, plan_: tasks.UploadPlan) -> UploadAck:
+    sha, size, tmp = await _stream_to_temp(request, plan_.limit)
     if declared_sha is not None and declared_sha.lower() != sha:
         tmp.unlink(missing_ok=True)
         raise Invalid(f"the body hashes to {sha}, but {SHA256_HEADER} says {declared_sha}", code="sha256_mismatch")
 
-    def check_and_accept() -> tuple[str, int]:
+    def check_and_accept() -> tasks.AcceptedUpload:
         # parse and check the tensors before the transaction: no lock is held for a hostile body;
         # then make the body durable before the database may say it was accepted
-        tasks.check_upload_body(tmp, shapes, limit)
+        tasks.check_upload_body(tmp, plan_)
         fsync_file(tmp)
         with factory() as session, session.begin():
             client = registration.authenticate_client(session, token)
-            return tasks.accept_upload(session, request.app.state.blobs, client, task_id, lease_id, tmp, sha,
-                                       size, _now(request))
+            accepted = tasks.accept_upload(session, request.app.state.blobs, client, task_id, lease_id, tmp, sha,
+                                           size, _now(request), request.app.state.settings.max_uploads_per_task)
+        if accepted.freed is not None:  # the superseded body: its row is gone now that we committed
+            request.app.state.blobs.path(accepted.freed).unlink(missing_ok=True)
+        return accepted
 
     try:  # one hop to the threadpool for both
-        sha, size = await run_in_threadpool(check_and_accept)
+        accepted = await run_in_threadpool(check_and_accept)
     finally:
         tmp.unlink(missing_ok=True)
-    return UploadAck(task_id=task_id, sha256=sha, bytes=size)
+    return UploadAck(task_id=task_id, sha256=accepted.sha256, bytes=accepted.size)
 
 
 @router.post("/tasks/{task_id}/release", response_model=TaskCompleted)

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ADMIN_TOKEN = "hilora-dev-admin"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 class Settings(BaseSettings):
@@ -41,8 +42,27 @@ class Settings(BaseSettings):
     lease_rate_per_second: float = Field(default=10.0, ge=0, description="lease requests per second per "
                                          "client (token bucket; 0 = unlimited): 429 with Retry-After")
     lease_burst: float = Field(default=30.0, ge=1, description="token bucket size of the lease rate limit")
+    registration_rate_per_second: float = Field(default=2.0, ge=0, description="registrations per second per "
+                                                "federation (token bucket; 0 = unlimited): 429 with Retry-After")
+    registration_burst: float = Field(default=200.0, ge=1, description="token bucket size of the registration "
+                                      "rate limit (a consortium's clients joining at once)")
     max_uploads_in_flight_per_client: int = Field(default=2, ge=1, description="concurrent uploads of one "
                                                   "client: 429 with Retry-After")
+    max_uploads_in_flight_per_federation: int = Field(default=16, ge=1, description="concurrent uploads of "
+                                                      "one federation on this replica: 503 with Retry-After")
+    body_read_timeout_seconds: float = Field(default=30.0, gt=0, le=3600, description="a request body whose next "
+                                             "chunk takes longer is refused (408 body_timeout) and its "
+                                             "connection closed")
+    max_buffered_body_bytes: int = Field(default=64 << 20, ge=1 << 20, description="bytes of JSON request "
+                                         "bodies this replica holds at once while receiving them (before "
+                                         "anyone is authenticated): 503 busy past it")
+    limit_concurrency: int = Field(default=2048, ge=16, description="uvicorn: connections and tasks at once; "
+                                   "more are answered 503 (room for long-polling workers)")
+    timeout_keep_alive: float = Field(default=5.0, gt=0, le=600, description="uvicorn: seconds an idle "
+                                      "keep-alive connection is held")
+    max_uploads_per_task: int = Field(default=16, ge=1, le=10_000, description="distinct bodies one task "
+                                      "may receive under its leases (a new one replaces the stored one, whose "
+                                      "blob is freed at once; the same body again is free): 409 upload_quota")
     max_uploads_in_flight: int = Field(default=64, ge=1, description="concurrent uploads of this replica: "
                                        "503 with Retry-After")
 
@@ -60,6 +80,11 @@ class Settings(BaseSettings):
                 "HILORA_ADMIN_TOKEN is the built-in default; set a secret admin token "
                 "(or HILORA_DEV=1 for a local development run)"
             )
+        if self.admin_token == DEFAULT_ADMIN_TOKEN and self.host not in LOOPBACK_HOSTS:
+            raise ValueError(
+                f"the built-in default admin token is public: HILORA_DEV=1 allows it only on a loopback "
+                f"host ({', '.join(sorted(LOOPBACK_HOSTS))}), not on HILORA_HOST={self.host}; set "
+                f"HILORA_ADMIN_TOKEN to a secret to listen there")
         from coordinator.faults import parse
 
         parse(self.fault_at)

@@ -46,7 +46,8 @@ def coordinator(
     # HILORA_LOG_FORMAT=json: uvicorn's loggers go through our JSON handler, not its own config
     log_config = {"log_config": None} if settings.log_format == "json" else {}
     uvicorn.run(app_, host=host or settings.host, port=port if port is not None else settings.port,
-                log_level=settings.log_level, **log_config)
+                log_level=settings.log_level, limit_concurrency=settings.limit_concurrency,
+                timeout_keep_alive=settings.timeout_keep_alive, **log_config)
 
 
 @app.command()

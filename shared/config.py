@@ -16,6 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from shared.manifest import AdapterManifest
 
 FactorPolicy = Literal["aggregate", "local", "frozen"]
+MAX_SEED = 2**32 - 1  # numpy and torch both take it; a negative seed failed only once the scheduler used it
+MAX_MODEL_KWARGS_BYTES = 16_384
+MAX_MODEL_KWARGS_DEPTH = 4
+
+
+def _json_depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_json_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_json_depth(v) for v in value), default=0)
+    return 0
 
 
 class TierPolicy(BaseModel):
@@ -38,6 +49,12 @@ class TierPolicy(BaseModel):
         description="robust aggregation (docs/security.md): a client's aggregation weight (the num_samples "
                     "it reports) is capped at this multiple of the median weight of the round's accepted "
                     "uploads, so no client can claim a dominating share; null: off")
+    max_abs_value: float = Field(
+        default=1e4, gt=0, le=1e30,
+        description="an upload of this tier with any value of magnitude above this is refused (422 "
+                    "out_of_range): LoRA factors and head weights of a trained adapter are of order 1, and "
+                    "with every value within 1e4 a rank-r product B A and its sum over any number of clients "
+                    "stay far inside the float32 range the adapters are stored in (docs/security.md)")
 
     @model_validator(mode="after")
     def _check(self) -> "TierPolicy":
@@ -64,6 +81,10 @@ class Schedule(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     min_clients: int = Field(default=2, ge=1, description="training starts once this many clients registered")
+    max_clients: int = Field(
+        default=10_000, ge=1, le=1_000_000,
+        description="registrations beyond this many clients (revoked ones included) are refused (409 "
+                    "federation_full): the enrollment secret is shared, and this bounds what it can mint")
     root_rounds: int = Field(default=20, ge=0)
     cluster_rounds: int = Field(default=20, ge=0)
     leaf_rounds: int = Field(default=10, ge=0)
@@ -100,7 +121,8 @@ class Training(BaseModel):
     batch_size: int = Field(default=32, ge=1)
     gamma_c: float = Field(default=0.1, ge=0)
     gamma_l: float = Field(default=0.1, ge=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="training seed (root initialisation, the "
+                      "workers' per-client seeds)")
     leaf_lr_scale: float = Field(
         default=1.0, gt=0, le=10,
         description="the leaf tier trains with lr and head_lr multiplied by this: a leaf starts from the cluster "
@@ -178,7 +200,7 @@ class Clustering(BaseModel):
         default=0.15, ge=-1, le=1,
         description="k_rule 'silhouette': the mean silhouette a partition into K >= 2 clusters needs")
     force_k: int | None = Field(default=None, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seed of the clustering's k-means")
 
     @model_validator(mode="after")
     def _check(self) -> "Clustering":
@@ -210,9 +232,13 @@ class Backbone(BaseModel):
     @classmethod
     def _plain_json(cls, value: dict[str, Any]) -> dict[str, Any]:
         try:  # NaN or Infinity would be stored, and PostgreSQL's JSON refuses them
-            json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+            text = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
             raise ValueError(f"model_kwargs must be plain JSON with finite numbers: {exc}") from None
+        if len(text) > MAX_MODEL_KWARGS_BYTES:
+            raise ValueError(f"model_kwargs is {len(text)} bytes of JSON; at most {MAX_MODEL_KWARGS_BYTES}")
+        if _json_depth(value) > MAX_MODEL_KWARGS_DEPTH:
+            raise ValueError(f"model_kwargs nests deeper than {MAX_MODEL_KWARGS_DEPTH} levels")
         return value
 
 

@@ -108,8 +108,14 @@ class AdapterManifest(BaseModel):
         """Upper bound on a valid safetensors body for these factors (data + generous header)."""
         shapes = self.tier_shapes(tier, factors)
         data = sum(WIRE_ITEMSIZE * _prod(s) for s in shapes.values())
-        header = 8 + 256 * (len(shapes) + 1) + 4096
-        return data + header
+        return data + 8 + header_allowance(len(shapes))
+
+
+def header_allowance(num_tensors: int) -> int:
+    """The most header bytes a valid body of ``num_tensors`` tensors may carry (generous: a name of
+    up to ~200 characters, dtype, shape and offsets per tensor, plus 4 KiB). The validator refuses
+    a longer header before parsing it (``shared.tensors``)."""
+    return 256 * (num_tensors + 1) + 4096
 
 
 def _prod(shape: tuple[int, ...]) -> int:

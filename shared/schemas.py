@@ -124,7 +124,12 @@ class FederationStatus(BaseModel):
     clusters: list[ClusterInfo]
     clustering: ClusteringRunInfo | None
     onboarding_pending: int
-    paused_at: datetime | None = Field(default=None, description="set while an admin has paused the federation")
+    paused_at: datetime | None = Field(default=None, description="set while the federation is paused (by an admin, "
+                                                                 "or by the scheduler after repeated failures)")
+    paused_reason: str | None = Field(default=None, description="why it is paused: the admin's note or the scheduler's")
+    failure_count: int = Field(default=0, description="scheduler ticks in a row that failed to advance it")
+    last_failure: str | None = Field(default=None, description="the newest failure to advance it (kept after recovery)")
+    last_failure_at: datetime | None = None
 
 
 class AdminNote(BaseModel):
@@ -273,7 +278,10 @@ class FederationOverview(BaseModel):
     federation_id: int
     name: str
     state: FederationState
-    paused_at: datetime | None = Field(description="set while an admin has paused the federation")
+    paused_at: datetime | None = Field(description="set while the federation is paused (by an admin, or by the "
+                                                   "scheduler after repeated failures)")
+    paused_reason: str | None = Field(default=None, description="why it is paused")
+    failure_count: int = Field(default=0, description="scheduler ticks in a row that failed to advance it")
     current_round: int | None = Field(description="number of the newest open round of the current stage")
     open_rounds: int
     tasks_done: int = Field(description="done tasks of the open rounds")

@@ -21,12 +21,21 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
+from shared.manifest import header_allowance
+
 METADATA_KEY = "__metadata__"
 MAX_HEADER_BYTES = 100_000_000
 HEADER_LENGTH_BYTES = 8
+# Bounds checked before any arithmetic on a header's numbers, so the checks cost the same whatever
+# a hostile header holds: a product of hundreds of unbounded integers grows with the square of
+# their length (and holds the GIL), and Python refuses to print an integer of more than 4300 digits.
+MAX_DIMS = 16
+MAX_DIM = 2**48
+MAX_OFFSET = 2**62
 
 REASONS: frozenset[str] = frozenset({
     "too_large", "corrupt", "missing_key", "extra_key", "wrong_shape", "wrong_dtype", "non_finite",
+    "out_of_range",
 })
 
 # Item size in bytes of each dtype the safetensors format defines.
@@ -44,7 +53,8 @@ class TensorValidationError(ValueError):
 
     Attributes:
         reason: machine-readable cause, one of ``REASONS``: "too_large", "corrupt",
-            "missing_key", "extra_key", "wrong_shape", "wrong_dtype" or "non_finite".
+            "missing_key", "extra_key", "wrong_shape", "wrong_dtype", "non_finite" or
+            "out_of_range" (a finite value beyond the caller's magnitude bound).
         message: human-readable text naming the tensor and what was expected versus got.
     """
 
@@ -58,6 +68,16 @@ class TensorValidationError(ValueError):
 
 def _corrupt(message: str) -> TensorValidationError:
     return TensorValidationError("corrupt", f"corrupt safetensors body: {message}")
+
+
+def _short(value: object, limit: int = 200) -> str:
+    """``repr`` of a header value for an error message, cut to ``limit`` characters: safe for any
+    JSON value (integers beyond Python's 4300-digit printing limit included)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def pack_tensors(
@@ -96,8 +116,18 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _is_non_negative_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _is_non_negative_int(value: object, bound: int = MAX_OFFSET) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= bound
+
+
+def _valid_shape(shape: object) -> bool:
+    """A list of at most MAX_DIMS integers in [0, MAX_DIM]: checked before its product is taken."""
+    return (isinstance(shape, list) and len(shape) <= MAX_DIMS
+            and all(_is_non_negative_int(d, MAX_DIM) for d in shape))
+
+
+def _known_dtype(dtype: object, known: Mapping[str, Any]) -> bool:
+    return isinstance(dtype, str) and dtype in known  # a list or object is not hashable: no TypeError
 
 
 def read_safetensors_header(data: bytes) -> dict[str, Any]:
@@ -155,18 +185,18 @@ def _check_header(raw: bytes, data_section_length: int) -> dict[str, Any]:
         if name == METADATA_KEY:
             continue
         if not isinstance(entry, dict) or set(entry) != _ENTRY_FIELDS:
-            raise _corrupt(f"tensor {name!r}: expected exactly the fields "
-                           f"{sorted(_ENTRY_FIELDS)}, got {entry!r:.200}")
+            raise _corrupt(f"tensor {name!r:.200}: expected exactly the fields "
+                           f"{sorted(_ENTRY_FIELDS)}, got {_short(entry)}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPE_ITEMSIZE:
-            raise _corrupt(f"tensor {name!r}: unknown dtype {dtype!r:.50}")
-        if not isinstance(shape, list) or not all(_is_non_negative_int(d) for d in shape):
-            raise _corrupt(f"tensor {name!r}: shape must be a list of non-negative integers, "
-                           f"got {shape!r:.200}")
+        if not _known_dtype(dtype, SAFETENSORS_DTYPE_ITEMSIZE):
+            raise _corrupt(f"tensor {name!r:.200}: unknown dtype {_short(dtype)}")
+        if not _valid_shape(shape):
+            raise _corrupt(f"tensor {name!r:.200}: shape must be a list of at most {MAX_DIMS} integers in "
+                           f"[0, {MAX_DIM}], got {_short(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2
                 and all(_is_non_negative_int(o) for o in offsets) and offsets[0] <= offsets[1]):
-            raise _corrupt(f"tensor {name!r}: data_offsets must be [begin, end] with "
-                           f"0 <= begin <= end, got {offsets!r:.200}")
+            raise _corrupt(f"tensor {name!r:.200}: data_offsets must be [begin, end] with "
+                           f"0 <= begin <= end <= {MAX_OFFSET}, got {_short(offsets)}")
         expected_size = math.prod(shape) * SAFETENSORS_DTYPE_ITEMSIZE[dtype]
         if offsets[1] - offsets[0] != expected_size:
             raise _corrupt(f"tensor {name!r}: {dtype} {shape} needs {expected_size} bytes, "
@@ -226,8 +256,10 @@ def map_tensors(path: str | os.PathLike[str], *, strict: bool = True) -> dict[st
     return _mapped_arrays(header, mapped, start, size)
 
 
-def _open_mapped(path: str | os.PathLike[str], strict: bool) -> tuple[dict[str, Any], int, int, Any]:
-    """(header, offset of the data section, file size, read-only map of the file) of a file."""
+def _open_mapped(path: str | os.PathLike[str], strict: bool,
+                 expected: Mapping[str, tuple[int, ...]] | None = None) -> tuple[dict[str, Any], int, int, Any]:
+    """(header, offset of the data section, file size, read-only map of the file) of a file.
+    With ``expected`` (an upload), a header longer than those tensors need is refused unread."""
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size
         prefix = file.read(HEADER_LENGTH_BYTES)
@@ -236,6 +268,8 @@ def _open_mapped(path: str | os.PathLike[str], strict: bool) -> tuple[dict[str, 
         header_length = int.from_bytes(prefix, "little")
         if header_length > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + header_length > size:
             raise _corrupt(f"header length {header_length} does not fit a {size}-byte file")
+        if expected is not None:
+            _check_header_length(header_length, expected)
         raw = file.read(header_length)
         if strict:
             header = _check_header(raw, size - HEADER_LENGTH_BYTES - header_length)
@@ -256,14 +290,15 @@ def _mapped_arrays(header: dict[str, Any], mapped: Any, start: int, size: int) -
     for name, entry in header.items():
         if name == METADATA_KEY:
             continue
-        if not isinstance(entry, dict) or entry.get("dtype") not in _NUMPY_DTYPES:
-            raise _corrupt(f"tensor {name!r}: {entry!r:.80} is not an entry of a dtype numpy can map")
+        if not isinstance(entry, dict) or not _known_dtype(entry.get("dtype"), _NUMPY_DTYPES):
+            raise _corrupt(f"tensor {name!r:.200}: {_short(entry, 80)} is not an entry of a dtype numpy can map")
         try:
             dtype = np.dtype(_NUMPY_DTYPES[entry["dtype"]])
             begin, end = (int(o) for o in entry["data_offsets"])
             shape = entry["shape"]
-            if not isinstance(shape, list) or not all(_is_non_negative_int(d) for d in shape):
-                raise ValueError(f"shape must be a list of non-negative integers, got {shape!r:.80}")
+            if not _valid_shape(shape):
+                raise ValueError(f"shape must be a list of at most {MAX_DIMS} integers in [0, {MAX_DIM}], "
+                                 f"got {_short(shape, 80)}")
             if not 0 <= begin <= end <= size - start or end - begin != math.prod(shape) * dtype.itemsize:
                 raise ValueError(f"data_offsets [{begin}, {end}] do not hold {entry['dtype']} {shape} "
                                  f"inside the {size - start}-byte data section")
@@ -275,15 +310,44 @@ def _mapped_arrays(header: dict[str, Any], mapped: Any, start: int, size: int) -
     return arrays
 
 
+def _check_header_length(header_length: int, expected: Mapping[str, tuple[int, ...]]) -> None:
+    limit = header_allowance(len(expected))
+    if header_length > limit:
+        raise _corrupt(f"header of {header_length} bytes exceeds the {limit} bytes a body of "
+                       f"{len(expected)} tensors needs")
+
+
+def _check_magnitude(arrays: Mapping[str, np.ndarray], max_abs: float | None) -> None:
+    """Finite values first ("non_finite"), then, with a bound, no |value| above it ("out_of_range")."""
+    for name in sorted(arrays):
+        array = arrays[name]
+        if not array.size:
+            continue
+        low, high = float(array.min()), float(array.max())  # a NaN makes both NaN; no temporaries
+        if not (math.isfinite(low) and math.isfinite(high)):
+            bad = int(np.count_nonzero(~np.isfinite(array)))
+            raise TensorValidationError(
+                "non_finite",
+                f"tensor {name!r}: expected finite values, got {bad} NaN or infinite "
+                f"of {array.size}")
+        if max_abs is not None and max(-low, high) > max_abs:
+            raise TensorValidationError(
+                "out_of_range",
+                f"tensor {name!r}: values must lie within +-{max_abs:g}, got {max(-low, high):.4g} "
+                f"(the tier's max_abs_value)")
+
+
 def validate_tensors(
-    data: bytes, expected: Mapping[str, tuple[int, ...]], max_bytes: int
+    data: bytes, expected: Mapping[str, tuple[int, ...]], max_bytes: int, max_abs: float | None = None
 ) -> dict[str, np.ndarray]:
     """Check an uploaded body against the expected names and shapes and return its arrays.
 
     Order of checks: size (``len(data) > max_bytes`` -> "too_large", before any parsing), header
-    (``read_safetensors_header`` -> "corrupt"), names ("missing_key", then "extra_key";
-    ``"__metadata__"`` is not a tensor), per tensor in sorted name order dtype != F32
-    ("wrong_dtype") and shape ("wrong_shape"), then values ("non_finite").
+    length (more than ``shared.manifest.header_allowance`` of the expected tensors -> "corrupt",
+    before parsing it), header (``read_safetensors_header`` -> "corrupt"), names ("missing_key",
+    then "extra_key"; ``"__metadata__"`` is not a tensor), per tensor in sorted name order dtype !=
+    F32 ("wrong_dtype") and shape ("wrong_shape"), then values ("non_finite"; with ``max_abs``,
+    a magnitude above it: "out_of_range").
 
     Returns:
         name -> float32 array of the expected shape (fresh, writable copies).
@@ -295,6 +359,8 @@ def validate_tensors(
         raise TensorValidationError(
             "too_large", f"body of {len(data)} bytes exceeds the limit of {max_bytes} bytes")
     data = bytes(data)
+    if len(data) >= HEADER_LENGTH_BYTES:
+        _check_header_length(int.from_bytes(data[:HEADER_LENGTH_BYTES], "little"), expected)
     header = read_safetensors_header(data)
     expected_shapes = _check_entries(header, expected)
 
@@ -306,13 +372,7 @@ def validate_tensors(
         begin = data_start + entry["data_offsets"][0]
         array = np.frombuffer(data, dtype="<f4", count=math.prod(shape), offset=begin)
         arrays[name] = array.astype(np.float32).reshape(shape)
-    for name, array in arrays.items():
-        if not np.all(np.isfinite(array)):
-            bad = int(np.count_nonzero(~np.isfinite(array)))
-            raise TensorValidationError(
-                "non_finite",
-                f"tensor {name!r}: expected finite values, got {bad} NaN or infinite "
-                f"of {array.size}")
+    _check_magnitude(arrays, max_abs)
     return arrays
 
 
@@ -343,7 +403,7 @@ def _check_entries(header: dict[str, Any], expected: Mapping[str, tuple[int, ...
 
 
 def validate_tensor_file(path: str | os.PathLike[str], expected: Mapping[str, tuple[int, ...]],
-                         max_bytes: int) -> None:
+                         max_bytes: int, max_abs: float | None = None) -> None:
     """``validate_tensors`` for a body already on disk (an upload streamed to a temp file): the
     same checks in the same order with the same reasons, but the file is memory-mapped, not read
     into memory and copied, and finiteness is checked without temporary arrays (a NaN makes the
@@ -356,14 +416,6 @@ def validate_tensor_file(path: str | os.PathLike[str], expected: Mapping[str, tu
     if size > max_bytes:
         raise TensorValidationError(
             "too_large", f"body of {size} bytes exceeds the limit of {max_bytes} bytes")
-    header, start, size, mapped = _open_mapped(path, strict=True)
+    header, start, size, mapped = _open_mapped(path, strict=True, expected=expected)
     _check_entries(header, expected)
-    arrays = _mapped_arrays(header, mapped, start, size)
-    for name in sorted(arrays):
-        array = arrays[name]
-        if array.size and not (math.isfinite(array.min()) and math.isfinite(array.max())):
-            bad = int(np.count_nonzero(~np.isfinite(array)))
-            raise TensorValidationError(
-                "non_finite",
-                f"tensor {name!r}: expected finite values, got {bad} NaN or infinite "
-                f"of {array.size}")
+    _check_magnitude(_mapped_arrays(header, mapped, start, size), max_abs)

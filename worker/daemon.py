@@ -36,6 +36,7 @@ from shared.schemas import TaskAssignment
 from shared.tensors import pack_tensors, unpack_tensors
 from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 from worker.files import atomic_write
+from worker.model_policy import ModelRefused, check_remote_model
 from worker.state import ClientFiles
 
 log = logging.getLogger("hilora.worker")
@@ -74,6 +75,12 @@ class WorkerConfig(BaseModel):
     federation_id: int = Field(ge=1)
     enrollment_secret: str | None = None
     clients: list[HostedClient] = Field(min_length=1)
+    allow_model_kwargs: list[str] = Field(
+        default_factory=list, description="model_kwargs keys beyond the architecture settings "
+        "(worker.backbone.ARCHITECTURE_KWARGS) this worker lets the coordinator pass to timm")
+    allow_hub_models: bool = Field(
+        default=False, description="build a backbone named by a hub or local-directory reference "
+        "(hf-hub:..., local-dir:...) if the coordinator asks for one")
 
     @model_validator(mode="after")
     def _check(self) -> "WorkerConfig":
@@ -224,6 +231,8 @@ class WorkerDaemon:
             from worker.lora import TieredLoRAModel, check_manifest_matches
 
             cfg = self.client.federation_config(self.config.federation_id, token)
+            check_remote_model(cfg.backbone.model, cfg.backbone.model_kwargs,
+                               allow_kwargs=self.config.allow_model_kwargs, allow_hub=self.config.allow_hub_models)
             checkpoint = self.client.backbone(self.config.federation_id, token, cfg.backbone.sha256)
             backbone = build_backbone(cfg.backbone.model, cfg.backbone.model_kwargs, checkpoint)
             check_manifest_matches(backbone, cfg.manifest)
@@ -325,6 +334,9 @@ class WorkerDaemon:
         except CoordinatorError as exc:
             log.error("task %s (client %s): dropped, the coordinator refused a request: %s",
                       task.task_id, slot.spec.name, exc)
+        except ModelRefused as exc:  # this worker can never run the federation: give the task back, stop
+            self._release(slot, task, "this worker refuses the federation's model")
+            raise
         finally:
             self._busy = False
 

@@ -323,6 +323,7 @@
           el("button", { type: "button", id: "btn-pause", class: "secondary", text: "Pause", on: { click: pauseOrResume } }),
           el("button", { type: "button", id: "btn-deadline", class: "secondary", text: "Extend deadline…", on: { click: extendDeadline } }),
           el("button", { type: "button", id: "btn-recluster", text: "Recluster…", on: { click: recluster } }))),
+      el("div", { id: "fed-notice", role: "status" }),
       el("div", { class: "stats", id: "fed-stats", "aria-label": "Federation summary" }),
       el("nav", { class: "jump", "aria-label": "Sections" }, SECTIONS.map(([sid, title]) =>
         el("button", { type: "button", text: title, on: { click: () => $(sid).scrollIntoView({ behavior: "smooth" }) } }))),
@@ -385,6 +386,15 @@
     $("crumb-name").textContent = status.name;
     document.title = status.name + " · hilora dashboard";
     replace($("fed-badges"), badge(status.state), status.paused_at ? [" ", badge("paused")] : null);
+    const notes = [];
+    if (status.paused_at) notes.push(el("p", { class: "notice danger", id: "paused-reason",
+      text: "Paused: " + (status.paused_reason || "no reason given") }));
+    if (status.failure_count > 0 || (status.last_failure && !status.paused_at)) {
+      notes.push(el("p", { class: "notice", id: "last-failure", text: (status.failure_count > 0
+        ? "The scheduler failed to advance this federation " + status.failure_count + " time(s) in a row; the last: "
+        : "Last scheduler failure (recovered since): ") + status.last_failure }));
+    }
+    replace($("fed-notice"), notes);
     const pause = $("btn-pause");
     pause.textContent = status.paused_at ? "Resume" : "Pause";
     const open = openRounds();

@@ -73,6 +73,7 @@ def pause_federation(session: Session, federation_id: int, now: datetime, reason
     if fed.paused_at is not None:
         raise Conflict(f"federation {federation_id} is already paused", code="already_paused")
     fed.paused_at = now
+    fed.paused_reason = reason[:500] or "paused by an admin"
     fed.updated_at = now
     audit(session, now, "pause", federation_id, f"federation:{federation_id}", {"reason": reason[:500]})
     return fed
@@ -89,10 +90,13 @@ def resume_federation(session: Session, federation_id: int, now: datetime) -> Fe
                                                    Round.deadline_at.is_not(None))):
         rnd.deadline_at = rnd.deadline_at + paused_for
         moved += 1
+    detail = {"paused_seconds": paused_for.total_seconds(), "deadlines_moved": moved,
+              "paused_reason": fed.paused_reason, "failures_cleared": fed.failure_count}
     fed.paused_at = None
+    fed.paused_reason = None
+    fed.failure_count = 0  # the admin has seen the failures: the scheduler tries afresh
     fed.updated_at = now
-    audit(session, now, "resume", federation_id, f"federation:{federation_id}",
-          {"paused_seconds": paused_for.total_seconds(), "deadlines_moved": moved})
+    audit(session, now, "resume", federation_id, f"federation:{federation_id}", detail)
     return fed
 
 

@@ -119,6 +119,7 @@ def federations_overview(session: Session, now: datetime) -> list[FederationOver
             Round.federation_id == fed.id, Round.status == RoundStatus.done, Round.result_version_id.is_not(None)))
         out.append(FederationOverview(
             federation_id=fed.id, name=fed.name, state=FederationState(fed.state), paused_at=fed.paused_at,
+            paused_reason=fed.paused_reason, failure_count=fed.failure_count or 0,
             current_round=max(in_stage or [n for _, _, n in open_rounds], default=None),
             open_rounds=len(open_rounds), tasks_done=counts.get(DONE, 0), tasks_total=sum(counts.values()),
             clients_total=total, clients_online=online, online_window_seconds=window, k=k,

@@ -82,7 +82,8 @@ def federation_status(session: Session, fed: Federation, last_rounds: int = 50) 
         clusters=clusters, clustering=_run_info(latest_run(session, fed.id)),
         onboarding_pending=sum(1 for c in clients if c.cohort == Cohort.late and c.onboarding != Onboarding.ready
                                and c.status == ClientStatus.active),
-        paused_at=fed.paused_at,
+        paused_at=fed.paused_at, paused_reason=fed.paused_reason, failure_count=fed.failure_count or 0,
+        last_failure=fed.last_failure, last_failure_at=fed.last_failure_at,
     )
 
 

@@ -49,15 +49,14 @@ class GcReport:
         return out
 
 
+# Every column that refers to a blob: a blob is kept while one of them names it.
+REFERENCES = (Task.upload_sha256, AdapterVersion.blob_sha256, Federation.backbone_sha256,
+              ClusteringRun.affinity_sha256, ClientFeature.blob_sha256)
+
+
 def _referenced():  # noqa: ANN202
     """Every sha256 some row still refers to."""
-    return union(
-        select(Task.upload_sha256).where(Task.upload_sha256.is_not(None)),
-        select(AdapterVersion.blob_sha256),
-        select(Federation.backbone_sha256),
-        select(ClusteringRun.affinity_sha256).where(ClusteringRun.affinity_sha256.is_not(None)),
-        select(ClientFeature.blob_sha256),
-    )
+    return union(*(select(column).where(column.is_not(None)) for column in REFERENCES))
 
 
 def _kept_probe_rounds(session: Session):  # noqa: ANN202
@@ -90,6 +89,17 @@ def delete_unreferenced_blobs(session: Session, limit: int = 10_000) -> list[tup
     if rows:
         session.execute(delete(Blob).where(Blob.sha256.in_([sha for sha, _ in rows])))
     return [(sha, size) for sha, size in rows]
+
+
+def release_blob_if_unreferenced(session: Session, sha256: str) -> bool:
+    """Delete the row of a collectable blob (an upload superseded by a newer body under the same
+    lease) when no row refers to it any more. True: the caller unlinks its file once the
+    transaction has committed (a crash in between leaves an orphan file for the next collection)."""
+    for column in REFERENCES:
+        if session.scalars(select(column).where(column == sha256).limit(1)).first() is not None:
+            return False
+    return (session.execute(delete(Blob).where(Blob.sha256 == sha256, Blob.kind.in_(COLLECTABLE_KINDS)))
+            .rowcount or 0) == 1
 
 
 def _sweep_files(blobs: BlobStore, known: set[str], grace_seconds: float, dry_run: bool) -> tuple[int, int]:

@@ -27,10 +27,20 @@ close when all tasks are terminal or at the deadline, done with at least one don
 
 Several replicas may run this loop; ``scheduler_tick`` takes a Postgres advisory lock so exactly
 one runs a tick at a time, and each federation is advanced under a row lock of the federation.
+
+Isolation: each federation is advanced in its own transaction, and an exception while advancing
+one rolls back that transaction only; it is recorded on the federation (``failure_count``,
+``last_failure``: the error, in the stage it happened), logged with the federation's id, counted
+(``hilora_scheduler_failures``), and the tick goes on with the next federation. After
+``MAX_CONSECUTIVE_FAILURES`` failing ticks in a row the scheduler pauses the federation with the
+reason (``paused_reason``, an audit event 'auto_pause'), so it is not retried every tick; an
+admin's resume clears the record. Aggregation itself does not fail on accepted input: an upload
+whose contribution leaves the float32 range is quarantined (``coordinator.services.aggregation``).
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
@@ -41,8 +51,10 @@ from coordinator.blobs import BlobStore
 from coordinator.errors import Conflict
 from coordinator.faults import fault_point
 from coordinator.logs import log_context
+from coordinator.metrics import observe_scheduler_failure
 from coordinator.models import Client, Cluster, Federation, Round, Task
 from coordinator.services.adapters import latest_version
+from coordinator.services.admin_actions import audit
 from coordinator.services.aggregation import aggregate_round
 from coordinator.services.clustering import assign_late_client, cluster_probes
 from coordinator.services.federations import federation_config, get_federation
@@ -70,6 +82,9 @@ OPEN = tuple(s for s in TaskStatus if s not in TERMINAL)  # pending, leased: a r
 QUORUM_STAGES = (Stage.root, Stage.cluster, Stage.probe)
 ROOT, ALL = scope(ScopeKind.root), scope(ScopeKind.all)
 MAX_TRANSITIONS_PER_CALL = 64
+MAX_CONSECUTIVE_FAILURES = 3  # failing ticks in a row before the scheduler pauses a federation
+MAX_FAILURE_TEXT = 2000
+log = logging.getLogger(__name__)
 SCHEDULER_LOCK_KEY = 0x68696C6F7261  # 'hilora': the Postgres advisory lock of scheduler ticks
 
 
@@ -228,6 +243,8 @@ def advance_federation(session: Session, blobs: BlobStore, federation_id: int, n
     if fed.paused_at is not None:
         return 0
     cfg = federation_config(fed)
+    if fed.failure_count:  # this attempt got this far after failed ones: the record starts over
+        fed.failure_count = 0
     made = 0
     for _ in range(MAX_TRANSITIONS_PER_CALL):
         if not _advance_once(session, blobs, fed, cfg, now):
@@ -274,6 +291,10 @@ def _advance_root(session: Session, blobs: BlobStore, fed: Federation, cfg: Fede
         _open_root_round(session, fed, now, rnd.input_root_version_id)
         return True
     version = aggregate_round(session, blobs, cfg, rnd, now)
+    if version is None:  # quarantined uploads left the round below its quorum (rnd.failure says so)
+        _close(rnd, RoundStatus.failed, now)
+        _open_root_round(session, fed, now, rnd.input_root_version_id)
+        return True
     rnd.result_version_id = version.id
     fed.last_rho = rnd.rho
     _close(rnd, RoundStatus.done, now)
@@ -357,10 +378,10 @@ def _advance_cluster(session: Session, blobs: BlobStore, fed: Federation, cfg: F
             if verdict == WAIT:
                 all_complete = False
                 continue
-            if verdict == FAIL:
+            version = aggregate_round(session, blobs, cfg, rnd, now) if verdict != FAIL else None
+            if version is None:  # failed, or quarantined uploads left it below its quorum
                 _close(rnd, RoundStatus.failed, now)
             else:
-                version = aggregate_round(session, blobs, cfg, rnd, now)
                 rnd.result_version_id = version.id
                 _close(rnd, RoundStatus.done, now)
             progressed = True
@@ -512,7 +533,38 @@ def scheduler_tick(session_factory, blobs: BlobStore, now: datetime) -> int:  # 
         with session_factory() as session:
             ids = list(session.scalars(select(Federation.id).order_by(Federation.id)))
         for fid in ids:
-            with log_context(federation_id=fid), session_factory() as session, session.begin():
-                changes += advance_federation(session, blobs, fid, now)
+            with log_context(federation_id=fid):
+                try:
+                    with session_factory() as session, session.begin():
+                        changes += advance_federation(session, blobs, fid, now)
+                except Exception as exc:  # one federation's failure never stalls the others
+                    log.exception("advancing federation %s failed", fid)
+                    record_failure(session_factory, fid, exc, now)
         return changes
+
+
+def record_failure(session_factory, federation_id: int, exc: BaseException, now: datetime) -> None:  # noqa: ANN001
+    """Record a failed attempt to advance a federation (its own transaction; the attempt's was rolled
+    back), and pause the federation after ``MAX_CONSECUTIVE_FAILURES`` of them in a row. Never
+    raises: a database that cannot take the record is logged, and the next tick tries again."""
+    try:
+        with session_factory() as session, session.begin():
+            fed = session.get(Federation, federation_id, with_for_update=True)
+            if fed is None:  # deleted meanwhile
+                return
+            stage = FederationState(fed.state).value
+            text = f"{type(exc).__name__} while advancing the {stage} stage: {exc}"[:MAX_FAILURE_TEXT]
+            fed.failure_count = (fed.failure_count or 0) + 1
+            fed.last_failure, fed.last_failure_at = text, now
+            observe_scheduler_failure(stage)
+            if fed.failure_count >= MAX_CONSECUTIVE_FAILURES and fed.paused_at is None:
+                fed.paused_at = now
+                fed.paused_reason = (f"paused by the scheduler after {fed.failure_count} failed attempts in a row "
+                                     f"to advance it; the last: {text}")[:MAX_FAILURE_TEXT]
+                fed.updated_at = now
+                audit(session, now, "auto_pause", federation_id, f"federation:{federation_id}",
+                      {"failures": fed.failure_count, "last_failure": text}, actor="scheduler")
+                log.error("federation %s paused after %d failed ticks: %s", federation_id, fed.failure_count, text)
+    except Exception:
+        log.exception("could not record the failure of federation %s", federation_id)
 

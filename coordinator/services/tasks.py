@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from coordinator.errors import Conflict, Forbidden, Invalid, NotFound, PayloadTo
 from coordinator.models import AdapterVersion, Client, Federation, Round, Task
 from coordinator.services.adapters import ensure_blob_row
 from coordinator.services.federations import federation_config
+from coordinator.services.retention import release_blob_if_unreferenced
 from shared.config import FederationConfig
 from shared.manifest import FACTORS
 from shared.schemas import AdapterRef, LeaseResponse, TaskAssignment
@@ -202,23 +204,46 @@ def release_task(session: Session, client: Client, task_id: int, lease_id: str, 
     return task
 
 
-def upload_plan(session: Session, client: Client, task_id: int) -> tuple[int, dict[str, tuple[int, ...]]]:
-    """(the largest valid body, the expected tensor names and shapes) of this task's upload; (0, {})
-    for a task that takes none (leaf, eval). The upload route streams at most that many bytes and
-    checks the body against the shapes (``check_upload_body``) before ``accept_upload``."""
+@dataclass(frozen=True)
+class AcceptedUpload:
+    sha256: str
+    size: int
+    freed: str | None = None  # the superseded body's blob, whose row is gone: unlink after commit
+
+
+@dataclass(frozen=True)
+class UploadPlan:
+    """What an upload to one task may be: at most ``limit`` bytes (0: the task takes none), the
+    tensors ``shapes``, every value within +-``max_abs``."""
+
+    limit: int
+    shapes: dict[str, tuple[int, ...]]
+    max_abs: float | None = None
+    federation_id: int = 0
+
+
+def upload_plan(session: Session, client: Client, task_id: int, lease_id: str, now: datetime) -> UploadPlan:
+    """The plan of this task's upload; limit 0 for a task that takes none (leaf, eval). The lease
+    is checked here, before a byte of the body is read (a finished task under the same lease
+    passes: its re-upload is answered by ``accept_upload``). The upload route streams at most
+    ``limit`` bytes and checks the body (``check_upload_body``) before ``accept_upload``."""
     task = _owned_task(session, client, task_id)
+    if not (task.status == TaskStatus.done and task.lease_id == lease_id):
+        _require_live_lease(task, lease_id, now)
     cfg = federation_config(session.get(Federation, task.federation_id))
     factors = expected_upload(cfg, task.stage)
     if not factors:
-        return 0, {}
-    return upload_limit(cfg, task.stage), cfg.manifest.tier_shapes(STAGE_TIER[Stage(task.stage)], factors)
+        return UploadPlan(0, {}, federation_id=task.federation_id)
+    tier = STAGE_TIER[Stage(task.stage)]
+    return UploadPlan(upload_limit(cfg, task.stage), cfg.manifest.tier_shapes(tier, factors),
+                      cfg.tier_policy(tier).max_abs_value, task.federation_id)
 
 
-def check_upload_body(path: Path, shapes: dict[str, tuple[int, ...]], limit: int) -> None:
-    """Validate a streamed body against its task's manifest shapes, outside any transaction (a
-    hostile body is parsed without holding a database lock). Raises 413 / 422 with the reason."""
+def check_upload_body(path: Path, plan: UploadPlan) -> None:
+    """Validate a streamed body against its task's plan, outside any transaction (a hostile body
+    is parsed without holding a database lock). Raises 413 / 422 with the reason."""
     try:
-        validate_tensor_file(path, shapes, limit)  # mapped, never read whole into memory
+        validate_tensor_file(path, plan.shapes, plan.limit, plan.max_abs)  # mapped, never read whole
     except TensorValidationError as exc:
         if exc.reason == "too_large":
             raise PayloadTooLarge(str(exc), code="too_large") from exc
@@ -226,15 +251,20 @@ def check_upload_body(path: Path, shapes: dict[str, tuple[int, ...]], limit: int
 
 
 def accept_upload(session: Session, blobs: BlobStore, client: Client, task_id: int, lease_id: str,
-                  tmp: Path, sha256: str, size: int, now: datetime) -> tuple[str, int]:
+                  tmp: Path, sha256: str, size: int, now: datetime, max_uploads: int = 16) -> AcceptedUpload:
     """Attach a streamed upload (already in ``tmp`` with its sha256) to the task under its live
     lease. The caller has checked the body against this task's plan (``upload_plan``,
-    ``check_upload_body``) outside the transaction: nothing here parses it again."""
+    ``check_upload_body``) outside the transaction: nothing here parses it again.
+
+    One stored body per task: a different body under the lease replaces the stored one, whose blob
+    row is deleted at once unless another row refers to the same bytes (``freed``: the caller
+    unlinks its file after commit); the same body again is an idempotent success. At most
+    ``max_uploads`` distinct bodies per task (409 upload_quota)."""
     task = _owned_task(session, client, task_id)
     if task.status == TaskStatus.done and task.lease_id == lease_id:
         tmp.unlink(missing_ok=True)
         if task.upload_sha256 == sha256:
-            return sha256, task.upload_bytes
+            return AcceptedUpload(sha256, task.upload_bytes)
         raise Conflict(f"task {task.id} is finished with a different upload", code="task_finished")
     _require_live_lease(task, lease_id, now)
     cfg = federation_config(session.get(Federation, task.federation_id))
@@ -244,17 +274,28 @@ def accept_upload(session: Session, blobs: BlobStore, client: Client, task_id: i
         why = "leaves never leave the client" if task.stage == Stage.leaf else "it evaluates only"
         raise Conflict(f"a {task.stage} task takes no upload ({why}); complete it with metrics only",
                        code="no_upload_expected")
+    previous = task.upload_sha256
+    if previous == sha256:  # the same body again (a retry): nothing changes
+        tmp.unlink(missing_ok=True)
+        client.last_seen_at = now
+        return AcceptedUpload(sha256, task.upload_bytes)
+    if (task.upload_count or 0) >= max_uploads:
+        tmp.unlink(missing_ok=True)
+        raise Conflict(f"task {task.id} has received {task.upload_count} different bodies, the most one task may "
+                       f"(HILORA_MAX_UPLOADS_PER_TASK); complete it with the stored one", code="upload_quota")
     blobs.adopt(tmp, sha256)
     ensure_blob_row(session, sha256, size, "upload", now)
     updated = session.execute(
         update(Task)
-        .where(Task.id == task.id, Task.status == TaskStatus.leased, Task.lease_id == lease_id)
-        .values(upload_sha256=sha256, upload_bytes=size)
+        .where(Task.id == task.id, Task.status == TaskStatus.leased, Task.lease_id == lease_id,
+               Task.upload_sha256.is_(None) if previous is None else Task.upload_sha256 == previous)
+        .values(upload_sha256=sha256, upload_bytes=size, upload_count=Task.upload_count + 1)
     ).rowcount
     if updated != 1:
         raise Conflict("the lease changed while uploading", code="stale_lease")
     client.last_seen_at = now
-    return sha256, size
+    freed = previous if previous is not None and release_blob_if_unreferenced(session, previous) else None
+    return AcceptedUpload(sha256, size, freed)
 
 
 def complete_task(session: Session, client: Client, task_id: int, lease_id: str, num_samples: int,

@@ -104,6 +104,7 @@ class InProcessService:
         settings = Settings(database_url=f"sqlite:///{self.workdir / 'coordinator.db'}",
                             blob_dir=self.workdir / "blobs", admin_token=self.admin_token, dev=True,
                             run_scheduler=False, upload_retention_seconds=None, lease_rate_per_second=0,
+                            registration_rate_per_second=0,
                             log_level="warning")
         self.app = create_app(settings)
         self._test_client = TestClient(self.app, base_url="http://hilora-bench")
@@ -129,7 +130,10 @@ class InProcessService:
         daemon = self._daemons.get(fid)
         if daemon is None:
             daemon = WorkerDaemon(self.client(f"bench-worker-{fid}"),
-                                  WorkerConfig(federation_id=fid, enrollment_secret=secret, clients=hosted),
+                                  WorkerConfig(federation_id=fid, enrollment_secret=secret, clients=hosted,
+                                               # the bench's backbone is the user's own choice
+                                               allow_model_kwargs=sorted(setup.artifact.model_kwargs),
+                                               allow_hub_models=True),
                                   self.workdir / "state", device=self.opts.device, data=setup.data)
             daemon.setup()
             self._daemons[fid] = daemon

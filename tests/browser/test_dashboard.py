@@ -227,6 +227,18 @@ def test_log_in_see_clusters_and_heatmap_then_recluster(served, browser, tmp_pat
         assert "Run #2" in page.locator("#toast").inner_text()
         expect(page.locator("#audit-table tbody")).to_contain_text("recluster", timeout=20000)
         page.screenshot(path=str(tmp_path / "after-recluster.png"), full_page=True)
+
+        # pause with a reason: the banner says why; resume: it goes
+        assert page.locator("#paused-reason").count() == 0
+        page.click("#btn-pause")
+        page.wait_for_selector("#confirm[open]")
+        page.fill("#field-reason", "checking a site's data")
+        page.click("#confirm-ok")
+        expect(page.locator("#paused-reason")).to_have_text("Paused: checking a site's data", timeout=20000)
+        page.click("#btn-pause")
+        page.wait_for_selector("#confirm[open]")
+        page.click("#confirm-ok")
+        expect(page.locator("#paused-reason")).to_have_count(0, timeout=20000)
         assert errors == []
     finally:
         context.close()

@@ -183,7 +183,7 @@ def test_coordinator_settings_from_compose_validate(services, monkeypatch):
     from coordinator.settings import Settings
 
     coordinator = services["coordinator"]
-    shell = {"HILORA_ADMIN_TOKEN": "x" * 32}
+    shell = {"HILORA_ADMIN_TOKEN": "x" * 32, "POSTGRES_PASSWORD": "p" * 32, "HILORA_METRICS_TOKEN": "m" * 32}
     env = {**stage_env("coordinator"), **{k: interpolate(v, shell) for k, v in service_env(coordinator).items()}}
     for key in ("HILORA_DATABASE_URL", "HILORA_ADMIN_TOKEN", "HILORA_BLOB_DIR", "HILORA_HOST", "HILORA_PORT"):
         assert env.get(key), f"the coordinator needs {key}"
@@ -198,6 +198,7 @@ def test_coordinator_settings_from_compose_validate(services, monkeypatch):
         monkeypatch.setenv(key, value)
     settings = Settings()
     assert settings.port == 8700 and settings.admin_token == "x" * 32 and not settings.dev
+    assert settings.metrics_token == "m" * 32 and ":" + "p" * 32 + "@" in settings.database_url
     # postgres: healthy before the coordinator starts; the coordinator is healthy on /v1/readyz
     assert coordinator["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["postgres"]["image"] == "postgres:15" and "pg_isready" in str(services["postgres"]["healthcheck"])
@@ -271,3 +272,23 @@ def test_worker_configs_host_the_demo_training_clients_once(tmp_path):
         cfg = load_worker_config(path)
         assert cfg.federation_id == 42 and cfg.enrollment_secret == "hle_secret"
         assert oct(path.stat().st_mode)[-3:] == "600"
+
+
+def test_compose_ships_no_default_secret_and_publishes_on_loopback(compose, services):
+    """Issue 15: no default Postgres password, /metrics behind a token, the coordinator published on
+    loopback only, and Postgres on a network the workers do not share."""
+    text = (REPO / "compose.yaml").read_text()
+    for var in ("HILORA_ADMIN_TOKEN", "POSTGRES_PASSWORD", "HILORA_METRICS_TOKEN"):
+        assert re.search(r"\$\{" + var + r":-", text) is None, f"{var} has a default"
+        assert re.search(r"\$\{" + var + r":\?", text), f"{var} is not required"
+    coordinator = services["coordinator"]
+    assert "HILORA_METRICS_TOKEN" in service_env(coordinator)
+    assert all(str(p).startswith("127.0.0.1:") for p in coordinator["ports"]), coordinator["ports"]
+    assert services["postgres"]["networks"] == ["database"]
+    assert compose["networks"]["database"].get("internal") is True
+    for name, service in services.items():
+        if name in ("postgres", "coordinator"):
+            continue
+        assert "database" not in service.get("networks", []), f"{name} shares the database network"
+        assert service.get("networks"), f"{name} is on the default network"
+    assert set(coordinator["networks"]) == {"database", "federation"}

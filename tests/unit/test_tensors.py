@@ -201,6 +201,17 @@ CORRUPT_BODIES = {
         b'"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}'),
     "NaN constant in header": (lambda h: struct.pack("<Q", len(h)) + h + bytes(4))(
         b'{"a":{"dtype":"F32","shape":[NaN],"data_offsets":[0,4]}}'),
+    "dtype a list": craft_body({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
+    "dtype an object": craft_body({"a": {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}}, bytes(4)),
+    "seventeen dimensions": craft_body({"a": {"dtype": "F32", "shape": [1] * 17, "data_offsets": [0, 4]}}, bytes(4)),
+    "a dimension over 2**48": craft_body({"a": {"dtype": "F32", "shape": [2**48 + 1, 0], "data_offsets": [0, 0]}},
+                                         b""),
+    # 250 dims of 4000 digits: the old validator multiplied them (seconds with the GIL held), then
+    # failed to print the product (a 500); now refused on the first dimension's size
+    "hundreds of huge dimensions": (lambda h: struct.pack("<Q", len(h)) + h)(
+        b'{"a":{"dtype":"F32","data_offsets":[0,0],"shape":[' + b",".join([b"9" * 4000] * 250) + b"]}}"),
+    "offset over 2**62": craft_body({"a": {"dtype": "F32", "shape": [1], "data_offsets": [2**62 + 1, 2**62 + 5]}},
+                                    b""),
 }
 
 
@@ -264,7 +275,8 @@ LIGHT_CHECK_REFUSES = ["truncated body", "shorter than the length field", "empty
                        "header not utf-8", "header is a list", "header length past the end",
                        "header length over 100 MB", "size inconsistent with shape", "end before begin",
                        "negative dimension", "float dimension", "unknown dtype", "missing data_offsets",
-                       "entry not an object"]
+                       "entry not an object", "dtype a list", "dtype an object", "seventeen dimensions",
+                       "a dimension over 2**48", "hundreds of huge dimensions"]
 
 
 @pytest.mark.parametrize("kind", LIGHT_CHECK_REFUSES)
@@ -401,3 +413,55 @@ def test_file_validation_gives_the_same_verdict_as_the_bytes_validation(kind, tm
         assert from_file[0] == from_bytes[0]
         if from_file[0] != "corrupt":  # the header-length wording differs between the two readers
             assert from_file[1] == from_bytes[1]
+
+
+# --- bounds (issue 15): magnitudes, header length, messages -------------------------------------
+
+
+def test_a_magnitude_bound_refuses_finite_but_huge_values(tmp_path):
+    tensors = valid_tensors()
+    tensors["head.bias"][2] = -2e4
+    body = pack_tensors(tensors)
+    path = tmp_path / "upload"
+    path.write_bytes(body)
+
+    assert sorted(validate_tensors(body, EXPECTED, LIMIT)) == sorted(EXPECTED)  # no bound: accepted
+    for check in (lambda: validate_tensors(body, EXPECTED, LIMIT, max_abs=1e4),
+                  lambda: validate_tensor_file(path, EXPECTED, LIMIT, max_abs=1e4)):
+        with pytest.raises(TensorValidationError) as caught:
+            check()
+        assert caught.value.reason == "out_of_range"
+        assert "'head.bias'" in caught.value.message and "2e+04" in caught.value.message
+    assert sorted(validate_tensors(body, EXPECTED, LIMIT, max_abs=2e4)) == sorted(EXPECTED)  # at the bound: kept
+    validate_tensor_file(path, EXPECTED, LIMIT, max_abs=2e4)
+
+
+def test_non_finite_is_reported_before_out_of_range():
+    tensors = valid_tensors()
+    tensors["head.bias"][0] = 1e30
+    tensors["blocks.0.q.lora_A"][0, 0] = np.nan
+    assert refusal(safetensors.numpy.save(tensors)).reason == "non_finite"
+
+
+def test_an_upload_header_longer_than_its_tensors_need_is_refused_unread(tmp_path):
+    from shared.manifest import header_allowance
+
+    padded = pack_tensors(valid_tensors(), metadata={"pad": "x" * header_allowance(len(EXPECTED))})
+    path = tmp_path / "upload"
+    path.write_bytes(padded)
+
+    assert refusal(padded).reason == "corrupt"
+    assert "exceeds the" in refusal(padded).message
+    with pytest.raises(TensorValidationError) as caught:
+        validate_tensor_file(path, EXPECTED, LIMIT)
+    assert caught.value.reason == "corrupt"
+    assert read_safetensors_header(padded)["__metadata__"]["pad"]  # as a stored file it is fine
+    short = pack_tensors(valid_tensors(), metadata={"pad": "x" * 1000})
+    assert sorted(validate_tensors(short, EXPECTED, LIMIT)) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("kind", ["hundreds of huge dimensions", "a dimension over 2**48", "dtype an object"])
+def test_messages_of_hostile_headers_are_short(kind):
+    with pytest.raises(TensorValidationError) as caught:
+        read_safetensors_header(CORRUPT_BODIES[kind])
+    assert len(caught.value.message) < 600

@@ -402,3 +402,25 @@ def test_only_the_leaf_trains_at_the_scaled_learning_rates(tmp_path, small_runti
         "stage": tier, "train_tier": tier, "training": Training(lr=1e-3, head_lr=1e-2, leaf_lr_scale=0.1)})
     daemon.execute(slot, task)
     assert seen["tier"] == tier and (seen["lr"], seen["head_lr"]) == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------- a model this worker refuses
+
+@pytest.mark.parametrize("backbone", [
+    {"model": "vit_tiny_patch16_224", "model_kwargs": {"checkpoint_path": "/etc/passwd"}},
+    {"model": "hf-hub:someone/model", "model_kwargs": {}},
+])
+def test_a_refused_model_gives_the_lease_back_and_stops_the_worker(tmp_path, backbone):
+    from conftest import tiny_config
+
+    from shared.config import FederationConfig
+    from worker.model_policy import ModelRefused
+
+    cfg = tiny_config("refused")
+    cfg["backbone"].update(backbone)
+    client = FakeClient(lease=[_lease(_task())], release=[None])
+    client.federation_config = lambda fid, token: FederationConfig.model_validate(cfg)  # type: ignore[attr-defined]
+    daemon, _slot = _daemon(client, tmp_path)
+    with pytest.raises(ModelRefused, match="allow_"):
+        daemon.run()
+    assert client.routes() == ["lease", "release"]  # nothing trained, nothing uploaded, lease given back
