@@ -280,6 +280,25 @@ class Task(Base):
     quarantined_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
+class Invitation(Base):
+    """A one-time, expiring registration code for one client (``hli_`` + 256 random bits; only its
+    sha256 is stored). Registering with it consumes it (``used_at``, ``client_id``); an admin may
+    revoke an unused one. It is bound by the federation's client cap and registration rate limit,
+    as the shared enrollment secret is."""
+
+    __tablename__ = "invitations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id", ondelete="CASCADE"), index=True)
+    code_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    note: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    client_id: Mapped[int | None] = mapped_column(ForeignKey("clients.id", ondelete="SET NULL"), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
 class AuditEvent(Base):
     """An admin action (revoke, pause, resume, deadline change, recluster, client deletion): who,
     when, on what, with which parameters. Append-only."""

@@ -63,6 +63,10 @@ from shared.schemas import (
     FederationStatus,
     Heartbeat,
     HeartbeatAck,
+    InvitationCode,
+    InvitationCreate,
+    InvitationInfo,
+    InvitationsCreated,
     LeaseResponse,
     RoundInfo,
     TaskComplete,
@@ -282,6 +286,49 @@ def rotate_enrollment_secret(federation_id: DbId, body: AdminNote, request: Requ
     with session.begin():
         secret = admin_actions.rotate_enrollment_secret(session, federation_id, _now(request), body.reason)
     return EnrollmentSecret(federation_id=federation_id, enrollment_secret=secret)
+
+
+@router.post("/federations/{federation_id}/invitations", response_model=InvitationsCreated, status_code=201)
+def create_invitations(federation_id: DbId, body: InvitationCreate, request: Request, session: SessionDep,
+                       _admin: AdminAuth) -> InvitationsCreated:
+    """One-time, expiring registration codes, one client each (shown once). A client registers with
+    a code as its bearer token, as it would with the enrollment secret."""
+    now = _now(request)
+    with session.begin():
+        made = registration.create_invitations(session, federation_id, body.count, body.expires_in_seconds,
+                                               body.note, now)
+        admin_actions.audit(session, now, "invite", federation_id, f"federation:{federation_id}",
+                            {"count": body.count, "ids": [row.id for row, _ in made], "note": body.note,
+                             "expires_in_seconds": body.expires_in_seconds})
+        result = InvitationsCreated(federation_id=federation_id, invitations=[
+            InvitationCode(id=row.id, code=code, expires_at=row.expires_at) for row, code in made])
+    return result
+
+
+def _invitation_info(row, now) -> InvitationInfo:  # noqa: ANN001
+    return InvitationInfo(id=row.id, note=row.note, state=registration.invitation_state(row, now),
+                          created_at=row.created_at, expires_at=row.expires_at, used_at=row.used_at,
+                          client_id=row.client_id, revoked_at=row.revoked_at)
+
+
+@router.get("/federations/{federation_id}/invitations", response_model=list[InvitationInfo])
+def list_invitations(federation_id: DbId, request: Request, session: SessionDep,
+                     _admin: AdminAuth) -> list[InvitationInfo]:
+    """The federation's invitations and their state (never their codes)."""
+    now = _now(request)
+    with session.begin():
+        return [_invitation_info(row, now) for row in registration.list_invitations(session, federation_id)]
+
+
+@router.delete("/federations/{federation_id}/invitations/{invitation_id}", response_model=InvitationInfo)
+def revoke_invitation(federation_id: DbId, invitation_id: DbId, request: Request, session: SessionDep,
+                      _admin: AdminAuth) -> InvitationInfo:
+    """Revoke an unused invitation: registering with it is refused from now on (409 if it was used)."""
+    now = _now(request)
+    with session.begin():
+        row = registration.revoke_invitation(session, federation_id, invitation_id, now)
+        admin_actions.audit(session, now, "revoke_invitation", federation_id, f"invitation:{invitation_id}", {})
+        return _invitation_info(row, now)
 
 
 @router.post("/federations/{federation_id}/pause", response_model=FederationStatus)

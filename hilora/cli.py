@@ -224,6 +224,48 @@ def admin_start(federation: Annotated[int, typer.Option(help="federation id")],
             _fail(str(exc))
 
 
+@admin_app.command("invite")
+def admin_invite(federation: Annotated[int, typer.Option(help="federation id")],
+                 count: Annotated[int, typer.Option(min=1, max=1000, help="how many codes (one client each)")] = 1,
+                 expires_hours: Annotated[float, typer.Option(min=1 / 60, max=90 * 24,
+                                                              help="each code is refused after this long")] = 168.0,
+                 note: Annotated[str, typer.Option(help="for you: whom the codes are for (200 characters)")] = "",
+                 coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700", admin_token: AdminToken = None) -> None:
+    """Create one-time, expiring registration codes (printed once, JSON). Hand one to each site: its
+    worker config puts it in the client's "enrollment_secret"."""
+    from worker.client import CoordinatorClient, CoordinatorError
+
+    token = _admin_token(admin_token)
+    with CoordinatorClient(coordinator_url) as http:
+        try:
+            r = http.request("POST", f"/v1/federations/{federation}/invitations", token=token,
+                             json={"count": count, "expires_in_seconds": expires_hours * 3600, "note": note})
+        except CoordinatorError as exc:
+            _fail(str(exc))
+    typer.echo(json.dumps(r.json(), indent=2))
+    typer.echo("keep the codes: they are shown only once", err=True)
+
+
+@admin_app.command("invitations")
+def admin_invitations(federation: Annotated[int, typer.Option(help="federation id")],
+                      revoke: Annotated[Optional[int], typer.Option(help="revoke this unused invitation")] = None,
+                      coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700",
+                      admin_token: AdminToken = None) -> None:
+    """List the federation's invitations and their state (never the codes), or revoke one."""
+    from worker.client import CoordinatorClient, CoordinatorError
+
+    token = _admin_token(admin_token)
+    with CoordinatorClient(coordinator_url) as http:
+        try:
+            if revoke is not None:
+                r = http.request("DELETE", f"/v1/federations/{federation}/invitations/{revoke}", token=token)
+            else:
+                r = http.request("GET", f"/v1/federations/{federation}/invitations", token=token)
+        except CoordinatorError as exc:
+            _fail(str(exc))
+    typer.echo(json.dumps(r.json(), indent=2))
+
+
 @admin_app.command("assign")
 def admin_assign(federation: Annotated[int, typer.Option(help="federation id")],
                  assignment: Annotated[str, typer.Option(

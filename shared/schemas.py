@@ -54,6 +54,37 @@ class EnrollmentSecret(BaseModel):
     enrollment_secret: str = Field(description="the new secret, shown once; the previous one no longer works")
 
 
+class InvitationCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    count: int = Field(default=1, ge=1, le=1000, description="how many codes, one client each")
+    expires_in_seconds: float = Field(default=7 * 86400, ge=60, le=90 * 86400,
+                                      description="each code is refused after this long (default 7 days)")
+    note: str = Field(default="", max_length=200, description="for the admin: whom the codes are for")
+
+
+class InvitationCode(BaseModel):
+    id: int
+    code: str = Field(description="shown once: the client registers with it as its bearer token, once")
+    expires_at: datetime
+
+
+class InvitationsCreated(BaseModel):
+    federation_id: int
+    invitations: list[InvitationCode]
+
+
+class InvitationInfo(BaseModel):
+    id: int
+    note: str
+    state: Literal["open", "used", "expired", "revoked"]
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None
+    client_id: int | None
+    revoked_at: datetime | None
+
+
 class UpdateNorm(BaseModel):
     client_id: int
     norm: float

@@ -194,6 +194,7 @@ def test_admin_only_routes_without_a_row(api, app):
     world = build_world(api, app)
     ids = {"federation_id": world.federation_id, "client_id": world.client_a, "task_id": world.task_a,
            "round_id": world.round_id, "version_id": world.root_version_id, "run_id": 1, "label": 0,
+           "invitation_id": 1,
            "sha256": world.backbone_sha}
     checked: set[tuple[str, str]] = set()
     for method, path, route in _schema_routes(app):
