@@ -529,6 +529,12 @@ def bench(
              "(a personal head on the cluster model: leaf.A and leaf.B frozen)")] = "all",
     leaf_lr_scale: Annotated[float, typer.Option(
         min=1e-6, max=10.0, help="training.leaf_lr_scale: the leaf tier's learning rates scaled by this")] = 1.0,
+    clip_relative: Annotated[Optional[float], typer.Option(
+        min=1.0, help="root.clip_relative and cluster.clip_relative: each update clipped to this multiple of the "
+                      "round's median update norm (default: off)")] = None,
+    max_weight_ratio: Annotated[Optional[float], typer.Option(
+        min=1.0, help="root and cluster max_weight_ratio: aggregation weights capped at this multiple of the "
+                      "round's median (default: off)")] = None,
     contrast: Annotated[Optional[float], typer.Option(
         min=0.0, help="clustering.contrast: LSAC accepts K > 1 only if the between/within distance ratio reaches "
                       "this (default 1.25)")] = None,
@@ -687,6 +693,7 @@ def bench(
     opts = replace(opts, device=device, threads=threads, probe_loss=probe_loss, probe_steps=probe_steps,
                    head_weight=head_weight, validation_fraction=validation_fraction, leaf=leaf,
                    leaf_lr_scale=leaf_lr_scale, k_rule=k_rule, min_silhouette=min_silhouette,
+                   clip_relative=clip_relative, max_weight_ratio=max_weight_ratio,
                    contrast=opts.contrast if contrast is None else contrast,
                    local_epochs=local_epochs or opts.local_epochs,
                    unseen_leaf_rounds=opts.unseen_leaf_rounds if unseen_leaf_rounds is None else unseen_leaf_rounds)

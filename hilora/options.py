@@ -40,6 +40,8 @@ class RunOptions:
     leaf_lr_scale: float = 1.0   # the leaf's learning rates scaled by this
     leaf: str = "all"            # what the leaf tier trains: "all" (LoRA A, B and head) or "head" (a personal head)
     validation_fraction: float = 0.0   # held out per client to choose its model (hierarchical methods)
+    clip_relative: float | None = None     # root and cluster: updates clipped to this x the round's median norm
+    max_weight_ratio: float | None = None  # root and cluster: weights capped at this x the round's median
     # clustering
     features: str = "update"
     k_min: int = 1

@@ -44,6 +44,12 @@ class TierPolicy(BaseModel):
         description="robust aggregation (docs/security.md): each client's update relative to the round's "
                     "input version is scaled down to this L2 norm when longer; measured in product space "
                     "(B A) for product_svd tiers, on the factors for factor_avg, head included; null: off")
+    clip_relative: float | None = Field(
+        default=None, ge=1, le=1e6,
+        description="robust aggregation (docs/security.md): each client's update is scaled down to this multiple "
+                    "of the median update norm of the round's accepted uploads when longer (a minority cannot move "
+                    "the median, and unlike clip_norm it needs no absolute scale, so it holds for any backbone); "
+                    "with clip_norm too, the smaller bound wins; null: off")
     max_weight_ratio: float | None = Field(
         default=None, ge=1, le=1e6,
         description="robust aggregation (docs/security.md): a client's aggregation weight (the num_samples "

@@ -22,6 +22,7 @@ aggregate stays deterministic. The slow dense reference lives in tests/unit/test
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -120,15 +121,27 @@ def scale_update(manifest: AdapterManifest, tier: str, policy: TierPolicy, previ
     return out
 
 
+def clip_bound(norms: Sequence[float], clip_norm: float | None, clip_relative: float | None) -> float:
+    """The length updates are clipped to: ``clip_norm``, ``clip_relative`` times the median of the
+    round's update norms, or the smaller of the two (inf when neither is set)."""
+    bounds = [math.inf]
+    if clip_norm is not None:
+        bounds.append(float(clip_norm))
+    if clip_relative is not None and len(norms):
+        bounds.append(float(clip_relative) * float(np.median(np.asarray(norms, dtype=np.float64))))
+    return min(bounds)
+
+
 def clip_uploads(manifest: AdapterManifest, tier: str, policy: TierPolicy, previous: Tensors,
                  uploads: Sequence[Tensors]) -> tuple[list[dict[str, np.ndarray]], ClipReport | None]:
-    """Clip every upload's update to ``policy.clip_norm``. Returns the uploads to aggregate (in the
-    same order) and the report; with ``clip_norm`` None, the uploads unchanged and None."""
-    if policy.clip_norm is None:
+    """Clip every upload's update to ``policy.clip_norm`` and/or ``policy.clip_relative`` times the
+    round's median update norm (``clip_bound``). Returns the uploads to aggregate (in the same order)
+    and the report; with neither set, the uploads unchanged and None."""
+    if policy.clip_norm is None and policy.clip_relative is None:
         return [dict(u) for u in uploads], None
-    c = float(policy.clip_norm)
     norms = [update_norm(manifest, tier, policy, previous, u) for u in uploads]
-    scales = [c / n if n > c else 1.0 for n in norms]
+    c = clip_bound(norms, policy.clip_norm, policy.clip_relative)
+    scales = [c / n if n > c else 1.0 for n in norms]  # c = 0 (a zero median) scales every update to 0
     clipped = [scale_update(manifest, tier, policy, previous, u, s) for u, s in zip(uploads, scales)]
     return clipped, ClipReport(clip_norm=c, norms=tuple(norms), scales=tuple(scales))
 

@@ -173,6 +173,8 @@ def method_config(name: str, opts: RunOptions, groups: Mapping[str, str] | None 
     elif name == "oracle":
         clustering = Clustering.model_validate({**clustering.model_dump(), "algorithm": "manual",
                                                 "assignment": planted_assignment(groups or {})})
+    robust = {"clip_relative": opts.clip_relative, "max_weight_ratio": opts.max_weight_ratio}
+    root, cluster = root.model_copy(update=robust), cluster.model_copy(update=robust)
     leaf_lora = "frozen" if opts.leaf == "head" else "local"
     return MethodConfig(name=name, root=root, cluster=cluster, leaf=TierPolicy(A=leaf_lora, B=leaf_lora, head="local"),
                         schedule=schedule, training=training, clustering=clustering)

@@ -212,3 +212,45 @@ def test_a_capped_liar_gets_at_most_ratio_medians_of_share():
 
     assert capped == 1 and weights[-1] == 200.0 and weights[:9] == honest
     assert weights[-1] / sum(weights) == pytest.approx(200 / 1100)
+
+
+@pytest.mark.parametrize("relative, absolute", [(3.0, None), (3.0, 0.5), (1.0, None), (1e6, None)])
+def test_relative_clipping_bounds_updates_by_a_multiple_of_the_rounds_median(relative, absolute):
+    """clip_relative: the bound is relative x the median of the round's update norms (with clip_norm
+    too, the smaller bound); against the dense reference with that bound."""
+    previous = _tensors(0)
+    uploads = [_tensors(s, scale=0.1) for s in (1, 2, 3, 4)] + [_tensors(9, scale=50.0)]
+    policy = TierPolicy(clip_relative=relative, clip_norm=absolute)
+    _, norms, _ = _dense_reference(TierPolicy(), previous, uploads, [1.0] * 5, None)
+    bound = min([relative * float(np.median(norms))] + ([absolute] if absolute is not None else []))
+    clipped, report = clip_uploads(MANIFEST, "root", policy, previous, uploads)
+    assert report.clip_norm == pytest.approx(bound, rel=1e-9)
+    merged, _norms, scales = _dense_reference(TierPolicy(), previous, uploads, [1.0] * 5, bound)
+    assert list(report.scales) == pytest.approx(scales, rel=1e-6)
+    ours = combine_tier_uploads(MANIFEST, "root", policy, previous, clipped, [1.0] * 5)
+    for t in MANIFEST.targets:
+        product = ours[f"{t.name}.lora_B"].astype(float) @ ours[f"{t.name}.lora_A"].astype(float)
+        np.testing.assert_allclose(product, merged[t.name], rtol=1e-4, atol=1e-5)
+    for name in HEAD:
+        np.testing.assert_allclose(ours[name], merged[name], rtol=1e-5, atol=1e-6)
+    assert (report.scales[4] < 1.0) == (bound < norms[4])
+    if relative == 1e6 and absolute is None:
+        assert report.clipped == 0
+
+
+def test_a_minority_cannot_move_the_relative_bound():
+    previous = _tensors(0)
+    honest = [_tensors(s, scale=0.1) for s in (1, 2, 3)]
+    policy = TierPolicy(clip_relative=2.0)
+    _, alone = clip_uploads(MANIFEST, "root", policy, previous, honest + [_tensors(8, scale=0.1)])
+    _, attacked = clip_uploads(MANIFEST, "root", policy, previous, honest + [_tensors(9, scale=1e4)])
+    median_honest = float(np.median(alone.norms[:3]))
+    assert median_honest <= attacked.clip_norm / 2.0 <= max(alone.norms[:3]) * 1.5
+    assert attacked.scales[3] < 1e-2 and all(s == 1.0 for s in attacked.scales[:3])
+
+
+def test_clip_relative_is_off_by_default_and_at_least_one():
+    assert TierPolicy().clip_relative is None
+    for bad in (0.5, 0, -1):
+        with pytest.raises(ValueError):
+            TierPolicy(clip_relative=bad)
