@@ -543,6 +543,9 @@ def bench(
              "the best mean silhouette, if it reaches --min-silhouette)")] = "eigengap",
     min_silhouette: Annotated[float, typer.Option(
         min=-1.0, max=1.0, help="clustering.min_silhouette (k_rule silhouette)")] = 0.15,
+    silhouette_tolerance: Annotated[Optional[float], typer.Option(
+        min=0.0, max=1.0, help="clustering.silhouette_tolerance (k_rule silhouette): the smallest K whose mean "
+                               "silhouette is at least (1 - this) times the best")] = None,
     head_weight: Annotated[float, typer.Option(
         min=0.0, help="clustering.head_weight: the probe's head delta scaled by this in the update features")
     ] = 1.0,
@@ -693,6 +696,8 @@ def bench(
     opts = replace(opts, device=device, threads=threads, probe_loss=probe_loss, probe_steps=probe_steps,
                    head_weight=head_weight, validation_fraction=validation_fraction, leaf=leaf,
                    leaf_lr_scale=leaf_lr_scale, k_rule=k_rule, min_silhouette=min_silhouette,
+                   silhouette_tolerance=opts.silhouette_tolerance if silhouette_tolerance is None
+                   else silhouette_tolerance,
                    clip_relative=clip_relative, max_weight_ratio=max_weight_ratio,
                    contrast=opts.contrast if contrast is None else contrast,
                    local_epochs=local_epochs or opts.local_epochs,

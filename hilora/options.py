@@ -50,6 +50,7 @@ class RunOptions:
     contrast: float = 1.25
     k_rule: str = "eigengap"     # "eigengap" (with the contrast test) or "silhouette"
     min_silhouette: float = 0.15
+    silhouette_tolerance: float = 0.0   # silhouette rule: the smallest K within this of the best
     force_k: int | None = None   # every hierarchical method but no-cluster (which forces 1)
     ema: float = 0.9             # lsac-paper: EMA factor lambda of the smoothed root-stage B
     probe_loss: str = "ce"       # the probe's loss: "ce" or "balanced" (inverse class frequency)

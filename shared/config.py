@@ -205,6 +205,11 @@ class Clustering(BaseModel):
     min_silhouette: float = Field(
         default=0.15, ge=-1, le=1,
         description="k_rule 'silhouette': the mean silhouette a partition into K >= 2 clusters needs")
+    silhouette_tolerance: float = Field(
+        default=0.0, ge=0, le=1,
+        description="k_rule 'silhouette': take the smallest K whose mean silhouette is at least (1 - this) times "
+                    "the best one (and reaches min_silhouette), since splitting a group in two often scores about as "
+                    "well as keeping it whole; 0: the best K")
     force_k: int | None = Field(default=None, ge=1)
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seed of the clustering's k-means")
 

@@ -440,6 +440,7 @@ def lsac(
     seed: int = 0,
     k_rule: str = "eigengap",
     min_silhouette: float = 0.15,
+    silhouette_tolerance: float = 0.0,
 ) -> LsacResult:
     """Cluster n points from their distance matrix D (n x n) with the measured LSAC rule.
 
@@ -453,7 +454,11 @@ def lsac(
        With ``k_rule="silhouette"`` the eigengap and the contrast test are not used: every K in
        that range is tried (``spectral_labels(S, K, seed)``), K* is the one whose partition has
        the highest mean ``silhouette`` on D (smallest K on ties), and it is accepted only if that
-       silhouette is >= ``min_silhouette``; else K = 1 unless ``k_min >= 2``.
+       silhouette is >= ``min_silhouette``; else K = 1 unless ``k_min >= 2``. With
+       ``silhouette_tolerance`` t > 0 the smallest K whose silhouette is at least (1 - t) times the
+       highest (and >= ``min_silhouette``) is taken instead: splitting a group in two often scores
+       about as well as keeping it. Relative, because silhouettes of probe updates range from
+       about 0.15 (20-image clients) to 0.5 (160-image clients).
     3. K in the result is the number of distinct labels actually produced.
 
     D must be square, finite and non-negative; it is symmetrised and its diagonal set to zero.
@@ -481,9 +486,11 @@ def lsac(
         candidates = [spectral_labels(affinity, k, seed) for k in range(lowest, highest + 1)]
         silhouettes = np.array([silhouette(distance, c) if 2 <= c.max() + 1 <= n - 1 else -1.0
                                 for c in candidates])
-        labels = candidates[int(np.argmax(silhouettes))]
+        best = float(silhouettes.max())
+        good_enough = max(best * (1.0 - silhouette_tolerance), min_silhouette) if best >= min_silhouette else best
+        labels = candidates[int(np.flatnonzero(silhouettes >= good_enough)[0])]
         contrast_ratio = between_within_distance_ratio(distance, labels)
-        if float(silhouettes.max()) < min_silhouette and k_min < 2:
+        if best < min_silhouette and k_min < 2:
             labels = np.zeros(n, dtype=np.int64)
     else:
         highest = min(k_max, n - 1)

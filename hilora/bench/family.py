@@ -167,6 +167,25 @@ def _compact(result: Mapping[str, Any]) -> dict[str, Any]:
     return keep
 
 
+_MISSING = object()
+
+
+def settings_to_record(recorded: Path, settings: dict[str, Any], family: str) -> dict[str, Any]:
+    """The settings a results folder keeps: ``settings`` if the folder has none yet, else its own
+    when they match (ValueError naming the differences otherwise). An option added to hilora since
+    that run, at its default, is what that run did, so it matches."""
+    if not recorded.is_file():
+        return settings
+    before = json.loads(recorded.read_text())
+    defaults = run_settings(RunOptions(), family)
+    before = {**{k: v for k, v in defaults.items() if k not in before}, **before}
+    changed = sorted(k for k in set(before) | set(settings) if before.get(k, _MISSING) != settings.get(k, _MISSING))
+    if changed:
+        raise ValueError(f"{recorded.parent} holds results of a run with other settings ({', '.join(changed)}: "
+                         f"{ {k: before.get(k) for k in changed} }); use another --out folder")
+    return {**before, **settings}
+
+
 def run_family(opts: RunOptions, family: str, methods: Sequence[str], seeds: Sequence[int], out: Path,
                cells: Sequence[str] | None = None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Every (cell, seed, method) of ``family`` not already in ``out``, through ``run_bench``; each
@@ -180,12 +199,7 @@ def run_family(opts: RunOptions, family: str, methods: Sequence[str], seeds: Seq
     out = Path(out)
     settings = run_settings(opts, family)
     recorded = out / "settings.json"
-    if recorded.is_file():
-        before = json.loads(recorded.read_text())
-        if before != settings:
-            changed = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-            raise ValueError(f"{out} holds results of a run with other settings ({', '.join(changed)}: "
-                             f"{ {k: before.get(k) for k in changed} }); use another --out folder")
+    settings = settings_to_record(recorded, settings, family)
     (out / "partitions").mkdir(parents=True, exist_ok=True)
     _write_atomic(recorded, json.dumps(settings, indent=1, sort_keys=True))
     started = time.monotonic()

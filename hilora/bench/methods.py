@@ -148,7 +148,8 @@ def method_config(name: str, opts: RunOptions, groups: Mapping[str, str] | None 
     clustering = Clustering(features=opts.features, k_min=opts.k_min, k_max=opts.k_max, knn=opts.knn,
                             contrast=opts.contrast, force_k=opts.force_k, seed=opts.seed, ema=opts.ema,
                             probe_loss=opts.probe_loss, probe_steps=opts.probe_steps, head_weight=opts.head_weight,
-                            k_rule=opts.k_rule, min_silhouette=opts.min_silhouette)
+                            k_rule=opts.k_rule, min_silhouette=opts.min_silhouette,
+                            silhouette_tolerance=opts.silhouette_tolerance)
     root, cluster = TierPolicy(), TierPolicy()
     if name in BASELINES:
         root = {"local": TierPolicy(A="local", B="local", head="local"),

@@ -109,3 +109,21 @@ def test_report_reads_the_result_files(tmp_path):
     assert entry["seeds"] == [0, 1] and report["complete"] == 2 and report["expected"] == 8
     text = format_family(report)
     assert f"| {cell.name} | 85.0 / 65.0 |  |" in text and "2 of 8 runs present" in text
+
+
+def test_a_results_folder_accepts_options_added_since_at_their_defaults(tmp_path):
+    from dataclasses import replace
+
+    from hilora.bench.family import run_settings, settings_to_record
+    from hilora.options import RunOptions
+
+    recorded = tmp_path / "settings.json"
+    now = run_settings(RunOptions(), "core")
+    assert settings_to_record(recorded, now, "core") == now  # a new folder keeps what it is given
+    old = {k: v for k, v in now.items() if k not in ("clip_relative", "silhouette_tolerance")}  # an older hilora
+    recorded.write_text(json.dumps(old))
+    assert settings_to_record(recorded, now, "core") == now
+    with pytest.raises(ValueError, match=r"other settings \(silhouette_tolerance"):
+        settings_to_record(recorded, run_settings(replace(RunOptions(), silhouette_tolerance=0.1), "core"), "core")
+    with pytest.raises(ValueError, match=r"other settings \(probe_loss"):
+        settings_to_record(recorded, run_settings(replace(RunOptions(), probe_loss="balanced"), "core"), "core")

@@ -586,3 +586,30 @@ def test_lsac_silhouette_rule_finds_blobs_and_keeps_noise_whole():
     assert lsac(Dn, knn=3, k_rule="silhouette", min_silhouette=-1.0).k >= 2
     with pytest.raises(ValueError, match="unknown K rule"):
         lsac(D, k_rule="gap")
+
+
+def test_silhouette_tolerance_takes_the_smallest_k_near_the_best():
+    """Two groups, one of them made of two close sub-blobs: the best silhouette may split it; a
+    (relative) tolerance takes the smallest K whose silhouette is at least (1 - tol) times the best
+    (and never one under min_silhouette)."""
+    from shared.subspace import lsac, silhouette
+
+    rng = np.random.default_rng(3)
+    a = np.concatenate([rng.normal(size=(8, 6)) * 0.3 + [0, 0, 0, 0, 0, 0],
+                        rng.normal(size=(8, 6)) * 0.3 + [2.2, 0, 0, 0, 0, 0]])
+    b = rng.normal(size=(10, 6)) * 0.3 + [0, 12, 0, 0, 0, 0]
+    points = np.concatenate([a, b])
+    D = np.linalg.norm(points[:, None] - points[None, :], axis=2)
+    best = lsac(D, knn=3, k_rule="silhouette")
+    s = best.silhouettes  # K = 2, 3, ...
+    assert best.k == 2 + int(np.argmax(s))
+    for tol in (0.0, 0.01, 0.05, 0.2, 1.0):
+        got = lsac(D, knn=3, k_rule="silhouette", silhouette_tolerance=tol)
+        want = 2 + int(np.flatnonzero(s >= max(s.max() * (1 - tol), 0.15))[0])
+        assert got.k == want, (tol, got.k, want, s)
+        assert silhouette(D, got.labels) >= max(s.max() * (1 - tol), 0.15) - 1e-12
+    assert lsac(D, knn=3, k_rule="silhouette", silhouette_tolerance=1.0).k == 2
+    # below min_silhouette nothing is accepted, whatever the tolerance
+    noise = rng.normal(size=(20, 400))
+    Dn = np.linalg.norm(noise[:, None] - noise[None, :], axis=2)
+    assert lsac(Dn, knn=3, k_rule="silhouette", silhouette_tolerance=0.5).k == 1
