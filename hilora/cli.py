@@ -148,6 +148,17 @@ def worker(
     raise typer.Exit(code)
 
 
+def _robust(value: Optional[float], default: Optional[float], flag: str) -> Optional[float]:
+    """A robust-aggregation flag: unset keeps the default, 0 turns the option off, else >= 1."""
+    if value is None:
+        return default
+    if value == 0:
+        return None
+    if value < 1:
+        _fail(f"{flag} must be 0 (off) or at least 1, got {value}")
+    return value
+
+
 def _admin_token(token: Optional[str]) -> str:
     token = token or os.environ.get("HILORA_ADMIN_TOKEN")
     if not token:
@@ -527,20 +538,21 @@ def bench(
     leaf: Annotated[str, typer.Option(
         help="what the leaf tier trains in every hierarchical method: 'all' (a personal LoRA and head) or 'head' "
              "(a personal head on the cluster model: leaf.A and leaf.B frozen)")] = "all",
-    leaf_lr_scale: Annotated[float, typer.Option(
-        min=1e-6, max=10.0, help="training.leaf_lr_scale: the leaf tier's learning rates scaled by this")] = 1.0,
+    leaf_lr_scale: Annotated[Optional[float], typer.Option(
+        min=1e-6, max=10.0, help="training.leaf_lr_scale: the leaf tier's learning rates scaled by this "
+                                 "(default 0.1)")] = None,
     clip_relative: Annotated[Optional[float], typer.Option(
-        min=1.0, help="root.clip_relative and cluster.clip_relative: each update clipped to this multiple of the "
-                      "round's median update norm (default: off)")] = None,
+        min=0.0, help="root.clip_relative and cluster.clip_relative: each update clipped to this multiple of the "
+                      "round's median update norm (default 3; 0: off)")] = None,
     max_weight_ratio: Annotated[Optional[float], typer.Option(
-        min=1.0, help="root and cluster max_weight_ratio: aggregation weights capped at this multiple of the "
-                      "round's median (default: off)")] = None,
+        min=0.0, help="root and cluster max_weight_ratio: aggregation weights capped at this multiple of the "
+                      "round's median (default 10; 0: off)")] = None,
     contrast: Annotated[Optional[float], typer.Option(
         min=0.0, help="clustering.contrast: LSAC accepts K > 1 only if the between/within distance ratio reaches "
                       "this (default 1.25)")] = None,
-    k_rule: Annotated[str, typer.Option(
-        help="clustering.k_rule: 'eigengap' (with the contrast test) or 'silhouette' (the K whose partition has "
-             "the best mean silhouette, if it reaches --min-silhouette)")] = "eigengap",
+    k_rule: Annotated[Optional[str], typer.Option(
+        help="clustering.k_rule: 'silhouette' (default: the K whose partition has the best mean silhouette, if it "
+             "reaches --min-silhouette) or 'eigengap' (with the contrast test)")] = None,
     min_silhouette: Annotated[float, typer.Option(
         min=-1.0, max=1.0, help="clustering.min_silhouette (k_rule silhouette)")] = 0.15,
     silhouette_tolerance: Annotated[Optional[float], typer.Option(
@@ -620,7 +632,7 @@ def bench(
         _fail(f"--workdir {workdir}: is not empty (a bench run starts a new coordinator database there)")
     if paper is not None and partition is not None:
         _fail("--paper and --partition exclude each other: --paper names the partition")
-    if k_rule not in ("eigengap", "silhouette"):
+    if k_rule is not None and k_rule not in ("eigengap", "silhouette"):
         _fail(f"--k-rule must be 'eigengap' or 'silhouette', got {k_rule!r}")
     if leaf not in ("all", "head"):
         _fail(f"--leaf must be 'all' or 'head', got {leaf!r}")
@@ -695,10 +707,12 @@ def bench(
         _fail(str(exc))
     opts = replace(opts, device=device, threads=threads, probe_loss=probe_loss, probe_steps=probe_steps,
                    head_weight=head_weight, validation_fraction=validation_fraction, leaf=leaf,
-                   leaf_lr_scale=leaf_lr_scale, k_rule=k_rule, min_silhouette=min_silhouette,
+                   leaf_lr_scale=opts.leaf_lr_scale if leaf_lr_scale is None else leaf_lr_scale,
+                   k_rule=k_rule or opts.k_rule, min_silhouette=min_silhouette,
                    silhouette_tolerance=opts.silhouette_tolerance if silhouette_tolerance is None
                    else silhouette_tolerance,
-                   clip_relative=clip_relative, max_weight_ratio=max_weight_ratio,
+                   clip_relative=_robust(clip_relative, opts.clip_relative, "--clip-relative"),
+                   max_weight_ratio=_robust(max_weight_ratio, opts.max_weight_ratio, "--max-weight-ratio"),
                    contrast=opts.contrast if contrast is None else contrast,
                    local_epochs=local_epochs or opts.local_epochs,
                    unseen_leaf_rounds=opts.unseen_leaf_rounds if unseen_leaf_rounds is None else unseen_leaf_rounds)

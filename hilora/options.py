@@ -37,18 +37,18 @@ class RunOptions:
     weight_decay: float = 0.0
     gamma_c: float = 0.1
     gamma_l: float = 0.1
-    leaf_lr_scale: float = 1.0   # the leaf's learning rates scaled by this
+    leaf_lr_scale: float = 0.1   # the leaf's learning rates scaled by this (chosen on the family)
     leaf: str = "all"            # what the leaf tier trains: "all" (LoRA A, B and head) or "head" (a personal head)
     validation_fraction: float = 0.0   # held out per client to choose its model (hierarchical methods)
-    clip_relative: float | None = None     # root and cluster: updates clipped to this x the round's median norm
-    max_weight_ratio: float | None = None  # root and cluster: weights capped at this x the round's median
+    clip_relative: float | None = 3.0      # root and cluster: updates clipped to this x the round's median norm
+    max_weight_ratio: float | None = 10.0  # root and cluster: weights capped at this x the round's median
     # clustering
     features: str = "update"
     k_min: int = 1
     k_max: int = 10
     knn: int = 5
     contrast: float = 1.25
-    k_rule: str = "eigengap"     # "eigengap" (with the contrast test) or "silhouette"
+    k_rule: str = "silhouette"   # "silhouette" or "eigengap" (with the contrast test); chosen on the family
     min_silhouette: float = 0.15
     silhouette_tolerance: float = 0.0   # silhouette rule: the smallest K within this of the best
     force_k: int | None = None   # every hierarchical method but no-cluster (which forces 1)

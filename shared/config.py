@@ -45,13 +45,13 @@ class TierPolicy(BaseModel):
                     "input version is scaled down to this L2 norm when longer; measured in product space "
                     "(B A) for product_svd tiers, on the factors for factor_avg, head included; null: off")
     clip_relative: float | None = Field(
-        default=None, ge=1, le=1e6,
+        default=3.0, ge=1, le=1e6,
         description="robust aggregation (docs/security.md): each client's update is scaled down to this multiple "
                     "of the median update norm of the round's accepted uploads when longer (a minority cannot move "
                     "the median, and unlike clip_norm it needs no absolute scale, so it holds for any backbone); "
                     "with clip_norm too, the smaller bound wins; null: off")
     max_weight_ratio: float | None = Field(
-        default=None, ge=1, le=1e6,
+        default=10.0, ge=1, le=1e6,
         description="robust aggregation (docs/security.md): a client's aggregation weight (the num_samples "
                     "it reports) is capped at this multiple of the median weight of the round's accepted "
                     "uploads, so no client can claim a dominating share; null: off")
@@ -130,7 +130,7 @@ class Training(BaseModel):
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="training seed (root initialisation, the "
                       "workers' per-client seeds)")
     leaf_lr_scale: float = Field(
-        default=1.0, gt=0, le=10,
+        default=0.1, gt=0, le=10,
         description="the leaf tier trains with lr and head_lr multiplied by this: a leaf starts from the cluster "
                     "model with a fresh optimizer, and on a few dozen images Adam's first steps at the shared "
                     "learning rates move it away from what the cluster learned (docs/method.md)")
@@ -197,7 +197,7 @@ class Clustering(BaseModel):
     knn: int = Field(default=5, ge=1)
     contrast: float = Field(default=1.25, gt=0, description="accept K>1 only if between/within distance >= contrast")
     k_rule: Literal["eigengap", "silhouette"] = Field(
-        default="eigengap",
+        default="silhouette",
         description="how LSAC ('lsac', 'kmeans-flat', and 'manual' for its record) chooses K: 'eigengap' (the "
                     "largest eigengap, accepted if the contrast test passes) or 'silhouette' (every K in "
                     "[max(2, k_min), k_max] is tried; the partition with the highest mean silhouette wins if it "

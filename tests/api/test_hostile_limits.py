@@ -289,7 +289,7 @@ def test_norm_clipping_is_applied_and_recorded_on_the_round(api, app):
     from shared.robust import clip_uploads
     from shared.tensors import unpack_tensors
 
-    fid, secret = create_federation(api, name="clipped", root={"clip_norm": 0.5},
+    fid, secret = create_federation(api, name="clipped", root={"clip_norm": 0.5, "clip_relative": None},
                                     schedule={"min_clients": 3, "root_rounds": 2})
     clients = [register(api, fid, secret, n, num_samples=5) for n in "abc"]
     tick(app)
@@ -324,14 +324,14 @@ def test_norm_clipping_is_applied_and_recorded_on_the_round(api, app):
 
 # ------------------------------------------------------------- weight capping in a real round
 
-@pytest.mark.parametrize("ratio", [None, 2.0])
+@pytest.mark.parametrize("ratio", [None, 2.0, "default"])
 def test_inflated_num_samples_are_capped_and_every_weight_is_recorded(api, app, ratio):
     from coordinator.models import AdapterVersion, Federation, Round
     from shared.aggregate import combine_tier_uploads
     from shared.config import FederationConfig
     from shared.tensors import unpack_tensors
 
-    root = {} if ratio is None else {"max_weight_ratio": ratio}
+    root = {} if ratio == "default" else {"max_weight_ratio": ratio}  # None: off; the default is 10
     fid, secret = create_federation(api, name=f"capped-{ratio}", root=root,
                                     schedule={"min_clients": 3, "root_rounds": 2})
     clients = [register(api, fid, secret, n, num_samples=5) for n in "abc"]
@@ -352,7 +352,7 @@ def test_inflated_num_samples_are_capped_and_every_weight_is_recorded(api, app, 
     assert info["status"] == "done"
     used = {w["client_id"]: (w["reported"], w["weight"]) for w in info["aggregation_weights"]}
     liar = clients[2][0]
-    expected_liar = 10.0**9 if ratio is None else 2.0 * 20  # 2 x the median claim
+    expected_liar = {None: 10.0**9, 2.0: 2.0 * 20, "default": 10.0 * 20}[ratio]  # ratio x the median claim
     assert used == {clients[0][0]: (10.0, 10.0), clients[1][0]: (20.0, 20.0), liar: (1e9, expected_liar)}
     with app.state.session_factory() as s:
         rnd = s.scalars(select(Round).where(Round.federation_id == fid, Round.number == 1)).one()

@@ -105,8 +105,8 @@ def test_max_abs_value_is_validated(api):
 
 
 def test_an_upload_that_overflows_the_aggregate_is_quarantined_and_the_round_aggregates_without_it(api, app):
-    # the bound raised so far that 1e20 values get in: aggregation itself must cope
-    fed = Fed(api, app, "quarantine", root={"max_abs_value": 1e30})
+    # the bound raised so far that 1e20 values get in, and relative clipping off: aggregation itself must cope
+    fed = Fed(api, app, "quarantine", root={"max_abs_value": 1e30, "clip_relative": None})
     later = Fed(api, app, "after-it")  # a higher id: on the old main it stopped advancing too
     tick(app)
     good = {"b": valid_root_upload(seed=11), "c": valid_root_upload(seed=12)}
@@ -138,7 +138,7 @@ def test_an_upload_that_overflows_the_aggregate_is_quarantined_and_the_round_agg
 
 
 def test_quarantine_below_the_quorum_fails_the_round_and_a_fresh_one_opens(api, app):
-    fed = Fed(api, app, "quorum", root={"max_abs_value": 1e30},
+    fed = Fed(api, app, "quorum", root={"max_abs_value": 1e30, "clip_relative": None},
               schedule={"min_clients": 3, "root_rounds": 3, "quorum_min_clients": 3})
     tick(app)
     fed.finish({"a": pack_tensors(_huge(1)), "b": pack_tensors(valid_root_upload(seed=2)),
@@ -518,3 +518,18 @@ def test_registrations_are_rate_limited_per_federation_for_holders_of_the_secret
         assert "per federation" in r.json()["detail"] and int(r.headers["retry-after"]) >= 1
         register(api, other, other_secret, "d")  # another federation has its own bucket
     app.state.engine.dispose()
+
+
+def test_with_the_default_relative_clip_a_huge_update_is_clipped_not_quarantined(api, app):
+    fed = Fed(api, app, "clipped", root={"max_abs_value": 1e30})  # clip_relative 3 (the default) stays on
+    tick(app)
+    fed.finish({"a": pack_tensors(_huge(1)), "b": pack_tensors(valid_root_upload(seed=11)),
+                "c": pack_tensors(valid_root_upload(seed=12))})
+    tick(app)
+    assert fed.root_versions() == [0, 1]
+    with app.state.session_factory() as s:
+        rnd = s.scalars(select(Round).where(Round.federation_id == fed.fid, Round.number == 1)).one()
+        norms = {n["client_id"]: n for n in rnd.update_norms}
+        a, b, c = (fed.clients[x][0] for x in "abc")
+        assert rnd.clipped_clients == 1 and norms[a]["scale"] < 1e-15 and norms[b]["scale"] == norms[c]["scale"] == 1.0
+        assert s.scalars(select(Task).where(Task.quarantined_at.is_not(None))).first() is None

@@ -136,7 +136,7 @@ def test_a_validation_fraction_outside_0_to_half_is_refused(fraction):
 
 
 def test_k_rule_and_min_silhouette_are_checked():
-    assert Clustering().k_rule == "eigengap" and Clustering(k_rule="silhouette").min_silhouette == 0.15
+    assert Clustering().k_rule == "silhouette" and Clustering(k_rule="eigengap").min_silhouette == 0.15
     for bad in ({"k_rule": "gap"}, {"min_silhouette": 1.5}, {"min_silhouette": -2}, {"silhouette_tolerance": -0.1},
                 {"silhouette_tolerance": 1.5}):
         with pytest.raises(ValidationError):

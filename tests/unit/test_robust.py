@@ -68,7 +68,7 @@ def _dense_reference(policy: TierPolicy, previous, uploads, weights, c):
 @pytest.mark.parametrize("zero_previous", [True, False])
 @pytest.mark.parametrize("clip", [None, 0.5, 2.0, 1e6])
 def test_product_space_clipping_matches_the_dense_reference(zero_previous, clip):
-    policy = TierPolicy(clip_norm=clip)
+    policy = TierPolicy(clip_norm=clip, clip_relative=None)
     previous = _tensors(0, scale=0.3, zero_b=zero_previous)
     uploads = [_tensors(s, scale=sc) for s, sc in zip((1, 2, 3, 4), (0.1, 0.2, 5.0, 0.05))]
     weights = [10.0, 20.0, 30.0, 5.0]
@@ -89,7 +89,7 @@ def test_product_space_clipping_matches_the_dense_reference(zero_previous, clip)
 
 
 def test_factor_avg_clipping_matches_the_dense_reference():
-    policy = TierPolicy(aggregation="factor_avg", A="frozen", clip_norm=1.0)
+    policy = TierPolicy(aggregation="factor_avg", A="frozen", clip_norm=1.0, clip_relative=None)
     previous = _tensors(0)
     uploads = [_tensors(s, scale=sc) for s, sc in zip((1, 2, 3), (0.1, 3.0, 0.3))]
     clipped, report = clip_uploads(MANIFEST, "root", policy, previous, uploads)
@@ -105,7 +105,7 @@ def test_factor_avg_clipping_matches_the_dense_reference():
 
 
 def test_unclipped_uploads_are_used_bit_for_bit():
-    policy = TierPolicy(clip_norm=1e9)
+    policy = TierPolicy(clip_norm=1e9, clip_relative=None)
     previous, uploads = _tensors(0), [_tensors(1), _tensors(2)]
     clipped, report = clip_uploads(MANIFEST, "root", policy, previous, uploads)
     assert report.clipped == 0
@@ -121,7 +121,7 @@ def test_one_huge_update_moves_the_aggregate_by_at_most_its_weight_times_c():
     previous = _tensors(0, zero_b=True)
     honest = [_tensors(s, scale=0.01) for s in (1, 2, 3)]
     attacker = _tensors(9, scale=1e6)
-    policy = TierPolicy(clip_norm=c)
+    policy = TierPolicy(clip_norm=c, clip_relative=None)
     clipped, report = clip_uploads(MANIFEST, "root", policy, previous, honest + [attacker])
     assert report.scales[3] < 1e-5 and report.norms[3] > 1e5
     assert update_norm(MANIFEST, "root", policy, previous, clipped[3]) == pytest.approx(c, rel=1e-6)
@@ -249,8 +249,8 @@ def test_a_minority_cannot_move_the_relative_bound():
     assert attacked.scales[3] < 1e-2 and all(s == 1.0 for s in attacked.scales[:3])
 
 
-def test_clip_relative_is_off_by_default_and_at_least_one():
-    assert TierPolicy().clip_relative is None
+def test_clip_relative_is_three_by_default_and_at_least_one():
+    assert TierPolicy().clip_relative == 3.0 and TierPolicy().max_weight_ratio == 10.0
     for bad in (0.5, 0, -1):
         with pytest.raises(ValueError):
             TierPolicy(clip_relative=bad)
