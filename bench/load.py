@@ -121,6 +121,8 @@ class Coordinator:
         env.update({"HILORA_DATABASE_URL": self.database_url, "HILORA_BLOB_DIR": str(self.workdir / "blobs"),
                     "HILORA_ADMIN_TOKEN": ADMIN_TOKEN, "HILORA_HOST": "127.0.0.1", "HILORA_PORT": str(self.port),
                     "HILORA_SCHEDULER_INTERVAL": "0.5", "HILORA_LOG_LEVEL": "warning", "HILORA_DEV": "0",
+                    # one federation of many pollers: the per-federation upload slots as wide as the replica's
+                    "HILORA_MAX_UPLOADS_IN_FLIGHT_PER_FEDERATION": "64",
                     "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         env.pop("HILORA_FAULT_AT", None)
         env.update(self.extra_env)
@@ -435,7 +437,8 @@ def run(pollers: int = 50, seconds: float = 60.0, backend: str = "sqlite", datab
             problems.append(f"{len(stats.server_errors)} server errors: {stats.server_errors[:5]}")
         if stats.transport_errors:
             problems.append(f"{len(stats.transport_errors)} transport errors: {stats.transport_errors[:5]}")
-        if oversized is not None and (oversized["status"] not in (413, None) or oversized["rss_growth_mb"] > 64):
+        # refused before it is read: 413 (over the limit) or, since issue 15, 409 (the lease is checked first)
+        if oversized is not None and (oversized["status"] not in (413, 409, None) or oversized["rss_growth_mb"] > 64):
             problems.append(f"oversized upload: {oversized}")
         uploads_ok = stats.statuses.get("upload 200", 0)
         return {
