@@ -317,23 +317,30 @@ def _check_header_length(header_length: int, expected: Mapping[str, tuple[int, .
                        f"{len(expected)} tensors needs")
 
 
+def magnitude(array: np.ndarray) -> float:
+    """The largest |value| of an array (0 when empty, inf when any value is NaN or infinite), from
+    its minimum and maximum: no temporary array, so a memory-mapped upload is read once."""
+    if not array.size:
+        return 0.0
+    low, high = float(array.min()), float(array.max())  # a NaN makes both NaN
+    return max(-low, high) if math.isfinite(low) and math.isfinite(high) else math.inf
+
+
 def _check_magnitude(arrays: Mapping[str, np.ndarray], max_abs: float | None) -> None:
     """Finite values first ("non_finite"), then, with a bound, no |value| above it ("out_of_range")."""
     for name in sorted(arrays):
         array = arrays[name]
-        if not array.size:
-            continue
-        low, high = float(array.min()), float(array.max())  # a NaN makes both NaN; no temporaries
-        if not (math.isfinite(low) and math.isfinite(high)):
+        largest = magnitude(array)
+        if largest == math.inf:
             bad = int(np.count_nonzero(~np.isfinite(array)))
             raise TensorValidationError(
                 "non_finite",
                 f"tensor {name!r}: expected finite values, got {bad} NaN or infinite "
                 f"of {array.size}")
-        if max_abs is not None and max(-low, high) > max_abs:
+        if max_abs is not None and largest > max_abs:
             raise TensorValidationError(
                 "out_of_range",
-                f"tensor {name!r}: values must lie within +-{max_abs:g}, got {max(-low, high):.4g} "
+                f"tensor {name!r}: values must lie within +-{max_abs:g}, got {largest:.4g} "
                 f"(the tier's max_abs_value)")
 
 

@@ -7,14 +7,12 @@ Aggregation cannot fail on accepted input. Uploads are bounded at the door (``Ti
 max_abs_value``); should a combination still leave the float32 range the adapters are stored in
 (or the math fail on it), the upload with the largest magnitude is quarantined (its task keeps
 'done' but gets ``quarantined_at`` and the reason in ``error``; an audit event 'quarantine' names
-the client) and the round is combined
-again without it. When fewer than the round's quorum remain, the round fails with that reason and
+the client) and the round is combined again without it. When fewer than the round's quorum remain, the round fails with that reason and
 a fresh round opens, as for any failed round."""
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from datetime import datetime
 
@@ -33,7 +31,7 @@ from shared.config import FederationConfig
 from shared.probes import factor_pairs
 from shared.robust import cap_weights, clip_uploads
 from shared.schemas import TaskStatus
-from shared.tensors import TensorValidationError
+from shared.tensors import TensorValidationError, magnitude
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +45,12 @@ class Unrepresentable(ArithmeticError):
 
 def _max_abs(tensors: dict[str, np.ndarray]) -> float:
     """Largest magnitude of an upload's values (inf for a non-finite one); read tensor by tensor."""
-    worst = 0.0
-    for array in tensors.values():
-        if array.size:
-            low, high = float(np.min(array)), float(np.max(array))
-            if not (math.isfinite(low) and math.isfinite(high)):
-                return math.inf
-            worst = max(worst, -low, high)
-    return worst
+    return max((magnitude(array) for array in tensors.values()), default=0.0)
 
 
 def _check_representable(tensors: dict[str, np.ndarray]) -> None:
     for name, array in tensors.items():
-        if array.size and not (np.all(np.isfinite(array)) and float(np.max(np.abs(array))) <= FLOAT32_MAX):
+        if magnitude(array) > FLOAT32_MAX:  # inf for NaN or infinite values
             raise Unrepresentable(f"the combined {name!r} leaves the float32 range")
 
 

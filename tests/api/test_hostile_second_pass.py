@@ -288,9 +288,8 @@ def test_the_lease_is_checked_before_the_body_is_parsed(api, app):
 # --------------------------------------------------------------------------- one body per task
 
 
-def _upload_rows(app, fid: int) -> dict[str, bool]:
-    """sha256 -> whether its file is in the store, for every upload blob row of the federation's tasks
-    and every upload blob row at all."""
+def _upload_rows(app) -> dict[str, bool]:
+    """sha256 -> whether its file is in the store, for every blob row of kind upload."""
     from coordinator.models import Blob
 
     with app.state.session_factory() as s:
@@ -307,14 +306,14 @@ def test_a_new_body_under_the_lease_replaces_the_stored_one_and_frees_it_at_once
         r = fed.upload("a", task, pack_tensors(valid_root_upload(seed=100 + seed)))
         assert r.status_code == 200, r.text
         shas.append(r.json()["sha256"])
-        assert _upload_rows(app, fed.fid) == {shas[-1]: True}  # the superseded body is gone, row and file
+        assert _upload_rows(app) == {shas[-1]: True}  # the superseded body is gone, row and file
         for old in shas[:-1]:
             assert not app.state.blobs.path(old).exists()
     r = fed.upload("a", task, pack_tensors(valid_root_upload(seed=100 + 15)))  # the same body again: free
     assert (r.status_code, r.json()["sha256"]) == (200, shas[-1])
     r = fed.upload("a", task, pack_tensors(valid_root_upload(seed=999)))  # a 17th different body
     assert (r.status_code, r.json()["error"]) == (409, "upload_quota"), r.text
-    assert _upload_rows(app, fed.fid) == {shas[-1]: True}
+    assert _upload_rows(app) == {shas[-1]: True}
     with app.state.session_factory() as s:
         row = s.get(Task, task["task_id"])
         assert (row.upload_sha256, row.upload_count) == (shas[-1], 16)
@@ -330,7 +329,7 @@ def test_a_superseded_body_that_another_task_holds_is_kept(api, app):
     task_a = fed.lease("a")
     sha_same = fed.upload("a", task_a, same).json()["sha256"]
     sha_new = fed.upload("a", task_a, pack_tensors(valid_root_upload(seed=8))).json()["sha256"]
-    rows = _upload_rows(app, fed.fid)
+    rows = _upload_rows(app)
     assert rows == {sha_same: True, sha_new: True}
     with app.state.session_factory() as s:
         assert s.get(Task, task_b["task_id"]).upload_sha256 == sha_same
