@@ -112,8 +112,9 @@ class Federation(Base):
 
 
 class Client(Base):
-    """A data owner. ``cohort`` is 'train' for clients registered while the federation enrolls or
-    trains its root, 'late' for clients registered from the probe stage on (the unseen clients of
+    """A data owner. ``cohort`` is 'train' for clients registered while the federation enrolls (or
+    while a training federation has no active training client left), 'late' for clients registered
+    once training began (the unseen clients of
     the paper), which are onboarded while serving. ``status``: active -> revoked. ``onboarding``:
     'none' for the training cohort; waiting -> probe -> leaf -> ready (waiting -> leaf without
     clusters) for a late client (``shared.states``)."""
@@ -132,6 +133,11 @@ class Client(Base):
     onboarding: Mapped[Onboarding] = mapped_column(EnumText(Onboarding), default=Onboarding.none.value)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Partial participation (Schedule.max_consecutive_failures): rounds in a row whose task for this
+    # client ended without its upload, and since when it is inactive (no task opened for it until it
+    # asks for work again); null while active.
+    missed_rounds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    inactive_since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class ClusteringRun(Base):
@@ -215,6 +221,10 @@ class Round(Base):
     # [{client_id, reported, weight}] of an aggregated round: the weights it was computed with
     aggregation_weights: Mapped[list | None] = mapped_column(JSON, nullable=True)
     deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Client sampling (Schedule.clients_per_round, shared.sampling): the seed the round's clients were
+    # drawn with and how many were eligible; null when the round asked every eligible client.
+    sample_seed: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    sampled_from: Mapped[int | None] = mapped_column(Integer, nullable=True)
     failure: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -83,6 +83,28 @@ def _leaf_default() -> TierPolicy:
     return TierPolicy(A="local", B="local", head="local")
 
 
+class ClientsPerRound(BaseModel):
+    """Partial participation (``shared.sampling``): the share of eligible clients a root or cluster
+    round trains."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    fraction: float = Field(default=1.0, gt=0, le=1,
+                            description="share of the eligible clients drawn (rounded up); 1: every one")
+    min: int = Field(default=2, ge=1, le=1_000_000, description="draw at least this many (all if fewer are eligible)")
+    max: int | None = Field(default=None, ge=1, le=1_000_000, description="draw at most this many; null: no cap")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ClientsPerRound":
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"clients_per_round: max ({self.max}) is below min ({self.min})")
+        return self
+
+    @property
+    def samples(self) -> bool:
+        return self.fraction < 1 or self.max is not None
+
+
 class Schedule(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -108,10 +130,25 @@ class Schedule(BaseModel):
     quorum_min_fraction: float = Field(
         default=0.0, ge=0, le=1,
         description="... and at least this fraction of the round's clients (rounded up)")
-    round_deadline_seconds: float | None = Field(
-        default=None, gt=0, le=366 * 86400,
+    round_deadline_seconds: Annotated[float, Field(gt=0, le=366 * 86400)] | Literal["auto"] | None = Field(
+        default="auto",
         description="a round is decided at this age even if tasks are still open: aggregated if the "
-                    "quorum is met (open tasks are cancelled), else failed and reopened; null: no deadline")
+                    "quorum is met (open tasks are cancelled), else failed and reopened. 'auto' (the default): "
+                    "a deadline derived from the schedule and from how long this federation's tasks take "
+                    "(shared.deadlines: at least lease_seconds x max_attempts, and 4 x the longest a done task "
+                    "of the last rounds took, or 3 x the time half of this round's tasks took), so a client "
+                    "that heartbeats and never uploads cannot hold a round open for ever while slow GPU tasks "
+                    "are not cut; null: no deadline (federations stored before 'auto' existed keep null)")
+    clients_per_round: ClientsPerRound = Field(
+        default_factory=ClientsPerRound,
+        description="root and cluster rounds train a drawn subset of their eligible clients (per cluster in "
+                    "cluster rounds), by a seed recorded on the round; quorum and deadline apply to the drawn "
+                    "set. Probe, leaf and evaluation rounds ask every eligible client")
+    max_consecutive_failures: int | None = Field(
+        default=3, ge=1, le=1000,
+        description="a client whose tasks end without an upload (failed, cancelled, never leased) in this many "
+                    "rounds in a row is marked inactive (not revoked): no further task is opened for it until it "
+                    "asks for work again. Rounds it was not drawn for do not count; null: never")
 
     def quorum(self, num_tasks: int) -> int:
         """Accepted uploads a round of ``num_tasks`` clients needs before it may aggregate."""

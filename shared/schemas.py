@@ -118,6 +118,10 @@ class RoundInfo(BaseModel):
                                                   "and the scale clipping applied (1: unchanged)")
     aggregation_weights: list[AggregationWeight] | None = Field(
         default=None, description="each client's weight in the aggregate of this round; null until aggregated")
+    sample_seed: int | None = Field(default=None, description=(
+        "client sampling (schedule.clients_per_round): the seed this round's clients were drawn with "
+        "(shared.sampling.draw over the eligible client ids, ascending); null when every eligible client was asked"))
+    sampled_from: int | None = Field(default=None, description="how many clients were eligible for the draw")
     created_at: datetime
     closed_at: datetime | None = None
 
@@ -446,6 +450,10 @@ class ClientRow(BaseModel):
     acc_selected: float | None = Field(default=None, description=(
         "test accuracy of the model the client chose on its held-out validation part "
         "(training.validation_fraction > 0); None when it holds none out"))
+    missed_rounds: int = Field(default=0, description="rounds in a row whose task for it ended without its upload")
+    inactive_since: datetime | None = Field(default=None, description=(
+        "marked inactive after schedule.max_consecutive_failures missed rounds: no task is opened for it until it "
+        "asks for work again; null while active"))
 
 
 class LeaseRow(BaseModel):

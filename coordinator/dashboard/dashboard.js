@@ -714,7 +714,10 @@
   const CLIENT_COLUMNS = [
     { title: "Client", sortKey: "name", render: (c) => [el("span", { class: "dot" + (c.online ? " on" : ""), role: "img",
       title: c.online ? "online" : "offline", "aria-label": c.online ? "online" : "offline" }), c.name] },
-    { title: "Status", sortKey: "status", render: (c) => badge(c.status) },
+    { title: "Status", sortKey: "status", render: (c) => c.inactive_since
+      ? [badge(c.status), el("span", { class: "muted", text: ` · inactive (${c.missed_rounds} missed)`,
+        title: "no task opens for it until it asks for work again; inactive since " + c.inactive_since })]
+      : badge(c.status) },
     { title: "Cohort", sortKey: "cohort", render: (c) => c.cohort + (c.cohort === "late" ? " · " + c.onboarding : "") },
     { title: "Cluster", sortKey: "cluster_label", num: true, render: (c) => c.cluster_label === null ? "–" : String(c.cluster_label) },
     { title: "Samples", sortKey: "num_samples", num: true, render: (c) => String(c.num_samples) },

@@ -368,7 +368,8 @@ def clients_table(session: Session, fed: Federation, now: datetime) -> list[Clie
                       online=c.last_seen_at is not None and c.last_seen_at >= now - window,
                       tasks_done=done.get(c.id, 0), acc_root=latest.get(c.id, {}).get("root"),
                       acc_cluster=latest.get(c.id, {}).get("cluster"), acc_leaf=latest.get(c.id, {}).get("leaf"),
-                      acc_selected=latest.get(c.id, {}).get("selected"))
+                      acc_selected=latest.get(c.id, {}).get("selected"), missed_rounds=c.missed_rounds or 0,
+                      inactive_since=c.inactive_since)
             for c in session.scalars(select(Client).where(Client.federation_id == fed.id).order_by(Client.id))]
 
 

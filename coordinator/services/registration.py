@@ -21,8 +21,12 @@ from shared.states import ClientStatus, Cohort, FederationState, Machine, Onboar
 def register_client(session: Session, federation_id: int, enrollment_secret: str, name: str,
                     num_samples: int, now: datetime, throttle: Callable[[], None] | None = None) -> tuple[Client, str]:
     """Register a client. MUST fail (Unauthorized) for a wrong secret, (Conflict) for a name that
-    is already registered in this federation. A client registered once the probe stage has begun
-    is in the 'late' cohort and is onboarded when the federation serves."""
+    is already registered in this federation. A client registered once training has begun (the
+    federation left 'enrolling') is in the 'late' cohort: it joins no root, probe or cluster round
+    and is onboarded when the federation serves, so the enrollment secret cannot add members to a
+    running training cohort. The exception: a federation still training whose training clients were
+    all revoked or deleted has no cohort left to protect, and a new client joins it as a training
+    client (the stage's next round opens for it)."""
     fed = get_federation(session, federation_id)
     invitation = None
     if enrollment_secret.startswith(INVITATION_PREFIX):
@@ -42,7 +46,10 @@ def register_client(session: Session, federation_id: int, enrollment_secret: str
     if (count or 0) >= cap:
         raise Conflict(f"federation {federation_id} has {count} clients, its schedule.max_clients; ask its admin "
                        f"to delete clients that left", code="federation_full")
-    early = fed.state in (FederationState.enrolling, FederationState.root)
+    early = fed.state == FederationState.enrolling or (
+        fed.state != FederationState.serving and not session.scalar(select(func.count()).select_from(Client).where(
+            Client.federation_id == federation_id, Client.status == ClientStatus.active,
+            Client.cohort == Cohort.train)))
     token = new_secret("hlc")
     client = Client(federation_id=federation_id, name=name, token_hash=hash_secret(token),
                     status=enter(Machine.client, ClientStatus.active),

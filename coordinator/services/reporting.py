@@ -42,8 +42,8 @@ def round_info(session: Session, rnd: Round) -> RoundInfo:
                      tasks_cancelled=counts.get(TaskStatus.cancelled, 0), quorum=rnd.quorum,
                      deadline_at=rnd.deadline_at, failure=rnd.failure, rho=rnd.rho,
                      clipped_clients=rnd.clipped_clients, update_norms=rnd.update_norms,
-                     aggregation_weights=rnd.aggregation_weights,
-                     created_at=rnd.created_at, closed_at=rnd.closed_at)
+                     aggregation_weights=rnd.aggregation_weights, sample_seed=rnd.sample_seed,
+                     sampled_from=rnd.sampled_from, created_at=rnd.created_at, closed_at=rnd.closed_at)
 
 
 def _run_info(run: ClusteringRun | None) -> ClusteringRunInfo | None:

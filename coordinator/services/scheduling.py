@@ -24,6 +24,9 @@ aggregates only when at least ``Round.quorum`` tasks are done; otherwise it is r
 (with the reason) and a fresh round with fresh tasks opens. Tasks still open when a round is decided
 are cancelled, so a late upload for them is refused. Leaf and eval rounds aggregate nothing: they
 close when all tasks are terminal or at the deadline, done with at least one done task, else failed.
+A round's deadline is a fixed age (``round_deadline_seconds``) or, by default, 'auto'
+(``shared.deadlines``): set when the round opens from how long the federation's recent tasks took,
+or, for a round opened without that history, once half its tasks are done.
 
 Several replicas may run this loop; ``scheduler_tick`` takes a Postgres advisory lock so exactly
 one runs a tick at a time, and each federation is advanced under a row lock of the federation.
@@ -59,6 +62,7 @@ from coordinator.services.aggregation import aggregate_round
 from coordinator.services.clustering import assign_late_client, cluster_probes
 from coordinator.services.federations import federation_config, get_federation
 from coordinator.services.tasks import count_tasks, expire_leases, task_status_may_become
+from shared import deadlines, sampling
 from shared.config import FederationConfig
 from shared.states import (
     ClientStatus,
@@ -90,19 +94,33 @@ SCHEDULER_LOCK_KEY = 0x68696C6F7261  # 'hilora': the Postgres advisory lock of s
 
 def open_round(session: Session, fed: Federation, stage: Stage, scope: str, client_ids: list[int],
                now: datetime, root_version_id: int | None, cluster_version_id: int | None = None,
-               reset_leaf: bool = False) -> Round:
-    """Open the next round of (stage, scope) with one pending task per client."""
+               reset_leaf: bool = False, sample: bool = False) -> Round:
+    """Open the next round of (stage, scope) with one pending task per client; with ``sample``
+    (root and cluster rounds) one per client drawn by ``schedule.clients_per_round``."""
     stage = Stage(stage)
     last = session.scalar(select(func.max(Round.number)).where(
         Round.federation_id == fed.id, Round.stage == stage, Round.scope == scope))
-    schedule = federation_config(fed).schedule
-    deadline = (now + timedelta(seconds=schedule.round_deadline_seconds)
-                if schedule.round_deadline_seconds else None)
+    cfg = federation_config(fed)
+    schedule = cfg.schedule
+    sample_seed = sampled_from = None
+    if sample and schedule.clients_per_round.samples and client_ids:
+        per_round = schedule.clients_per_round
+        sample_seed = sampling.round_seed(cfg.training.seed, stage.value, scope, (last or 0) + 1)
+        sampled_from = len(client_ids)
+        client_ids = sampling.draw(client_ids, sampling.sample_size(
+            len(client_ids), per_round.fraction, per_round.min, per_round.max), sample_seed)
+    if schedule.round_deadline_seconds == "auto":
+        deadline = deadlines.from_history(now, _longest_recent_task(session, fed), schedule.lease_seconds,
+                                          schedule.max_attempts)
+    elif schedule.round_deadline_seconds:
+        deadline = now + timedelta(seconds=schedule.round_deadline_seconds)
+    else:
+        deadline = None
     rnd = Round(federation_id=fed.id, stage=stage, scope=scope, number=(last or 0) + 1,
                 status=enter(Machine.round, RoundStatus.open),
                 input_root_version_id=root_version_id, input_cluster_version_id=cluster_version_id,
                 quorum=schedule.quorum(len(client_ids)) if stage in QUORUM_STAGES else None,
-                deadline_at=deadline, created_at=now)
+                deadline_at=deadline, sample_seed=sample_seed, sampled_from=sampled_from, created_at=now)
     session.add(rnd)
     session.flush()
     if client_ids:  # one multi-row INSERT (ORM bulk), not one ORM object per task
@@ -115,10 +133,55 @@ def open_round(session: Session, fed: Federation, stage: Stage, scope: str, clie
     return rnd
 
 
+def _longest_recent_task(session: Session, fed: Federation) -> float | None:
+    """Seconds from its round's opening to its end of the slowest done task in the federation's
+    last ``deadlines.HISTORY_ROUNDS`` done rounds (final evaluation rounds, which only evaluate, left
+    out); None before any."""
+    recent = list(session.execute(
+        select(Round.id, Round.created_at).where(Round.federation_id == fed.id, Round.status == RoundStatus.done,
+                                                 Round.stage != Stage.eval)
+        .order_by(Round.id.desc()).limit(deadlines.HISTORY_ROUNDS)))
+    if not recent:
+        return None
+    opened = dict(recent)
+    rows = session.execute(select(Task.round_id, func.max(Task.finished_at)).where(
+        Task.round_id.in_(list(opened)), Task.status == TaskStatus.done).group_by(Task.round_id))
+    took = [(finished - opened[rid]).total_seconds() for rid, finished in rows if finished is not None]
+    return max(took) if took else None
+
+
+def _refresh_auto_deadline(session: Session, rnd: Round, counts: dict[str, int], now: datetime) -> None:
+    """The 'half' rule of an 'auto' deadline (``shared.deadlines``): a round opened without history
+    gets its deadline once half its tasks are done, while others are still open."""
+    if rnd.deadline_at is not None or rnd.status != RoundStatus.open:
+        return
+    schedule = federation_config(session.get(Federation, rnd.federation_id)).schedule
+    if schedule.round_deadline_seconds != "auto":
+        return
+    need = deadlines.half_needed(sum(counts.values()))
+    still_open = sum(counts.get(s, 0) for s in OPEN)
+    if not need or not still_open or counts.get(TaskStatus.done.value, 0) < need:
+        return
+    half_done_at = session.scalar(select(Task.finished_at).where(
+        Task.round_id == rnd.id, Task.status == TaskStatus.done, Task.finished_at.is_not(None))
+        .order_by(Task.finished_at, Task.id).offset(need - 1).limit(1))
+    if half_done_at is not None:
+        rnd.deadline_at = deadlines.from_half(rnd.created_at, half_done_at, now, schedule.lease_seconds,
+                                              schedule.max_attempts)
+
+
+def _round_verdict(session: Session, rnd: Round, now: datetime) -> tuple[str, dict[str, int]]:
+    """The round's verdict now (``_verdict``), after its 'auto' deadline is brought up to date."""
+    counts = count_tasks(session, rnd.id)
+    _refresh_auto_deadline(session, rnd, counts, now)
+    return _verdict(rnd, counts, now), counts
+
+
 def _training_clients(session: Session, fed: Federation) -> list[Client]:
+    """The training cohort's active clients that are not inactive (``_record_participation``)."""
     return list(session.scalars(
         select(Client).where(Client.federation_id == fed.id, Client.status == ClientStatus.active,
-                             Client.cohort == Cohort.train).order_by(Client.id)))
+                             Client.cohort == Cohort.train, Client.inactive_since.is_(None)).order_by(Client.id)))
 
 
 def _latest_round(session: Session, fed: Federation, stage: Stage, scope: str) -> Round | None:
@@ -153,8 +216,7 @@ def _decide(session: Session, rnd: Round, now: datetime) -> str:
     """WAIT, AGGREGATE (close as done; for root/cluster rounds: aggregate the done tasks) or FAIL.
 
     Deciding cancels the round's open tasks and, on FAIL, records the reason on the round."""
-    counts = count_tasks(session, rnd.id)
-    verdict = _verdict(rnd, counts, now)
+    verdict, counts = _round_verdict(session, rnd, now)
     if verdict == WAIT:
         return WAIT
     still_open = sum(counts.get(s, 0) for s in OPEN)
@@ -186,7 +248,8 @@ def start_training(session: Session, fed: Federation, cfg: FederationConfig, now
         raise Conflict("no client is registered: nothing to train", code="no_clients")
     if cfg.schedule.root_rounds > 0:
         _set_state(fed, FederationState.root, now)
-        open_round(session, fed, Stage.root, ROOT, [c.id for c in clients], now, _root_version_id(session, fed))
+        open_round(session, fed, Stage.root, ROOT, [c.id for c in clients], now, _root_version_id(session, fed),
+                   sample=True)
     else:
         _enter_probe_or_leaf(session, fed, cfg, now)
 
@@ -273,9 +336,38 @@ def _advance_once(session: Session, blobs: BlobStore, fed: Federation, cfg: Fede
     return _advance_serving(session, blobs, fed, cfg, now)
 
 
-def _close(rnd: Round, status: RoundStatus, now: datetime) -> None:
+def _close(session: Session, rnd: Round, status: RoundStatus, now: datetime) -> None:
     move(Machine.round, rnd, status)
     rnd.closed_at = now
+    _record_participation(session, rnd, now)
+
+
+def _record_participation(session: Session, rnd: Round, now: datetime) -> None:
+    """Partial participation: a client with a done task in the closed round starts its count of
+    missed rounds over; one whose task ended otherwise (failed, cancelled, never leased) adds one,
+    and at ``schedule.max_consecutive_failures`` in a row it is marked inactive (``inactive_since``):
+    no further task is opened for it until it asks for work again (``tasks.lease_task``)."""
+    limit = federation_config(session.get(Federation, rnd.federation_id)).schedule.max_consecutive_failures
+    if limit is None:
+        return
+    session.flush()
+    in_round = select(Task.client_id).where(Task.round_id == rnd.id)
+    done = in_round.where(Task.status == TaskStatus.done)
+    missed = in_round.where(Task.status != TaskStatus.done)
+    session.execute(update(Client).where(Client.id.in_(done), Client.missed_rounds != 0)
+                    .values(missed_rounds=0).execution_options(synchronize_session=False))
+    session.execute(update(Client).where(Client.id.in_(missed))
+                    .values(missed_rounds=Client.missed_rounds + 1).execution_options(synchronize_session=False))
+    gone = list(session.scalars(select(Client.id).where(
+        Client.id.in_(missed), Client.missed_rounds >= limit, Client.inactive_since.is_(None))))
+    if gone:
+        session.execute(update(Client).where(Client.id.in_(gone)).values(inactive_since=now)
+                        .execution_options(synchronize_session=False))
+        log.info("federation %s: clients %s marked inactive after %d rounds in a row without an upload",
+                 rnd.federation_id, gone, limit)
+    for obj in list(session.identity_map.values()):  # keep loaded rows in step with the UPDATEs above
+        if isinstance(obj, Client) and obj.federation_id == rnd.federation_id:
+            session.expire(obj, ["missed_rounds", "inactive_since"])
 
 
 def _advance_root(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
@@ -287,17 +379,17 @@ def _advance_root(session: Session, blobs: BlobStore, fed: Federation, cfg: Fede
     if verdict == WAIT:
         return False
     if verdict == FAIL:
-        _close(rnd, RoundStatus.failed, now)
+        _close(session, rnd, RoundStatus.failed, now)
         _open_root_round(session, fed, now, rnd.input_root_version_id)
         return True
     version = aggregate_round(session, blobs, cfg, rnd, now)
     if version is None:  # quarantined uploads left the round below its quorum (rnd.failure says so)
-        _close(rnd, RoundStatus.failed, now)
+        _close(session, rnd, RoundStatus.failed, now)
         _open_root_round(session, fed, now, rnd.input_root_version_id)
         return True
     rnd.result_version_id = version.id
     fed.last_rho = rnd.rho
-    _close(rnd, RoundStatus.done, now)
+    _close(session, rnd, RoundStatus.done, now)
     done_rounds = _done_rounds(session, fed, Stage.root, ROOT)
     converged = cfg.schedule.tau_rel > 0 and rnd.rho is not None and rnd.rho <= cfg.schedule.tau_rel
     if done_rounds >= cfg.schedule.root_rounds or converged:
@@ -314,7 +406,7 @@ def _open_root_round(session: Session, fed: Federation, now: datetime, root_vers
     clients = [c.id for c in _training_clients(session, fed)]
     if not clients:
         return False
-    open_round(session, fed, Stage.root, ROOT, clients, now, root_version_id)
+    open_round(session, fed, Stage.root, ROOT, clients, now, root_version_id, sample=True)
     return True
 
 
@@ -331,12 +423,12 @@ def _advance_probe(session: Session, blobs: BlobStore, fed: Federation, cfg: Fed
     if verdict == WAIT:
         return False
     if verdict == FAIL:
-        _close(rnd, RoundStatus.failed, now)
+        _close(session, rnd, RoundStatus.failed, now)
         if clients:
             open_round(session, fed, Stage.probe, ALL, clients, now, rnd.input_root_version_id)
         return True
     cluster_probes(session, blobs, cfg, rnd, now)
-    _close(rnd, RoundStatus.done, now)
+    _close(session, rnd, RoundStatus.done, now)
     if cfg.schedule.cluster_rounds > 0:
         _set_state(fed, FederationState.cluster, now)
         for cluster in _clusters(session, fed):
@@ -357,7 +449,7 @@ def _open_cluster_round(session: Session, fed: Federation, cluster: Cluster, now
     cluster_scope = scope(ScopeKind.cluster, cluster.id)
     version = latest_version(session, fed.id, cluster_scope)
     return open_round(session, fed, Stage.cluster, cluster_scope, members, now,
-                      _root_version_id(session, fed), version.id)
+                      _root_version_id(session, fed), version.id, sample=True)
 
 
 def _advance_cluster(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
@@ -380,10 +472,10 @@ def _advance_cluster(session: Session, blobs: BlobStore, fed: Federation, cfg: F
                 continue
             version = aggregate_round(session, blobs, cfg, rnd, now) if verdict != FAIL else None
             if version is None:  # failed, or quarantined uploads left it below its quorum
-                _close(rnd, RoundStatus.failed, now)
+                _close(session, rnd, RoundStatus.failed, now)
             else:
                 rnd.result_version_id = version.id
-                _close(rnd, RoundStatus.done, now)
+                _close(session, rnd, RoundStatus.done, now)
             progressed = True
             if _done_rounds(session, fed, Stage.cluster, cluster_scope) < cfg.schedule.cluster_rounds:
                 _open_cluster_round(session, fed, cluster, now)
@@ -402,7 +494,7 @@ def _open_rounds(session: Session, fed: Federation, stage: Stage, kind: ScopeKin
 
 def _close_without_quorum(session: Session, rnd: Round, now: datetime) -> None:
     """Close a decided leaf or eval round: done with at least one done task, else failed."""
-    _close(rnd, RoundStatus.done if _decide(session, rnd, now) == AGGREGATE else RoundStatus.failed, now)
+    _close(session, rnd, RoundStatus.done if _decide(session, rnd, now) == AGGREGATE else RoundStatus.failed, now)
 
 
 def _advance_leaf(session: Session, fed: Federation, cfg: FederationConfig, now: datetime) -> bool:
@@ -410,7 +502,7 @@ def _advance_leaf(session: Session, fed: Federation, cfg: FederationConfig, now:
     if not open_rounds:
         return False
     # the leaf rounds of a federation (one per cluster) close together
-    if any(_verdict(r, count_tasks(session, r.id), now) == WAIT for r in open_rounds):
+    if any(_round_verdict(session, r, now)[0] == WAIT for r in open_rounds):
         return False
     for rnd in open_rounds:
         _close_without_quorum(session, rnd, now)
@@ -427,7 +519,7 @@ def _advance_eval(session: Session, fed: Federation, now: datetime) -> bool:
     deadline (no quorum, never reopened)."""
     progressed = False
     for rnd in _open_rounds(session, fed, Stage.eval, ScopeKind.eval):
-        if _verdict(rnd, count_tasks(session, rnd.id), now) == WAIT:
+        if _round_verdict(session, rnd, now)[0] == WAIT:
             continue
         _close_without_quorum(session, rnd, now)
         progressed = True
@@ -466,12 +558,12 @@ def _advance_onboarding(session: Session, blobs: BlobStore, fed: Federation, cfg
             if verdict == WAIT:
                 continue
             if verdict == FAIL:
-                _close(rnd, RoundStatus.failed, now)
+                _close(session, rnd, RoundStatus.failed, now)
                 open_round(session, fed, Stage.probe, client_scope, [client.id], now, root_id)
             else:
                 task = session.scalars(select(Task).where(Task.round_id == rnd.id)).one()
                 assign_late_client(session, blobs, cfg, client, task, now)
-                _close(rnd, RoundStatus.done, now)
+                _close(session, rnd, RoundStatus.done, now)
                 _open_client_leaf(session, fed, client, now, root_id, first=True)
                 move(Machine.onboarding, client, Onboarding.leaf)
             progressed = True
@@ -485,7 +577,7 @@ def _advance_onboarding(session: Session, blobs: BlobStore, fed: Federation, cfg
                 verdict = _decide(session, rnd, now)
                 if verdict == WAIT:
                     continue
-                _close(rnd, RoundStatus.done if verdict == AGGREGATE else RoundStatus.failed, now)
+                _close(session, rnd, RoundStatus.done if verdict == AGGREGATE else RoundStatus.failed, now)
             if _done_rounds(session, fed, Stage.leaf, client_scope) >= cfg.schedule.unseen_leaf_rounds:
                 move(Machine.onboarding, client, Onboarding.ready)
             else:

@@ -108,6 +108,8 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime) 
     resolution = timedelta(seconds=min(5.0, cfg.schedule.lease_seconds / 4))
     if client.last_seen_at is None or now - client.last_seen_at >= resolution:
         client.last_seen_at = now
+    if client.inactive_since is not None:  # back: the next rounds open tasks for it again
+        client.inactive_since, client.missed_rounds = None, 0
     pick = (select(Task.id)
             .where(Task.client_id == client.id, task_status_may_become(TaskStatus.leased))
             .order_by(Task.id).limit(1))

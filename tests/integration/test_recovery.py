@@ -723,3 +723,44 @@ def test_two_replicas_on_one_postgres_database(tmp_path, procs, pg_server):
             r.terminate()
         pg_server.drop_database(db_url)
     print(f"\n[recovery] two replicas on postgres: {time.monotonic() - t0:.1f}s")
+
+
+@pytest.mark.timeout(240)
+def test_a_dead_workers_clients_go_inactive_and_the_federation_completes_without_an_admin(tmp_path, procs):
+    """Issue 16 (partial participation) with the default 'auto' deadline of issue 15: the worker of
+    c and d leases their first tasks and dies. Round 1 decides when their leases expire at their last
+    attempt, round 2 (never leased) at its auto deadline; after 2 missed rounds in a row they are
+    inactive, later rounds ask only a and b, and the cascade reaches serving with no admin action."""
+    t0 = time.monotonic()
+    schedule = {"min_clients": 4, "root_rounds": 4, "cluster_rounds": 1, "leaf_rounds": 1,
+                "lease_seconds": 2, "max_attempts": 1, "max_consecutive_failures": 2, "retry_after_seconds": 0.2}
+    db_url = f"sqlite:///{tmp_path / 'coordinator.db'}"
+    coord = Coordinator(procs, tmp_path, db_url, tmp_path / "blobs")
+    coord.start()
+    db = DB(db_url)
+    try:
+        fid, secret, _config = create_tiny_federation(coord.url, "dead-worker", schedule)
+        creds = tmp_path / "credentials.json"
+        register_clients(coord.url, fid, secret, ["a", "b", "c", "d"], creds)
+        dead = FakeWorkerProc(procs, tmp_path, "dead", coord.url, fid, secret, ["c", "d"], creds, hang=True)
+        assert wait_for(lambda: dead.events("hanging"), 30, interval=0.1), _tail(dead.log)
+        dead.kill()
+        alive = FakeWorkerProc(procs, tmp_path, "alive", coord.url, fid, secret, ["a", "b"], creds)
+        assert wait_for(lambda: db.trained(fid), 120, interval=0.2), _tail(coord.log) + _tail(alive.log)
+        names = db.client_names(fid)
+        per_round = [(r.stage, r.number, sorted(names[t.client_id] for t in db.tasks(r.id))) for r in db.rounds(fid)]
+        roots = [tasks for stage, _n, tasks in per_round if stage == "root"]
+        assert roots[:2] == [["a", "b", "c", "d"]] * 2 and roots[2:] == [["a", "b"]] * 2, per_round
+        assert all(tasks == ["a", "b"] for stage, _n, tasks in per_round if stage != "root"), per_round
+        with Session(db.engine) as s:
+            rows = {c.name: c for c in s.scalars(select(Client).where(Client.federation_id == fid))}
+            assert {n: (c.inactive_since is not None, c.missed_rounds) for n, c in rows.items()} == {
+                "a": (False, 0), "b": (False, 0), "c": (True, 2), "d": (True, 2)}
+            assert {c.status for c in rows.values()} == {"active"}
+        assert [r for r in db.rounds(fid, "root")][1].deadline_at is not None  # decided by its auto deadline
+        assert alive.wait(60) == 0
+        check_consistency(db, fid, schedule)
+    finally:
+        db.close()
+        coord.terminate()
+    print(f"\n[recovery] dead worker, inactive clients: {time.monotonic() - t0:.1f}s")

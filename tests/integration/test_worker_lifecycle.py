@@ -115,7 +115,9 @@ def test_sigterm_past_the_grace_releases_the_task_and_exits_0(cluster, demo_back
     """Grace 1 s and a task far longer: training stops between batches, the lease is released
     (the task is pending again, no attempt counted) and the worker exits 0 within grace + 10 s."""
     cluster.start_coordinator()
-    fid, secret = _create_federation(cluster, clients=1, local_epochs=40, root_rounds=1)
+    # 2000 epochs: minutes of training on any machine (40 took 1.7 s on an idle one and finished
+    # before the SIGTERM); the worker stops between batches once the 1 s grace is over
+    fid, secret = _create_federation(cluster, clients=1, local_epochs=2000, root_rounds=1)
     proc = _start_worker(cluster, "w", fid, secret, ["upright-00"], grace=1)
     _wait_training(cluster, proc, "w")
     time.sleep(0.5)
