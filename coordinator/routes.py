@@ -54,6 +54,8 @@ from shared.schemas import (
     ClientRegister,
     ClientRegistered,
     DeadlineChange,
+    ScheduleChange,
+    ScheduleChanged,
     EnrollmentSecret,
     ErrorBody,
     FederationCreate,
@@ -349,6 +351,18 @@ def resume_federation(federation_id: DbId, request: Request, session: SessionDep
         status = reporting.federation_status(session, fed)
     request.app.state.scheduler.wake()
     return status
+
+
+@router.patch("/federations/{federation_id}/schedule", response_model=ScheduleChanged)
+def change_schedule(federation_id: DbId, body: ScheduleChange, request: Request, session: SessionDep,
+                    _admin: AdminAuth) -> ScheduleChanged:
+    """Change schedule fields of a live federation (validated as at creation; a round count below
+    what the current stage has done is 409 ``stage_passed``); effective from the next round."""
+    with session.begin():
+        fed, diff = admin_actions.change_schedule(session, federation_id, body.changes, _now(request), body.reason)
+        result = ScheduleChanged(federation_id=fed.id, changes=diff, schedule=fed.config["schedule"])
+    request.app.state.scheduler.wake()
+    return result
 
 
 @router.post("/rounds/{round_id}/deadline", response_model=RoundInfo)

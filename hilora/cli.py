@@ -277,6 +277,61 @@ def admin_invitations(federation: Annotated[int, typer.Option(help="federation i
     typer.echo(json.dumps(r.json(), indent=2))
 
 
+def parse_schedule_sets(items: list[str]) -> dict:
+    """``key=value`` pairs of ``hilora admin schedule --set`` as a change document: values are JSON
+    where they parse (``0.3``, ``null``, ``true``), else strings (``auto``); a dotted key sets one
+    field of a nested object (``clients_per_round.fraction=0.3``)."""
+    changes: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")) or key.count(".") > 1:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE or FIELD.SUBFIELD=VALUE")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if "." in key:
+            outer, inner = key.split(".")
+            if not isinstance(changes.setdefault(outer, {}), dict):
+                raise ValueError(f"--set {item!r}: {outer} is also given as a whole")
+            changes[outer][inner] = value
+        else:
+            if key in changes:
+                raise ValueError(f"--set {item!r}: {key} is given twice")
+            changes[key] = value
+    return changes
+
+
+@admin_app.command("schedule")
+def admin_schedule(federation: Annotated[int, typer.Option(help="federation id")],
+                   set_: Annotated[Optional[list[str]], typer.Option(
+                       "--set", help="FIELD=VALUE (repeat it); VALUE is JSON where it parses (0.3, null), else a "
+                                     "string (auto); clients_per_round.fraction=0.3 sets one part")] = None,
+                   reason: Annotated[str, typer.Option(help="recorded in the audit log")] = "",
+                   coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700", admin_token: AdminToken = None) -> None:
+    """Show a federation's schedule, or change fields of it while it runs (from the next round;
+    validated as at creation; docs/operations.md). Prints the changes and the schedule (JSON)."""
+    from worker.client import CoordinatorClient, CoordinatorError
+
+    try:
+        changes = parse_schedule_sets(set_ or [])
+    except ValueError as exc:
+        _fail(str(exc))
+    token = _admin_token(admin_token)
+    with CoordinatorClient(coordinator_url) as http:
+        try:
+            if changes:
+                r = http.request("PATCH", f"/v1/federations/{federation}/schedule", token=token,
+                                 json={"changes": changes, "reason": reason})
+                typer.echo(json.dumps(r.json(), indent=2))
+            else:
+                r = http.request("GET", f"/v1/federations/{federation}/config", token=token)
+                typer.echo(json.dumps(r.json()["schedule"], indent=2))
+        except CoordinatorError as exc:
+            _fail(str(exc))
+
+
 @admin_app.command("assign")
 def admin_assign(federation: Annotated[int, typer.Option(help="federation id")],
                  assignment: Annotated[str, typer.Option(
@@ -535,6 +590,11 @@ def bench(
         min=0.0, max=0.5, help="training.validation_fraction: share of each client's training data held out to "
                                "choose its model among root, +cluster and +leaf (hierarchical methods; 0: off)")
     ] = 0.0,
+    alone_epochs: Annotated[int, typer.Option(
+        min=0, max=100_000, help="training.alone_epochs: with --validation-fraction, each client of a hierarchical "
+                                 "method also trains a model alone for this many epochs and chooses among root, "
+                                 "+cluster, +leaf and that one (0: off; local's budget is total rounds x local epochs)")
+    ] = 0,
     leaf: Annotated[str, typer.Option(
         help="what the leaf tier trains in every hierarchical method: 'all' (a personal LoRA and head) or 'head' "
              "(a personal head on the cluster model: leaf.A and leaf.B frozen)")] = "all",
@@ -697,6 +757,9 @@ def bench(
                    rank=rank or (PAPER_RANK if paper is not None else opts.rank),
                    data_cache_bytes=int(data_cache_gb * (1 << 30)), transport=transport, workers=workers,
                    workdir=str(workdir) if workdir is not None else None)
+    if alone_epochs and validation_fraction <= 0:
+        _fail("--alone-epochs needs --validation-fraction > 0: the model trained alone is a candidate each client "
+              "chooses on its held-out part")
     try:
         if rounds is not None:
             root_rounds, cluster_rounds, leaf_rounds = parse_rounds(rounds)
@@ -706,7 +769,8 @@ def bench(
     except ValueError as exc:
         _fail(str(exc))
     opts = replace(opts, device=device, threads=threads, probe_loss=probe_loss, probe_steps=probe_steps,
-                   head_weight=head_weight, validation_fraction=validation_fraction, leaf=leaf,
+                   head_weight=head_weight, validation_fraction=validation_fraction, alone_epochs=alone_epochs,
+                   leaf=leaf,
                    leaf_lr_scale=opts.leaf_lr_scale if leaf_lr_scale is None else leaf_lr_scale,
                    k_rule=k_rule or opts.k_rule, min_silhouette=min_silhouette,
                    silhouette_tolerance=opts.silhouette_tolerance if silhouette_tolerance is None

@@ -40,6 +40,7 @@ class RunOptions:
     leaf_lr_scale: float = 0.1   # the leaf's learning rates scaled by this (chosen on the family)
     leaf: str = "all"            # what the leaf tier trains: "all" (LoRA A, B and head) or "head" (a personal head)
     validation_fraction: float = 0.0   # held out per client to choose its model (hierarchical methods)
+    alone_epochs: int = 0              # a model each client trains alone, a candidate of that choice (0: none)
     clip_relative: float | None = 3.0      # root and cluster: updates clipped to this x the round's median norm
     max_weight_ratio: float | None = 10.0  # root and cluster: weights capped at this x the round's median
     # clustering

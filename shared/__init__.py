@@ -3,4 +3,6 @@
 __version__ = "0.1.0"
 # Bumped on any incompatible change of the wire protocol; workers and coordinator must agree.
 # 2: tasks of stage 'eval' (the final evaluation: no training, no upload; complete with metrics).
-PROTOCOL_VERSION = 3
+# 3: a task's steps and loss (probe options). 4: training.alone_epochs (a model trained alone as a
+# candidate of the client's validation choice): a protocol-3 worker would ignore it.
+PROTOCOL_VERSION = 4

@@ -178,6 +178,20 @@ class Training(BaseModel):
                     "+leaf on the held-out part and reports the best (ties: the smaller model) as 'selected' "
                     "with its test accuracy 'acc_selected'; 0: off (every model trains on all the data; the "
                     "client's model is its highest tier). Ignored by a federation with a root tier only")
+    alone_epochs: int = Field(
+        default=0, ge=0, le=100_000,
+        description="with validation_fraction > 0: at its first leaf task each client also trains a model alone "
+                    "(a fresh root-shaped LoRA and head on its own training part, this many epochs, one "
+                    "optimizer; kept on its worker) and the candidates it chooses from on its held-out part are "
+                    "root, +cluster, +leaf and this one (ties go to the federation's model): a client whose "
+                    "data the federation does not help keeps what it would have had alone. 0: off")
+
+    @model_validator(mode="after")
+    def _check_alone(self) -> "Training":
+        if self.alone_epochs and self.validation_fraction <= 0:
+            raise ValueError("training.alone_epochs needs training.validation_fraction > 0: the model trained alone "
+                             "is only a candidate the client chooses on its held-out part")
+        return self
 
 
 ClusteringAlgorithm = Literal["lsac", "kmeans-flat", "lsac-paper", "manual"]

@@ -7,7 +7,7 @@ against the federation's adapter manifest.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -179,6 +179,23 @@ class DeadlineChange(BaseModel):
     deadline_at: datetime | None = Field(default=None, description="new deadline (with a timezone)")
     extend_seconds: float | None = Field(default=None, gt=0, le=30 * 86400,
                                          description="push the deadline (or now, if it has none) back")
+
+
+class ScheduleChange(BaseModel):
+    """``PATCH /v1/federations/F/schedule``: schedule fields to change (``clients_per_round`` may be
+    given in part), validated as at creation; effective from the next round."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    changes: dict[str, Any] = Field(description="schedule field -> new value", max_length=32)
+    reason: str = Field(default="", max_length=500, description="recorded in the audit log")
+
+
+class ScheduleChanged(BaseModel):
+    federation_id: int
+    changes: dict[str, list[Any]] = Field(description="each changed field: [before, after]; empty when every "
+                                                      "value given was already the federation's")
+    schedule: dict[str, Any] = Field(description="the federation's schedule now")
 
 
 class AuditEventInfo(BaseModel):
@@ -420,6 +437,9 @@ class ClientAccuracy(BaseModel):
     acc_selected: float | None = Field(default=None, description=(
         "test accuracy of the model the client chose on its held-out validation part "
         "(training.validation_fraction > 0); None when it holds none out"))
+    acc_alone: float | None = Field(default=None, description=(
+        "test accuracy of the model the client trained alone (training.alone_epochs), one of the candidates "
+        "of its choice; None when it trains none"))
 
 
 class AccuracyView(BaseModel):

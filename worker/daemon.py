@@ -347,7 +347,13 @@ class WorkerDaemon:
             return self._execute(slot, task, hb)
 
     def _execute(self, slot: ClientSlot, task: TaskAssignment, hb: Heartbeater) -> dict[str, float]:
-        from worker.train import TrainingStopped, evaluate_with_selection, split_validation, train_tier
+        from worker.train import (
+            TrainingStopped,
+            add_alone_candidate,
+            evaluate_with_selection,
+            split_validation,
+            train_tier,
+        )
 
         cfg, model = self._model(slot.token)
         split = split_validation(self.client_data(slot), validation_fraction(cfg),
@@ -375,6 +381,9 @@ class WorkerDaemon:
                 model.load_tier("leaf", unpack_tensors(slot.files.leaf.read_bytes()))
                 tiers.append("leaf")
             evaluated = evaluate_with_selection(model, data, tuple(tiers), split, self.device)
+            if slot.files.alone.exists() and split is not None:  # trained at its first leaf task
+                model.load_tier("root", unpack_tensors(slot.files.alone.read_bytes()))
+                add_alone_candidate(evaluated, model, data, split, self.device)
             evaluated["eval_seconds"] = time.monotonic() - t0
             if not self.report(slot, task, None, evaluated, num_samples=len(data.y_train)):
                 return {}
@@ -406,11 +415,7 @@ class WorkerDaemon:
                 should_stop=lambda: hb.lost is not None or self.past_grace(),
                 steps=task.steps, class_balanced=task.loss == "balanced")
         except TrainingStopped:
-            if hb.lost:
-                log.warning("task %s lost its lease while training (%s); training stopped, nothing uploaded",
-                            task.task_id, hb.lost)
-            else:
-                self._release(slot, task, "stopping: it did not finish within the grace period")
+            self._stopped(slot, task, hb)
             return {}
         if hb.lost:
             log.warning("task %s lost its lease while training (%s); not uploading", task.task_id, hb.lost)
@@ -419,6 +424,12 @@ class WorkerDaemon:
         if tier == "leaf":
             metrics.update(evaluate_with_selection(model, data, tuple(tiers), split, self.device))
             atomic_write(slot.files.leaf, pack_tensors(model.export_tier("leaf")))
+            if cfg.training.alone_epochs and split is not None:
+                try:
+                    self._alone_candidate(slot, cfg, model, data, split, metrics, hb)
+                except TrainingStopped:
+                    self._stopped(slot, task, hb)
+                    return {}
         elif task.local:
             atomic_write(slot.files.local(tier), pack_tensors(model.export_tier(tier, factors=tuple(task.local))))
         metrics["train_seconds"] = time.monotonic() - t0
@@ -428,6 +439,38 @@ class WorkerDaemon:
         log.info("client %s: %s round %s done in %.2fs %s", slot.spec.name, task.stage, task.round_number,
                  time.monotonic() - t0, {k: round(v, 4) for k, v in metrics.items() if k.startswith("acc")})
         return metrics
+
+    def _stopped(self, slot: ClientSlot, task: TaskAssignment, hb: Heartbeater) -> None:
+        """Training stopped between batches: the lease was lost (nothing is reported), or the
+        worker is stopping past its grace (the lease is released)."""
+        if hb.lost:
+            log.warning("task %s lost its lease while training (%s); training stopped, nothing uploaded",
+                        task.task_id, hb.lost)
+        else:
+            self._release(slot, task, "stopping: it did not finish within the grace period")
+
+    def _alone_candidate(self, slot: ClientSlot, cfg: Any, model: Any, data: Any, split: Any,
+                         metrics: dict[str, float], hb: Heartbeater) -> None:
+        """``training.alone_epochs``: the model this client trains by itself (a fresh root-shaped LoRA
+        and head on its fit part, trained once, at its first leaf task, and kept in its state
+        directory) joins the candidates it chooses from on its validation part. It is loaded into
+        the model's root slot, which every task loads afresh from the coordinator's version."""
+        from worker.train import add_alone_candidate, train_tier
+
+        if slot.files.alone.exists():
+            model.load_tier("root", unpack_tensors(slot.files.alone.read_bytes()))
+        else:
+            t0 = time.monotonic()
+            model.init_tier("root", seed=task_seed(cfg.training.seed, "alone", slot.spec.name), head_from=None)
+            train_tier(model, "root", data, epochs=cfg.training.alone_epochs, lr=cfg.training.lr,
+                       head_lr=cfg.training.head_lr, batch_size=cfg.training.batch_size,
+                       weight_decay=cfg.training.weight_decay, gamma_c=0.0, gamma_l=0.0,
+                       seed=task_seed(cfg.training.seed, "alone-train", slot.spec.name),
+                       trainable=("A", "B", "head"), device=self.device,
+                       should_stop=lambda: hb.lost is not None or self.past_grace())
+            atomic_write(slot.files.alone, pack_tensors(model.export_tier("root")))
+            metrics["alone_train_seconds"] = time.monotonic() - t0
+        add_alone_candidate(metrics, model, data, split, self.device)
 
     def report(self, slot: ClientSlot, task: TaskAssignment, body: bytes | None, metrics: dict[str, float],
                num_samples: int | None = None) -> bool:

@@ -36,6 +36,11 @@ class ClientFiles:
     def leaf(self) -> Path:
         return self.dir / "leaf.safetensors"
 
+    @property
+    def alone(self) -> Path:
+        """The model this client trained alone (``training.alone_epochs``): a root-shaped tier."""
+        return self.dir / "alone.safetensors"
+
     def local(self, tier: str) -> Path:
         """The client's own factors of ``tier`` (only the factors the tier keeps local)."""
         return self.dir / f"local-{tier}.safetensors"

@@ -192,13 +192,18 @@ def split_validation(data: ClientData, fraction: float, seed: int) -> Validation
     return ValidationSplit(fit=fit_data, x=data.x_train[val], y=data.y_train[val])
 
 
+CANDIDATES = TIERS + ("alone",)  # what a client chooses from on its validation part, smallest first
+CANDIDATE_INDEX = {name: float(i) for i, name in enumerate(CANDIDATES)}  # ``selected``: ... 3 alone
+
+
 def select_tier(validation: Mapping[str, float]) -> str:
-    """The tier whose model scores best on the validation part (``val_<tier>`` accuracies of the
-    models with every tier up to it active); a tie goes to the lower tier (the smaller model)."""
+    """The candidate whose model scores best on the validation part (``val_<tier>`` accuracies of
+    the models with every tier up to it active, and ``alone``: the model the client trained by
+    itself); a tie goes to the earlier one in ``CANDIDATES`` (the smaller federation model first)."""
     if not validation:
         raise ValueError("no validation accuracy to select on")
-    present = [t for t in TIERS if t in validation]
-    return max(present, key=lambda t: (validation[t], -TIERS.index(t)))
+    present = [t for t in CANDIDATES if t in validation]
+    return max(present, key=lambda t: (validation[t], -CANDIDATES.index(t)))
 
 
 def evaluate_with_selection(model: TieredLoRAModel, data: ClientData, tiers_available: Iterable[str],
@@ -214,4 +219,17 @@ def evaluate_with_selection(model: TieredLoRAModel, data: ClientData, tiers_avai
     chosen = select_tier(validation)
     metrics.update({f"val_{t}": v for t, v in validation.items()})
     metrics.update(selected=TIER_INDEX[chosen], acc_selected=metrics[f"acc_{chosen}"])
+    return metrics
+
+
+def add_alone_candidate(metrics: dict[str, float], model: TieredLoRAModel, data: ClientData,
+                        split: ValidationSplit, device: str | torch.device = "cpu") -> dict[str, float]:
+    """With the client's model trained alone loaded as the ``root`` tier of ``model``: its test and
+    validation accuracy (``acc_alone``, ``val_alone``) join ``metrics`` (of ``evaluate_with_selection``)
+    and the choice is made again over root, +cluster, +leaf and alone. Returns ``metrics``."""
+    metrics["acc_alone"] = evaluate(model, data.x_test, data.y_test, ("root",), device)
+    metrics["val_alone"] = evaluate(model, split.x, split.y, ("root",), device)
+    validation = {t: metrics[f"val_{t}"] for t in CANDIDATES if f"val_{t}" in metrics}
+    chosen = select_tier(validation)
+    metrics.update(selected=CANDIDATE_INDEX[chosen], acc_selected=metrics[f"acc_{chosen}"])
     return metrics

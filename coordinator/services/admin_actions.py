@@ -9,6 +9,8 @@ Contracts:
   still finish. ``resume_federation`` pushes the deadlines of open rounds back by the paused time.
 - ``set_round_deadline``: only an open round; the new deadline must be in the future (and at
   most a year ahead).
+- ``change_schedule``: schedule fields of a live federation, validated as at creation; a round
+  count below what the current stage has done is a 409; effective from the next round.
 - ``rotate_enrollment_secret``: a new random secret (returned once, stored hashed); the old one
   stops working; registered clients keep their tokens.
 """
@@ -16,8 +18,9 @@ Contracts:
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.errors import Conflict, Invalid, NotFound
@@ -25,7 +28,8 @@ from coordinator.models import AuditEvent, Client, Federation, Round, Task
 from coordinator.security import hash_secret, new_secret
 from coordinator.services.federations import get_federation
 from coordinator.services.tasks import task_status_may_become
-from shared.states import ClientStatus, Machine, RoundStatus, TaskStatus, move
+from shared.config import FederationConfig
+from shared.states import ClientStatus, FederationState, Machine, RoundStatus, Stage, TaskStatus, move
 
 MAX_DEADLINE_AHEAD = timedelta(days=366)
 
@@ -138,3 +142,55 @@ def rotate_enrollment_secret(session: Session, federation_id: int, now: datetime
     fed.updated_at = now
     audit(session, now, "rotate_secret", federation_id, f"federation:{federation_id}", {"reason": reason[:500]})
     return secret
+
+
+# the schedule field that counts the rounds of the stage a federation is in
+STAGE_ROUNDS_FIELD = {FederationState.root: ("root_rounds", Stage.root),
+                      FederationState.cluster: ("cluster_rounds", Stage.cluster),
+                      FederationState.leaf: ("leaf_rounds", Stage.leaf)}
+
+
+def change_schedule(session: Session, federation_id: int, changes: dict[str, Any], now: datetime,
+                    reason: str = "") -> tuple[Federation, dict[str, list]]:
+    """Change schedule fields of a live federation (``clients_per_round`` may be given in part).
+    The merged config is validated exactly as at creation (422 ``invalid_schedule``); a round count
+    below the rounds the current stage has already done is refused (409 ``stage_passed``: lowering
+    it would end the stage behind the admin's back). Takes effect from the next round the scheduler
+    opens or decides: an open round keeps its quorum, deadline and drawn clients. Returns the
+    federation and the changes made ({field: [before, after]}); audited as ``change_schedule``."""
+    from pydantic import ValidationError
+
+    from coordinator.services.federations import federation_config
+
+    fed = get_federation(session, federation_id, lock=True)
+    if not changes:
+        raise Invalid("give at least one schedule field to change", code="invalid_schedule")
+    current = federation_config(fed)
+    before = current.schedule.model_dump(mode="json")
+    merged = dict(before)
+    for key, value in changes.items():
+        part = before.get(key)
+        merged[key] = {**part, **value} if isinstance(part, dict) and isinstance(value, dict) else value
+    try:
+        new = FederationConfig.model_validate({**current.model_dump(mode="json"), "schedule": merged})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:8])
+        raise Invalid(f"the schedule would not be valid: {problems}", code="invalid_schedule") from None
+    after = new.schedule.model_dump(mode="json")
+    state = FederationState(fed.state)
+    if state in STAGE_ROUNDS_FIELD:
+        field, stage = STAGE_ROUNDS_FIELD[state]
+        done = max((n for (n,) in session.execute(
+            select(func.count()).select_from(Round).where(
+                Round.federation_id == fed.id, Round.stage == stage, Round.status == RoundStatus.done)
+            .group_by(Round.scope))), default=0)
+        if after[field] < done and after[field] != before[field]:
+            raise Conflict(f"the {state.value} stage has done {done} rounds; {field} cannot go below that "
+                           f"(it would end the stage at once): give at least {done}", code="stage_passed")
+    diff = {k: [before[k], after[k]] for k in after if before.get(k) != after[k]}
+    if diff:
+        fed.config = new.model_dump(mode="json")
+        fed.updated_at = now
+    audit(session, now, "change_schedule", federation_id, f"federation:{federation_id}",
+          {"changes": diff, "reason": reason[:500]})
+    return fed, diff

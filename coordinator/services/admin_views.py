@@ -57,8 +57,9 @@ from shared.states import (
 from shared.tensors import METADATA_KEY, read_safetensors_header, unpack_tensors
 
 TIERS = ("root", "cluster", "leaf")
-# accuracies the views show: each tier's, and the model each client chose on its validation part
-ACCURACY_KEYS = TIERS + ("selected",)
+# accuracies the views show: each tier's, the model each client chose on its validation part, and
+# the model it trained alone (training.alone_epochs), one of the candidates of that choice
+ACCURACY_KEYS = TIERS + ("selected", "alone")
 TRAINING_STAGES = (Stage.root, Stage.probe, Stage.cluster, Stage.leaf)
 # stages whose tasks report accuracy per tier: the training rounds that evaluate what they
 # received, and the final evaluation
@@ -347,7 +348,8 @@ def accuracy(session: Session, fed: Federation) -> AccuracyView:
     labels_of = _labels(session, fed.id)
     clients = [ClientAccuracy(client_id=c.id, name=c.name, cohort=c.cohort, cluster_label=labels_of.get(c.cluster_id),
                               acc_root=latest[c.id].get("root"), acc_cluster=latest[c.id].get("cluster"),
-                              acc_leaf=latest[c.id].get("leaf"), acc_selected=latest[c.id].get("selected"))
+                              acc_leaf=latest[c.id].get("leaf"), acc_selected=latest[c.id].get("selected"),
+                              acc_alone=latest[c.id].get("alone"))
                for c in session.scalars(select(Client).where(Client.federation_id == fed.id).order_by(Client.id))
                if c.id in latest]
     return AccuracyView(steps=steps, latest=steps[-1].tiers if steps else {}, clients=clients)

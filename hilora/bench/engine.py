@@ -310,7 +310,7 @@ def run_method(service: Any, setup: BenchSetup, name: str, partition_file: Path,
         return [latest[n][f"acc_{tier}"] for n in names if latest.get(n, {}).get(f"acc_{tier}") is not None]
 
     acc = {tier: {n: latest.get(n, {}).get(f"acc_{tier}") for n in train_names}
-           for tier in ("root", "cluster", "leaf", "selected")}
+           for tier in ("root", "cluster", "leaf", "selected", "alone")}
     if cfg.hierarchical and cfg.training.validation_fraction > 0:
         final_tier = "selected"   # each client's model, chosen on its held-out validation part
     elif cfg.hierarchical:
@@ -350,6 +350,8 @@ def run_method(service: Any, setup: BenchSetup, name: str, partition_file: Path,
                 row["acc_leaf"] = acc["leaf"][n]
             if acc["selected"][n] is not None:
                 row["acc_selected"] = acc["selected"][n]
+            if acc["alone"][n] is not None:
+                row["acc_alone"] = acc["alone"][n]
         rows.append(row)
     majority = majority_clusters({n: groups[n] for n in train_names}, labels) if labels else {}
     unseen_rows = []
@@ -372,7 +374,9 @@ def run_method(service: Any, setup: BenchSetup, name: str, partition_file: Path,
                   **({"cluster": accuracy_stats(tier_values("cluster", train_names)),
                       "leaf": accuracy_stats(tier_values("leaf", train_names))} if cfg.hierarchical else {}),
                   **({"selected": accuracy_stats(tier_values("selected", train_names))}
-                     if final_tier == "selected" else {})},
+                     if final_tier == "selected" else {}),
+                  **({"alone": accuracy_stats(tier_values("alone", train_names))}
+                     if tier_values("alone", train_names) else {})},
         "final_tier": final_tier,
         "clustering": clustering_out,
         "unseen": {"root": accuracy_stats([r["acc_root"] for r in unseen_rows if r["acc_root"] is not None]),

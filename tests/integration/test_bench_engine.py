@@ -174,3 +174,25 @@ def test_root_aggregation_converges(tiny_run):
     rhos = [r for r in _run(tiny_run, "hilora")["root_rho"] if r is not None]
     assert len(rhos) == 1
     assert 0.0 < rhos[0] < 5.0
+
+
+def test_the_model_trained_alone_is_a_candidate_of_each_clients_choice(tmp_path):
+    """training.alone_epochs (issue 14): each client trains a model alone at its first leaf task
+    and chooses among root, +cluster, +leaf and that one on its held-out part; the bench reports
+    the chosen model's accuracy as the final number and the alone model's as a tier."""
+    import torch
+
+    torch.set_num_threads(1)
+    opts = RunOptions(partition="tiny", seed=0, root_rounds=1, cluster_rounds=1, leaf_rounds=2, unseen_leaf_rounds=1,
+                      local_epochs=2, probe_epochs=2, knn=2, k_max=4, validation_fraction=0.25, alone_epochs=8,
+                      workdir=str(tmp_path / "work"))
+    run = _run(run_bench(opts, ["hilora"], [0]), "hilora")
+    assert run["final_tier"] == "selected" and run["config"]["training"]["alone_epochs"] == 8
+    assert run["tiers"]["alone"]["n"] == 6
+    for row in run["clients"]:
+        candidates = [row[k] for k in ("acc_root", "acc_cluster", "acc_leaf", "acc_alone")]
+        assert row["final"] == row["acc_selected"] and row["acc_selected"] in candidates
+        assert 0.0 <= row["acc_alone"] <= 1.0
+    # a model trained alone for 8 epochs on ~30 digits learns something (chance is 0.1)
+    assert run["tiers"]["alone"]["mean"] > 0.3
+    assert len(list((tmp_path / "work").rglob("alone.safetensors"))) >= 6

@@ -141,3 +141,14 @@ def test_k_rule_and_min_silhouette_are_checked():
                 {"silhouette_tolerance": 1.5}):
         with pytest.raises(ValidationError):
             Clustering.model_validate(bad)
+
+
+def test_alone_epochs_needs_a_validation_part():
+    from shared.config import Training
+
+    assert Training().alone_epochs == 0
+    assert Training(alone_epochs=18, validation_fraction=0.2).alone_epochs == 18
+    with pytest.raises(ValueError, match="needs training.validation_fraction"):
+        Training(alone_epochs=18)
+    with pytest.raises(ValueError):
+        Training(alone_epochs=-1, validation_fraction=0.2)

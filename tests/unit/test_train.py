@@ -268,8 +268,34 @@ def test_select_tier_takes_the_best_and_breaks_ties_toward_the_smaller_model():
     assert select_tier({"root": 0.5, "cluster": 0.75, "leaf": 0.75}) == "cluster"
     assert select_tier({"root": 0.8, "cluster": 0.8}) == "root"
     assert select_tier({"root": 0.1, "cluster": 0.2, "leaf": 0.3}) == "leaf"
+    # the model trained alone (training.alone_epochs) is a candidate; ties go to the federation's
+    assert select_tier({"root": 0.1, "cluster": 0.2, "leaf": 0.3, "alone": 0.4}) == "alone"
+    assert select_tier({"root": 0.1, "cluster": 0.2, "leaf": 0.4, "alone": 0.4}) == "leaf"
+    assert select_tier({"root": 0.5, "alone": 0.5}) == "root"
     with pytest.raises(ValueError, match="no validation accuracy"):
         select_tier({})
+
+
+def test_add_alone_candidate_joins_the_choice():
+    from worker.train import CANDIDATES, add_alone_candidate, evaluate_with_selection, split_validation
+
+    model, data = small_model(), small_data(40)
+    split = split_validation(data, 0.25, seed=0)
+    metrics = evaluate_with_selection(model, split.fit, ("root", "cluster", "leaf"), split)
+    federation_best = max(metrics[f"val_{t}"] for t in ("root", "cluster", "leaf"))
+    # a different root-shaped model stands in for the one trained alone
+    torch.manual_seed(5)
+    model.init_tier("root", seed=11, head_from=None)
+    with torch.no_grad():
+        model.heads["root"].weight.add_(torch.randn_like(model.heads["root"].weight))
+    out = add_alone_candidate(dict(metrics), model, split.fit, split)
+    assert out["acc_alone"] == evaluate(model, split.fit.x_test, split.fit.y_test, ("root",))
+    assert out["val_alone"] == evaluate(model, split.x, split.y, ("root",))
+    chosen = CANDIDATES[int(out["selected"])]
+    assert out["acc_selected"] == out[f"acc_{chosen}"]
+    assert (chosen == "alone") == (out["val_alone"] > federation_best)
+    assert {k: out[k] for k in metrics if k not in ("selected", "acc_selected")} == {
+        k: metrics[k] for k in metrics if k not in ("selected", "acc_selected")}
 
 
 def test_evaluate_with_selection_reports_the_chosen_models_test_accuracy():
