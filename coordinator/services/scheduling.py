@@ -538,6 +538,7 @@ def _advance_onboarding(session: Session, blobs: BlobStore, fed: Federation, cfg
     """Serving: move each late client one step: waiting -> probe -> leaf -> ready."""
     late = list(session.scalars(select(Client).where(
         Client.federation_id == fed.id, Client.status == ClientStatus.active, Client.cohort == Cohort.late,
+        Client.inactive_since.is_(None),  # an inactive late client's open round waits for it, undecided
         Client.onboarding.in_((Onboarding.waiting, Onboarding.probe, Onboarding.leaf))).order_by(Client.id)))
     progressed = False
     root_id = _root_version_id(session, fed)

@@ -182,3 +182,33 @@ def test_null_never_marks_a_client_inactive(api, app, clock):
     assert all(len(_tasks_of(app, r.id)) == 2 for r in rounds(app))
     table = {c["name"]: c for c in api.get(f"/v1/federations/{fid}/clients", headers=admin_headers()).json()}
     assert table["c1"]["inactive_since"] is None and table["c1"]["missed_rounds"] == 0
+
+
+def test_an_inactive_late_client_gets_no_new_onboarding_round_until_it_is_back(api, app, clock):
+    from test_cascade_state_machine import GROUP_OF
+
+    dirs = group_directions()
+    fid, secret = create_federation(api, schedule={
+        "min_clients": 6, "root_rounds": 1, "cluster_rounds": 1, "leaf_rounds": 1, "unseen_leaf_rounds": 1,
+        "round_deadline_seconds": 60, "max_consecutive_failures": 2})
+    clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
+    tick(app)
+    for seed in range(4):  # root, probe, cluster, leaf
+        run_pending(api, clients, dirs, seed=seed)
+    assert api.get(f"/v1/federations/{fid}", headers=admin_headers()).json()["state"] == "serving"
+    cid, token = register(api, fid, secret, "a-late")
+    tick(app)
+    for _ in range(4):  # it never asks for work: two failed probe rounds, then nothing new
+        clock.advance(61)
+        tick(app)
+    probes = [r for r in rounds(app, "probe") if r.scope == f"client:{cid}"]
+    assert [r.status for r in probes] == ["failed", "failed", "open"]
+    table = {c["name"]: c for c in api.get(f"/v1/federations/{fid}/clients", headers=admin_headers()).json()}
+    assert table["a-late"]["inactive_since"] is not None and table["a-late"]["onboarding"] == "probe"
+    # back: the open probe round is its task, and onboarding goes on
+    ran = run_pending(api, {"a-late": (cid, token)}, dirs, seed=9, groups={"a-late": 0})
+    assert [t["stage"] for t in ran] == ["probe"]
+    ran = run_pending(api, {"a-late": (cid, token)}, dirs, seed=10, groups={"a-late": 0})
+    assert [t["stage"] for t in ran] == ["leaf"]
+    table = {c["name"]: c for c in api.get(f"/v1/federations/{fid}/clients", headers=admin_headers()).json()}
+    assert table["a-late"]["onboarding"] == "ready" and table["a-late"]["inactive_since"] is None
