@@ -136,6 +136,16 @@ def tiny_config(name: str = "fed", sha: str = "0" * 64, **overrides) -> dict:
     return config
 
 
+def create_federation_over_http(http, admin_token: str, name: str, **overrides) -> int:
+    """Through a ``worker.client.CoordinatorClient`` on a real coordinator: upload the tiny backbone
+    and create a federation; its id."""
+    data = tiny_checkpoint()
+    sha = hashlib.sha256(data).hexdigest()
+    http.request("PUT", f"/v1/blobs/{sha}", token=admin_token, content=data)
+    return http.request("POST", "/v1/federations", token=admin_token,
+                        json={"config": tiny_config(name, sha, **overrides)}).json()["federation_id"]
+
+
 def upload_backbone(api) -> str:
     data = tiny_checkpoint()
     sha = hashlib.sha256(data).hexdigest()

@@ -20,13 +20,14 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.errors import Conflict, Invalid, NotFound
 from coordinator.models import AuditEvent, Client, Federation, Round, Task
 from coordinator.security import hash_secret, new_secret
-from coordinator.services.federations import get_federation
+from coordinator.services.federations import federation_config, get_federation
 from coordinator.services.tasks import task_status_may_become
 from shared.config import FederationConfig
 from shared.states import ClientStatus, FederationState, Machine, RoundStatus, Stage, TaskStatus, move
@@ -158,10 +159,6 @@ def change_schedule(session: Session, federation_id: int, changes: dict[str, Any
     it would end the stage behind the admin's back). Takes effect from the next round the scheduler
     opens or decides: an open round keeps its quorum, deadline and drawn clients. Returns the
     federation and the changes made ({field: [before, after]}); audited as ``change_schedule``."""
-    from pydantic import ValidationError
-
-    from coordinator.services.federations import federation_config
-
     fed = get_federation(session, federation_id, lock=True)
     if not changes:
         raise Invalid("give at least one schedule field to change", code="invalid_schedule")

@@ -26,17 +26,6 @@ pytestmark = pytest.mark.api
 def test_sample_size(n, fraction, lo, hi, k):
     assert sampling.sample_size(n, fraction, lo, hi) == k
 
-def _reference_draw(eligible, k, seed):
-    """A second writing of the draw: shuffle positions with the same generator, keep the first k."""
-    import numpy as np
-    ids = sorted(eligible)
-    if k >= len(ids):
-        return ids
-    order = np.random.default_rng(seed).choice(len(ids), size=len(ids), replace=False)
-    first = np.random.default_rng(seed).choice(len(ids), size=k, replace=False)
-    assert len(set(first.tolist())) == k and set(first.tolist()) <= set(order.tolist())
-    return sorted(ids[i] for i in first)
-
 @pytest.mark.unit
 def test_draw_is_a_reproducible_subset():
     eligible = [17, 3, 9, 40, 22, 5, 11, 8, 30, 2]
@@ -44,7 +33,8 @@ def test_draw_is_a_reproducible_subset():
         got = sampling.draw(eligible, 4, seed)
         assert got == sampling.draw(list(reversed(eligible)), 4, seed)  # order of the input does not matter
         assert got == sorted(got) and len(set(got)) == 4 and set(got) <= set(eligible)
-        assert got == _reference_draw(eligible, 4, seed)
+    # pinned: a change of the draw (generator, order of the ids) would make recorded seeds lie
+    assert sampling.draw(eligible, 4, 0) == [5, 9, 11, 22] and sampling.draw(eligible, 4, 12345) == [3, 8, 9, 22]
     assert sampling.draw(eligible, 10, 7) == sorted(eligible) == sampling.draw(eligible, 99, 7)
     draws = {tuple(sampling.draw(eligible, 3, s)) for s in range(40)}
     assert len(draws) > 20  # different seeds, different sets
@@ -54,7 +44,7 @@ def test_draw_is_a_reproducible_subset():
 @pytest.mark.unit
 def test_round_seed_is_pinned_and_depends_on_every_part():
     base = sampling.round_seed(0, "root", "root", 1)
-    assert base == sampling.round_seed(0, "root", "root", 1) and 0 <= base <= sampling.MAX_SEED
+    assert base == 1228118822  # pinned, as the draw
     assert len({base, sampling.round_seed(1, "root", "root", 1), sampling.round_seed(0, "cluster", "root", 1),
                 sampling.round_seed(0, "root", "cluster:1", 1), sampling.round_seed(0, "root", "root", 2)}) == 5
 

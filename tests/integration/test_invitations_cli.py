@@ -4,11 +4,10 @@ and the admin sees the states and revokes an unused code."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
-from conftest import tiny_checkpoint, tiny_config  # tests/ is on sys.path
+from conftest import create_federation_over_http  # tests/ is on sys.path
 from typer.testing import CliRunner
 
 from hilora.cli import app as cli_app
@@ -29,11 +28,7 @@ def test_invite_register_list_and_revoke_through_the_cli(tmp_path):
     try:
         admin = ["--coordinator", cluster.url, "--admin-token", cluster.admin_token]
         with CoordinatorClient(cluster.url) as http:
-            data = tiny_checkpoint()
-            sha = hashlib.sha256(data).hexdigest()
-            http.request("PUT", f"/v1/blobs/{sha}", token=cluster.admin_token, content=data)
-            fid = http.request("POST", "/v1/federations", token=cluster.admin_token,
-                               json={"config": tiny_config("invited", sha)}).json()["federation_id"]
+            fid = create_federation_over_http(http, cluster.admin_token, "invited")
 
             code, out = _cli("admin", "invite", *admin, "--federation", str(fid), "--count", "2",
                              "--expires-hours", "2", "--note", "site-a, site-b")

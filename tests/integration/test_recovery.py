@@ -512,13 +512,15 @@ def test_coordinator_killed_at_a_fault_point_recovers_to_the_same_versions(tmp_p
 QUORUM_CLIENTS = [f"q{i}" for i in range(10)]
 
 
-def _quorum_setup(procs: Processes, tmp_path: Path, schedule: dict, name: str):
+def _quorum_setup(procs: Processes, tmp_path: Path, schedule: dict, name: str, clients: list[str] = QUORUM_CLIENTS):
+    """A coordinator on a fresh SQLite database with one tiny federation and ``clients`` registered
+    (their credentials in ``tmp_path/credentials.json``)."""
     db_url = f"sqlite:///{tmp_path / 'coordinator.db'}"
     coord = Coordinator(procs, tmp_path, db_url, tmp_path / "blobs")
     coord.start()
     fid, secret, _config = create_tiny_federation(coord.url, name, schedule)
     creds = tmp_path / "credentials.json"
-    register_clients(coord.url, fid, secret, QUORUM_CLIENTS, creds)
+    register_clients(coord.url, fid, secret, clients, creds)
     return coord, DB(db_url), fid, secret, creds
 
 
@@ -734,14 +736,8 @@ def test_a_dead_workers_clients_go_inactive_and_the_federation_completes_without
     t0 = time.monotonic()
     schedule = {"min_clients": 4, "root_rounds": 4, "cluster_rounds": 1, "leaf_rounds": 1,
                 "lease_seconds": 2, "max_attempts": 1, "max_consecutive_failures": 2, "retry_after_seconds": 0.2}
-    db_url = f"sqlite:///{tmp_path / 'coordinator.db'}"
-    coord = Coordinator(procs, tmp_path, db_url, tmp_path / "blobs")
-    coord.start()
-    db = DB(db_url)
+    coord, db, fid, secret, creds = _quorum_setup(procs, tmp_path, schedule, "dead-worker", ["a", "b", "c", "d"])
     try:
-        fid, secret, _config = create_tiny_federation(coord.url, "dead-worker", schedule)
-        creds = tmp_path / "credentials.json"
-        register_clients(coord.url, fid, secret, ["a", "b", "c", "d"], creds)
         dead = FakeWorkerProc(procs, tmp_path, "dead", coord.url, fid, secret, ["c", "d"], creds, hang=True)
         assert wait_for(lambda: dead.events("hanging"), 30, interval=0.1), _tail(dead.log)
         dead.kill()
