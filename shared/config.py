@@ -135,7 +135,7 @@ class Schedule(BaseModel):
         description="a round is decided at this age even if tasks are still open: aggregated if the "
                     "quorum is met (open tasks are cancelled), else failed and reopened. 'auto' (the default): "
                     "a deadline derived from the schedule and from how long this federation's tasks take "
-                    "(shared.deadlines: at least lease_seconds x max_attempts, and 4 x the longest a done task "
+                    "(shared.deadlines: at least lease_seconds x (max_attempts + 1), and 4 x the longest a done task "
                     "of the last rounds took, or 3 x the time half of this round's tasks took), so a client "
                     "that heartbeats and never uploads cannot hold a round open for ever while slow GPU tasks "
                     "are not cut; null: no deadline (federations stored before 'auto' existed keep null)")

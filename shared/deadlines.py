@@ -5,8 +5,10 @@ a round open for ever, and a slow but honest task (ViT-B on a big client, a work
 clients one after another) must not be cut. A fixed number of seconds does one or the other,
 depending on the model and the hardware. So 'auto' reads the time from the federation itself:
 
-- **floor**: a deadline is never less than ``lease_seconds x max_attempts`` after the round
-  opened: the time a task may take through all its attempts when every lease runs out.
+- **floor**: a deadline is never less than ``lease_seconds x (max_attempts + 1)`` after the round
+  opened: the time a task may take through all its attempts when every lease runs out, plus one
+  lease for being leased at all (with exactly ``lease x attempts`` a task leased a moment after its
+  round opened expired just after the deadline, so whether it ended failed or cancelled was a race).
 - **history** (set when the round opens, if the federation has done rounds): ``HISTORY_FACTOR``
   times the longest any done task of the last ``HISTORY_ROUNDS`` done rounds took from its round's
   opening to its upload. Rounds of one federation do the same work (same model, data and local
@@ -32,8 +34,9 @@ HALF_FACTOR = 3.0
 
 
 def floor_seconds(lease_seconds: float, max_attempts: int) -> float:
-    """The least time any 'auto' deadline gives a round: every attempt of a task may use its lease."""
-    return float(lease_seconds) * int(max_attempts)
+    """The least time any 'auto' deadline gives a round: every attempt of a task may use its lease,
+    after up to one lease of waiting to be leased."""
+    return float(lease_seconds) * (int(max_attempts) + 1)
 
 
 def from_history(opened: datetime, longest_done_seconds: float | None, lease_seconds: float,

@@ -37,9 +37,9 @@ def test_auto_is_the_default_and_null_still_means_none():
 @pytest.mark.unit
 @pytest.mark.parametrize("longest,lease,attempts,expected", [
     (None, 120, 3, None),          # no history: no deadline at opening
-    (10.0, 120, 3, 360.0),         # fast tasks: the floor, every attempt's lease
+    (10.0, 120, 3, 480.0),         # fast tasks: the floor, every attempt's lease and one to be leased
     (200.0, 120, 3, 800.0),        # slow tasks: 4 x the slowest recent one
-    (0.0, 1, 1, 1.0),
+    (0.0, 1, 1, 2.0),
     (float("nan"), 120, 3, None),
 ])
 def test_history_rule(longest, lease, attempts, expected):
@@ -50,7 +50,7 @@ def test_history_rule(longest, lease, attempts, expected):
 @pytest.mark.unit
 @pytest.mark.parametrize("half_after,now_after,lease,attempts,expected", [
     (100.0, 100.0, 10, 1, 400.0),    # the rest get 3 x as long again as the first half took
-    (10.0, 10.0, 120, 3, 360.0),     # ... but never less than the floor after opening
+    (10.0, 10.0, 120, 3, 480.0),     # ... but never less than the floor after opening
     (100.0, 395.0, 10, 1, 405.0),    # set late (a late tick, a resume): still one lease from now
 ])
 def test_half_rule(half_after, now_after, lease, attempts, expected):
@@ -88,8 +88,8 @@ def test_a_heartbeating_holder_cannot_hold_rounds_open(api, app, clock):
         opened = rounds(app)[-1]
         if number == 1:
             assert opened.deadline_at is None  # no history yet
-        else:  # history: the slowest done task of round 1 took 30 s; the floor is 60 x 2
-            assert opened.deadline_at == opened.created_at + timedelta(seconds=120)
+        else:  # history: the slowest done task of round 1 took 30 s (4 x: 120 s); the floor is 60 x 3
+            assert opened.deadline_at == opened.created_at + timedelta(seconds=180)
         clock.advance(30)
         finish(api, tasks[0], clients[0][1], seed=0)
         finish(api, tasks[1], clients[1][1], seed=1)
@@ -97,10 +97,11 @@ def test_a_heartbeating_holder_cannot_hold_rounds_open(api, app, clock):
         current = rounds(app)[-1]
         assert current.status == "open"
         if number == 1:  # half (2 of 3) done after 30 s: the rest get 90 s more, at least the floor
-            assert current.deadline_at == current.created_at + timedelta(seconds=120)
-        for _ in range(10):  # the holder keeps its lease alive well past the deadline
+            assert current.deadline_at == current.created_at + timedelta(seconds=180)
+        for _ in range(14):  # the holder keeps its lease alive well past the deadline (180 s)
             clock.advance(15)
-            _heartbeat(api, tasks[2], clients[2][1]) if rounds(app)[number - 1].status == "open" else None
+            if rounds(app)[number - 1].status == "open":
+                _heartbeat(api, tasks[2], clients[2][1])
             tick(app)
         decided = rounds(app)[number - 1]
         assert decided.status == "done" and decided.result_version_id is not None
@@ -111,7 +112,7 @@ def test_a_heartbeating_holder_cannot_hold_rounds_open(api, app, clock):
 
 def test_a_slow_honest_round_is_not_cut(api, app, clock):
     """Every task takes 1000 s (a big model on a slow GPU) and heartbeats: far beyond the floor
-    (120 s), nothing is cancelled, and the next round's deadline follows the measured pace."""
+    (180 s), nothing is cancelled, and the next round's deadline follows the measured pace."""
     fid, _secret, clients = _federation(api, app, 3, lease_seconds=60, max_attempts=2)
     for number in (1, 2):
         tasks = [lease(api, cid, tok) for cid, tok in clients]
