@@ -166,6 +166,10 @@ class Cluster(Base):
     federation_id: Mapped[int] = mapped_column(ForeignKey("federations.id", ondelete="CASCADE"), index=True)
     label: Mapped[int] = mapped_column(Integer)
     created_run_id: Mapped[int] = mapped_column(ForeignKey("clustering_runs.id"))
+    # an admin's pin (or rollback): the version the cluster serves instead of its newest; null: the newest
+    pinned_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("adapter_versions.id", use_alter=True, name="fk_clusters_pinned_version", ondelete="SET NULL"),
+        nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
@@ -176,9 +180,10 @@ class Assignment(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     client_id: Mapped[int] = mapped_column(ForeignKey("clients.id", ondelete="CASCADE"), index=True)
-    cluster_id: Mapped[int] = mapped_column(ForeignKey("clusters.id"))
+    # null: the client fits no cluster (a refinement, or an onboarding with no clustered client to join)
+    cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id"), nullable=True)
     clustering_run_id: Mapped[int | None] = mapped_column(ForeignKey("clustering_runs.id"), nullable=True)
-    source: Mapped[str] = mapped_column(String(16))  # lsac | onboarding | manual
+    source: Mapped[str] = mapped_column(String(16))  # lsac | onboarding | manual | refine
     similarity: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

@@ -406,7 +406,8 @@ def backbone(federation_id: DbId, request: Request, session: SessionDep, token: 
 def adapter(version_id: DbId, request: Request, session: SessionDep, token: Token,
             if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """An immutable adapter version as safetensors. Root versions: any client of the federation;
-    cluster versions: members of that cluster only (and the admin)."""
+    cluster versions: members of that cluster only (and the admin), and a client with a live refine
+    task for the cluster's newest version (``clustering.refine_rounds``)."""
     with session.begin():
         # credentials first: without them, whether a version id exists is nobody's business
         client = None if _is_admin(request, token) else registration.authenticate_client(session, token)
@@ -416,8 +417,10 @@ def adapter(version_id: DbId, request: Request, session: SessionDep, token: Toke
         if client is not None and client.federation_id != version_row.federation_id:
             raise Forbidden(f"this client belongs to federation {client.federation_id}, not "
                             f"{version_row.federation_id}", code="other_federation")
-        if client is not None and version_row.tier == "cluster" and client.cluster_id != version_row.cluster_id:
-            raise Forbidden("cluster adapters are readable only by members of that cluster",
+        if (client is not None and version_row.tier == "cluster" and client.cluster_id != version_row.cluster_id
+                and not tasks.may_read_for_refinement(session, client, version_row)):
+            raise Forbidden("cluster adapters are readable only by members of that cluster (and, while it holds a "
+                            "refine task, by a client that evaluates the cluster's newest version)",
                             code="not_a_member")
         sha = version_row.blob_sha256
     etag = f'"{sha}"'

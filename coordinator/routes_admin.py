@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, RedirectResponse
 
 from coordinator.errors import NotFound
 from coordinator.routes import AdminAuth, DbId, SessionDep, check_protocol
-from coordinator.services import admin_views, clustering
+from coordinator.services import admin_actions, admin_views, clustering
 from coordinator.services.federations import get_federation
 from shared.schemas import (
     AccuracyView,
@@ -23,6 +24,7 @@ from shared.schemas import (
     AssignmentMove,
     ClientRow,
     ClusteringRunRow,
+    ClusterPin,
     ClusterRow,
     ErrorBody,
     FederationOverview,
@@ -139,6 +141,19 @@ def recluster(federation_id: DbId, request: Request, session: SessionDep, _admin
             tasks_cancelled=outcome.tasks_cancelled)
     request.app.state.scheduler.wake()
     return result
+
+
+@api.post("/federations/{federation_id}/clusters/{label}/pin", response_model=ClusterRow)
+def pin_cluster(federation_id: DbId, label: Annotated[int, PathParam(ge=0, le=2**31 - 1)], body: ClusterPin,
+                request: Request, session: SessionDep, _admin: AdminAuth) -> ClusterRow:
+    """Serve a chosen version of a cluster's adapter (pin, or roll back to an older one), or its
+    newest again (``version`` null); audited. Rounds opened from now on and every client's model
+    follow it; the cluster's own training rounds go on from its newest. 404 unknown cluster; 422
+    ``unknown_version``. See docs/operations.md, "Pinning and rolling back a cluster"."""
+    with session.begin():
+        cluster = admin_actions.pin_cluster(session, federation_id, label, body.version, _now(request), body.reason)
+        fed = get_federation(session, federation_id)
+        return next(row for row in admin_views.clusters(session, fed, _now(request)) if row.id == cluster.id)
 
 
 # ---------------------------------------------------------------- the page

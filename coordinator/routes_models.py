@@ -28,7 +28,7 @@ from coordinator.routes import (
     check_protocol,
 )
 from coordinator.services import federations, registration
-from coordinator.services.adapters import latest_version
+from coordinator.services.adapters import latest_version, serving_version
 from shared.merge import MODEL_FORMAT, merge_lora, model_metadata, pack_model
 from shared.schemas import SHA256_HEADER, AdapterRef, ClientAdapters
 from shared.states import ScopeKind, scope
@@ -49,15 +49,15 @@ def _ref(row: AdapterVersion | None) -> AdapterRef | None:
 
 @router.get("/clients/{client_id}/adapters", response_model=ClientAdapters)
 def client_adapters(client_id: DbId, session: SessionDep, token: Token) -> ClientAdapters:
-    """The newest root version and the newest version of the client's own cluster (null before
-    clustering or without clusters). Only the client's own token may ask."""
+    """The newest root version and the version the client's own cluster serves (its newest, or an
+    admin's pin; null before clustering or without a cluster). Only the client's own token may ask."""
     with session.begin():
         client = registration.authenticate_client(session, token)
         if client.id != client_id:
             raise Forbidden(f"this token belongs to client {client.id}, not client {client_id}",
                             code="not_your_client")
         root = latest_version(session, client.federation_id, "root")
-        cluster = (latest_version(session, client.federation_id, scope(ScopeKind.cluster, client.cluster_id))
+        cluster = (serving_version(session, session.get(Cluster, client.cluster_id))
                    if client.cluster_id is not None else None)
         return ClientAdapters(root=_ref(root), cluster=_ref(cluster))
 
@@ -77,7 +77,7 @@ def _merged_model(request: Request, session, federation_id: int, label: int | No
             if cluster is None:
                 raise NotFound(f"federation {federation_id} has no cluster with label {label}",
                                code="cluster_not_found")
-            version = latest_version(session, fed.id, scope(ScopeKind.cluster, cluster.id))
+            version = serving_version(session, cluster)
             if version is None:
                 raise NotFound(f"cluster {label} of federation {federation_id} has no adapter version",
                                code="no_cluster_version")

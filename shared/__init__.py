@@ -5,4 +5,6 @@ __version__ = "0.1.0"
 # 2: tasks of stage 'eval' (the final evaluation: no training, no upload; complete with metrics).
 # 3: a task's steps and loss (probe options). 4: training.alone_epochs (a model trained alone as a
 # candidate of the client's validation choice): a protocol-3 worker would ignore it.
-PROTOCOL_VERSION = 4
+# 5: tasks of stage 'refine' (the losses of the root and of each cluster adapter in the task's
+# candidates, reported as metrics; clustering.refine_rounds).
+PROTOCOL_VERSION = 5

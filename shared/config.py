@@ -19,6 +19,7 @@ FactorPolicy = Literal["aggregate", "local", "frozen"]
 MAX_SEED = 2**32 - 1  # numpy and torch both take it; a negative seed failed only once the scheduler used it
 MAX_MODEL_KWARGS_BYTES = 16_384
 MAX_MODEL_KWARGS_DEPTH = 4
+MAX_REFINE_ROUNDS = 100
 
 
 def _json_depth(value: Any) -> int:
@@ -263,6 +264,32 @@ class Clustering(BaseModel):
                     "well as keeping it whole; 0: the best K")
     force_k: int | None = Field(default=None, ge=1)
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seed of the clustering's k-means")
+    refine_rounds: int = Field(
+        default=0, ge=0, le=MAX_REFINE_ROUNDS,
+        description="refinement after clustering (docs/method.md, \"Refinement\"): after each of the first "
+                    "refine_rounds cluster rounds, every training client reports the loss of the root and of root + "
+                    "each cluster adapter on its own training data (forward passes only; a 'refine' round), and the "
+                    "coordinator moves each client whose loss is clearly lower in another cluster (refine_margin) "
+                    "and marks one that no cluster fits better than the root as unassigned (root + its own leaf); "
+                    "at most schedule.cluster_rounds; 0: off")
+    refine_margin: float = Field(
+        default=0.05, ge=0, lt=1,
+        description="refinement: a client moves from its cluster c to cluster b only when its loss with b is below "
+                    "(1 - refine_margin) x its loss with c (an unassigned client compares with the root's loss), so "
+                    "that noise does not shuffle clients between equally good clusters")
+    onboard: Literal["probe", "loss"] = Field(
+        default="probe",
+        description="how a late client is assigned while serving: 'probe' (it trains a probe from the final root "
+                    "and joins the cluster whose members' probes are most similar, method.md section 5) or 'loss' "
+                    "(it reports the loss of the root and of every cluster adapter on its own training data, "
+                    "forward passes only, and joins the lowest unless the root is not clearly worse "
+                    "(refine_margin): then it fits no cluster and is served root + its own leaf)")
+    refine_new_cluster: int = Field(
+        default=0, ge=0, le=MAX_MANUAL_ASSIGNMENT,
+        description="refinement: when at least this many clients fit no cluster (no cluster's loss is below the "
+                    "root's) and more cluster rounds follow, they form a new cluster, started from the root (the "
+                    "model that served them best), trained by the next cluster rounds and offered to every client "
+                    "at the next refinement; 0: they stay unassigned")
 
     @model_validator(mode="after")
     def _check(self) -> "Clustering":
@@ -329,6 +356,10 @@ class FederationConfig(BaseModel):
             if self.schedule.root_rounds < 1:
                 raise ValueError("clustering.algorithm 'lsac-paper' needs schedule.root_rounds >= 1: its "
                                  "features are built during the root rounds")
+        if self.clustering.refine_rounds > self.schedule.cluster_rounds:
+            raise ValueError(f"clustering.refine_rounds ({self.clustering.refine_rounds}) must be at most "
+                             f"schedule.cluster_rounds ({self.schedule.cluster_rounds}): a refinement follows a "
+                             f"cluster round")
         return self
 
     def tier_policy(self, tier: str) -> TierPolicy:

@@ -131,6 +131,7 @@ class ClusterInfo(BaseModel):
     label: int
     members: list[str]
     adapter_version: int | None = None
+    pinned_version: int | None = Field(default=None, description="the version it serves when an admin pinned one")
 
 
 class ClusteringRunInfo(BaseModel):
@@ -159,6 +160,8 @@ class FederationStatus(BaseModel):
     clusters: list[ClusterInfo]
     clustering: ClusteringRunInfo | None
     onboarding_pending: int
+    unassigned: int = Field(default=0, description="active clients that fit no cluster (clustering.refine_rounds): "
+                                                   "served the root and their own leaf")
     paused_at: datetime | None = Field(default=None, description="set while the federation is paused (by an admin, "
                                                                  "or by the scheduler after repeated failures)")
     paused_reason: str | None = Field(default=None, description="why it is paused: the admin's note or the scheduler's")
@@ -237,6 +240,20 @@ class ClientAdapters(BaseModel):
     cluster: AdapterRef | None = Field(description="newest version of the client's cluster; null without one")
 
 
+class RefineCandidate(BaseModel):
+    """One cluster adapter a refine task evaluates (protocol 5)."""
+
+    cluster_id: int
+    label: int
+    adapter: AdapterRef
+
+
+def refine_metric(cluster_id: int | None) -> str:
+    """The metric in which a refine task reports its mean training loss with the root alone
+    (``cluster_id`` None) or with root + that cluster's adapter."""
+    return "refine_loss_root" if cluster_id is None else f"refine_loss_c{int(cluster_id)}"
+
+
 class TaskAssignment(BaseModel):
     task_id: int
     lease_id: str
@@ -260,6 +277,11 @@ class TaskAssignment(BaseModel):
     local: list[str] = Field(description="factors the client keeps between rounds (never uploaded)")
     reset_leaf: bool = False
     training: Training
+    candidates: list[RefineCandidate] = Field(
+        default_factory=list,
+        description="stage 'refine' only: the cluster adapters to evaluate (protocol 5); the task completes with "
+                    "refine_loss_root and refine_loss_c<cluster_id> for each, the mean cross entropy on the client's "
+                    "training data")
 
 
 class LeaseResponse(BaseModel):
@@ -342,6 +364,7 @@ class FederationOverview(BaseModel):
     clients_online: int = Field(description="clients seen (lease, heartbeat, upload) within online_window_seconds")
     online_window_seconds: float = Field(description="2 x the federation's lease_seconds")
     k: int | None = Field(description="K of the newest clustering run")
+    unassigned: int = Field(default=0, description="active clients that fit no cluster (served root + their leaf)")
     last_aggregation_at: datetime | None = Field(description="when the newest aggregated round closed")
     created_at: datetime
 
@@ -376,6 +399,19 @@ class ClusterRow(BaseModel):
     age_seconds: float
     created_run_id: int = Field(description="the clustering run that made this cluster")
     adapter_version: int | None
+    pinned_version: int | None = Field(default=None, description=(
+        "an admin's pin or rollback: the version the cluster serves instead of its newest (adapter_version); "
+        "null: it serves its newest"))
+
+
+class ClusterPin(BaseModel):
+    """``POST /v1/federations/F/clusters/{label}/pin``: serve this version of the cluster's adapter
+    (a pin, or a rollback to an older one), or the newest again (``version`` null)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = Field(ge=0, description="a version number of this cluster's adapter; null: unpin")
+    reason: str = Field(default="", max_length=500, description="recorded in the audit log")
 
 
 class ClusteringRunRow(ClusteringRunInfo):
@@ -471,6 +507,8 @@ class ClientRow(BaseModel):
         "test accuracy of the model the client chose on its held-out validation part "
         "(training.validation_fraction > 0); None when it holds none out"))
     missed_rounds: int = Field(default=0, description="rounds in a row whose task for it ended without its upload")
+    unassigned: bool = Field(default=False, description="it fits no cluster (a refinement found no cluster better "
+                                                        "than the root for it): served root + its own leaf")
     inactive_since: datetime | None = Field(default=None, description=(
         "marked inactive after schedule.max_consecutive_failures missed rounds: no task is opened for it until it "
         "asks for work again; null while active"))

@@ -52,7 +52,9 @@ class FederationState(StateEnum):
     - ``root``: root rounds (aggregated over all clients) until ``root_rounds`` or rho <= tau.
     - ``probe``: one round in which every client trains from the final root; not aggregated;
       LSAC clusters the probes when it completes.
-    - ``cluster``: each cluster trains its adapter for ``cluster_rounds`` rounds (root frozen).
+    - ``cluster``: each cluster trains its adapter for ``cluster_rounds`` rounds (root frozen);
+      with ``clustering.refine_rounds`` R, refinement rounds (stage ``refine``) after the first R
+      cluster rounds reassign clients by the loss of every cluster adapter on their own data.
     - ``leaf``: every client trains its private leaf for ``leaf_rounds`` rounds; metrics only.
     - ``serving``: training is over. On entering it without leaf rounds behind it, the scheduler
       opens the final evaluation rounds (stage ``eval``: every training client evaluates the final
@@ -75,20 +77,24 @@ class Stage(StateEnum):
     """What a round (and its tasks) does. ``root``/``probe``/``cluster``/``leaf`` train in the
     federation stage of that name (``probe`` and ``leaf`` also onboard a late client while
     serving); ``eval`` evaluates the final versions once a training without leaf rounds is over
-    (nothing trains)."""
+    (nothing trains); ``refine`` (in the cluster stage, ``clustering.refine_rounds``): every training
+    client reports the loss of the root and of root + each cluster adapter on its own training data
+    (forward passes only), and the coordinator reassigns the clients whose loss is clearly lower in
+    another cluster, or marks one that no cluster fits better than the root as unassigned."""
 
     root = "root"
     probe = "probe"
     cluster = "cluster"
     leaf = "leaf"
     eval = "eval"
+    refine = "refine"
 
 
 class RoundStatus(StateEnum):
     """A round: open -> done | failed. A root, probe or cluster round is done when its quorum of
     tasks is done (root and cluster rounds: aggregated into a new adapter version; probe rounds:
-    clustered), failed otherwise (a fresh round then opens). A leaf or eval round aggregates
-    nothing: done when at least one task is done. done and failed are terminal."""
+    clustered), failed otherwise (a fresh round then opens). A leaf, eval or refine round aggregates
+    nothing: done when at least one task is done (a refine round then reassigns). done and failed are terminal."""
 
     open = "open"
     done = "done"
@@ -125,7 +131,8 @@ class Cohort(StateEnum):
 
 class Onboarding(StateEnum):
     """A client's onboarding: ``none`` for the training cohort (never onboarded); a late client
-    goes waiting -> probe -> leaf -> ready (waiting -> leaf without clusters)."""
+    goes waiting -> probe -> leaf -> ready (waiting -> leaf without clusters). ``probe``: its
+    assignment round runs, a probe (``clustering.onboard`` 'probe') or a refine round ('loss')."""
 
     none = "none"
     waiting = "waiting"

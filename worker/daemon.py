@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from shared.config import FederationConfig
-from shared.schemas import TaskAssignment
+from shared.schemas import TaskAssignment, refine_metric
 from shared.tensors import pack_tensors, unpack_tensors
 from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 from worker.files import atomic_write
@@ -351,6 +351,7 @@ class WorkerDaemon:
             TrainingStopped,
             add_alone_candidate,
             evaluate_with_selection,
+            mean_loss,
             split_validation,
             train_tier,
         )
@@ -374,6 +375,20 @@ class WorkerDaemon:
                 local_file = slot.files.local(used)
                 if local_file.exists():
                     model.load_tier(used, unpack_tensors(local_file.read_bytes()), partial=True)
+        if task.stage == "refine":
+            # the loss of the root and of root + each candidate cluster adapter on this client's
+            # training data: forward passes only, nothing trained or uploaded
+            losses = {refine_metric(None): mean_loss(model, data.x_train, data.y_train, ("root",), self.device)}
+            for candidate in task.candidates:
+                model.load_tier("cluster", self._adapter(candidate.adapter, slot.token))
+                losses[refine_metric(candidate.cluster_id)] = mean_loss(
+                    model, data.x_train, data.y_train, ("root", "cluster"), self.device)
+            losses["refine_seconds"] = time.monotonic() - t0
+            if not self.report(slot, task, None, losses, num_samples=len(data.y_train)):
+                return {}
+            log.info("client %s: refinement %s done (%d clusters)", slot.spec.name, task.round_number,
+                     len(task.candidates))
+            return losses
         if task.stage == "eval":
             # the federation's final versions as this client uses them, with its leaf if it has one:
             # forward passes only, nothing trained or uploaded

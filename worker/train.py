@@ -140,6 +140,25 @@ def predict(model: TieredLoRAModel, x: object, tiers: Iterable[str], device: str
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
+@torch.no_grad()
+def mean_loss(model: TieredLoRAModel, x: object, y: object, tiers: Iterable[str], device: str | torch.device = "cpu",
+              batch_size: int = 256) -> float:
+    """Mean cross entropy on (x, y) with exactly ``tiers`` active (forward passes only): what a
+    refine task reports for the root and for root + each candidate cluster adapter."""
+    model.to(device)
+    model.eval()
+    model.set_active_tiers(tiers)
+    inputs = _as_tensor(x, torch.float32, device)
+    labels = _as_tensor(y, torch.int64, device)
+    if labels.shape[0] == 0:
+        raise ValueError("cannot compute a loss on zero samples")
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, inputs.shape[0], batch_size):
+        logits = model(inputs[start:start + batch_size])
+        total += F.cross_entropy(logits, labels[start:start + batch_size], reduction="sum").to(torch.float64)
+    return float(total) / int(labels.shape[0])
+
+
 def evaluate(model: TieredLoRAModel, x: object, y: object, tiers: Iterable[str], device: str | torch.device = "cpu",
              batch_size: int = 256) -> float:
     """Accuracy on (x, y) with exactly ``tiers`` active (the highest active tier's head predicts)."""

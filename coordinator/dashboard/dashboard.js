@@ -407,7 +407,8 @@
       stat("Open-round progress", o.tasks_total ? [el("progress", { max: o.tasks_total, value: o.tasks_done,
         "aria-label": "tasks done of open rounds" }), " " + o.tasks_done + "/" + o.tasks_total] : "–"),
       stat("Clients online", (o.clients_online ?? "–") + " / " + status.clients_total, "stat-online"),
-      stat("Clusters K", status.clustering ? String(status.clustering.k) : "–", "stat-k"),
+      stat("Clusters K", (status.clustering ? String(status.clustering.k) : "–") +
+        (status.unassigned ? ` (${status.unassigned} unassigned)` : ""), "stat-k"),
       stat("Last aggregation", time(o.last_aggregation_at)),
       stat("Uploaded", (status.uploaded_bytes / 1e6).toFixed(2) + " MB"));
   }
@@ -493,7 +494,11 @@
       { title: "Members", render: (c) => c.members.join(", ") },
       { title: "Age", render: (c) => duration(c.age_seconds) },
       { title: "Made by run", num: true, render: (c) => "#" + c.created_run_id },
-      { title: "Adapter version", num: true, render: (c) => c.adapter_version === null ? "–" : String(c.adapter_version) },
+      { title: "Adapter version", num: true, render: (c) => c.adapter_version === null ? "–"
+        : c.pinned_version !== null && c.pinned_version !== undefined
+          ? [String(c.adapter_version), el("span", { class: "muted", text: ` · serves v${c.pinned_version} (pinned)`,
+            title: "an admin pinned this version: clients get it instead of the newest" })]
+          : String(c.adapter_version) },
     ], clusters.map((c) => Object.assign({ _attrs: { "data-cluster-label": c.label } }, c)),
     { empty: "No cluster yet: LSAC runs when the probe round of all clients is done." }));
 
@@ -719,7 +724,9 @@
         title: "no task opens for it until it asks for work again; inactive since " + c.inactive_since })]
       : badge(c.status) },
     { title: "Cohort", sortKey: "cohort", render: (c) => c.cohort + (c.cohort === "late" ? " · " + c.onboarding : "") },
-    { title: "Cluster", sortKey: "cluster_label", num: true, render: (c) => c.cluster_label === null ? "–" : String(c.cluster_label) },
+    { title: "Cluster", sortKey: "cluster_label", num: true, render: (c) => c.cluster_label !== null ? String(c.cluster_label)
+      : c.unassigned ? el("span", { class: "muted", text: "unassigned", title: "fits no cluster: served root + its own leaf" })
+      : "–" },
     { title: "Samples", sortKey: "num_samples", num: true, render: (c) => String(c.num_samples) },
     { title: "Tasks done", sortKey: "tasks_done", num: true, render: (c) => String(c.tasks_done) },
     { title: "Last seen", sortKey: "last_seen_at", render: (c) => time(c.last_seen_at) },

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobStore
 from coordinator.errors import Invalid
-from coordinator.models import AdapterVersion, Blob
+from coordinator.models import AdapterVersion, Blob, Cluster
 from shared.manifest import AdapterManifest
 from shared.tensors import pack_tensors, unpack_tensors
 
@@ -102,6 +102,17 @@ def latest_version(session: Session, federation_id: int, scope: str) -> AdapterV
         .order_by(AdapterVersion.version.desc())
         .limit(1)
     ).first()
+
+
+def serving_version(session: Session, cluster: Cluster) -> AdapterVersion | None:
+    """The version a cluster serves: an admin's pin (or rollback) when set, else its newest. Its
+    cluster rounds train on from the newest all the same; what clients use (leaf and evaluation
+    rounds, onboarding, their adapters, exports, refinement candidates) is this one."""
+    if cluster.pinned_version_id is not None:
+        pinned = session.get(AdapterVersion, cluster.pinned_version_id)
+        if pinned is not None:
+            return pinned
+    return latest_version(session, cluster.federation_id, f"cluster:{cluster.id}")
 
 
 def load_version(blobs: BlobStore, version: AdapterVersion) -> Tensors:

@@ -25,7 +25,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.errors import Conflict, Invalid, NotFound
-from coordinator.models import AuditEvent, Client, Federation, Round, Task
+from coordinator.models import AdapterVersion, AuditEvent, Client, Cluster, Federation, Round, Task
 from coordinator.security import hash_secret, new_secret
 from coordinator.services.federations import federation_config, get_federation
 from coordinator.services.tasks import task_status_may_become
@@ -149,6 +149,40 @@ def rotate_enrollment_secret(session: Session, federation_id: int, now: datetime
 STAGE_ROUNDS_FIELD = {FederationState.root: ("root_rounds", Stage.root),
                       FederationState.cluster: ("cluster_rounds", Stage.cluster),
                       FederationState.leaf: ("leaf_rounds", Stage.leaf)}
+
+
+def pin_cluster(session: Session, federation_id: int, label: int, version: int | None, now: datetime,
+                reason: str = "") -> Cluster:
+    """Serve version ``version`` of cluster ``label``'s adapter (a pin, or a rollback to an older
+    one), or its newest again (``version`` None). What clients use from then on follows it: leaf,
+    evaluation and onboarding rounds opened afterwards, ``GET /v1/clients/C/adapters``, exports and
+    refinement candidates; rounds already open keep the version they were opened with, and the
+    cluster's own rounds (cluster stage) train on from its newest. Audited ('pin' or 'unpin').
+
+    MUST fail: 404 for an unknown federation or label; 422 ``unknown_version`` for a version number
+    the cluster does not have."""
+    get_federation(session, federation_id, lock=True)
+    cluster = session.scalars(select(Cluster).where(Cluster.federation_id == federation_id,
+                                                    Cluster.label == label)).first()
+    if cluster is None:
+        raise NotFound(f"federation {federation_id} has no cluster with label {label}", code="cluster_not_found")
+    before = session.get(AdapterVersion, cluster.pinned_version_id) if cluster.pinned_version_id else None
+    target = None
+    if version is not None:
+        target = session.scalars(select(AdapterVersion).where(
+            AdapterVersion.federation_id == federation_id, AdapterVersion.scope == f"cluster:{cluster.id}",
+            AdapterVersion.version == version)).first()
+        if target is None:
+            newest = session.scalar(select(func.max(AdapterVersion.version)).where(
+                AdapterVersion.federation_id == federation_id, AdapterVersion.scope == f"cluster:{cluster.id}"))
+            raise Invalid(f"cluster {label} has no adapter version {version} (its versions are 0..{newest})",
+                          code="unknown_version")
+    cluster.pinned_version_id = target.id if target is not None else None
+    audit(session, now, "pin" if target is not None else "unpin", federation_id, f"cluster:{cluster.id}",
+          {"label": label, "version": version, "before": before.version if before is not None else None,
+           "reason": reason})
+    session.flush()
+    return cluster
 
 
 def change_schedule(session: Session, federation_id: int, changes: dict[str, Any], now: datetime,

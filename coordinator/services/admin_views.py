@@ -17,8 +17,19 @@ from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobNotFound, BlobStore
 from coordinator.errors import NotFound
-from coordinator.models import Assignment, AuditEvent, Client, Cluster, ClusteringRun, Federation, Round, Task
+from coordinator.models import (
+    AdapterVersion,
+    Assignment,
+    AuditEvent,
+    Client,
+    Cluster,
+    ClusteringRun,
+    Federation,
+    Round,
+    Task,
+)
 from coordinator.services.adapters import latest_version
+from coordinator.services.clustering import unassigned_client_ids
 from coordinator.services.federations import federation_config, list_federations
 from coordinator.services.reporting import zero_shot_accuracy
 from shared.schemas import (
@@ -124,6 +135,7 @@ def federations_overview(session: Session, now: datetime) -> list[FederationOver
             current_round=max(in_stage or [n for _, _, n in open_rounds], default=None),
             open_rounds=len(open_rounds), tasks_done=counts.get(DONE, 0), tasks_total=sum(counts.values()),
             clients_total=total, clients_online=online, online_window_seconds=window, k=k,
+            unassigned=len(unassigned_client_ids(session, fed.id)),
             last_aggregation_at=last_agg, created_at=fed.created_at))
     return out
 
@@ -186,6 +198,12 @@ def federation_timeline(session: Session, fed: Federation, limit: int = 200) -> 
 
 # ---------------------------------------------------------------- clusters and clustering runs
 
+def _pinned_number(session: Session, cluster: Cluster) -> int | None:
+    if cluster.pinned_version_id is None:
+        return None
+    return session.scalar(select(AdapterVersion.version).where(AdapterVersion.id == cluster.pinned_version_id))
+
+
 def clusters(session: Session, fed: Federation, now: datetime) -> list[ClusterRow]:
     members: dict[int, list[str]] = defaultdict(list)
     for cluster_id, name in session.execute(select(Client.cluster_id, Client.name).where(
@@ -198,7 +216,8 @@ def clusters(session: Session, fed: Federation, now: datetime) -> list[ClusterRo
         rows.append(ClusterRow(id=c.id, label=c.label, size=len(members[c.id]), members=members[c.id],
                                created_at=c.created_at, age_seconds=(now - c.created_at).total_seconds(),
                                created_run_id=c.created_run_id,
-                               adapter_version=version.version if version else None))
+                               adapter_version=version.version if version else None,
+                               pinned_version=_pinned_number(session, c)))
     return rows
 
 
@@ -361,6 +380,7 @@ def clients_table(session: Session, fed: Federation, now: datetime) -> list[Clie
     window = timedelta(seconds=online_window_seconds(fed))
     labels_of = _labels(session, fed.id)
     latest = _latest_per_client(_accuracy_rows(session, fed.id))
+    unassigned = unassigned_client_ids(session, fed.id)
     done = {cid: n for cid, n in session.execute(
         select(Task.client_id, func.count()).where(Task.federation_id == fed.id, Task.status == DONE)
         .group_by(Task.client_id))}
@@ -371,7 +391,7 @@ def clients_table(session: Session, fed: Federation, now: datetime) -> list[Clie
                       tasks_done=done.get(c.id, 0), acc_root=latest.get(c.id, {}).get("root"),
                       acc_cluster=latest.get(c.id, {}).get("cluster"), acc_leaf=latest.get(c.id, {}).get("leaf"),
                       acc_selected=latest.get(c.id, {}).get("selected"), missed_rounds=c.missed_rounds or 0,
-                      inactive_since=c.inactive_since)
+                      inactive_since=c.inactive_since, unassigned=c.id in unassigned)
             for c in session.scalars(select(Client).where(Client.federation_id == fed.id).order_by(Client.id))]
 
 

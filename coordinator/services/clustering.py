@@ -1,6 +1,7 @@
 """Clustering runs (``clustering.algorithm``: LSAC, k-means-flat or LSAC as the paper writes it;
-docs/method.md, "Clustering algorithms"), cluster creation, nearest-cluster onboarding of late
-clients, and an admin's recluster of a running federation."""
+docs/method.md, "Clustering algorithms"), cluster creation, refinement by loss
+(``clustering.refine_rounds``), nearest-cluster onboarding of late clients, and an admin's
+recluster of a running federation."""
 
 from __future__ import annotations
 
@@ -12,21 +13,30 @@ from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobStore
 from coordinator.errors import Conflict, Invalid
 from coordinator.metrics import observe_clustering_seconds
 from coordinator.models import AdapterVersion, Assignment, Client, Cluster, ClusteringRun, Round, Task
-from coordinator.services.adapters import ensure_blob_row, head_of, initial_tier_tensors, load_version, write_version
+from coordinator.services.adapters import (
+    ensure_blob_row,
+    head_of,
+    initial_tier_tensors,
+    latest_version,
+    load_version,
+    write_version,
+)
 from coordinator.services.admin_actions import audit
 from coordinator.services.client_features import Bases, load_root_b_emas, normalised_b, subspace_bases_of
 from coordinator.services.federations import federation_config, get_federation
-from coordinator.services.tasks import task_status_may_become
+from coordinator.services.tasks import refine_candidates, task_status_may_become
 from shared.config import Clustering, FederationConfig
 from shared.probes import factor_pairs, probe_distance
-from shared.states import RoundStatus, Stage, TaskStatus
+from shared.refine import UNASSIGNED, reassign
+from shared.schemas import refine_metric
+from shared.states import ClientStatus, RoundStatus, Stage, TaskStatus
 from shared.subspace import (
     LsacResult,
     assign_to_clusters,
@@ -154,21 +164,112 @@ def cluster_probes(session: Session, blobs: BlobStore, cfg: FederationConfig, pr
     return run
 
 
-def latest_run(session: Session, federation_id: int) -> ClusteringRun | None:
-    return session.scalars(
-        select(ClusteringRun).where(ClusteringRun.federation_id == federation_id)
-        .order_by(ClusteringRun.id.desc()).limit(1)
-    ).first()
+REFINE = "refine"  # ClusteringRun.algorithm of a refinement (its probe_round_id is the refine round)
+
+
+def latest_run(session: Session, federation_id: int, probed: bool = False) -> ClusteringRun | None:
+    """The newest clustering run; with ``probed``, the newest one made from a probe round (not a
+    refinement, whose round holds losses, not probe uploads)."""
+    query = select(ClusteringRun).where(ClusteringRun.federation_id == federation_id)
+    if probed:
+        query = query.where(ClusteringRun.algorithm != REFINE)
+    return session.scalars(query.order_by(ClusteringRun.id.desc()).limit(1)).first()
+
+
+def unassigned_client_ids(session: Session, federation_id: int) -> set[int]:
+    """Active clients that fit no cluster: without a cluster, and whose newest assignment (from a
+    refinement, or an onboarding when no cluster had members) put them in none. They are served
+    the root and their own leaf."""
+    newest = (select(Assignment.client_id, func.max(Assignment.id).label("id"))
+              .join(Client, Client.id == Assignment.client_id)
+              .where(Client.federation_id == federation_id).group_by(Assignment.client_id).subquery())
+    return set(session.scalars(
+        select(Assignment.client_id).join(newest, newest.c.id == Assignment.id)
+        .join(Client, Client.id == Assignment.client_id)
+        .where(Assignment.cluster_id.is_(None), Client.cluster_id.is_(None), Client.status == ClientStatus.active)))
+
+
+@dataclass
+class RefineOutcome:
+    run: ClusteringRun | None
+    moves: list[tuple[int, int | None, int | None]]  # (client id, from cluster id, to cluster id); None: unassigned
+    evaluated: int
+
+
+def refine_clusters(session: Session, blobs: BlobStore, cfg: FederationConfig, refine_round: Round, now: datetime,
+                    may_create: bool = True) -> RefineOutcome:
+    """Apply a decided refine round: each client that reported its losses (``refine_metric``) is
+    reassigned by ``shared.refine.reassign`` (margin ``clustering.refine_margin``); a client that no
+    cluster fits better than the root becomes unassigned (``cluster_id`` None, an Assignment row
+    without a cluster). With ``may_create`` (more cluster rounds follow) and at least
+    ``clustering.refine_new_cluster`` such clients, they form a new cluster instead (next free label,
+    version 0 from the root: they are the clients the root served better than any cluster), which the
+    following cluster rounds train and the next refinement offers to everyone. Recorded as a
+    ClusteringRun (algorithm 'refine', K = clusters with members afterwards) with an Assignment
+    (source 'refine') per evaluated client, and audited with the moves. A client that did not report
+    keeps its cluster. Nothing is recorded when no client reported or no cluster adapter was trained."""
+    federation_id = refine_round.federation_id
+    candidates = [cluster for cluster, _ in refine_candidates(session, federation_id)]
+    tasks = [t for t in _done_probe_tasks(session, refine_round.id)
+             if isinstance(t.metrics, dict)
+             and all(refine_metric(c) in t.metrics for c in [None] + [c.id for c in candidates])]
+    if not candidates or not tasks:
+        return RefineOutcome(None, [], 0)
+    index = {c.id: i for i, c in enumerate(candidates)}
+    clients = [session.get(Client, t.client_id) for t in tasks]
+    losses = np.array([[float(t.metrics[refine_metric(c.id)]) for c in candidates] for t in tasks])
+    root_loss = np.array([float(t.metrics[refine_metric(None)]) for t in tasks])
+    current = np.array([index.get(c.cluster_id, UNASSIGNED) if c.cluster_id is not None else UNASSIGNED
+                        for c in clients])
+    chosen = reassign(losses, root_loss, current, cfg.clustering.refine_margin)
+    targets: list[Cluster | None] = [candidates[j] if j != UNASSIGNED else None for j in chosen.tolist()]
+    fit_none = sum(1 for t in targets if t is None)
+    minimum = cfg.clustering.refine_new_cluster
+    run = ClusteringRun(federation_id=federation_id, probe_round_id=refine_round.id, features="loss",
+                        algorithm=REFINE, k=0, num_clients=len(tasks), eigengaps=[], contrast_ratio=None,
+                        affinity_sha256=None, created_at=now)
+    session.add(run)
+    session.flush()
+    created = None
+    if may_create and minimum and fit_none >= minimum:
+        root = load_version(blobs, latest_version(session, federation_id, "root"))
+        label = (session.scalar(select(func.max(Cluster.label)).where(Cluster.federation_id == federation_id)) or 0) + 1
+        created = _new_cluster(session, blobs, cfg, federation_id, label, run, root, now)
+        targets = [created if t is None else t for t in targets]
+    moves = []
+    for client, target in zip(clients, targets):
+        to = target.id if target is not None else None
+        session.add(Assignment(client_id=client.id, cluster_id=to, clustering_run_id=run.id, source=REFINE,
+                               similarity=None, created_at=now))
+        if client.cluster_id != to:
+            moves.append((client.id, client.cluster_id, to))
+            client.cluster_id = to
+    session.flush()
+    run.k = session.scalar(select(func.count(func.distinct(Client.cluster_id))).where(
+        Client.federation_id == federation_id, Client.status == ClientStatus.active,
+        Client.cluster_id.is_not(None))) or 0
+    session.flush()
+    labels = {c.id: c.label for c in candidates + ([created] if created is not None else [])}
+    audit(session, now, "refine", federation_id, f"clustering_run:{run.id}",
+          {"run_id": run.id, "refine_round": refine_round.number, "evaluated": len(tasks), "k": run.k,
+           "moved": len(moves), "unassigned": sum(1 for t in targets if t is None),
+           "cluster_created": created.label if created is not None else None,
+           "moves": [{"client_id": cid, "from": labels.get(a), "to": labels.get(b)} for cid, a, b in moves[:200]]},
+          actor="scheduler")
+    log.info("refinement %s of federation %s: %d clients evaluated, %d moved, %d unassigned, K=%d%s",
+             refine_round.number, federation_id, len(tasks), len(moves), sum(1 for t in targets if t is None), run.k,
+             f", cluster {created.label} made of the {fit_none} clients no cluster fitted" if created else "")
+    return RefineOutcome(run, moves, len(tasks))
 
 
 def assign_late_client(session: Session, blobs: BlobStore, cfg: FederationConfig, client: Client,
-                       probe_task: Task, now: datetime) -> Cluster:
+                       probe_task: Task, now: datetime) -> Cluster | None:
     """Join a late client to the cluster whose members' probes are most similar to its own probe
     (mean similarity, method.md section 5; both probes start from the same final root). With
     lsac-paper the members' features are their root-B EMA subspaces and the late client's the
     subspace of its unit-norm probe B. With 'manual', a late client the assignment names joins the
     cluster of its label when that cluster exists."""
-    run = latest_run(session, client.federation_id)
+    run = latest_run(session, client.federation_id, probed=True)
     if run is None:
         raise ValueError("no clustering run to assign against")
     given = (cfg.clustering.assignment or {}).get(client.name) if cfg.clustering.algorithm == "manual" else None
@@ -181,9 +282,18 @@ def assign_late_client(session: Session, blobs: BlobStore, cfg: FederationConfig
         session.flush()
         return named
     members = _done_probe_tasks(session, run.probe_round_id)
-    labels_by_client = {a.client_id: a.cluster_id for a in session.scalars(
-        select(Assignment).where(Assignment.clustering_run_id == run.id))}
+    # the members' clusters now (a refinement or recluster may have moved them since the probe);
+    # unassigned members are no cluster's
+    labels_by_client = {cid: cluster_id for cid, cluster_id in session.execute(
+        select(Client.id, Client.cluster_id).where(Client.id.in_([t.client_id for t in members]),
+                                                    Client.cluster_id.is_not(None)))}
     members = [t for t in members if t.client_id in labels_by_client]
+    if not members:  # every member was unassigned by refinement: no cluster to join
+        session.add(Assignment(client_id=client.id, cluster_id=None, clustering_run_id=None,
+                               source="onboarding", similarity=None, created_at=now))
+        client.cluster_id = None
+        session.flush()
+        return None
     probe_round = session.get(Round, run.probe_round_id)
     root = load_version(blobs, session.get(AdapterVersion, probe_round.input_root_version_id))
     probes = [unpack_tensors(blobs.get_bytes(t.upload_sha256)) for t in members]
@@ -204,6 +314,32 @@ def assign_late_client(session: Session, blobs: BlobStore, cfg: FederationConfig
     client.cluster_id = cluster.id
     session.flush()
     return cluster
+
+
+def assign_late_client_by_loss(session: Session, cfg: FederationConfig, client: Client, task: Task,
+                               now: datetime) -> Cluster | None:
+    """``clustering.onboard`` 'loss': join a late client to the cluster whose adapter has the lowest
+    loss on its training data (its refine task's report), unless the root is not clearly worse
+    (``shared.refine.reassign`` for a client without a cluster): then it fits no cluster (an
+    Assignment without one) and is served root + its own leaf. The assignment's similarity is the
+    relative loss gain over the root, ``1 - loss / root_loss``."""
+    candidates = [cluster for cluster, _ in refine_candidates(session, client.federation_id)]
+    metrics = task.metrics or {}
+    names = [refine_metric(None)] + [refine_metric(c.id) for c in candidates]
+    chosen = None
+    gain = None
+    if candidates and all(name in metrics for name in names):
+        losses = np.array([[float(metrics[refine_metric(c.id)]) for c in candidates]])
+        root_loss = float(metrics[refine_metric(None)])
+        j = int(reassign(losses, np.array([root_loss]), np.array([UNASSIGNED]), cfg.clustering.refine_margin)[0])
+        if j != UNASSIGNED:
+            chosen = candidates[j]
+            gain = 1.0 - float(losses[0, j]) / root_loss if root_loss > 0 else None
+    session.add(Assignment(client_id=client.id, cluster_id=chosen.id if chosen else None, clustering_run_id=None,
+                           source="onboarding", similarity=gain, created_at=now))
+    client.cluster_id = chosen.id if chosen else None
+    session.flush()
+    return chosen
 
 
 @dataclass

@@ -6,9 +6,9 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator.models import Client, Cluster, ClusteringRun, Federation, Round, Task
+from coordinator.models import AdapterVersion, Client, Cluster, ClusteringRun, Federation, Round, Task
 from coordinator.services.adapters import latest_version
-from coordinator.services.clustering import latest_run
+from coordinator.services.clustering import latest_run, unassigned_client_ids
 from coordinator.services.tasks import count_tasks
 from shared.schemas import (
     ClientReport,
@@ -66,9 +66,11 @@ def federation_status(session: Session, fed: Federation, last_rounds: int = 50) 
     clusters = []
     for cluster in session.scalars(select(Cluster).where(Cluster.federation_id == fed.id).order_by(Cluster.label)):
         version = latest_version(session, fed.id, scope(ScopeKind.cluster, cluster.id))
+        pinned = session.get(AdapterVersion, cluster.pinned_version_id) if cluster.pinned_version_id else None
         clusters.append(ClusterInfo(id=cluster.id, label=cluster.label,
                                     members=sorted(c.name for c in clients if c.cluster_id == cluster.id),
-                                    adapter_version=version.version if version else None))
+                                    adapter_version=version.version if version else None,
+                                    pinned_version=pinned.version if pinned else None))
     root = latest_version(session, fed.id, scope(ScopeKind.root))
     stage_rounds = [r for r in rounds if r.stage == fed.state]
     return FederationStatus(
@@ -82,6 +84,7 @@ def federation_status(session: Session, fed: Federation, last_rounds: int = 50) 
         clusters=clusters, clustering=_run_info(latest_run(session, fed.id)),
         onboarding_pending=sum(1 for c in clients if c.cohort == Cohort.late and c.onboarding != Onboarding.ready
                                and c.status == ClientStatus.active),
+        unassigned=len(unassigned_client_ids(session, fed.id)),
         paused_at=fed.paused_at, paused_reason=fed.paused_reason, failure_count=fed.failure_count or 0,
         last_failure=fed.last_failure, last_failure_at=fed.last_failure_at,
     )

@@ -55,13 +55,19 @@ from coordinator.errors import Conflict
 from coordinator.faults import fault_point
 from coordinator.logs import log_context
 from coordinator.metrics import observe_scheduler_failure
-from coordinator.models import Client, Cluster, Federation, Round, Task
-from coordinator.services.adapters import latest_version
+from coordinator.models import Client, Cluster, ClusteringRun, Federation, Round, Task
+from coordinator.services.adapters import latest_version, serving_version
 from coordinator.services.admin_actions import audit
 from coordinator.services.aggregation import aggregate_round
-from coordinator.services.clustering import assign_late_client, cluster_probes
+from coordinator.services.clustering import (
+    REFINE,
+    assign_late_client,
+    assign_late_client_by_loss,
+    cluster_probes,
+    refine_clusters,
+)
 from coordinator.services.federations import federation_config, get_federation
-from coordinator.services.tasks import count_tasks, expire_leases, task_status_may_become
+from coordinator.services.tasks import count_tasks, expire_leases, refine_candidates, task_status_may_become
 from shared import deadlines, sampling
 from shared.config import FederationConfig
 from shared.states import (
@@ -290,7 +296,7 @@ def _open_per_cluster_rounds(session: Session, fed: Federation, now: datetime, s
     for c in _training_clients(session, fed):
         groups.setdefault(c.cluster_id, []).append(c.id)
     for cluster_id, members in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
-        cluster_version = latest_version(session, fed.id, scope(ScopeKind.cluster, cluster_id)) if cluster_id else None
+        cluster_version = serving_version(session, session.get(Cluster, cluster_id)) if cluster_id else None
         open_round(session, fed, stage, scope(kind, cluster_id or None), members, now,
                    root_id, cluster_version.id if cluster_version else None, reset_leaf=reset_leaf)
 
@@ -452,10 +458,40 @@ def _open_cluster_round(session: Session, fed: Federation, cluster: Cluster, now
                       _root_version_id(session, fed), version.id, sample=True)
 
 
+def _stage_position(session: Session, fed: Federation, cluster: Cluster) -> int:
+    """How far into the cluster stage a cluster is: its done rounds, plus, for a cluster a refinement
+    made, the cluster rounds the stage had run before (that refinement's number), so that it trains
+    only the stage's remaining rounds, as long as the clusters that existed from the start."""
+    done = _done_rounds(session, fed, Stage.cluster, scope(ScopeKind.cluster, cluster.id))
+    made_by = session.execute(select(ClusteringRun.algorithm, Round.number).join(
+        Round, Round.id == ClusteringRun.probe_round_id).where(ClusteringRun.id == cluster.created_run_id)).first()
+    return done + (made_by.number if made_by is not None and made_by.algorithm == REFINE else 0)
+
+
 def _advance_cluster(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
                      now: datetime) -> bool:
+    """The cluster stage: each cluster with members runs its rounds on its own; with
+    ``clustering.refine_rounds`` R, after their k-th done round (k <= R) every cluster waits for the
+    others, a refine round of all training clients runs, its reassignment is applied
+    (``refine_clusters``), and the clusters with members go on. When no cluster round is open and no
+    refinement is due, the leaf stage starts."""
+    refinement = _latest_round(session, fed, Stage.refine, ALL)
+    if refinement is not None and refinement.status == RoundStatus.open:
+        verdict = _decide(session, refinement, now)
+        if verdict == WAIT:
+            return False
+        if verdict == AGGREGATE:  # a cluster it makes is trained only if cluster rounds follow
+            refine_clusters(session, blobs, cfg, refinement, now,
+                            may_create=refinement.number < cfg.schedule.cluster_rounds)
+        _close(session, refinement, RoundStatus.done if verdict == AGGREGATE else RoundStatus.failed, now)
+        for cluster in _clusters(session, fed):
+            if _stage_position(session, fed, cluster) < cfg.schedule.cluster_rounds:
+                _open_cluster_round(session, fed, cluster, now)
+        return True
+    passes = refinement.number if refinement is not None else 0
+    hold_at = passes + 1 if passes < cfg.clustering.refine_rounds else None  # the next refinement follows this round
     progressed = False
-    all_complete = True
+    any_open = False
     for cluster in _clusters(session, fed):
         cluster_scope = scope(ScopeKind.cluster, cluster.id)
         rnd = _latest_round(session, fed, Stage.cluster, cluster_scope)
@@ -463,27 +499,33 @@ def _advance_cluster(session: Session, blobs: BlobStore, fed: Federation, cfg: F
             # a cluster an admin's recluster made during this stage gets its cluster rounds too;
             # a cluster without members gets none
             if _open_cluster_round(session, fed, cluster, now) is not None:
-                progressed, all_complete = True, False
+                progressed = any_open = True
             continue
-        if rnd.status == RoundStatus.open:
-            verdict = _decide(session, rnd, now)
-            if verdict == WAIT:
-                all_complete = False
-                continue
-            version = aggregate_round(session, blobs, cfg, rnd, now) if verdict != FAIL else None
-            if version is None:  # failed, or quarantined uploads left it below its quorum
-                _close(session, rnd, RoundStatus.failed, now)
-            else:
-                rnd.result_version_id = version.id
-                _close(session, rnd, RoundStatus.done, now)
-            progressed = True
-            if _done_rounds(session, fed, Stage.cluster, cluster_scope) < cfg.schedule.cluster_rounds:
-                _open_cluster_round(session, fed, cluster, now)
-                all_complete = False
-    if all_complete:
-        _enter_leaf(session, fed, cfg, now)
+        if rnd.status != RoundStatus.open:
+            continue
+        verdict = _decide(session, rnd, now)
+        if verdict == WAIT:
+            any_open = True
+            continue
+        version = aggregate_round(session, blobs, cfg, rnd, now) if verdict != FAIL else None
+        if version is None:  # failed, or quarantined uploads left it below its quorum
+            _close(session, rnd, RoundStatus.failed, now)
+        else:
+            rnd.result_version_id = version.id
+            _close(session, rnd, RoundStatus.done, now)
+        progressed = True
+        done = _stage_position(session, fed, cluster)
+        if done < cfg.schedule.cluster_rounds and (hold_at is None or done < hold_at):
+            if _open_cluster_round(session, fed, cluster, now) is not None:
+                any_open = True
+    if any_open:
+        return progressed
+    if hold_at is not None and refine_candidates(session, fed.id):
+        clients = [c.id for c in _training_clients(session, fed)]
+        open_round(session, fed, Stage.refine, ALL, clients, now, _root_version_id(session, fed))
         return True
-    return progressed
+    _enter_leaf(session, fed, cfg, now)
+    return True
 
 
 def _open_rounds(session: Session, fed: Federation, stage: Stage, kind: ScopeKind) -> list[Round]:
@@ -545,25 +587,31 @@ def _advance_onboarding(session: Session, blobs: BlobStore, fed: Federation, cfg
     clustered = cfg.cluster.enabled and _clusters(session, fed)
     for client in late:
         client_scope = scope(ScopeKind.client, client.id)
+        assign_stage = Stage.refine if cfg.clustering.onboard == "loss" else Stage.probe
         if client.onboarding == Onboarding.waiting:
             if clustered:
-                open_round(session, fed, Stage.probe, client_scope, [client.id], now, root_id)
+                open_round(session, fed, assign_stage, client_scope, [client.id], now, root_id)
                 move(Machine.onboarding, client, Onboarding.probe)
             else:
                 _open_client_leaf(session, fed, client, now, root_id, first=True)
                 move(Machine.onboarding, client, Onboarding.leaf)
             progressed = True
         elif client.onboarding == Onboarding.probe:
-            rnd = _latest_round(session, fed, Stage.probe, client_scope)
+            rnd = session.scalars(select(Round).where(  # its assignment round: a probe, or a refine round
+                Round.federation_id == fed.id, Round.scope == client_scope,
+                Round.stage.in_((Stage.probe, Stage.refine))).order_by(Round.id.desc()).limit(1)).first()
             verdict = _decide(session, rnd, now)
             if verdict == WAIT:
                 continue
             if verdict == FAIL:
                 _close(session, rnd, RoundStatus.failed, now)
-                open_round(session, fed, Stage.probe, client_scope, [client.id], now, root_id)
+                open_round(session, fed, assign_stage, client_scope, [client.id], now, root_id)
             else:
                 task = session.scalars(select(Task).where(Task.round_id == rnd.id)).one()
-                assign_late_client(session, blobs, cfg, client, task, now)
+                if rnd.stage == Stage.refine:
+                    assign_late_client_by_loss(session, cfg, client, task, now)
+                else:
+                    assign_late_client(session, blobs, cfg, client, task, now)
                 _close(session, rnd, RoundStatus.done, now)
                 _open_client_leaf(session, fed, client, now, root_id, first=True)
                 move(Machine.onboarding, client, Onboarding.leaf)
@@ -589,8 +637,7 @@ def _advance_onboarding(session: Session, blobs: BlobStore, fed: Federation, cfg
 
 def _open_client_leaf(session: Session, fed: Federation, client: Client, now: datetime, root_id: int,
                       first: bool) -> Round:
-    cluster_version = (latest_version(session, fed.id, scope(ScopeKind.cluster, client.cluster_id))
-                       if client.cluster_id else None)
+    cluster_version = serving_version(session, session.get(Cluster, client.cluster_id)) if client.cluster_id else None
     return open_round(session, fed, Stage.leaf, scope(ScopeKind.client, client.id), [client.id], now, root_id,
                       cluster_version.id if cluster_version else None, reset_leaf=first)
 

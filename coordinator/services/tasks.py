@@ -9,7 +9,8 @@ State contract (``shared.states.TaskStatus``; every status change is one guarded
 - An upload whose tensors do not match the federation's manifest for this task (names, shapes,
   dtype float32, finite values, size) MUST be refused (4xx) before anything refers to it: the
   upload route checks it (``upload_plan``, ``check_upload_body``) before ``accept_upload``.
-- An eval task (the final evaluation) trains nothing and takes no upload.
+- An eval task (the final evaluation) trains nothing and takes no upload; nor does a refine task,
+  which completes with its losses (``refine_loss_root`` and one per candidate cluster).
 - ``complete_task`` repeated under the same lease returns the first answer.
 """
 
@@ -26,14 +27,25 @@ from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobStore
 from coordinator.errors import Conflict, Forbidden, Invalid, NotFound, PayloadTooLarge
-from coordinator.models import AdapterVersion, Client, Federation, Round, Task
-from coordinator.services.adapters import ensure_blob_row
+from coordinator.models import AdapterVersion, Client, Cluster, Federation, Round, Task
+from coordinator.services.adapters import ensure_blob_row, serving_version
 from coordinator.services.federations import federation_config
 from coordinator.services.retention import release_blob_if_unreferenced
 from shared.config import FederationConfig
 from shared.manifest import FACTORS
-from shared.schemas import AdapterRef, LeaseResponse, TaskAssignment
-from shared.states import ClientStatus, Cohort, FederationState, Machine, Onboarding, Stage, TaskStatus, sources
+from shared.schemas import AdapterRef, LeaseResponse, RefineCandidate, TaskAssignment, refine_metric
+from shared.states import (
+    ClientStatus,
+    Cohort,
+    FederationState,
+    Machine,
+    Onboarding,
+    ScopeKind,
+    Stage,
+    TaskStatus,
+    scope,
+    sources,
+)
 from shared.tensors import TensorValidationError, validate_tensor_file
 
 # The tier a task of each training stage trains (an eval task trains none: see ``task_tier``).
@@ -52,7 +64,36 @@ def task_tier(stage: Stage, has_cluster_input: bool) -> str:
     shared tier it evaluates ('cluster' when its round has a cluster version, else 'root')."""
     if stage == Stage.eval:
         return "cluster" if has_cluster_input else "root"
+    if stage == Stage.refine:  # evaluates every cluster adapter of its candidates
+        return "cluster"
     return STAGE_TIER[Stage(stage)]
+
+
+def refine_candidates(session: Session, federation_id: int) -> list[tuple[Cluster, AdapterVersion]]:
+    """The cluster adapters a refine task evaluates: every cluster of the federation with a trained
+    version (version >= 1; a version 0 is the root's head and a zero LoRA, so it scores as the root
+    does), with the version it serves (``serving_version``: its newest unless pinned), in label order."""
+    out = []
+    for cluster in session.scalars(select(Cluster).where(Cluster.federation_id == federation_id)
+                                   .order_by(Cluster.label)):
+        version = serving_version(session, cluster)
+        if version is not None and version.version >= 1:
+            out.append((cluster, version))
+    return out
+
+
+def may_read_for_refinement(session: Session, client: Client, version: AdapterVersion) -> bool:
+    """A cluster adapter is readable by its members; during a refinement also by a client that
+    holds a live lease on a refine task, when the version is one of that task's candidates (the
+    trained version a cluster serves: ``refine_candidates``)."""
+    if version.tier != "cluster" or version.version < 1:
+        return False
+    holds = session.scalar(select(Task.id).where(Task.client_id == client.id, Task.stage == Stage.refine,
+                                                 Task.status == TaskStatus.leased).limit(1))
+    if holds is None:
+        return False
+    return version.cluster_id is not None and any(
+        v.id == version.id for _, v in refine_candidates(session, version.federation_id))
 
 
 def expected_upload(cfg: FederationConfig, stage: str) -> tuple[str, ...]:
@@ -60,7 +101,7 @@ def expected_upload(cfg: FederationConfig, stage: str) -> tuple[str, ...]:
     root tier (clustering needs A, B and head); the leaf and eval tasks upload nothing."""
     if stage == Stage.probe:
         return FACTORS
-    if stage in (Stage.leaf, Stage.eval):
+    if stage in (Stage.leaf, Stage.eval, Stage.refine):
         return ()
     return cfg.tier_policy(STAGE_TIER[Stage(stage)]).uploaded_factors()
 
@@ -136,7 +177,11 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime) 
     rnd = session.get(Round, task.round_id)
     tier = task_tier(task.stage, rnd.input_cluster_version_id is not None)
     policy = cfg.tier_policy(tier)
-    evaluating = task.stage == Stage.eval  # the final evaluation: nothing trains, nothing is uploaded
+    # the final evaluation and refinement: nothing trains, nothing is uploaded
+    evaluating = task.stage in (Stage.eval, Stage.refine)
+    candidates = ([RefineCandidate(cluster_id=cluster.id, label=cluster.label,
+                                   adapter=_adapter_ref(session, version.id))
+                   for cluster, version in refine_candidates(session, fed.id)] if task.stage == Stage.refine else [])
     assignment = TaskAssignment(
         task_id=task.id, lease_id=lease_id, attempt=task.attempt, lease_expires_at=expires,
         lease_seconds=cfg.schedule.lease_seconds, federation_id=fed.id, client_id=client.id,
@@ -155,6 +200,7 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime) 
         local=[f for f in FACTORS if getattr(policy, f) == "local"] if task.stage != Stage.probe else [],
         reset_leaf=task.reset_leaf and not evaluating,
         training=cfg.training,
+        candidates=candidates,
     )
     return LeaseResponse(task=assignment, retry_after=0.0, federation_state=state,
                          client_state=client_state(fed, client))
@@ -314,6 +360,14 @@ def complete_task(session: Session, client: Client, task_id: int, lease_id: str,
     if expected_upload(cfg, task.stage) and task.upload_sha256 is None:
         raise Conflict(f"task {task.id} ({task.stage}) needs its upload before completion",
                        code="upload_missing")
+    if task.stage == Stage.refine:
+        wanted = [refine_metric(None)] + [refine_metric(c.id) for c, _ in refine_candidates(session, task.federation_id)]
+        missing = [name for name in wanted if name not in metrics]
+        negative = [name for name in wanted if metrics.get(name, 0.0) < 0]
+        if missing or negative:
+            raise Invalid(f"a refine task completes with a non-negative mean training loss for the root and for each "
+                          f"candidate cluster; missing: {missing[:10]}, negative: {negative[:10]}",
+                          code="bad_metrics")
     updated = session.execute(
         update(Task)
         .where(Task.id == task.id, task_status_may_become(TaskStatus.done), Task.lease_id == lease_id)

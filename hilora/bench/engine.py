@@ -327,12 +327,14 @@ def run_method(service: Any, setup: BenchSetup, name: str, partition_file: Path,
         runs = _get(service, f"/v1/federations/{fid}/clustering-runs")
         run = runs[-1]  # the scheduler's run on the probe round (newest first: the oldest is last)
         affinity = _get(service, f"/v1/federations/{fid}/clustering-runs/{run['id']}/affinity")
-        labels = {n: by_name[n]["cluster_label"] for n in train_names}
+        # -1: unassigned (a refinement found no cluster better than the root for it); one group of its own for ARI
+        labels = {n: -1 if by_name[n]["cluster_label"] is None else by_name[n]["cluster_label"] for n in train_names}
         order = [affinity["names"].index(n) for n in train_names]
         matrix = np.asarray(affinity["matrix"], dtype=np.float64)[np.ix_(order, order)]
         planted = [groups[n] for n in train_names]
         ari = float(adjusted_rand_score(planted, [labels[n] for n in train_names]))
-        clustering_out = {"k": len(set(labels.values())), "lsac_k": int(run["k"]), "ari": ari,
+        clustering_out = {"k": len(set(labels.values()) - {-1}), "lsac_k": int(run["k"]), "ari": ari,
+                          "unassigned": sum(1 for v in labels.values() if v == -1),
                           "planted_groups": len(set(planted)), "clusterer": run["algorithm"],
                           "features": cfg.clustering.features, "contrast_ratio": run["contrast_ratio"],
                           "eigengaps": [float(x) for x in run["eigengaps"]], "clients": train_names,

@@ -163,7 +163,8 @@ def _compact(result: Mapping[str, Any]) -> dict[str, Any]:
                                    "clients")}
     clustering = result.get("clustering")
     keep["clustering"] = None if clustering is None else {
-        k: clustering[k] for k in ("k", "lsac_k", "ari", "planted_groups", "clusterer", "contrast_ratio")}
+        k: clustering[k] for k in ("k", "lsac_k", "ari", "planted_groups", "clusterer", "contrast_ratio", "unassigned")
+        if k in clustering}
     return keep
 
 
@@ -353,7 +354,9 @@ def family_report(out: Path, family: str, methods: Sequence[str], seeds: Sequenc
     }
     if opts is not None:
         report["clustering"] = {"probe_loss": opts.probe_loss, "probe_steps": opts.probe_steps,
-                                "head_weight": opts.head_weight, "probe_epochs": opts.probe_epochs}
+                                "head_weight": opts.head_weight, "probe_epochs": opts.probe_epochs,
+                                "refine_rounds": opts.refine_rounds, "refine_margin": opts.refine_margin,
+                                "refine_new_cluster": opts.refine_new_cluster}
         report["rounds"] = {"root": opts.root_rounds, "cluster": opts.cluster_rounds, "leaf": opts.leaf_rounds,
                             "local_epochs": opts.local_epochs, "probe_epochs": opts.probe_epochs}
     report["targets"] = {m: targets(cells, table, m) for m in methods if m not in REFERENCES

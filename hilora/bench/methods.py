@@ -150,7 +150,9 @@ def method_config(name: str, opts: RunOptions, groups: Mapping[str, str] | None 
                             contrast=opts.contrast, force_k=opts.force_k, seed=opts.seed, ema=opts.ema,
                             probe_loss=opts.probe_loss, probe_steps=opts.probe_steps, head_weight=opts.head_weight,
                             k_rule=opts.k_rule, min_silhouette=opts.min_silhouette,
-                            silhouette_tolerance=opts.silhouette_tolerance)
+                            silhouette_tolerance=opts.silhouette_tolerance,
+                            refine_rounds=min(opts.refine_rounds, opts.cluster_rounds), refine_margin=opts.refine_margin,
+                            refine_new_cluster=opts.refine_new_cluster, onboard=opts.onboard)
     root, cluster = TierPolicy(), TierPolicy()
     if name in BASELINES:
         root = {"local": TierPolicy(A="local", B="local", head="local"),
@@ -172,9 +174,9 @@ def method_config(name: str, opts: RunOptions, groups: Mapping[str, str] | None 
         clustering = clustering.model_copy(update={"features": name.removeprefix("lsac-")})
     elif name == "lsac-paper":
         clustering = clustering.model_copy(update={"algorithm": "lsac-paper", "features": "subspace", "k_min": 1})
-    elif name == "oracle":
+    elif name == "oracle":  # the planted groups stay as they are: no refinement
         clustering = Clustering.model_validate({**clustering.model_dump(), "algorithm": "manual",
-                                                "assignment": planted_assignment(groups or {})})
+                                                "assignment": planted_assignment(groups or {}), "refine_rounds": 0})
     robust = {"clip_relative": opts.clip_relative, "max_weight_ratio": opts.max_weight_ratio}
     root, cluster = root.model_copy(update=robust), cluster.model_copy(update=robust)
     leaf_lora = "frozen" if opts.leaf == "head" else "local"

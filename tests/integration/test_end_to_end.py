@@ -24,7 +24,7 @@ def demo_backbone():
     return pretrain_demo_backbone()
 
 
-def _federation_file(num_clients: int) -> dict:
+def _federation_file(num_clients: int, **clustering) -> dict:
     from worker.backbone import DEMO_BACKBONE_KWARGS, DEMO_BACKBONE_MODEL
 
     return {"name": "it", "backbone": {"model": DEMO_BACKBONE_MODEL, "model_kwargs": DEMO_BACKBONE_KWARGS,
@@ -34,7 +34,7 @@ def _federation_file(num_clients: int) -> dict:
                          "unseen_leaf_rounds": 1, "local_epochs": 2, "probe_epochs": 2, "lease_seconds": 60,
                          "retry_after_seconds": 0.25},
             "training": {"head_lr": 3e-2},
-            "clustering": {"knn": 2, "k_max": 4}}
+            "clustering": {"knn": 2, "k_max": 4, **clustering}}
 
 
 def _run_to_serving(cluster: LocalCluster, doc: dict, clients: list, workers: int, timeout: float = 400) -> int:
@@ -70,16 +70,22 @@ def test_cascade_over_real_http_with_worker_processes(tmp_path, demo_backbone):
     clients = [c for c in partition_clients(load_partition("tiny")) if not c.unseen]
     cluster = LocalCluster(tmp_path / "run")
     try:
-        fid = _run_to_serving(cluster, _federation_file(len(clients)), clients, workers=2)
+        fid = _run_to_serving(cluster, _federation_file(len(clients), refine_rounds=1), clients, workers=2)
         with CoordinatorClient(cluster.url) as client:
             status = client.federation_status(cluster.admin_token, fid)
             report = client.federation_report(cluster.admin_token, fid)
-        # every stage ran, in order, and finished
+        # every stage ran, in order, and finished; one refinement after the first cluster round
         stages = [r.stage for r in report.rounds]
         assert stages[:3] == ["root", "root", "probe"] and "cluster" in stages and stages[-1] == "leaf"
+        assert stages.count("refine") == 1 and stages.index("refine") > stages.index("cluster")
         assert "eval" not in stages   # the leaf round evaluated every final version: no evaluation round
         assert all(r.status == "done" for r in report.rounds)
         assert status.root_version == 2 and status.clustering is not None and status.clustering.k == 2
+        # the refinement: every client's real losses (root and both clusters); the planted groups kept
+        assert status.clustering.algorithm == "refine" and status.unassigned == 0
+        for c in report.clients:
+            losses = [v for k, v in c.metrics.items() if k.startswith("refine_loss_c")]
+            assert len(losses) == 2 and all(v > 0 for v in losses) and c.metrics["refine_loss_root"] > 0
         groups = {c.cluster_label for c in report.clients if c.name.startswith("upright")}
         assert len(groups) == 1 and groups.isdisjoint(
             {c.cluster_label for c in report.clients if c.name.startswith("permuted")})

@@ -25,7 +25,8 @@ first pass over the hosted clients), ``leased``, ``uploaded``, ``completed``, ``
 ``status`` and ``error`` = the coordinator's code), ``unavailable`` (retries exhausted),
 ``released``, ``hanging``, ``exit``. Every loop is bounded by
 ``max_seconds``. Eval tasks (the final evaluation, once the federation serves) are completed with
-fake accuracies and no upload, like leaf tasks. Exit codes: 0 every hosted client is ready
+fake accuracies and no upload, like leaf tasks; refine tasks with fake losses (every cluster better than
+the root, so refinement moves at most within noise below its margin). Exit codes: 0 every hosted client is ready
 (federation serving, no task left: its eval task done too),
 1 max_seconds passed, 2 setup refused (e.g. a name registered elsewhere without saved credentials),
 3 stopped while hanging, 4 stopped (SIGTERM / ``stop``).
@@ -105,6 +106,11 @@ def deterministic_metrics(client: str, task: TaskAssignment, has_leaf: bool = Fa
         return {"acc_root": acc[0], "acc_cluster": acc[1], "acc_leaf": acc[2]}
     if task.stage == "probe":
         return {"loss": round(1.0 - acc[1], 6)}
+    if task.stage == "refine":  # losses of the root and of each candidate cluster; no upload
+        metrics = {"refine_loss_root": 2.0}
+        for c in task.candidates:  # within 4 % of each other: below the default margin, nobody moves
+            metrics[f"refine_loss_c{c.cluster_id}"] = 1.0 + (_seed(client, "refine", c.cluster_id) % 400) / 10_000
+        return metrics
     if task.stage == "eval":  # the final evaluation: forward passes only, no loss, no upload
         metrics = {"acc_root": acc[0]}
         if task.cluster is not None:
