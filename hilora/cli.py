@@ -13,6 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from hilora import admin_text
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="hilora: HiLoRA federated learning (coordinator, workers, demo).")
 admin_app = typer.Typer(no_args_is_help=True, help="Admin commands against a running coordinator.")
@@ -168,113 +170,245 @@ def _admin_token(token: Optional[str]) -> str:
 
 AdminToken = Annotated[Optional[str], typer.Option(help="admin token (default: HILORA_ADMIN_TOKEN)")]
 CoordinatorUrl = Annotated[str, typer.Option("--coordinator", help="coordinator base URL")]
+FederationId = Annotated[int, typer.Option(help="federation id")]
+AsJson = Annotated[bool, typer.Option("--json", help="print the coordinator's answer as JSON instead of text")]
+Reason = Annotated[str, typer.Option(help="recorded in the audit log")]
+DEFAULT_URL = "http://127.0.0.1:8700"
+
+
+def _call(coordinator_url: str, request):  # noqa: ANN001, ANN202
+    """``request(http)`` against the coordinator (a ``worker.client.CoordinatorClient``). An error
+    answer ends the command with one line on stderr (status, the coordinator's ``error`` code and
+    ``detail``) and exit code 1; so does a coordinator that cannot be reached."""
+    from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
+
+    with CoordinatorClient(coordinator_url) as http:
+        try:
+            return request(http)
+        except CoordinatorError as exc:
+            _fail(" ".join(str(exc).split()), code=1)
+        except CoordinatorUnavailable as exc:
+            _fail(f"cannot reach the coordinator: {' '.join(str(exc).split())}", code=1)
+
+
+def _show(as_json: bool, json_text: str, text: str) -> None:
+    typer.echo(json_text if as_json else text)
 
 
 @admin_app.command("create")
 def admin_create(
     config: Annotated[Path, typer.Option(help="federation file (JSON); see docs/usage.md")],
-    coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700",
+    coordinator_url: CoordinatorUrl = DEFAULT_URL,
     admin_token: AdminToken = None,
+    as_json: AsJson = False,
 ) -> None:
     """Create a federation: upload the backbone, send the config and manifest, print the secret."""
     from hilora.federation_file import build_federation_config, load_federation_file
-    from worker.client import CoordinatorClient, CoordinatorError
 
     token = _admin_token(admin_token)
     try:
         fed_config, checkpoint = build_federation_config(load_federation_file(config))
     except ValueError as exc:
         _fail(str(exc))
-    with CoordinatorClient(coordinator_url) as client:
-        try:
-            client.put_blob(token, checkpoint)
-            created = client.create_federation(token, fed_config)
-        except CoordinatorError as exc:
-            _fail(str(exc))
-    typer.echo(json.dumps({"federation_id": created.federation_id, "name": created.name,
-                           "enrollment_secret": created.enrollment_secret}, indent=2))
+
+    def create(http):  # noqa: ANN001, ANN202
+        http.put_blob(token, checkpoint)
+        return http.create_federation(token, fed_config)
+
+    created = _call(coordinator_url, create)
+    body = {"federation_id": created.federation_id, "name": created.name,
+            "enrollment_secret": created.enrollment_secret}
+    _show(as_json, json.dumps(body, indent=2), admin_text.created(body))
     typer.echo("keep the enrollment secret: it is shown only once", err=True)
 
 
-@admin_app.command("status")
-def admin_status(federation: Annotated[int, typer.Option(help="federation id")],
-                 coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700", admin_token: AdminToken = None) -> None:
-    """Print a federation's state, rounds and clusters (JSON)."""
-    from worker.client import CoordinatorClient, CoordinatorError
+@admin_app.command("list")
+def admin_list(coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
+               as_json: AsJson = False) -> None:
+    """List the federations: id, name, state, clients, K of the newest clustering, paused."""
+    token = _admin_token(admin_token)
+    rows = _call(coordinator_url, lambda http: http.request("GET", "/v1/federations", token=token).json())
+    _show(as_json, json.dumps(rows, indent=2), admin_text.federations(rows))
 
-    with CoordinatorClient(coordinator_url) as client:
-        try:
-            typer.echo(client.federation_status(_admin_token(admin_token), federation).model_dump_json(indent=2))
-        except CoordinatorError as exc:
-            _fail(str(exc))
+
+@admin_app.command("status")
+def admin_status(federation: FederationId, coordinator_url: CoordinatorUrl = DEFAULT_URL,
+                 admin_token: AdminToken = None, as_json: AsJson = False) -> None:
+    """Print a federation's state, clients, clustering, clusters and newest rounds."""
+    token = _admin_token(admin_token)
+    status = _call(coordinator_url, lambda http: http.federation_status(token, federation))
+    _show(as_json, status.model_dump_json(indent=2), admin_text.status(status.model_dump(mode="json")))
 
 
 @admin_app.command("report")
-def admin_report(federation: Annotated[int, typer.Option(help="federation id")],
-                 coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700", admin_token: AdminToken = None) -> None:
-    """Print per-client results of a federation (JSON)."""
-    from worker.client import CoordinatorClient, CoordinatorError
-
-    with CoordinatorClient(coordinator_url) as client:
-        try:
-            typer.echo(client.federation_report(_admin_token(admin_token), federation).model_dump_json(indent=2))
-        except CoordinatorError as exc:
-            _fail(str(exc))
+def admin_report(federation: FederationId, coordinator_url: CoordinatorUrl = DEFAULT_URL,
+                 admin_token: AdminToken = None, as_json: AsJson = False) -> None:
+    """Print per-client results of a federation."""
+    token = _admin_token(admin_token)
+    report = _call(coordinator_url, lambda http: http.federation_report(token, federation))
+    _show(as_json, report.model_dump_json(indent=2), admin_text.report(report.model_dump(mode="json")))
 
 
 @admin_app.command("start")
-def admin_start(federation: Annotated[int, typer.Option(help="federation id")],
-                coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700", admin_token: AdminToken = None) -> None:
-    """Start training now with the clients registered so far."""
-    from worker.client import CoordinatorClient, CoordinatorError
+def admin_start(federation: FederationId, coordinator_url: CoordinatorUrl = DEFAULT_URL,
+                admin_token: AdminToken = None, as_json: AsJson = False) -> None:
+    """Start training now with the clients registered so far (--json: the federation's status)."""
+    token = _admin_token(admin_token)
+    status = _call(coordinator_url, lambda http: http.start_federation(token, federation))
+    _show(as_json, status.model_dump_json(indent=2), admin_text.started(status.model_dump(mode="json")))
 
-    with CoordinatorClient(coordinator_url) as client:
-        try:
-            typer.echo(client.start_federation(_admin_token(admin_token), federation).state.value)
-        except CoordinatorError as exc:
-            _fail(str(exc))
+
+@admin_app.command("pause")
+def admin_pause(federation: FederationId, reason: Reason = "", coordinator_url: CoordinatorUrl = DEFAULT_URL,
+                admin_token: AdminToken = None, as_json: AsJson = False) -> None:
+    """Pause a federation: no round opens or closes and no lease is handed out until resumed."""
+    token = _admin_token(admin_token)
+    status = _call(coordinator_url, lambda http: http.request(
+        "POST", f"/v1/federations/{federation}/pause", token=token, json={"reason": reason}).json())
+    _show(as_json, json.dumps(status, indent=2), admin_text.paused(status))
+
+
+@admin_app.command("resume")
+def admin_resume(federation: FederationId, coordinator_url: CoordinatorUrl = DEFAULT_URL,
+                 admin_token: AdminToken = None, as_json: AsJson = False) -> None:
+    """Resume a paused federation; open rounds' deadlines move back by the paused time."""
+    token = _admin_token(admin_token)
+    status = _call(coordinator_url, lambda http: http.request(
+        "POST", f"/v1/federations/{federation}/resume", token=token).json())
+    _show(as_json, json.dumps(status, indent=2), admin_text.resumed(status))
+
+
+@admin_app.command("deadline")
+def admin_deadline(round_id: Annotated[int, typer.Option("--round", help="round id (hilora admin status)")],
+                   extend_minutes: Annotated[Optional[float], typer.Option(
+                       min=0.0, help="push the deadline (or now, if it has none) back this long")] = None,
+                   at: Annotated[Optional[str], typer.Option(
+                       help="the new deadline, ISO 8601 with a timezone (2026-12-01T12:00:00Z)")] = None,
+                   coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
+                   as_json: AsJson = False) -> None:
+    """Set or extend the deadline of an open round."""
+    if (extend_minutes is None) == (at is None):
+        _fail("give exactly one of --extend-minutes and --at")
+    body = {"extend_seconds": extend_minutes * 60} if extend_minutes is not None else {"deadline_at": at}
+    token = _admin_token(admin_token)
+    rnd = _call(coordinator_url, lambda http: http.request(
+        "POST", f"/v1/rounds/{round_id}/deadline", token=token, json=body).json())
+    _show(as_json, json.dumps(rnd, indent=2), admin_text.deadline(rnd))
+
+
+@admin_app.command("recluster")
+def admin_recluster(federation: FederationId,
+                    force_k: Annotated[Optional[int], typer.Option(
+                        min=1, max=1000, help="take this K instead of the federation's K rule")] = None,
+                    features: Annotated[Optional[str], typer.Option(
+                        help="'update' or 'subspace' (default: the federation's clustering.features)")] = None,
+                    knn: Annotated[Optional[int], typer.Option(
+                        min=1, max=1000, help="override clustering.knn")] = None,
+                    reason: Reason = "",
+                    coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
+                    as_json: AsJson = False) -> None:
+    """Rerun the clustering on the newest done probe round (docs/operations.md, Reclustering);
+    prints the run, K, the clusters kept and created and every move."""
+    if features is not None and features not in ("update", "subspace"):
+        _fail(f"--features must be 'update' or 'subspace', got {features!r}")
+    body = {k: v for k, v in (("force_k", force_k), ("features", features), ("knn", knn)) if v is not None}
+    token = _admin_token(admin_token)
+    result = _call(coordinator_url, lambda http: http.request(
+        "POST", f"/v1/federations/{federation}/recluster", token=token, json={**body, "reason": reason}).json())
+    _show(as_json, json.dumps(result, indent=2), admin_text.recluster(result))
+
+
+def _client_id(http, token: str, federation: int, client: str) -> int:  # noqa: ANN001
+    """The id of the federation's client named ``client``, else of the client with that id (a
+    name wins, as names may be digits); exit 1 when there is none."""
+    rows = http.request("GET", f"/v1/federations/{federation}/report", token=token).json()["clients"]
+    named = [row["client_id"] for row in rows if row["name"] == client]
+    if named:
+        return named[0]
+    if client.isdigit() and int(client) in {row["client_id"] for row in rows}:
+        return int(client)
+    _fail(f"federation {federation} has no client named {client!r}"
+          + (f" and no client {client}" if client.isdigit() else ""), code=1)
+
+
+@admin_app.command("revoke")
+def admin_revoke(federation: FederationId,
+                 client: Annotated[str, typer.Option(help="client id or name")],
+                 reason: Reason = "",
+                 coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
+                 as_json: AsJson = False) -> None:
+    """Revoke a client: its token is refused from now on and its open tasks are cancelled; what
+    it contributed stays."""
+    token = _admin_token(admin_token)
+
+    def revoke(http):  # noqa: ANN001, ANN202
+        cid = _client_id(http, token, federation, client)
+        return http.request("POST", f"/v1/federations/{federation}/clients/{cid}/revoke", token=token,
+                            json={"reason": reason}).json()
+
+    result = _call(coordinator_url, revoke)
+    _show(as_json, json.dumps(result, indent=2), admin_text.revoked(result, federation))
+
+
+@admin_app.command("rotate-secret")
+def admin_rotate_secret(federation: FederationId, reason: Reason = "",
+                        coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
+                        as_json: AsJson = False) -> None:
+    """Replace the federation's enrollment secret (printed once); the old one stops working at once,
+    registered clients keep their tokens."""
+    token = _admin_token(admin_token)
+    result = _call(coordinator_url, lambda http: http.request(
+        "POST", f"/v1/federations/{federation}/enrollment-secret", token=token, json={"reason": reason}).json())
+    _show(as_json, json.dumps(result, indent=2), admin_text.secret(result))
+    typer.echo("keep the new enrollment secret: it is shown only once; the old one no longer registers clients",
+               err=True)
+
+
+@admin_app.command("audit")
+def admin_audit(federation: FederationId,
+                limit: Annotated[int, typer.Option(min=1, max=1000, help="the newest this many events")] = 50,
+                coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
+                as_json: AsJson = False) -> None:
+    """The federation's audit log (admin actions), newest first."""
+    token = _admin_token(admin_token)
+    events = _call(coordinator_url, lambda http: http.request(
+        "GET", f"/v1/federations/{federation}/audit", token=token, params={"limit": limit}).json())
+    _show(as_json, json.dumps(events, indent=2), admin_text.audit(events))
 
 
 @admin_app.command("invite")
-def admin_invite(federation: Annotated[int, typer.Option(help="federation id")],
+def admin_invite(federation: FederationId,
                  count: Annotated[int, typer.Option(min=1, max=1000, help="how many codes (one client each)")] = 1,
                  expires_hours: Annotated[float, typer.Option(min=1 / 60, max=90 * 24,
                                                               help="each code is refused after this long")] = 168.0,
                  note: Annotated[str, typer.Option(help="for you: whom the codes are for (200 characters)")] = "",
-                 coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700", admin_token: AdminToken = None) -> None:
-    """Create one-time, expiring registration codes (printed once, JSON). Hand one to each site: its
+                 coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
+                 as_json: AsJson = False) -> None:
+    """Create one-time, expiring registration codes (printed once). Hand one to each site: its
     worker config puts it in the client's "enrollment_secret"."""
-    from worker.client import CoordinatorClient, CoordinatorError
-
     token = _admin_token(admin_token)
-    with CoordinatorClient(coordinator_url) as http:
-        try:
-            r = http.request("POST", f"/v1/federations/{federation}/invitations", token=token,
-                             json={"count": count, "expires_in_seconds": expires_hours * 3600, "note": note})
-        except CoordinatorError as exc:
-            _fail(str(exc))
-    typer.echo(json.dumps(r.json(), indent=2))
+    made = _call(coordinator_url, lambda http: http.request(
+        "POST", f"/v1/federations/{federation}/invitations", token=token,
+        json={"count": count, "expires_in_seconds": expires_hours * 3600, "note": note}).json())
+    _show(as_json, json.dumps(made, indent=2), admin_text.invitations_created(made))
     typer.echo("keep the codes: they are shown only once", err=True)
 
 
 @admin_app.command("invitations")
-def admin_invitations(federation: Annotated[int, typer.Option(help="federation id")],
+def admin_invitations(federation: FederationId,
                       revoke: Annotated[Optional[int], typer.Option(help="revoke this unused invitation")] = None,
-                      coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700",
-                      admin_token: AdminToken = None) -> None:
+                      coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
+                      as_json: AsJson = False) -> None:
     """List the federation's invitations and their state (never the codes), or revoke one."""
-    from worker.client import CoordinatorClient, CoordinatorError
-
     token = _admin_token(admin_token)
-    with CoordinatorClient(coordinator_url) as http:
-        try:
-            if revoke is not None:
-                r = http.request("DELETE", f"/v1/federations/{federation}/invitations/{revoke}", token=token)
-            else:
-                r = http.request("GET", f"/v1/federations/{federation}/invitations", token=token)
-        except CoordinatorError as exc:
-            _fail(str(exc))
-    typer.echo(json.dumps(r.json(), indent=2))
+    if revoke is not None:
+        row = _call(coordinator_url, lambda http: http.request(
+            "DELETE", f"/v1/federations/{federation}/invitations/{revoke}", token=token).json())
+        _show(as_json, json.dumps(row, indent=2), admin_text.invitation(row))
+    else:
+        rows = _call(coordinator_url, lambda http: http.request(
+            "GET", f"/v1/federations/{federation}/invitations", token=token).json())
+        _show(as_json, json.dumps(rows, indent=2), admin_text.invitations(rows))
 
 
 def parse_schedule_sets(items: list[str]) -> dict:
@@ -304,45 +438,41 @@ def parse_schedule_sets(items: list[str]) -> dict:
 
 
 @admin_app.command("schedule")
-def admin_schedule(federation: Annotated[int, typer.Option(help="federation id")],
+def admin_schedule(federation: FederationId,
                    set_: Annotated[Optional[list[str]], typer.Option(
                        "--set", help="FIELD=VALUE (repeat it); VALUE is JSON where it parses (0.3, null), else a "
                                      "string (auto); clients_per_round.fraction=0.3 sets one part")] = None,
-                   reason: Annotated[str, typer.Option(help="recorded in the audit log")] = "",
-                   coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700", admin_token: AdminToken = None) -> None:
+                   reason: Reason = "",
+                   coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
+                   as_json: AsJson = False) -> None:
     """Show a federation's schedule, or change fields of it while it runs (from the next round;
-    validated as at creation; docs/operations.md). Prints the changes and the schedule (JSON)."""
-    from worker.client import CoordinatorClient, CoordinatorError
-
+    validated as at creation; docs/operations.md). Prints the changes and the schedule."""
     try:
         changes = parse_schedule_sets(set_ or [])
     except ValueError as exc:
         _fail(str(exc))
     token = _admin_token(admin_token)
-    with CoordinatorClient(coordinator_url) as http:
-        try:
-            if changes:
-                r = http.request("PATCH", f"/v1/federations/{federation}/schedule", token=token,
-                                 json={"changes": changes, "reason": reason})
-                typer.echo(json.dumps(r.json(), indent=2))
-            else:
-                r = http.request("GET", f"/v1/federations/{federation}/config", token=token)
-                typer.echo(json.dumps(r.json()["schedule"], indent=2))
-        except CoordinatorError as exc:
-            _fail(str(exc))
+    if changes:
+        result = _call(coordinator_url, lambda http: http.request(
+            "PATCH", f"/v1/federations/{federation}/schedule", token=token,
+            json={"changes": changes, "reason": reason}).json())
+        _show(as_json, json.dumps(result, indent=2), admin_text.schedule_changed(result))
+    else:
+        schedule = _call(coordinator_url, lambda http: http.request(
+            "GET", f"/v1/federations/{federation}/config", token=token).json()["schedule"])
+        _show(as_json, json.dumps(schedule, indent=2), admin_text.schedule(schedule))
 
 
 @admin_app.command("assign")
-def admin_assign(federation: Annotated[int, typer.Option(help="federation id")],
+def admin_assign(federation: FederationId,
                  assignment: Annotated[str, typer.Option(
                      help="client name -> cluster label, as a JSON object or a JSON file: an existing cluster's "
                           "label moves the client there, a new label makes a new cluster; clients not named stay")],
-                 reason: Annotated[str, typer.Option(help="recorded in the audit log")] = "",
-                 coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700", admin_token: AdminToken = None) -> None:
+                 reason: Reason = "",
+                 coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
+                 as_json: AsJson = False) -> None:
     """Assign clients to clusters by hand on a running federation (after its probe round); prints
-    the clustering run, the clusters kept and created and every move (JSON)."""
-    from worker.client import CoordinatorClient, CoordinatorError
-
+    the clustering run, the clusters kept and created and every move."""
     text = assignment
     if not assignment.lstrip().startswith("{"):
         path = Path(assignment)
@@ -357,56 +487,43 @@ def admin_assign(federation: Annotated[int, typer.Option(help="federation id")],
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in mapping.items()):
         _fail("--assignment must be a non-empty JSON object of client name -> integer cluster label")
     token = _admin_token(admin_token)
-    with CoordinatorClient(coordinator_url) as http:
-        try:
-            r = http.request("POST", f"/v1/federations/{federation}/recluster", token=token,
-                             json={"assignment": mapping, "reason": reason})
-        except CoordinatorError as exc:
-            _fail(str(exc))
-    typer.echo(json.dumps(r.json(), indent=2))
+    result = _call(coordinator_url, lambda http: http.request(
+        "POST", f"/v1/federations/{federation}/recluster", token=token,
+        json={"assignment": mapping, "reason": reason}).json())
+    _show(as_json, json.dumps(result, indent=2), admin_text.recluster(result))
 
 
 @admin_app.command("delete-client")
-def admin_delete_client(federation: Annotated[int, typer.Option(help="federation id")],
+def admin_delete_client(federation: FederationId,
                         client: Annotated[int, typer.Option(help="client id")],
-                        coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700",
-                        admin_token: AdminToken = None) -> None:
+                        coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
+                        as_json: AsJson = False) -> None:
     """Delete a client: its token, tasks, uploads and task metrics go; aggregates stay."""
-    from worker.client import CoordinatorClient, CoordinatorError
-
-    with CoordinatorClient(coordinator_url) as http:
-        try:
-            r = http.request("DELETE", f"/v1/federations/{federation}/clients/{client}",
-                             token=_admin_token(admin_token))
-        except CoordinatorError as exc:
-            _fail(str(exc))
-    typer.echo(json.dumps(r.json(), indent=2))
+    token = _admin_token(admin_token)
+    result = _call(coordinator_url, lambda http: http.request(
+        "DELETE", f"/v1/federations/{federation}/clients/{client}", token=token).json())
+    _show(as_json, json.dumps(result, indent=2), admin_text.deleted(result, federation))
 
 
 @admin_app.command("export-model")
 def admin_export_model(
-    federation: Annotated[int, typer.Option(help="federation id")],
+    federation: FederationId,
     out: Annotated[Path, typer.Option(help="where to write the model (safetensors)")],
     cluster: Annotated[Optional[int], typer.Option(help="cluster label (stable); omit for the root-only model")] = None,
-    coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700",
+    coordinator_url: CoordinatorUrl = DEFAULT_URL,
     admin_token: AdminToken = None,
+    as_json: AsJson = False,
 ) -> None:
     """Download the merged cluster-level (backbone + root + cluster) or root-only model."""
     import hashlib
 
-    from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
     from worker.files import atomic_write
 
     token = _admin_token(admin_token)
-    with CoordinatorClient(coordinator_url) as client:
-        try:
-            data = client.merged_model(token, federation, cluster)
-        except CoordinatorError as exc:
-            _fail(str(exc))
-        except CoordinatorUnavailable as exc:
-            _fail(f"cannot reach the coordinator: {exc}")
+    data = _call(coordinator_url, lambda http: http.merged_model(token, federation, cluster))
     atomic_write(out, data)
-    typer.echo(json.dumps({"path": str(out), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}))
+    info = {"path": str(out), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    _show(as_json, json.dumps(info), admin_text.model_written(info))
 
 
 @app.command("export")
@@ -621,6 +738,19 @@ def bench(
     head_weight: Annotated[float, typer.Option(
         min=0.0, help="clustering.head_weight: the probe's head delta scaled by this in the update features")
     ] = 1.0,
+    refine_rounds: Annotated[Optional[int], typer.Option(
+        min=0, max=100, help="clustering.refine_rounds: after each of the first N cluster rounds, clients report "
+                             "every cluster adapter's loss on their training data and move to a clearly better "
+                             "cluster, or fit none (capped at the cluster rounds; the oracle never refines)")] = None,
+    refine_margin: Annotated[Optional[float], typer.Option(
+        min=0.0, max=0.99, help="clustering.refine_margin: a move needs a loss below (1 - this) x the current one "
+                                "(default 0.05)")] = None,
+    refine_new_cluster: Annotated[Optional[int], typer.Option(
+        min=0, help="clustering.refine_new_cluster: at least this many clients that no cluster fits better than "
+                    "the root form a new cluster (0: they stay unassigned)")] = None,
+    onboard: Annotated[Optional[str], typer.Option(
+        help="clustering.onboard: how unseen clients join a cluster: 'probe' (default: probe similarity) or "
+             "'loss' (the lowest loss of the cluster adapters on their training data)")] = None,
     threads: Annotated[int, typer.Option(
         min=1, help="torch CPU threads (the demo backbone is tiny: on a busy machine more than 1 is much slower)")
                        ] = 1,
@@ -757,6 +887,8 @@ def bench(
                    rank=rank or (PAPER_RANK if paper is not None else opts.rank),
                    data_cache_bytes=int(data_cache_gb * (1 << 30)), transport=transport, workers=workers,
                    workdir=str(workdir) if workdir is not None else None)
+    if onboard is not None and onboard not in ("probe", "loss"):
+        _fail(f"--onboard must be 'probe' or 'loss', not {onboard!r}")
     if alone_epochs and validation_fraction <= 0:
         _fail("--alone-epochs needs --validation-fraction > 0: the model trained alone is a candidate each client "
               "chooses on its held-out part")
@@ -778,6 +910,10 @@ def bench(
                    clip_relative=_robust(clip_relative, opts.clip_relative, "--clip-relative"),
                    max_weight_ratio=_robust(max_weight_ratio, opts.max_weight_ratio, "--max-weight-ratio"),
                    contrast=opts.contrast if contrast is None else contrast,
+                   refine_rounds=opts.refine_rounds if refine_rounds is None else refine_rounds,
+                   refine_margin=opts.refine_margin if refine_margin is None else refine_margin,
+                   refine_new_cluster=opts.refine_new_cluster if refine_new_cluster is None else refine_new_cluster,
+                   onboard=onboard or opts.onboard,
                    local_epochs=local_epochs or opts.local_epochs,
                    unseen_leaf_rounds=opts.unseen_leaf_rounds if unseen_leaf_rounds is None else unseen_leaf_rounds)
     try:

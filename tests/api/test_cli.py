@@ -1,4 +1,6 @@
-"""The command line's refusals: unsafe settings, missing files, bad configs give clear errors."""
+"""The command line's refusals: unsafe settings, missing files, bad configs give clear errors. And the
+``hilora admin`` commands against the in-process app: text by default, JSON with ``--json``, and an
+error answer of the coordinator as one line on stderr with exit code 1."""
 
 from __future__ import annotations
 
@@ -8,6 +10,13 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ADMIN_TOKEN, admin_headers, bearer, create_federation, register, tick
+from test_cascade_state_machine import GROUP_OF, group_directions, run_pending
+from test_fake_worker import ThroughTestClient
+from typer.testing import CliRunner
+
+import worker.client
+from hilora.cli import app as cli_app
 
 pytestmark = pytest.mark.api
 
@@ -90,3 +99,207 @@ def test_admin_assign_refuses_a_bad_assignment_before_calling(value, message):
     proc = hilora("admin", "assign", "--federation", "1", "--assignment", value, "--coordinator",
                   "http://127.0.0.1:9", env={"HILORA_ADMIN_TOKEN": "t" * 20})
     assert proc.returncode == 2 and message in proc.stderr
+
+
+# ---------------------------------------------------------------- admin commands in process
+# ``hilora admin ...`` through typer's CliRunner, its CoordinatorClient sending every request
+# through the in-process app (the ``api`` fixture of conftest.py).
+
+@pytest.fixture
+def admin(api, monkeypatch):
+    """``admin("status", "--federation", "1")`` -> (exit code, stdout, stderr) of ``hilora admin ...``
+    against the in-process app, with its admin token."""
+    class InProcess(worker.client.CoordinatorClient):
+        def __init__(self, base_url: str, **kwargs) -> None:
+            super().__init__(base_url, transport=ThroughTestClient(api), max_retries=0, **kwargs)
+
+    monkeypatch.setattr(worker.client, "CoordinatorClient", InProcess)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        result = CliRunner().invoke(cli_app, ["admin", *args, "--coordinator", str(api.base_url),
+                                              "--admin-token", ADMIN_TOKEN])
+        assert "Traceback" not in result.output, result.output
+        return result.exit_code, result.stdout, result.stderr
+
+    return run
+
+
+def one_error_line(code: int, out: str, err: str, *words: str) -> None:
+    """An error answer: exit 1, nothing on stdout, one line on stderr naming ``words``."""
+    assert code == 1 and out == "", (code, out, err)
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_admin_list_status_pause_resume_and_audit(api, admin):
+    fid, secret = create_federation(api, name="alpha")
+    beta, _ = create_federation(api, name="beta-federation")
+    register(api, fid, secret, "site-a")
+    code, out, _ = admin("list")
+    assert code == 0, out
+    header, first, second = out.strip().splitlines()
+    assert header.split() == ["ID", "NAME", "STATE", "CLIENTS", "K", "PAUSED"]
+    assert first.split() == [str(fid), "alpha", "enrolling", "1", "-", "no"]
+    assert second.split()[1:] == ["beta-federation", "enrolling", "0", "-", "no"]
+    assert first.index("enrolling") == second.index("enrolling")  # aligned columns
+    code, out, _ = admin("list", "--json")
+    rows = json.loads(out)
+    assert [(r["federation_id"], r["name"], r["clients_total"]) for r in rows] == [(fid, "alpha", 1),
+                                                                                   (beta, "beta-federation", 0)]
+    assert all(r["clustering"] is None and r["paused_at"] is None for r in rows)
+
+    code, out, err = admin("pause", "--federation", str(fid), "--reason", "disk maintenance")
+    assert code == 0 and out.strip() == f"federation {fid} alpha paused: disk maintenance", (out, err)
+    code, out, _ = admin("status", "--federation", str(fid))
+    assert code == 0 and out.startswith(f"federation {fid} alpha\n")
+    assert "  state " in out and "enrolling" in out and "1 (1 training, 0 onboarding)" in out
+    paused_lines = [line for line in out.splitlines() if line.strip().startswith("paused")]
+    assert len(paused_lines) == 1 and paused_lines[0].endswith(": disk maintenance")
+    assert json.loads(admin("status", "--federation", str(fid), "--json")[1])["paused_reason"] == "disk maintenance"
+    assert admin("list")[1].splitlines()[1].split()[-1] == "yes"
+    one_error_line(*admin("pause", "--federation", str(fid)), "409", "already_paused")
+
+    code, out, _ = admin("resume", "--federation", str(fid), "--json")
+    assert code == 0 and json.loads(out)["paused_at"] is None
+    one_error_line(*admin("resume", "--federation", str(fid)), "409", "not_paused")
+    assert "paused" not in admin("status", "--federation", str(fid))[1]
+
+    code, out, _ = admin("audit", "--federation", str(fid))
+    lines = out.strip().splitlines()
+    assert code == 0 and lines[0].split() == ["ID", "AT", "ACTOR", "ACTION", "TARGET", "DETAIL"]
+    assert [line.split()[4] for line in lines[1:]] == ["resume", "pause"]  # newest first
+    assert '"reason":"disk maintenance"' in lines[2] and f"federation:{fid}" in lines[2]
+    code, out, _ = admin("audit", "--federation", str(fid), "--limit", "1", "--json")
+    [event] = json.loads(out)
+    assert event["action"] == "resume" and set(event) >= {"id", "at", "actor", "target", "detail"}
+
+
+def test_admin_revoke_by_name_or_id(api, admin):
+    fid, secret = create_federation(api)
+    a_id, _a_token = register(api, fid, secret, "site-a")
+    b_id, b_token = register(api, fid, secret, "site-b")
+    code, out, err = admin("revoke", "--federation", str(fid), "--client", "site-b", "--reason", "left")
+    assert code == 0, err
+    assert out.strip() == f"client {b_id} site-b of federation {fid}: revoked (0 open tasks cancelled)"
+    r = api.post(f"/v1/clients/{b_id}/lease", headers=bearer(b_token))
+    assert r.status_code == 403 and r.json()["error"] == "revoked"
+    code, out, _ = admin("revoke", "--federation", str(fid), "--client", str(a_id), "--json")
+    assert code == 0 and json.loads(out) == {"client_id": a_id, "name": "site-a", "status": "revoked",
+                                             "tasks_cancelled": 0}
+    audit = api.get(f"/v1/federations/{fid}/audit", headers=admin_headers()).json()
+    assert audit[-1]["detail"]["reason"] == "left" and audit[-1]["target"] == f"client:{b_id}"
+
+    one_error_line(*admin("revoke", "--federation", str(fid), "--client", "nobody"), "no client named 'nobody'")
+    one_error_line(*admin("revoke", "--federation", str(fid), "--client", "77"), "no client named '77'")
+    one_error_line(*admin("revoke", "--federation", str(fid), "--client", "site-b"), "409", "already_revoked")
+
+
+def test_admin_rotate_secret(api, admin):
+    fid, old = create_federation(api)
+    code, out, err = admin("rotate-secret", "--federation", str(fid), "--reason", "leaked")
+    assert code == 0 and "shown only once" in err, (out, err)
+    prefix = f"new enrollment secret of federation {fid}: "
+    assert out.startswith(prefix) and len(out.strip().splitlines()) == 1
+    new = out.strip()[len(prefix):]
+    assert new.startswith("hle_") and new != old
+    r = api.post(f"/v1/federations/{fid}/clients", json={"name": "x", "num_samples": 1}, headers=bearer(old))
+    assert r.status_code == 401
+    register(api, fid, new, "x")
+    code, out, _ = admin("rotate-secret", "--federation", str(fid), "--json")
+    body = json.loads(out)
+    assert code == 0 and body["federation_id"] == fid and body["enrollment_secret"] not in (old, new)
+
+
+def test_admin_recluster(api, app, admin):
+    dirs = group_directions()
+    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": 2,
+                                                   "leaf_rounds": 1})
+    clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
+    tick(app)
+    one_error_line(*admin("recluster", "--federation", str(fid)), "409", "no_probe_round")
+    code, _out, err = admin("recluster", "--federation", str(fid), "--features", "pixels")
+    assert code == 2 and "--features must be 'update' or 'subspace'" in err
+    run_pending(api, clients, dirs, seed=0)   # root
+    run_pending(api, clients, dirs, seed=10)  # probe -> clustering (K=2)
+
+    code, out, err = admin("recluster", "--federation", str(fid), "--force-k", "3", "--knn", "2",
+                           "--reason", "finer")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("clustering run ") and ", K=3, " in lines[0] and "by admin" in lines[0]
+    assert lines[1] == "clusters kept: 0, 1; created: 2"
+    assert lines[2].startswith("moves: ") and lines[3].split() == ["CLIENT", "ID", "FROM", "TO"]
+    moved = [line.split() for line in lines[4:-1]]
+    assert moved and all(m[0] in GROUP_OF and m[3] == "2" for m in moved)
+    assert lines[-1] == f"tasks cancelled: {len(moved)}"
+    code, out, _ = admin("recluster", "--federation", str(fid), "--force-k", "2", "--features", "update", "--json")
+    body = json.loads(out)
+    assert code == 0 and set(body) == {"run", "clusters_kept", "clusters_created", "moves", "tasks_cancelled"}
+    assert body["run"]["k"] == 2 and body["run"]["trigger"] == "admin"
+    assert "recluster" in admin("audit", "--federation", str(fid))[1]
+
+
+def test_the_other_admin_commands_print_text_and_json(api, admin):
+    fid, secret = create_federation(api, name="gamma")
+    ids = {name: register(api, fid, secret, name, num_samples=12)[0] for name in ("a", "b")}
+    code, out, _ = admin("report", "--federation", str(fid))
+    assert code == 0 and out.startswith(f"federation {fid} gamma\n")
+    table = out.splitlines()[out.splitlines().index("clients") + 1:]
+    assert table[0].split()[:5] == ["ID", "NAME", "COHORT", "CLUSTER", "SAMPLES"]
+    assert [row.split()[:5] for row in table[1:]] == [[str(ids["a"]), "a", "train", "-", "12"],
+                                                      [str(ids["b"]), "b", "train", "-", "12"]]
+    report = json.loads(admin("report", "--federation", str(fid), "--json")[1])
+    assert [c["name"] for c in report["clients"]] == ["a", "b"]
+
+    code, out, err = admin("invite", "--federation", str(fid), "--count", "2", "--note", "sites")
+    assert code == 0 and "shown only once" in err
+    rows = [line.split() for line in out.strip().splitlines()]
+    assert rows[0] == ["ID", "CODE", "EXPIRES"] and len(rows) == 3 and all(r[1].startswith("hli_") for r in rows[1:])
+    made = json.loads(admin("invite", "--federation", str(fid), "--json")[1])["invitations"]
+    code, out, _ = admin("invitations", "--federation", str(fid), "--revoke", str(made[0]["id"]))
+    assert code == 0 and out.strip() == f"invitation {made[0]['id']}: revoked"
+    code, out, _ = admin("invitations", "--federation", str(fid))
+    assert [line.split()[:2] for line in out.strip().splitlines()] == [
+        ["ID", "STATE"], [rows[1][0], "open"], [rows[2][0], "open"], [str(made[0]["id"]), "revoked"]]
+    assert "hli_" not in out
+    assert [r["state"] for r in json.loads(admin("invitations", "--federation", str(fid), "--json")[1])] == [
+        "open", "open", "revoked"]
+
+    code, out, _ = admin("schedule", "--federation", str(fid))
+    assert code == 0 and ["root_rounds", "2"] in [line.split() for line in out.splitlines()]
+    assert json.loads(admin("schedule", "--federation", str(fid), "--json")[1])["root_rounds"] == 2
+    code, out, _ = admin("schedule", "--federation", str(fid), "--set", "root_rounds=3", "--reason", "more")
+    assert code == 0 and "  root_rounds: 2 -> 3" in out.splitlines()
+    body = json.loads(admin("schedule", "--federation", str(fid), "--set", "root_rounds=4", "--json")[1])
+    assert body["changes"] == {"root_rounds": [3, 4]}
+
+    code, out, _ = admin("start", "--federation", str(fid))
+    assert code == 0 and out.strip() == f"federation {fid} gamma started: root (2 clients)"
+    one_error_line(*admin("start", "--federation", str(fid)), "409", "already_started")
+
+    status = json.loads(admin("status", "--federation", str(fid), "--json")[1])
+    rid = next(r["id"] for r in status["rounds"] if r["status"] == "open")
+    code, out, _ = admin("deadline", "--round", str(rid), "--extend-minutes", "10")
+    assert code == 0 and out.strip() == f"round {rid} (root root #1, open): deadline 2026-01-01 00:10:00Z", out
+    code, out, _ = admin("deadline", "--round", str(rid), "--at", "2026-01-02T00:00:00Z", "--json")
+    assert code == 0 and json.loads(out)["deadline_at"] == "2026-01-02T00:00:00Z"
+    code, _out, err = admin("deadline", "--round", str(rid))
+    assert code == 2 and "exactly one of --extend-minutes and --at" in err
+    one_error_line(*admin("deadline", "--round", str(rid), "--at", "2025-01-01T00:00:00Z"), "422", "bad_deadline")
+    one_error_line(*admin("deadline", "--round", "999", "--extend-minutes", "1"), "404", "round_not_found")
+
+    code, out, _ = admin("delete-client", "--federation", str(fid), "--client", str(ids["b"]))
+    assert code == 0 and out.startswith(f"client {ids['b']} b of federation {fid} deleted: 1 tasks"), out
+    body = json.loads(admin("delete-client", "--federation", str(fid), "--client", str(ids["a"]), "--json")[1])
+    assert body["name"] == "a" and "tasks_deleted" in body
+
+
+@pytest.mark.parametrize("command", [
+    ["status"], ["report"], ["start"], ["pause"], ["resume"], ["recluster"], ["revoke", "--client", "a"],
+    ["rotate-secret"], ["audit"], ["invite"], ["invitations"], ["schedule"], ["schedule", "--set", "root_rounds=3"],
+    ["assign", "--assignment", '{"a": 0}'], ["delete-client", "--client", "1"], ["export-model", "--out", "m.st"],
+])
+def test_admin_commands_on_an_unknown_federation_fail_in_one_line(admin, command):
+    for as_json in ([], ["--json"]):
+        one_error_line(*admin(command[0], "--federation", "999", *command[1:], *as_json), "404", "999")

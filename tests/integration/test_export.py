@@ -131,27 +131,31 @@ def test_export_then_predict_gives_the_workers_predictions(tmp_path, demo_backbo
                                   "--no-leaf"))
         assert info["tiers"] == ["root", "cluster"]
         admin_model = tmp_path / "cluster.safetensors"
-        _invoke("admin", "export-model", "--coordinator", cluster.url, "--admin-token", cluster.admin_token,
-                "--federation", str(fid), "--cluster", str(reported.cluster_label), "--out", str(admin_model))
+        written = _invoke("admin", "export-model", "--coordinator", cluster.url, "--admin-token", cluster.admin_token,
+                          "--federation", str(fid), "--cluster", str(reported.cluster_label), "--out", str(admin_model))
+        assert written.startswith(f"wrote {admin_model} (") and "sha256 " in written
         ours, theirs = unpack_tensors(no_leaf.read_bytes()), unpack_tensors(admin_model.read_bytes())
         assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours)
         root_model = tmp_path / "root.safetensors"
         _invoke("admin", "export-model", "--coordinator", cluster.url, "--admin-token", cluster.admin_token,
                 "--federation", str(fid), "--out", str(root_model))
+        assert json.loads(_invoke("admin", "export-model", "--coordinator", cluster.url, "--admin-token",
+                                  cluster.admin_token, "--federation", str(fid), "--out", str(root_model),
+                                  "--json"))["path"] == str(root_model)
         rows_root = json.loads(_invoke("predict", "--model", str(root_model), "--images", str(images), "--json"))
         assert len(rows_root) == 12
 
         # the admin moves the client to a cluster of its own by hand; the others stay
         moved = json.loads(_invoke("admin", "assign", "--coordinator", cluster.url, "--admin-token",
                                    cluster.admin_token, "--federation", str(fid), "--assignment",
-                                   json.dumps({CLIENT: 9}), "--reason", "known site"))
+                                   json.dumps({CLIENT: 9}), "--reason", "known site", "--json"))
         assert moved["clusters_created"] == [9] and moved["run"]["algorithm"] == "manual"
         assert [(m["name"], m["from_label"], m["to_label"]) for m in moved["moves"]] == [
             (CLIENT, reported.cluster_label, 9)]
         result = CliRunner().invoke(cli_app, ["admin", "assign", "--coordinator", cluster.url, "--admin-token",
                                               cluster.admin_token, "--federation", str(fid), "--assignment",
                                               json.dumps({"nobody": 1})])
-        assert result.exit_code == 2 and "nobody" in result.output
+        assert result.exit_code == 1 and "nobody" in result.stderr and len(result.stderr.splitlines()) == 1
     finally:
         cluster.stop()
 

@@ -31,7 +31,7 @@ def test_invite_register_list_and_revoke_through_the_cli(tmp_path):
             fid = create_federation_over_http(http, cluster.admin_token, "invited")
 
             code, out = _cli("admin", "invite", *admin, "--federation", str(fid), "--count", "2",
-                             "--expires-hours", "2", "--note", "site-a, site-b")
+                             "--expires-hours", "2", "--note", "site-a, site-b", "--json")
             assert code == 0, out
             made = json.loads(out[out.index("{"):out.rindex("}") + 1])["invitations"]
             assert len(made) == 2 and all(m["code"].startswith("hli_") for m in made)
@@ -43,9 +43,10 @@ def test_invite_register_list_and_revoke_through_the_cli(tmp_path):
                 http.register(fid, made[0]["code"], "site-a-again", 12)
             assert refused.value.status == 401 and refused.value.code == "invitation_used"
 
-            code, out = _cli("admin", "invitations", *admin, "--federation", str(fid), "--revoke", str(made[1]["id"]))
+            code, out = _cli("admin", "invitations", *admin, "--federation", str(fid), "--revoke", str(made[1]["id"]),
+                             "--json")
             assert code == 0 and json.loads(out)["state"] == "revoked", out
-            code, out = _cli("admin", "invitations", *admin, "--federation", str(fid))
+            code, out = _cli("admin", "invitations", *admin, "--federation", str(fid), "--json")
             rows = json.loads(out)
             assert [(r["id"], r["state"], r["client_id"]) for r in rows] == [
                 (made[0]["id"], "used", registered.client_id), (made[1]["id"], "revoked", None)]
@@ -53,8 +54,8 @@ def test_invite_register_list_and_revoke_through_the_cli(tmp_path):
 
             code, out = _cli("admin", "invite", "--coordinator", cluster.url, "--admin-token", "wrong-token-123456",
                              "--federation", str(fid))
-            assert code != 0 and "bad_admin_token" in out
+            assert code == 1 and "bad_admin_token" in out
             code, out = _cli("admin", "invite", *admin, "--federation", "999")
-            assert code != 0 and "999" in out
+            assert code == 1 and "999" in out and len(out.strip().splitlines()) == 1, out
     finally:
         cluster.stop()

@@ -42,13 +42,13 @@ def test_show_and_change_a_live_schedule_through_the_cli(tmp_path):
         with CoordinatorClient(cluster.url) as http:
             fid = create_federation_over_http(http, cluster.admin_token, "live")
 
-            code, out = _cli("admin", "schedule", *admin, "--federation", str(fid))
+            code, out = _cli("admin", "schedule", *admin, "--federation", str(fid), "--json")
             assert code == 0, out
             assert json.loads(out)["round_deadline_seconds"] == "auto"
 
             code, out = _cli("admin", "schedule", *admin, "--federation", str(fid), "--set", "root_rounds=7",
                              "--set", "clients_per_round.fraction=0.25", "--set", "round_deadline_seconds=600",
-                             "--reason", "cheaper rounds")
+                             "--reason", "cheaper rounds", "--json")
             assert code == 0, out
             body = json.loads(out)
             assert body["changes"]["root_rounds"][1] == 7 and body["changes"]["round_deadline_seconds"] == ["auto", 600]
@@ -63,6 +63,6 @@ def test_show_and_change_a_live_schedule_through_the_cli(tmp_path):
             assert http.request("GET", f"/v1/federations/{fid}/config",
                                 token=cluster.admin_token).json()["schedule"] == config["schedule"]
             code, out = _cli("admin", "schedule", *admin, "--federation", "999", "--set", "root_rounds=3")
-            assert code != 0 and "999" in out
+            assert code == 1 and "999" in out and len(out.strip().splitlines()) == 1, out
     finally:
         cluster.stop()
