@@ -107,6 +107,11 @@ class Federation(Base):
     failure_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_failure: Mapped[str | None] = mapped_column(Text, nullable=True)
     last_failure_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # cycles: 0 is the first cascade; each later cycle adds one (schedule.cycle_*, or an admin's request)
+    cycle: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cycle_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    cycle_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    serving_since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
@@ -153,6 +158,7 @@ class ClusteringRun(Base):
     eigengaps: Mapped[list] = mapped_column(JSON)
     contrast_ratio: Mapped[float | None] = mapped_column(Float, nullable=True)
     affinity_sha256: Mapped[str | None] = mapped_column(ForeignKey("blobs.sha256"), nullable=True)
+    cycle: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
@@ -183,8 +189,9 @@ class Assignment(Base):
     # null: the client fits no cluster (a refinement, or an onboarding with no clustered client to join)
     cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id"), nullable=True)
     clustering_run_id: Mapped[int | None] = mapped_column(ForeignKey("clustering_runs.id"), nullable=True)
-    source: Mapped[str] = mapped_column(String(16))  # lsac | onboarding | manual | refine
+    source: Mapped[str] = mapped_column(String(16))  # lsac | onboarding | manual | refine | cycle
     similarity: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cycle: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
@@ -210,6 +217,7 @@ class Round(Base):
     stage: Mapped[Stage] = mapped_column(EnumText(Stage))
     scope: Mapped[str] = mapped_column(String(64))
     number: Mapped[int] = mapped_column(Integer)
+    cycle: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # the federation's cycle
     status: Mapped[RoundStatus] = mapped_column(EnumText(RoundStatus), index=True)
     # Plain ids, not foreign keys: adapter_versions -> clusters -> clustering_runs -> rounds would
     # otherwise form a cycle that SQLite cannot create.

@@ -353,6 +353,19 @@ def resume_federation(federation_id: DbId, request: Request, session: SessionDep
     return status
 
 
+@router.post("/federations/{federation_id}/cycle", response_model=FederationStatus)
+def request_cycle(federation_id: DbId, body: AdminNote, request: Request, session: SessionDep,
+                  _admin: AdminAuth) -> FederationStatus:
+    """Ask for the next cycle (reprobe, recluster with stable ids, cluster rounds, leaves of moved
+    and new clients, evaluation); it starts once the federation serves and nothing runs. 409
+    ``not_started`` while enrolling, ``nothing_to_cycle`` without a cluster tier or cycle root rounds."""
+    with session.begin():
+        fed = admin_actions.request_cycle(session, federation_id, _now(request), body.reason)
+        status = reporting.federation_status(session, fed)
+    request.app.state.scheduler.wake()
+    return status
+
+
 @router.patch("/federations/{federation_id}/schedule", response_model=ScheduleChanged)
 def change_schedule(federation_id: DbId, body: ScheduleChange, request: Request, session: SessionDep,
                     _admin: AdminAuth) -> ScheduleChanged:

@@ -119,7 +119,10 @@ def status(s: dict) -> str:
     root = "none" if s["root_version"] is None else f"v{s['root_version']}"
     if s.get("last_rho") is not None:
         root += f" (last rho {s['last_rho']:.4g})"
-    pairs: list[tuple[str, Any]] = [("state", s["state"]), ("clients", clients), ("stage round", s["stage_round"]),
+    state = s["state"] + (f" (cycle {s['cycle']})" if s.get("cycle") else "")
+    if s.get("cycle_requested_at"):
+        state += f", next cycle requested {when(s['cycle_requested_at'])}"
+    pairs: list[tuple[str, Any]] = [("state", state), ("clients", clients), ("stage round", s["stage_round"]),
                                     ("root adapter", root), ("uploaded", size(s["uploaded_bytes"]))]
     if s.get("paused_at"):
         pairs.append(("paused", f"since {when(s['paused_at'])}: {s.get('paused_reason') or ''}".rstrip(": ")))
@@ -136,6 +139,17 @@ def status(s: dict) -> str:
     if s["rounds"]:
         lines += _rounds(s["rounds"])
     return "\n".join(lines)
+
+
+def cycle_requested(s: dict) -> str:
+    when_ = "starts at the next scheduler tick" if s["state"] == "serving" else f"starts once it serves (now {s['state']})"
+    return f"federation {s['federation_id']} {s['name']}: cycle {s.get('cycle', 0) + 1} requested; it {when_}"
+
+
+def pinned(c: dict) -> str:
+    if c.get("pinned_version") is None:
+        return f"cluster {c['label']} serves its newest version (v{c['adapter_version']})"
+    return f"cluster {c['label']} serves v{c['pinned_version']} (pinned; its newest is v{c['adapter_version']})"
 
 
 def started(s: dict) -> str:

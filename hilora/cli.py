@@ -195,6 +195,14 @@ def _show(as_json: bool, json_text: str, text: str) -> None:
     typer.echo(json_text if as_json else text)
 
 
+def _admin_request(coordinator_url: str, admin_token: Optional[str], as_json: bool, method: str, path: str,
+                   render, **kwargs) -> None:  # noqa: ANN001
+    """One admin request; its JSON answer printed as is (``--json``) or as ``render(answer)``."""
+    token = _admin_token(admin_token)
+    answer = _call(coordinator_url, lambda http: http.request(method, path, token=token, **kwargs).json())
+    _show(as_json, json.dumps(answer, indent=2), render(answer))
+
+
 @admin_app.command("create")
 def admin_create(
     config: Annotated[Path, typer.Option(help="federation file (JSON); see docs/usage.md")],
@@ -262,20 +270,42 @@ def admin_start(federation: FederationId, coordinator_url: CoordinatorUrl = DEFA
 def admin_pause(federation: FederationId, reason: Reason = "", coordinator_url: CoordinatorUrl = DEFAULT_URL,
                 admin_token: AdminToken = None, as_json: AsJson = False) -> None:
     """Pause a federation: no round opens or closes and no lease is handed out until resumed."""
-    token = _admin_token(admin_token)
-    status = _call(coordinator_url, lambda http: http.request(
-        "POST", f"/v1/federations/{federation}/pause", token=token, json={"reason": reason}).json())
-    _show(as_json, json.dumps(status, indent=2), admin_text.paused(status))
+    _admin_request(coordinator_url, admin_token, as_json, "POST", f"/v1/federations/{federation}/pause",
+                   admin_text.paused, json={"reason": reason})
 
 
 @admin_app.command("resume")
 def admin_resume(federation: FederationId, coordinator_url: CoordinatorUrl = DEFAULT_URL,
                  admin_token: AdminToken = None, as_json: AsJson = False) -> None:
     """Resume a paused federation; open rounds' deadlines move back by the paused time."""
-    token = _admin_token(admin_token)
-    status = _call(coordinator_url, lambda http: http.request(
-        "POST", f"/v1/federations/{federation}/resume", token=token).json())
-    _show(as_json, json.dumps(status, indent=2), admin_text.resumed(status))
+    _admin_request(coordinator_url, admin_token, as_json, "POST", f"/v1/federations/{federation}/resume",
+                   admin_text.resumed)
+
+
+@admin_app.command("cycle")
+def admin_cycle(federation: FederationId, reason: Reason = "", coordinator_url: CoordinatorUrl = DEFAULT_URL,
+                admin_token: AdminToken = None, as_json: AsJson = False) -> None:
+    """Ask for the next cycle: reprobe every active client, recluster with stable cluster ids, train the
+    clusters, fresh leaves for clients that moved or are new, evaluate everyone (docs/operations.md,
+    "Cycles"). It starts once the federation serves and nothing runs."""
+    _admin_request(coordinator_url, admin_token, as_json, "POST", f"/v1/federations/{federation}/cycle",
+                   admin_text.cycle_requested, json={"reason": reason})
+
+
+@admin_app.command("rollback")
+def admin_rollback(federation: FederationId,
+                   cluster: Annotated[int, typer.Option(min=0, help="the cluster's label (hilora admin status)")],
+                   version: Annotated[Optional[int], typer.Option(
+                       min=0, help="the adapter version the cluster serves from now on")] = None,
+                   unpin: Annotated[bool, typer.Option(help="serve the cluster's newest version again")] = False,
+                   reason: Reason = "", coordinator_url: CoordinatorUrl = DEFAULT_URL,
+                   admin_token: AdminToken = None, as_json: AsJson = False) -> None:
+    """Pin the version a cluster serves (or roll back to an older one), or --unpin; what clients get
+    follows it, the cluster's training goes on from its newest (docs/operations.md)."""
+    if (version is None) == (not unpin):
+        _fail("give exactly one of --version N and --unpin")
+    _admin_request(coordinator_url, admin_token, as_json, "POST", f"/v1/federations/{federation}/clusters/{cluster}/pin",
+                   admin_text.pinned, json={"version": None if unpin else version, "reason": reason})
 
 
 @admin_app.command("deadline")
@@ -370,10 +400,8 @@ def admin_audit(federation: FederationId,
                 coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
                 as_json: AsJson = False) -> None:
     """The federation's audit log (admin actions), newest first."""
-    token = _admin_token(admin_token)
-    events = _call(coordinator_url, lambda http: http.request(
-        "GET", f"/v1/federations/{federation}/audit", token=token, params={"limit": limit}).json())
-    _show(as_json, json.dumps(events, indent=2), admin_text.audit(events))
+    _admin_request(coordinator_url, admin_token, as_json, "GET", f"/v1/federations/{federation}/audit",
+                   admin_text.audit, params={"limit": limit})
 
 
 @admin_app.command("invite")

@@ -150,6 +150,20 @@ class Schedule(BaseModel):
         description="a client whose tasks end without an upload (failed, cancelled, never leased) in this many "
                     "rounds in a row is marked inactive (not revoked): no further task is opened for it until it "
                     "asks for work again. Rounds it was not drawn for do not count; null: never")
+    cycle_every_seconds: float | None = Field(
+        default=None, gt=0, le=366 * 86400,
+        description="cycles (docs/operations.md, \"Cycles\"): once the federation serves, a new cycle (optional "
+                    "root rounds, a fresh probe of every active client, reclustering with stable cluster ids, cluster "
+                    "rounds, leaf rounds for clients whose cluster changed or who are new, an evaluation) starts this "
+                    "many seconds after the last one ended; null: not on a timer")
+    cycle_min_new_clients: int | None = Field(
+        default=None, ge=1, le=10**6,
+        description="cycles: a new cycle starts once this many clients wait for one (registered since the last "
+                    "cycle and not yet onboarded, or fitting no cluster); null: not by arrivals")
+    cycle_root_rounds: int = Field(
+        default=0, ge=0, le=10_000,
+        description="cycles: root rounds each cycle runs first (all active clients, newcomers included), before "
+                    "its probe; 0: the probe starts from the current root")
 
     def quorum(self, num_tasks: int) -> int:
         """Accepted uploads a round of ``num_tasks`` clients needs before it may aggregate."""

@@ -103,6 +103,7 @@ class RoundInfo(BaseModel):
     stage: Stage
     scope: str
     number: int
+    cycle: int = Field(default=0, description="the federation's cycle the round belongs to (0: the first cascade)")
     status: RoundStatus
     tasks_total: int
     tasks_done: int
@@ -143,6 +144,7 @@ class ClusteringRunInfo(BaseModel):
     num_clients: int
     eigengaps: list[float]
     contrast_ratio: float | None
+    cycle: int = Field(default=0, description="the federation's cycle it ran in")
     created_at: datetime
 
 
@@ -160,6 +162,9 @@ class FederationStatus(BaseModel):
     clusters: list[ClusterInfo]
     clustering: ClusteringRunInfo | None
     onboarding_pending: int
+    cycle: int = Field(default=0, description="the federation's cycle: 0 is the first cascade, each later cycle adds one")
+    cycle_requested_at: datetime | None = Field(default=None, description="an admin asked for the next cycle")
+    cycle_started_at: datetime | None = None
     unassigned: int = Field(default=0, description="active clients that fit no cluster (clustering.refine_rounds): "
                                                    "served the root and their own leaf")
     paused_at: datetime | None = Field(default=None, description="set while the federation is paused (by an admin, "

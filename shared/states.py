@@ -13,13 +13,14 @@ The table (``python -m shared.states`` prints it)::
                  probe     -> cluster | leaf | serving
                  cluster   -> leaf | serving
                  leaf      -> serving
-                 serving   (terminal; the final evaluation rounds and onboarding run in it)
+                 serving   -> root | probe                (a cycle; the final evaluation rounds and
+                                                           onboarding run in serving)
     round        open -> done | failed                       (done, failed: terminal)
     task         pending -> leased | cancelled
                  leased  -> pending | done | failed | cancelled   (done, failed, cancelled: terminal)
     client       active -> revoked                           (revoked: terminal)
-    onboarding   waiting -> probe | leaf; probe -> leaf; leaf -> ready
-                 none (the training cohort) and ready: terminal
+    onboarding   waiting -> probe | leaf | cycle; probe -> leaf; leaf -> ready;
+                 ready -> cycle; cycle -> ready; none (the training cohort): terminal
 
 Scopes (``Round.scope``, ``AdapterVersion.scope``) are built and parsed by ``scope``/``parse_scope``:
 'root', 'all', 'cluster:<id>', 'leaf:<cluster id>' | 'leaf:none', 'eval:<cluster id>' | 'eval:none'
@@ -55,11 +56,14 @@ class FederationState(StateEnum):
     - ``cluster``: each cluster trains its adapter for ``cluster_rounds`` rounds (root frozen);
       with ``clustering.refine_rounds`` R, refinement rounds (stage ``refine``) after the first R
       cluster rounds reassign clients by the loss of every cluster adapter on their own data.
-    - ``leaf``: every client trains its private leaf for ``leaf_rounds`` rounds; metrics only.
+    - ``leaf``: every client trains its private leaf for ``leaf_rounds`` rounds; metrics only (in a
+      cycle: only clients whose cluster changed or that have no leaf yet).
     - ``serving``: training is over. On entering it without leaf rounds behind it, the scheduler
       opens the final evaluation rounds (stage ``eval``: every training client evaluates the final
       root, root + cluster and root + cluster + its leaf); a newly registered client is onboarded
-      (probe -> assignment -> leaf rounds).
+      (probe -> assignment -> leaf rounds). A **cycle** (``schedule.cycle_*`` or an admin's request)
+      leaves it again: serving -> root (``cycle_root_rounds`` > 0) or probe, then the stages as
+      above with every active client, and back to serving with an evaluation of everyone.
 
     A stage the schedule leaves out is skipped (no root rounds, clustering disabled, no cluster or
     leaf rounds), so e.g. enrolling -> leaf and root -> serving are transitions too.
@@ -132,13 +136,16 @@ class Cohort(StateEnum):
 class Onboarding(StateEnum):
     """A client's onboarding: ``none`` for the training cohort (never onboarded); a late client
     goes waiting -> probe -> leaf -> ready (waiting -> leaf without clusters). ``probe``: its
-    assignment round runs, a probe (``clustering.onboard`` 'probe') or a refine round ('loss')."""
+    assignment round runs, a probe (``clustering.onboard`` 'probe') or a refine round ('loss').
+    ``cycle``: it takes part in a cycle's training like a training client (from waiting, or ready
+    again), and is ready when the cycle ends."""
 
     none = "none"
     waiting = "waiting"
     probe = "probe"
     leaf = "leaf"
     ready = "ready"
+    cycle = "cycle"
 
 
 class Machine(StateEnum):
@@ -175,6 +182,7 @@ TRANSITIONS: dict[Machine, Table] = {
         (_F.probe, (_F.cluster, _F.leaf, _F.serving)),
         (_F.cluster, (_F.leaf, _F.serving)),
         (_F.leaf, (_F.serving,)),
+        (_F.serving, (_F.root, _F.probe)),  # a cycle
     )),
     Machine.round: Table(_R, (_R.open,), "status", _pairs(
         (_R.open, (_R.done, _R.failed)),
@@ -187,9 +195,11 @@ TRANSITIONS: dict[Machine, Table] = {
         (_C.active, (_C.revoked,)),
     )),
     Machine.onboarding: Table(_O, (_O.none, _O.waiting), "onboarding", _pairs(
-        (_O.waiting, (_O.probe, _O.leaf)),
+        (_O.waiting, (_O.probe, _O.leaf, _O.cycle)),
         (_O.probe, (_O.leaf,)),
         (_O.leaf, (_O.ready,)),
+        (_O.ready, (_O.cycle,)),
+        (_O.cycle, (_O.ready,)),
     )),
 }
 

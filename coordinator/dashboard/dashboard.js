@@ -402,7 +402,8 @@
     $("btn-recluster").disabled = !state.data.runs.length;
     const o = overview || {};
     replace($("fed-stats"),
-      stat("Stage", status.state + (status.paused_at ? " (paused)" : "")),
+      stat("Stage", status.state + (status.cycle ? ` · cycle ${status.cycle}` : "") +
+        (status.cycle_requested_at ? " · next cycle requested" : "") + (status.paused_at ? " (paused)" : "")),
       stat("Current round", o.current_round === null || o.current_round === undefined ? "–" : String(o.current_round)),
       stat("Open-round progress", o.tasks_total ? [el("progress", { max: o.tasks_total, value: o.tasks_done,
         "aria-label": "tasks done of open rounds" }), " " + o.tasks_done + "/" + o.tasks_total] : "–"),

@@ -151,6 +151,30 @@ STAGE_ROUNDS_FIELD = {FederationState.root: ("root_rounds", Stage.root),
                       FederationState.leaf: ("leaf_rounds", Stage.leaf)}
 
 
+def request_cycle(session: Session, federation_id: int, now: datetime, reason: str = "") -> Federation:
+    """Ask for the next cycle (docs/operations.md, "Cycles"); the scheduler starts it once the
+    federation serves and nothing runs (final evaluation and onboardings done). A request while a
+    cycle runs waits for that cycle to end. Audited.
+
+    MUST fail: 404 unknown federation; 409 ``not_started`` while enrolling; 409 ``nothing_to_cycle``
+    for a federation with no cluster tier and no ``schedule.cycle_root_rounds``."""
+    fed = get_federation(session, federation_id, lock=True)
+    if fed.state == FederationState.enrolling:
+        raise Conflict(f"federation {federation_id} has not started training: there is no cycle to run yet",
+                       code="not_started")
+    cfg = federation_config(fed)
+    if not cfg.cluster.enabled and cfg.schedule.cycle_root_rounds == 0:
+        raise Conflict("a cycle reprobes and reclusters the clients, and this federation has no cluster tier and "
+                       "no schedule.cycle_root_rounds: set cycle_root_rounds for cycles of root rounds",
+                       code="nothing_to_cycle")
+    if fed.cycle_requested_at is None:
+        fed.cycle_requested_at = now
+    fed.updated_at = now
+    audit(session, now, "request_cycle", federation_id, f"federation:{federation_id}",
+          {"cycle": (fed.cycle or 0) + 1, "state": str(fed.state), "reason": reason})
+    return fed
+
+
 def pin_cluster(session: Session, federation_id: int, label: int, version: int | None, now: datetime,
                 reason: str = "") -> Cluster:
     """Serve version ``version`` of cluster ``label``'s adapter (a pin, or a rollback to an older

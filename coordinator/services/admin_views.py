@@ -232,7 +232,7 @@ def _admin_runs(session: Session, federation_id: int) -> set[int]:
 
 
 def run_row(run: ClusteringRun, admin_runs: set[int]) -> ClusteringRunRow:
-    return ClusteringRunRow(id=run.id, k=run.k, algorithm=run.algorithm, features=run.features,
+    return ClusteringRunRow(id=run.id, k=run.k, algorithm=run.algorithm, features=run.features, cycle=run.cycle or 0,
                             num_clients=run.num_clients, eigengaps=list(run.eigengaps), contrast_ratio=run.contrast_ratio,
                             created_at=run.created_at, probe_round_id=run.probe_round_id,
                             trigger="admin" if run.id in admin_runs else "scheduler",

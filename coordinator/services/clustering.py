@@ -19,13 +19,14 @@ from sqlalchemy.orm import Session
 from coordinator.blobs import BlobStore
 from coordinator.errors import Conflict, Invalid
 from coordinator.metrics import observe_clustering_seconds
-from coordinator.models import AdapterVersion, Assignment, Client, Cluster, ClusteringRun, Round, Task
+from coordinator.models import AdapterVersion, Assignment, Client, Cluster, ClusteringRun, Federation, Round, Task
 from coordinator.services.adapters import (
     ensure_blob_row,
     head_of,
     initial_tier_tensors,
     latest_version,
     load_version,
+    serving_version,
     write_version,
 )
 from coordinator.services.admin_actions import audit
@@ -120,6 +121,7 @@ def _run_lsac(session: Session, blobs: BlobStore, cfg: FederationConfig, c: Clus
     sha = blobs.put_bytes(data)
     ensure_blob_row(session, sha, len(data), "affinity", now)
     run = ClusteringRun(federation_id=probe_round.federation_id, probe_round_id=probe_round.id,
+                        cycle=federation_cycle(session, probe_round.federation_id),
                         features=c.features, algorithm=c.algorithm, k=int(result.k), num_clients=len(tasks),
                         eigengaps=[float(x) for x in result.eigengaps],
                         contrast_ratio=None if result.contrast_ratio is None else float(result.contrast_ratio),
@@ -131,24 +133,31 @@ def _run_lsac(session: Session, blobs: BlobStore, cfg: FederationConfig, c: Clus
 
 
 def _new_cluster(session: Session, blobs: BlobStore, cfg: FederationConfig, federation_id: int, label: int,
-                 run: ClusteringRun, root: Tensors, now: datetime) -> Cluster:
-    """A cluster made by ``run``, with version 0 of its adapter (A seeded, B zero, head = root's)."""
+                 run: ClusteringRun, root: Tensors, now: datetime, start: Tensors | None = None) -> Cluster:
+    """A cluster made by ``run``, with version 0 of its adapter: ``start`` (a warm start: another
+    cluster's adapter), else A seeded, B zero, head = root's."""
     cluster = Cluster(federation_id=federation_id, label=label, created_run_id=run.id, created_at=now)
     session.add(cluster)
     session.flush()
-    tensors = initial_tier_tensors(cfg.manifest, "cluster", head_of(root), ("cluster", label, cfg.training.seed))
+    tensors = start if start is not None else initial_tier_tensors(
+        cfg.manifest, "cluster", head_of(root), ("cluster", label, cfg.training.seed))
     write_version(session, blobs, federation_id=federation_id, tier="cluster", scope=f"cluster:{cluster.id}",
                   cluster_id=cluster.id, version=0, tensors=tensors, now=now)
     return cluster
 
 
+def federation_cycle(session: Session, federation_id: int) -> int:
+    """The federation's cycle now (recorded on its rounds, runs and assignments)."""
+    return session.scalar(select(Federation.cycle).where(Federation.id == federation_id)) or 0
+
+
 def _assign(session: Session, run: ClusteringRun, tasks: list[Task], clusters: list[Cluster], now: datetime,
             source: str = "lsac") -> None:
-    """Record that the client of ``tasks[i]`` is in ``clusters[i]`` (``source``: 'lsac', or
+    """Record that the client of ``tasks[i]`` is in ``clusters[i]`` (``source``: 'lsac', 'cycle', or
     'manual' for an admin's assignment) and move it."""
     for task, cluster in zip(tasks, clusters):
         session.add(Assignment(client_id=task.client_id, cluster_id=cluster.id, clustering_run_id=run.id,
-                               source=source, created_at=now))
+                               source=source, cycle=run.cycle or 0, created_at=now))
         session.get(Client, task.client_id).cluster_id = cluster.id
     session.flush()
 
@@ -165,6 +174,51 @@ def cluster_probes(session: Session, blobs: BlobStore, cfg: FederationConfig, pr
 
 
 REFINE = "refine"  # ClusteringRun.algorithm of a refinement (its probe_round_id is the refine round)
+
+
+def recluster_cycle(session: Session, blobs: BlobStore, cfg: FederationConfig, probe_round: Round,
+                    now: datetime) -> ClusteringRun:
+    """A cycle's clustering of its probe round (docs/operations.md, "Cycles"): the federation's
+    algorithm on every probed client, with stable cluster ids. New clusters are matched to the
+    existing ones by membership overlap (``match_cluster_ids``): a matched cluster keeps its row,
+    label and adapter (its cluster rounds go on from its newest version). An unmatched one is a new
+    cluster, warm-started from the adapter the old cluster most of its members come from serves
+    (a split), else from the root (a group of newcomers). A merged group keeps the adapter of the
+    parent it is matched to. Every probed client gets an assignment (source 'cycle')."""
+    federation_id = probe_round.federation_id
+    run, tasks, result, root = _run_lsac(session, blobs, cfg, cfg.clustering, probe_round, now)
+    members = [session.get(Client, t.client_id) for t in tasks]
+    clusters = list(session.scalars(select(Cluster).where(Cluster.federation_id == federation_id)))
+    by_id, by_label = {c.id: c for c in clusters}, {c.label: c for c in clusters}
+    old_labels = np.array([by_id[c.cluster_id].label if c.cluster_id in by_id else -1 for c in members])
+    matches = match_cluster_ids(old_labels, result.labels)
+    next_label = max(by_label, default=-1) + 1
+    target: dict[int, Cluster] = {}
+    warm: dict[int, int | None] = {}
+    for new_label in sorted(matches):
+        if matches[new_label] is not None:
+            target[new_label] = by_label[matches[new_label]]
+            continue
+        came_from = old_labels[(result.labels == new_label) & (old_labels >= 0)]
+        parent = by_label[int(np.bincount(came_from).argmax())] if came_from.size else None
+        start = None
+        if parent is not None:
+            version = serving_version(session, parent)
+            start = load_version(blobs, version) if version is not None and version.version >= 1 else None
+        target[new_label] = _new_cluster(session, blobs, cfg, federation_id, next_label, run, root, now, start=start)
+        warm[next_label] = parent.label if start is not None else None
+        next_label += 1
+    chosen = [target[int(label)] for label in result.labels]
+    moves = [(c.id, by_id[c.cluster_id].label if c.cluster_id in by_id else None, cluster.label)
+             for c, cluster in zip(members, chosen) if c.cluster_id != cluster.id]
+    _assign(session, run, tasks, chosen, now, source="cycle")
+    audit(session, now, "cycle_recluster", federation_id, f"clustering_run:{run.id}",
+          {"run_id": run.id, "cycle": run.cycle, "k": run.k, "moved": len(moves),
+           "clusters_created": {str(k): v for k, v in warm.items()},
+           "moves": [{"client_id": cid, "from": a, "to": b} for cid, a, b in moves[:200]]}, actor="scheduler")
+    log.info("cycle %s of federation %s: K=%s, %d clients moved, clusters created %s (warm-started from %s)",
+             run.cycle, federation_id, run.k, len(moves), sorted(warm), warm)
+    return run
 
 
 def latest_run(session: Session, federation_id: int, probed: bool = False) -> ClusteringRun | None:
@@ -226,7 +280,7 @@ def refine_clusters(session: Session, blobs: BlobStore, cfg: FederationConfig, r
     fit_none = sum(1 for t in targets if t is None)
     minimum = cfg.clustering.refine_new_cluster
     run = ClusteringRun(federation_id=federation_id, probe_round_id=refine_round.id, features="loss",
-                        algorithm=REFINE, k=0, num_clients=len(tasks), eigengaps=[], contrast_ratio=None,
+                        cycle=federation_cycle(session, federation_id), algorithm=REFINE, k=0, num_clients=len(tasks), eigengaps=[], contrast_ratio=None,
                         affinity_sha256=None, created_at=now)
     session.add(run)
     session.flush()
@@ -240,7 +294,7 @@ def refine_clusters(session: Session, blobs: BlobStore, cfg: FederationConfig, r
     for client, target in zip(clients, targets):
         to = target.id if target is not None else None
         session.add(Assignment(client_id=client.id, cluster_id=to, clustering_run_id=run.id, source=REFINE,
-                               similarity=None, created_at=now))
+                               similarity=None, cycle=run.cycle, created_at=now))
         if client.cluster_id != to:
             moves.append((client.id, client.cluster_id, to))
             client.cluster_id = to
@@ -277,7 +331,8 @@ def assign_late_client(session: Session, blobs: BlobStore, cfg: FederationConfig
                                                   Cluster.label == given)).first() if given is not None else None
     if named is not None:  # 'manual' names this client: its cluster, without a probe comparison
         session.add(Assignment(client_id=client.id, cluster_id=named.id, clustering_run_id=None,
-                               source="onboarding", similarity=None, created_at=now))
+                               source="onboarding", similarity=None,
+                               cycle=federation_cycle(session, client.federation_id), created_at=now))
         client.cluster_id = named.id
         session.flush()
         return named
@@ -290,7 +345,8 @@ def assign_late_client(session: Session, blobs: BlobStore, cfg: FederationConfig
     members = [t for t in members if t.client_id in labels_by_client]
     if not members:  # every member was unassigned by refinement: no cluster to join
         session.add(Assignment(client_id=client.id, cluster_id=None, clustering_run_id=None,
-                               source="onboarding", similarity=None, created_at=now))
+                               source="onboarding", similarity=None,
+                               cycle=federation_cycle(session, client.federation_id), created_at=now))
         client.cluster_id = None
         session.flush()
         return None
@@ -310,7 +366,8 @@ def assign_late_client(session: Session, blobs: BlobStore, cfg: FederationConfig
     score = float(similarity[-1, :-1][member_clusters == chosen].mean())
     cluster = session.get(Cluster, chosen)
     session.add(Assignment(client_id=client.id, cluster_id=cluster.id, clustering_run_id=None,
-                           source="onboarding", similarity=score, created_at=now))
+                           source="onboarding", similarity=score,
+                           cycle=federation_cycle(session, client.federation_id), created_at=now))
     client.cluster_id = cluster.id
     session.flush()
     return cluster
@@ -336,7 +393,8 @@ def assign_late_client_by_loss(session: Session, cfg: FederationConfig, client: 
             chosen = candidates[j]
             gain = 1.0 - float(losses[0, j]) / root_loss if root_loss > 0 else None
     session.add(Assignment(client_id=client.id, cluster_id=chosen.id if chosen else None, clustering_run_id=None,
-                           source="onboarding", similarity=gain, created_at=now))
+                           source="onboarding", similarity=gain,
+                           cycle=federation_cycle(session, client.federation_id), created_at=now))
     client.cluster_id = chosen.id if chosen else None
     session.flush()
     return chosen

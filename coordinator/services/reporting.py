@@ -36,7 +36,8 @@ def zero_shot_accuracy(session: Session, client_id: int) -> float | None:
 
 def round_info(session: Session, rnd: Round) -> RoundInfo:
     counts = count_tasks(session, rnd.id)
-    return RoundInfo(id=rnd.id, stage=rnd.stage, scope=rnd.scope, number=rnd.number, status=rnd.status,
+    return RoundInfo(id=rnd.id, stage=rnd.stage, scope=rnd.scope, number=rnd.number, cycle=rnd.cycle or 0,
+                     status=rnd.status,
                      tasks_total=sum(counts.values()), tasks_done=counts.get(TaskStatus.done, 0),
                      tasks_failed=counts.get(TaskStatus.failed, 0),
                      tasks_cancelled=counts.get(TaskStatus.cancelled, 0), quorum=rnd.quorum,
@@ -51,7 +52,7 @@ def _run_info(run: ClusteringRun | None) -> ClusteringRunInfo | None:
         return None
     return ClusteringRunInfo(id=run.id, k=run.k, algorithm=run.algorithm, features=run.features,
                              num_clients=run.num_clients, eigengaps=list(run.eigengaps), contrast_ratio=run.contrast_ratio,
-                             created_at=run.created_at)
+                             cycle=run.cycle or 0, created_at=run.created_at)
 
 
 def _uploaded_bytes(session: Session, fed_id: int) -> int:
@@ -85,6 +86,7 @@ def federation_status(session: Session, fed: Federation, last_rounds: int = 50) 
         onboarding_pending=sum(1 for c in clients if c.cohort == Cohort.late and c.onboarding != Onboarding.ready
                                and c.status == ClientStatus.active),
         unassigned=len(unassigned_client_ids(session, fed.id)),
+        cycle=fed.cycle or 0, cycle_requested_at=fed.cycle_requested_at, cycle_started_at=fed.cycle_started_at,
         paused_at=fed.paused_at, paused_reason=fed.paused_reason, failure_count=fed.failure_count or 0,
         last_failure=fed.last_failure, last_failure_at=fed.last_failure_at,
     )

@@ -55,7 +55,7 @@ from coordinator.errors import Conflict
 from coordinator.faults import fault_point
 from coordinator.logs import log_context
 from coordinator.metrics import observe_scheduler_failure
-from coordinator.models import Client, Cluster, ClusteringRun, Federation, Round, Task
+from coordinator.models import Assignment, Client, Cluster, ClusteringRun, Federation, Round, Task
 from coordinator.services.adapters import latest_version, serving_version
 from coordinator.services.admin_actions import audit
 from coordinator.services.aggregation import aggregate_round
@@ -64,7 +64,9 @@ from coordinator.services.clustering import (
     assign_late_client,
     assign_late_client_by_loss,
     cluster_probes,
+    recluster_cycle,
     refine_clusters,
+    unassigned_client_ids,
 )
 from coordinator.services.federations import federation_config, get_federation
 from coordinator.services.tasks import count_tasks, expire_leases, refine_candidates, task_status_may_become
@@ -122,7 +124,7 @@ def open_round(session: Session, fed: Federation, stage: Stage, scope: str, clie
         deadline = now + timedelta(seconds=schedule.round_deadline_seconds)
     else:
         deadline = None
-    rnd = Round(federation_id=fed.id, stage=stage, scope=scope, number=(last or 0) + 1,
+    rnd = Round(federation_id=fed.id, stage=stage, scope=scope, number=(last or 0) + 1, cycle=fed.cycle or 0,
                 status=enter(Machine.round, RoundStatus.open),
                 input_root_version_id=root_version_id, input_cluster_version_id=cluster_version_id,
                 quorum=schedule.quorum(len(client_ids)) if stage in QUORUM_STAGES else None,
@@ -184,22 +186,34 @@ def _round_verdict(session: Session, rnd: Round, now: datetime) -> tuple[str, di
 
 
 def _training_clients(session: Session, fed: Federation) -> list[Client]:
-    """The training cohort's active clients that are not inactive (``_record_participation``)."""
+    """The active clients that train: the training cohort, and late clients taking part in a cycle
+    (onboarding 'cycle'), less the inactive ones (``_record_participation``)."""
+    trains = (Client.cohort == Cohort.train) | ((Client.cohort == Cohort.late) & (Client.onboarding == Onboarding.cycle))
     return list(session.scalars(
-        select(Client).where(Client.federation_id == fed.id, Client.status == ClientStatus.active,
-                             Client.cohort == Cohort.train, Client.inactive_since.is_(None)).order_by(Client.id)))
+        select(Client).where(Client.federation_id == fed.id, Client.status == ClientStatus.active, trains,
+                             Client.inactive_since.is_(None)).order_by(Client.id)))
 
 
 def _latest_round(session: Session, fed: Federation, stage: Stage, scope: str) -> Round | None:
+    """The newest round of (stage, scope) in the federation's current cycle."""
     return session.scalars(
-        select(Round).where(Round.federation_id == fed.id, Round.stage == stage, Round.scope == scope)
+        select(Round).where(Round.federation_id == fed.id, Round.stage == stage, Round.scope == scope,
+                            Round.cycle == (fed.cycle or 0))
         .order_by(Round.number.desc()).limit(1)).first()
 
 
 def _done_rounds(session: Session, fed: Federation, stage: Stage, scope: str) -> int:
+    """Done rounds of (stage, scope) in the federation's current cycle."""
     return session.scalar(select(func.count()).select_from(Round).where(
         Round.federation_id == fed.id, Round.stage == stage, Round.scope == scope,
-        Round.status == RoundStatus.done)) or 0
+        Round.cycle == (fed.cycle or 0), Round.status == RoundStatus.done)) or 0
+
+
+def _refine_pass(session: Session, rnd: Round) -> int:
+    """Which refinement of its cycle a refine round of all clients is (1, 2, ...)."""
+    return session.scalar(select(func.count()).select_from(Round).where(
+        Round.federation_id == rnd.federation_id, Round.stage == Stage.refine, Round.scope == ALL,
+        Round.cycle == rnd.cycle, Round.number <= rnd.number)) or 0
 
 
 WAIT, AGGREGATE, FAIL = "wait", "aggregate", "fail"
@@ -270,7 +284,7 @@ def _enter_probe_or_leaf(session: Session, fed: Federation, cfg: FederationConfi
 
 
 def _enter_leaf(session: Session, fed: Federation, cfg: FederationConfig, now: datetime) -> None:
-    if cfg.schedule.leaf_rounds > 0:
+    if cfg.schedule.leaf_rounds > 0 and (not fed.cycle or _needs_leaf(session, fed)):
         _set_state(fed, FederationState.leaf, now)
         _open_leaf_rounds(session, fed, now, first=True)
     else:
@@ -279,14 +293,20 @@ def _enter_leaf(session: Session, fed: Federation, cfg: FederationConfig, now: d
 
 def _finish_training(session: Session, fed: Federation, now: datetime, after_leaf: bool = False) -> None:
     """Training is over: open the final evaluation rounds (unless the last stage was the leaf
-    stage, whose tasks evaluated every final version after training), then serve."""
-    if not after_leaf:
+    stage, whose tasks evaluated every final version after training; a cycle always evaluates
+    everyone, since its leaf rounds were only for clients that moved or are new), then serve. Late
+    clients that took part in the cycle are ready."""
+    if not after_leaf or fed.cycle:
         _open_per_cluster_rounds(session, fed, now, Stage.eval, ScopeKind.eval)
+    for client in session.scalars(select(Client).where(Client.federation_id == fed.id,
+                                                       Client.onboarding == Onboarding.cycle)):
+        move(Machine.onboarding, client, Onboarding.ready)
+    fed.serving_since = now
     _set_state(fed, FederationState.serving, now)
 
 
 def _open_per_cluster_rounds(session: Session, fed: Federation, now: datetime, stage: Stage, kind: ScopeKind,
-                             reset_leaf: bool = False) -> None:
+                             reset_leaf: bool = False, only: set[int] | None = None) -> None:
     """Open a round of ``stage`` for the active training clients. A round's inputs name one
     cluster adapter, so it is one round per cluster (scope '<kind>:<cluster id>', on that
     cluster's newest version) plus one for clients without a cluster ('<kind>:none'); together
@@ -294,7 +314,8 @@ def _open_per_cluster_rounds(session: Session, fed: Federation, now: datetime, s
     root_id = _root_version_id(session, fed)
     groups: dict[int | None, list[int]] = {}
     for c in _training_clients(session, fed):
-        groups.setdefault(c.cluster_id, []).append(c.id)
+        if only is None or c.id in only:
+            groups.setdefault(c.cluster_id, []).append(c.id)
     for cluster_id, members in sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
         cluster_version = serving_version(session, session.get(Cluster, cluster_id)) if cluster_id else None
         open_round(session, fed, stage, scope(kind, cluster_id or None), members, now,
@@ -302,8 +323,27 @@ def _open_per_cluster_rounds(session: Session, fed: Federation, now: datetime, s
 
 
 def _open_leaf_rounds(session: Session, fed: Federation, now: datetime, first: bool) -> None:
-    """Open the next leaf round (one per cluster: 'leaf:<cluster id>', 'leaf:none')."""
-    _open_per_cluster_rounds(session, fed, now, Stage.leaf, ScopeKind.leaf, reset_leaf=first)
+    """Open the next leaf round (one per cluster: 'leaf:<cluster id>', 'leaf:none'); in a cycle, of
+    the clients that need a new leaf (``_needs_leaf``)."""
+    _open_per_cluster_rounds(session, fed, now, Stage.leaf, ScopeKind.leaf, reset_leaf=first,
+                             only=_needs_leaf(session, fed) if fed.cycle else None)
+
+
+def _needs_leaf(session: Session, fed: Federation) -> set[int]:
+    """A cycle's leaf rounds are for the training clients whose cluster this cycle changed (their
+    leaf was trained on top of another cluster) and for those without a leaf yet (newcomers)."""
+    out = set()
+    for client in _training_clients(session, fed):
+        before = session.scalar(select(Assignment.cluster_id).where(
+            Assignment.client_id == client.id, Assignment.cycle < fed.cycle).order_by(Assignment.id.desc()).limit(1))
+        assigned_before = session.scalar(select(func.count()).select_from(Assignment).where(
+            Assignment.client_id == client.id, Assignment.cycle < fed.cycle)) or 0
+        has_leaf = session.scalar(select(Task.id).where(Task.client_id == client.id, Task.stage == Stage.leaf,
+                                                        Task.status == TaskStatus.done).limit(1)) is not None
+        if not has_leaf or (assigned_before and before != client.cluster_id) or (
+                not assigned_before and client.cluster_id is not None):
+            out.add(client.id)
+    return out
 
 
 def advance_federation(session: Session, blobs: BlobStore, federation_id: int, now: datetime) -> int:
@@ -398,7 +438,8 @@ def _advance_root(session: Session, blobs: BlobStore, fed: Federation, cfg: Fede
     _close(session, rnd, RoundStatus.done, now)
     done_rounds = _done_rounds(session, fed, Stage.root, ROOT)
     converged = cfg.schedule.tau_rel > 0 and rnd.rho is not None and rnd.rho <= cfg.schedule.tau_rel
-    if done_rounds >= cfg.schedule.root_rounds or converged:
+    wanted = cfg.schedule.cycle_root_rounds if fed.cycle else cfg.schedule.root_rounds
+    if done_rounds >= wanted or converged:
         _enter_probe_or_leaf(session, fed, cfg, now)
     else:
         _open_root_round(session, fed, now, version.id)
@@ -433,7 +474,10 @@ def _advance_probe(session: Session, blobs: BlobStore, fed: Federation, cfg: Fed
         if clients:
             open_round(session, fed, Stage.probe, ALL, clients, now, rnd.input_root_version_id)
         return True
-    cluster_probes(session, blobs, cfg, rnd, now)
+    if fed.cycle:  # stable cluster ids and warm starts
+        recluster_cycle(session, blobs, cfg, rnd, now)
+    else:
+        cluster_probes(session, blobs, cfg, rnd, now)
     _close(session, rnd, RoundStatus.done, now)
     if cfg.schedule.cluster_rounds > 0:
         _set_state(fed, FederationState.cluster, now)
@@ -463,9 +507,11 @@ def _stage_position(session: Session, fed: Federation, cluster: Cluster) -> int:
     made, the cluster rounds the stage had run before (that refinement's number), so that it trains
     only the stage's remaining rounds, as long as the clusters that existed from the start."""
     done = _done_rounds(session, fed, Stage.cluster, scope(ScopeKind.cluster, cluster.id))
-    made_by = session.execute(select(ClusteringRun.algorithm, Round.number).join(
+    made_by = session.execute(select(ClusteringRun.algorithm, Round).join(
         Round, Round.id == ClusteringRun.probe_round_id).where(ClusteringRun.id == cluster.created_run_id)).first()
-    return done + (made_by.number if made_by is not None and made_by.algorithm == REFINE else 0)
+    if made_by is None or made_by[0] != REFINE or made_by[1].cycle != (fed.cycle or 0):
+        return done
+    return done + _refine_pass(session, made_by[1])
 
 
 def _advance_cluster(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
@@ -482,13 +528,13 @@ def _advance_cluster(session: Session, blobs: BlobStore, fed: Federation, cfg: F
             return False
         if verdict == AGGREGATE:  # a cluster it makes is trained only if cluster rounds follow
             refine_clusters(session, blobs, cfg, refinement, now,
-                            may_create=refinement.number < cfg.schedule.cluster_rounds)
+                            may_create=_refine_pass(session, refinement) < cfg.schedule.cluster_rounds)
         _close(session, refinement, RoundStatus.done if verdict == AGGREGATE else RoundStatus.failed, now)
         for cluster in _clusters(session, fed):
             if _stage_position(session, fed, cluster) < cfg.schedule.cluster_rounds:
                 _open_cluster_round(session, fed, cluster, now)
         return True
-    passes = refinement.number if refinement is not None else 0
+    passes = _refine_pass(session, refinement) if refinement is not None else 0
     hold_at = passes + 1 if passes < cfg.clustering.refine_rounds else None  # the next refinement follows this round
     progressed = False
     any_open = False
@@ -571,8 +617,86 @@ def _advance_eval(session: Session, fed: Federation, now: datetime) -> bool:
 def _advance_serving(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
                      now: datetime) -> bool:
     evaluated = _advance_eval(session, fed, now)
+    if _start_cycle_if_due(session, fed, cfg, now):
+        return True
     onboarded = _advance_onboarding(session, blobs, fed, cfg, now)
     return evaluated or onboarded
+
+
+def cycle_candidates(session: Session, fed: Federation) -> int:
+    """Clients waiting for a cycle (``schedule.cycle_min_new_clients``): active late clients that
+    registered after the last cycle started (any, before the first) and take part in none, and
+    active clients that fit no cluster, found so since the federation last began to serve."""
+    since = fed.cycle_started_at
+    late = select(func.count()).select_from(Client).where(
+        Client.federation_id == fed.id, Client.status == ClientStatus.active, Client.cohort == Cohort.late,
+        Client.onboarding != Onboarding.cycle)
+    if since is not None:
+        late = late.where(Client.created_at > since)
+    newcomers = session.scalar(late) or 0
+    unassigned = unassigned_client_ids(session, fed.id)
+    if unassigned and fed.serving_since is not None:  # only those that became unassigned since the last cycle
+        recent = set(session.scalars(select(Assignment.client_id).where(
+            Assignment.client_id.in_(unassigned), Assignment.cluster_id.is_(None),
+            Assignment.created_at > fed.serving_since)))
+        unassigned = unassigned & recent
+    return newcomers + len(unassigned)
+
+
+def cycle_trigger(session: Session, fed: Federation, cfg: FederationConfig, now: datetime) -> str | None:
+    """Why a cycle is due now ('admin', 'timer', 'arrivals'), or None."""
+    schedule = cfg.schedule
+    if fed.cycle_requested_at is not None:
+        return "admin"
+    serving_since = fed.serving_since or fed.updated_at
+    if schedule.cycle_every_seconds and serving_since is not None and \
+            (now - serving_since).total_seconds() >= schedule.cycle_every_seconds:
+        return "timer"
+    if schedule.cycle_min_new_clients and cycle_candidates(session, fed) >= schedule.cycle_min_new_clients:
+        return "arrivals"
+    return None
+
+
+def _start_cycle_if_due(session: Session, fed: Federation, cfg: FederationConfig, now: datetime) -> bool:
+    """Serving: start the next cycle when one is due and nothing runs (no open round: final
+    evaluation and onboardings finish first). Every active client takes part: inactive ones are
+    asked again, late ones (waiting or onboarded) join as training clients (onboarding 'cycle')."""
+    trigger = cycle_trigger(session, fed, cfg, now)
+    if trigger is None:
+        return False
+    if not cfg.cluster.enabled and cfg.schedule.cycle_root_rounds == 0:  # nothing a cycle could train
+        fed.cycle_requested_at = None
+        return False
+    if session.scalar(select(Round.id).where(Round.federation_id == fed.id, Round.status == RoundStatus.open)
+                      .limit(1)) is not None:
+        return False
+    if session.scalar(select(Client.id).where(
+            Client.federation_id == fed.id, Client.status == ClientStatus.active,
+            Client.onboarding.in_((Onboarding.probe, Onboarding.leaf))).limit(1)) is not None:
+        return False
+    fed.cycle = (fed.cycle or 0) + 1
+    fed.cycle_requested_at, fed.cycle_started_at = None, now
+    session.execute(update(Client).where(Client.federation_id == fed.id, Client.inactive_since.is_not(None))
+                    .values(inactive_since=None, missed_rounds=0).execution_options(synchronize_session=False))
+    for obj in list(session.identity_map.values()):
+        if isinstance(obj, Client) and obj.federation_id == fed.id:
+            session.expire(obj, ["missed_rounds", "inactive_since"])
+    joined = 0
+    for client in session.scalars(select(Client).where(
+            Client.federation_id == fed.id, Client.status == ClientStatus.active, Client.cohort == Cohort.late,
+            Client.onboarding.in_((Onboarding.waiting, Onboarding.ready)))):
+        move(Machine.onboarding, client, Onboarding.cycle)
+        joined += 1
+    audit(session, now, "cycle_start", fed.id, f"federation:{fed.id}",
+          {"cycle": fed.cycle, "trigger": trigger, "late_clients_joined": joined}, actor="scheduler")
+    log.info("federation %s: cycle %s starts (%s), %d late clients join", fed.id, fed.cycle, trigger, joined)
+    if cfg.schedule.cycle_root_rounds > 0:
+        _set_state(fed, FederationState.root, now)
+        open_round(session, fed, Stage.root, ROOT, [c.id for c in _training_clients(session, fed)], now,
+                   _root_version_id(session, fed), sample=True)
+    else:
+        _enter_probe_or_leaf(session, fed, cfg, now)
+    return True
 
 
 def _advance_onboarding(session: Session, blobs: BlobStore, fed: Federation, cfg: FederationConfig,
@@ -598,7 +722,7 @@ def _advance_onboarding(session: Session, blobs: BlobStore, fed: Federation, cfg
             progressed = True
         elif client.onboarding == Onboarding.probe:
             rnd = session.scalars(select(Round).where(  # its assignment round: a probe, or a refine round
-                Round.federation_id == fed.id, Round.scope == client_scope,
+                Round.federation_id == fed.id, Round.scope == client_scope, Round.cycle == (fed.cycle or 0),
                 Round.stage.in_((Stage.probe, Stage.refine))).order_by(Round.id.desc()).limit(1)).first()
             verdict = _decide(session, rnd, now)
             if verdict == WAIT:

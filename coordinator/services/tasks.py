@@ -131,7 +131,7 @@ def client_state(fed: Federation, client: Client) -> str:
     """The client's state as its worker sees it (``LeaseResponse.client_state``): derived, not stored."""
     if client.status != ClientStatus.active:
         return "revoked"
-    if client.cohort == Cohort.late:
+    if client.cohort == Cohort.late and client.onboarding != Onboarding.cycle:
         return "ready" if client.onboarding == Onboarding.ready else "onboarding"
     if fed.state == FederationState.enrolling:
         return "waiting"

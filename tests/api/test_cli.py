@@ -303,3 +303,34 @@ def test_the_other_admin_commands_print_text_and_json(api, admin):
 def test_admin_commands_on_an_unknown_federation_fail_in_one_line(admin, command):
     for as_json in ([], ["--json"]):
         one_error_line(*admin(command[0], "--federation", "999", *command[1:], *as_json), "404", "999")
+
+
+def test_admin_cycle_and_rollback(api, app, admin):
+    fid, secret = create_federation(api, name="cycling", schedule={"min_clients": 6, "root_rounds": 1,
+                                                                   "cluster_rounds": 2, "leaf_rounds": 1})
+    one_error_line(*admin("cycle", "--federation", str(fid)), "409", "not_started")
+    clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
+    tick(app)
+    dirs = group_directions()
+    for seed in range(8):
+        if api.get(f"/v1/federations/{fid}", headers=admin_headers()).json()["state"] == "serving":
+            break
+        run_pending(api, clients, dirs, seed=seed)
+    labels = sorted(c["label"] for c in api.get(f"/v1/federations/{fid}", headers=admin_headers()).json()["clusters"])
+    code, out, err = admin("rollback", "--federation", str(fid), "--cluster", str(labels[0]), "--version", "1")
+    assert code == 0 and out.strip() == f"cluster {labels[0]} serves v1 (pinned; its newest is v2)", (out, err)
+    pinned = json.loads(admin("status", "--federation", str(fid), "--json")[1])["clusters"]
+    assert [c["pinned_version"] for c in pinned if c["label"] == labels[0]] == [1]
+    code, out, _ = admin("rollback", "--federation", str(fid), "--cluster", str(labels[0]), "--unpin", "--json")
+    assert code == 0 and json.loads(out)["pinned_version"] is None and json.loads(out)["adapter_version"] == 2
+    one_error_line(*admin("rollback", "--federation", str(fid), "--cluster", str(labels[0]), "--version", "9"),
+                   "422", "unknown_version")
+    code, _, err = admin("rollback", "--federation", str(fid), "--cluster", "0")
+    assert code == 2 and "exactly one of --version N and --unpin" in err
+    code, out, err = admin("cycle", "--federation", str(fid), "--reason", "new sites")
+    assert code == 0 and out.strip() == f"federation {fid} cycling: cycle 1 requested; it starts at the next " \
+                                          "scheduler tick", (out, err)
+    tick(app)
+    status = json.loads(admin("status", "--federation", str(fid), "--json")[1])
+    assert status["cycle"] == 1 and status["state"] == "probe"
+    assert "probe (cycle 1)" in admin("status", "--federation", str(fid))[1]

@@ -65,6 +65,12 @@ def drive(api, app, cfg, clients, done) -> None:  # noqa: ANN001
     raise AssertionError("the federation did not finish")
 
 
+def settled(api, fid: int, cycle: int) -> bool:
+    """Serving in ``cycle`` with no open round (its evaluation decided)."""
+    s = api.get(f"/v1/federations/{fid}", headers=admin_headers()).json()
+    return s["state"] == "serving" and s["cycle"] == cycle and all(r["status"] != "open" for r in s["rounds"])
+
+
 def federation(api, name: str, schedule: tuple, **extra) -> tuple[int, str, FederationConfig]:
     root_rounds, cluster, cluster_rounds, leaf_rounds = schedule
     fid, secret = create_federation(
@@ -128,6 +134,18 @@ def test_every_transition_of_the_table_happens(api, app, clock, monkeypatch):
             tick(app)
             drive(api, app, cfg, late, lambda: True)
             assert api.get(f"/v1/federations/{fid}", headers=admin_headers()).json()["onboarding_pending"] == 0
+            # cycles (an admin's request): the onboarded late client (ready -> cycle -> ready) and one
+            # still waiting (waiting -> cycle) take part; the first goes serving -> probe, the second,
+            # with cycle root rounds, serving -> root
+            everyone = {**clients, **late, "late2": register(api, fid, secret, f"{name}-late2")}
+            for cycle, changes in ((1, None), (2, {"cycle_root_rounds": 1})):
+                if changes:
+                    assert api.patch(f"/v1/federations/{fid}/schedule", json={"changes": changes},
+                                     headers=admin_headers()).status_code == 200
+                r = api.post(f"/v1/federations/{fid}/cycle", json={"reason": "test"}, headers=admin_headers())
+                assert r.status_code == 200 and r.json()["cycle_requested_at"] is not None, r.text
+                tick(app)
+                drive(api, app, cfg, everyone, lambda fid=fid, c=cycle: settled(api, fid, c))
 
     for machine in (Machine.federation, Machine.round, Machine.client, Machine.onboarding):
         made = {(a, b) for m, a, b in moved if m == machine}
