@@ -146,6 +146,11 @@ def cycle_requested(s: dict) -> str:
     return f"federation {s['federation_id']} {s['name']}: cycle {s.get('cycle', 0) + 1} requested; it {when_}"
 
 
+def federation_deleted(r: dict) -> str:
+    return (f"federation {r['federation_id']} {r['name']} deleted: {r['clients']} clients, {r['rounds']} rounds, "
+            f"{r['adapter_versions']} adapter versions; {r['blobs_deleted']} blobs ({size(r['bytes_freed'])}) freed")
+
+
 def pinned(c: dict) -> str:
     if c.get("pinned_version") is None:
         return f"cluster {c['label']} serves its newest version (v{c['adapter_version']})"

@@ -308,6 +308,19 @@ def admin_rollback(federation: FederationId,
                    admin_text.pinned, json={"version": None if unpin else version, "reason": reason})
 
 
+@admin_app.command("delete")
+def admin_delete(federation: FederationId,
+                 confirm: Annotated[str, typer.Option(
+                     help="the federation's name, repeated: deleting removes its clients, adapters and uploads for "
+                          "good")],
+                 coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
+                 as_json: AsJson = False) -> None:
+    """Delete a federation and everything it stored (clients, rounds, uploads, adapters, clusters) with
+    the blobs only it used; the audit log keeps the deletion."""
+    _admin_request(coordinator_url, admin_token, as_json, "DELETE", f"/v1/federations/{federation}",
+                   admin_text.federation_deleted, params={"confirm": confirm})
+
+
 @admin_app.command("deadline")
 def admin_deadline(round_id: Annotated[int, typer.Option("--round", help="round id (hilora admin status)")],
                    extend_minutes: Annotated[Optional[float], typer.Option(

@@ -26,8 +26,20 @@ from sqlalchemy import delete, func, select, union, update
 from sqlalchemy.orm import Session
 
 from coordinator.blobs import BlobStore
-from coordinator.errors import NotFound
-from coordinator.models import AdapterVersion, Blob, Client, ClientFeature, ClusteringRun, Federation, Round, Task
+from coordinator.errors import Conflict, NotFound
+from coordinator.models import (
+    AdapterVersion,
+    Assignment,
+    Blob,
+    Client,
+    ClientFeature,
+    Cluster,
+    ClusteringRun,
+    Federation,
+    Invitation,
+    Round,
+    Task,
+)
 from shared.states import Machine, RoundStatus, Stage, terminal
 
 COLLECTABLE_KINDS = ("upload", "client_feature")
@@ -172,3 +184,55 @@ def delete_client(session: Session, federation_id: int, client_id: int) -> dict:
     session.flush()
     return {"client_id": client_id, "name": client.name, "tasks_deleted": sum(counts.values()),
             "uploads_released": uploads}
+
+
+def delete_federation(session: Session, federation_id: int, confirm: str | None) -> tuple[dict, list[str]]:
+    """Delete a federation and everything it stored: clients (their tokens), rounds, tasks, uploads,
+    adapter versions, clusters, clustering runs, assignments, invitations, clustering features; and
+    the blobs only it referred to (its backbone too, unless another federation uses the same one).
+    ``confirm`` must repeat the federation's name. Returns what went and the sha256 of the blobs
+    whose rows went: the caller unlinks their files after commit (a crash in between leaves orphan
+    files for the next collection). The audit events stay.
+
+    MUST fail: 404 unknown federation; 409 ``confirmation_required`` when ``confirm`` is not its name."""
+    fed = session.get(Federation, federation_id, with_for_update=True)
+    if fed is None:
+        raise NotFound(f"federation {federation_id} does not exist", code="federation_not_found")
+    if confirm != fed.name:
+        raise Conflict(f"deleting federation {federation_id} removes its clients, adapters and uploads for good: "
+                       f"confirm with its name ({fed.name!r})", code="confirmation_required")
+    mine = {fed.backbone_sha256}
+    for column, owner in ((AdapterVersion.blob_sha256, AdapterVersion.federation_id),
+                          (Task.upload_sha256, Task.federation_id),
+                          (ClusteringRun.affinity_sha256, ClusteringRun.federation_id),
+                          (ClientFeature.blob_sha256, ClientFeature.federation_id)):
+        mine.update(sha for sha in session.scalars(select(column).where(owner == federation_id)) if sha)
+    clients = select(Client.id).where(Client.federation_id == federation_id)
+    counts = {
+        "clients": session.scalar(select(func.count()).select_from(Client).where(Client.federation_id == federation_id)),
+        "rounds": session.scalar(select(func.count()).select_from(Round).where(Round.federation_id == federation_id)),
+        "adapter_versions": session.scalar(select(func.count()).select_from(AdapterVersion).where(
+            AdapterVersion.federation_id == federation_id)),
+    }
+    # children before parents, cross references cut first, so every backend deletes in one go
+    session.execute(update(Client).where(Client.federation_id == federation_id).values(cluster_id=None))
+    session.execute(update(Cluster).where(Cluster.federation_id == federation_id).values(pinned_version_id=None))
+    session.execute(delete(Assignment).where(Assignment.client_id.in_(clients)))
+    session.execute(delete(Task).where(Task.federation_id == federation_id))
+    session.execute(delete(ClientFeature).where(ClientFeature.federation_id == federation_id))
+    session.execute(delete(Invitation).where(Invitation.federation_id == federation_id))
+    session.execute(delete(AdapterVersion).where(AdapterVersion.federation_id == federation_id))
+    session.execute(delete(Cluster).where(Cluster.federation_id == federation_id))
+    session.execute(delete(ClusteringRun).where(ClusteringRun.federation_id == federation_id))
+    session.execute(delete(Round).where(Round.federation_id == federation_id))
+    session.execute(delete(Client).where(Client.federation_id == federation_id))
+    name = fed.name
+    session.delete(fed)
+    session.flush()
+    still = set(session.scalars(_referenced()))
+    gone = sorted(mine - still)
+    sizes = dict(session.execute(select(Blob.sha256, Blob.size).where(Blob.sha256.in_(gone))).all()) if gone else {}
+    if gone:
+        session.execute(delete(Blob).where(Blob.sha256.in_(gone)))
+    return ({"federation_id": federation_id, "name": name, **{k: int(v or 0) for k, v in counts.items()},
+             "blobs_deleted": len(sizes), "bytes_freed": int(sum(sizes.values()))}, sorted(sizes))

@@ -334,3 +334,13 @@ def test_admin_cycle_and_rollback(api, app, admin):
     status = json.loads(admin("status", "--federation", str(fid), "--json")[1])
     assert status["cycle"] == 1 and status["state"] == "probe"
     assert "probe (cycle 1)" in admin("status", "--federation", str(fid))[1]
+
+
+def test_admin_delete_needs_the_name(api, admin):
+    fid, _ = create_federation(api, name="short-lived")
+    one_error_line(*admin("delete", "--federation", str(fid), "--confirm", "wrong"), "409", "confirmation_required")
+    code, _, err = admin("delete", "--federation", str(fid))
+    assert code == 2 and "--confirm" in err
+    code, out, err = admin("delete", "--federation", str(fid), "--confirm", "short-lived")
+    assert code == 0 and out.startswith(f"federation {fid} short-lived deleted: 0 clients, 0 rounds, "), (out, err)
+    one_error_line(*admin("status", "--federation", str(fid)), "404")
