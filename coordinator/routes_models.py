@@ -31,7 +31,6 @@ from coordinator.services import federations, registration
 from coordinator.services.adapters import latest_version, serving_version
 from shared.merge import MODEL_FORMAT, merge_lora, model_metadata, pack_model
 from shared.schemas import SHA256_HEADER, AdapterRef, ClientAdapters
-from shared.states import ScopeKind, scope
 from shared.tensors import TensorValidationError, unpack_tensors
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(check_protocol)], responses=_errors, tags=["models"])

@@ -40,10 +40,8 @@ from shared.states import (
     FederationState,
     Machine,
     Onboarding,
-    ScopeKind,
     Stage,
     TaskStatus,
-    scope,
     sources,
 )
 from shared.tensors import TensorValidationError, validate_tensor_file

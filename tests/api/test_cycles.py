@@ -12,7 +12,7 @@ from conftest import DEPTH, DIM, RANK, admin_headers, bearer, create_federation,
 from sqlalchemy import select, update
 from test_cascade_state_machine import run_pending
 
-from coordinator.models import AuditEvent, Client
+from coordinator.models import Client
 from shared.manifest import qv_targets
 
 pytestmark = pytest.mark.api
