@@ -234,9 +234,7 @@ def admin_create(
 def admin_list(coordinator_url: CoordinatorUrl = DEFAULT_URL, admin_token: AdminToken = None,
                as_json: AsJson = False) -> None:
     """List the federations: id, name, state, clients, K of the newest clustering, paused."""
-    token = _admin_token(admin_token)
-    rows = _call(coordinator_url, lambda http: http.request("GET", "/v1/federations", token=token).json())
-    _show(as_json, json.dumps(rows, indent=2), admin_text.federations(rows))
+    _admin_request(coordinator_url, admin_token, as_json, "GET", "/v1/federations", admin_text.federations)
 
 
 @admin_app.command("status")
@@ -333,10 +331,8 @@ def admin_deadline(round_id: Annotated[int, typer.Option("--round", help="round 
     if (extend_minutes is None) == (at is None):
         _fail("give exactly one of --extend-minutes and --at")
     body = {"extend_seconds": extend_minutes * 60} if extend_minutes is not None else {"deadline_at": at}
-    token = _admin_token(admin_token)
-    rnd = _call(coordinator_url, lambda http: http.request(
-        "POST", f"/v1/rounds/{round_id}/deadline", token=token, json=body).json())
-    _show(as_json, json.dumps(rnd, indent=2), admin_text.deadline(rnd))
+    _admin_request(coordinator_url, admin_token, as_json, "POST", f"/v1/rounds/{round_id}/deadline",
+                   admin_text.deadline, json=body)
 
 
 @admin_app.command("recluster")
@@ -355,10 +351,8 @@ def admin_recluster(federation: FederationId,
     if features is not None and features not in ("update", "subspace"):
         _fail(f"--features must be 'update' or 'subspace', got {features!r}")
     body = {k: v for k, v in (("force_k", force_k), ("features", features), ("knn", knn)) if v is not None}
-    token = _admin_token(admin_token)
-    result = _call(coordinator_url, lambda http: http.request(
-        "POST", f"/v1/federations/{federation}/recluster", token=token, json={**body, "reason": reason}).json())
-    _show(as_json, json.dumps(result, indent=2), admin_text.recluster(result))
+    _admin_request(coordinator_url, admin_token, as_json, "POST", f"/v1/federations/{federation}/recluster",
+                   admin_text.recluster, json={**body, "reason": reason})
 
 
 def _client_id(http, token: str, federation: int, client: str) -> int:  # noqa: ANN001
@@ -399,10 +393,8 @@ def admin_rotate_secret(federation: FederationId, reason: Reason = "",
                         as_json: AsJson = False) -> None:
     """Replace the federation's enrollment secret (printed once); the old one stops working at once,
     registered clients keep their tokens."""
-    token = _admin_token(admin_token)
-    result = _call(coordinator_url, lambda http: http.request(
-        "POST", f"/v1/federations/{federation}/enrollment-secret", token=token, json={"reason": reason}).json())
-    _show(as_json, json.dumps(result, indent=2), admin_text.secret(result))
+    _admin_request(coordinator_url, admin_token, as_json, "POST", f"/v1/federations/{federation}/enrollment-secret",
+                   admin_text.secret, json={"reason": reason})
     typer.echo("keep the new enrollment secret: it is shown only once; the old one no longer registers clients",
                err=True)
 

@@ -273,8 +273,7 @@ def refine_clusters(session: Session, blobs: BlobStore, cfg: FederationConfig, r
     clients = [session.get(Client, t.client_id) for t in tasks]
     losses = np.array([[float(t.metrics[refine_metric(c.id)]) for c in candidates] for t in tasks])
     root_loss = np.array([float(t.metrics[refine_metric(None)]) for t in tasks])
-    current = np.array([index.get(c.cluster_id, UNASSIGNED) if c.cluster_id is not None else UNASSIGNED
-                        for c in clients])
+    current = np.array([index.get(c.cluster_id, UNASSIGNED) for c in clients])
     chosen = reassign(losses, root_loss, current, cfg.clustering.refine_margin)
     targets: list[Cluster | None] = [candidates[j] if j != UNASSIGNED else None for j in chosen.tolist()]
     fit_none = sum(1 for t in targets if t is None)

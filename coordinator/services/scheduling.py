@@ -284,9 +284,10 @@ def _enter_probe_or_leaf(session: Session, fed: Federation, cfg: FederationConfi
 
 
 def _enter_leaf(session: Session, fed: Federation, cfg: FederationConfig, now: datetime) -> None:
-    if cfg.schedule.leaf_rounds > 0 and (not fed.cycle or _needs_leaf(session, fed)):
+    needing = _needs_leaf(session, fed) if fed.cycle else None
+    if cfg.schedule.leaf_rounds > 0 and needing != set():
         _set_state(fed, FederationState.leaf, now)
-        _open_leaf_rounds(session, fed, now, first=True)
+        _open_leaf_rounds(session, fed, now, first=True, only=needing)
     else:
         _finish_training(session, fed, now)
 
@@ -322,28 +323,33 @@ def _open_per_cluster_rounds(session: Session, fed: Federation, now: datetime, s
                    root_id, cluster_version.id if cluster_version else None, reset_leaf=reset_leaf)
 
 
-def _open_leaf_rounds(session: Session, fed: Federation, now: datetime, first: bool) -> None:
+def _open_leaf_rounds(session: Session, fed: Federation, now: datetime, first: bool,
+                      only: set[int] | None = None) -> None:
     """Open the next leaf round (one per cluster: 'leaf:<cluster id>', 'leaf:none'); in a cycle, of
-    the clients that need a new leaf (``_needs_leaf``)."""
-    _open_per_cluster_rounds(session, fed, now, Stage.leaf, ScopeKind.leaf, reset_leaf=first,
-                             only=_needs_leaf(session, fed) if fed.cycle else None)
+    the clients that need a new leaf (``_needs_leaf``, computed here unless given)."""
+    if only is None and fed.cycle:
+        only = _needs_leaf(session, fed)
+    _open_per_cluster_rounds(session, fed, now, Stage.leaf, ScopeKind.leaf, reset_leaf=first, only=only)
 
 
 def _needs_leaf(session: Session, fed: Federation) -> set[int]:
     """A cycle's leaf rounds are for the training clients whose cluster this cycle changed (their
-    leaf was trained on top of another cluster) and for those without a leaf yet (newcomers)."""
-    out = set()
-    for client in _training_clients(session, fed):
-        before = session.scalar(select(Assignment.cluster_id).where(
-            Assignment.client_id == client.id, Assignment.cycle < fed.cycle).order_by(Assignment.id.desc()).limit(1))
-        assigned_before = session.scalar(select(func.count()).select_from(Assignment).where(
-            Assignment.client_id == client.id, Assignment.cycle < fed.cycle)) or 0
-        has_leaf = session.scalar(select(Task.id).where(Task.client_id == client.id, Task.stage == Stage.leaf,
-                                                        Task.status == TaskStatus.done).limit(1)) is not None
-        if not has_leaf or (assigned_before and before != client.cluster_id) or (
-                not assigned_before and client.cluster_id is not None):
-            out.add(client.id)
-    return out
+    leaf was trained on top of another cluster) and for those without a leaf from an earlier cycle
+    (newcomers). Judged on earlier cycles only, so the set stays the same for all the cycle's leaf
+    rounds. Two queries, whatever the number of clients."""
+    clients = _training_clients(session, fed)
+    ids = [c.id for c in clients]
+    with_leaf = set(session.scalars(
+        select(Task.client_id).join(Round, Round.id == Task.round_id)
+        .where(Task.client_id.in_(ids), Task.stage == Stage.leaf, Task.status == TaskStatus.done,
+               Round.cycle < fed.cycle).distinct()))
+    newest = (select(func.max(Assignment.id).label("id"))
+              .where(Assignment.client_id.in_(ids), Assignment.cycle < fed.cycle)
+              .group_by(Assignment.client_id).subquery())
+    before = dict(session.execute(select(Assignment.client_id, Assignment.cluster_id)
+                                  .join(newest, newest.c.id == Assignment.id)).all())
+    return {c.id for c in clients
+            if c.id not in with_leaf or before.get(c.id, None) != c.cluster_id}
 
 
 def advance_federation(session: Session, blobs: BlobStore, federation_id: int, now: datetime) -> int:

@@ -36,15 +36,20 @@ def simulated_upload(received: dict[str, np.ndarray], group: int, seed: int, dir
 
 
 def run_pending(api, clients: dict[str, tuple[int, str]], dirs, seed: int, groups=GROUP_OF,
-                leaf_metrics: dict | None = None) -> list[dict]:
-    """Every client leases and finishes its task (if it has one). Returns the tasks run."""
+                leaf_metrics: dict | None = None, losses=None) -> list[dict]:
+    """Every client leases and finishes its task (if it has one). Returns the tasks run, each with
+    the client's name under "client". A refine task reads every candidate's adapter and reports
+    ``losses(name, candidates)``."""
     ran = []
     for name, (cid, token) in sorted(clients.items()):
         body = api.post(f"/v1/clients/{cid}/lease", headers=bearer(token)).json()
         task = body["task"]
         if task is None:
             continue
-        ran.append(task)
+        ran.append({**task, "client": name})
+        if task["stage"] == "refine":
+            for c in task["candidates"]:  # a refine task may read every candidate's adapter
+                assert api.get(f"/v1/adapters/{c['adapter']['id']}", headers=bearer(token)).status_code == 200
         received = unpack_tensors(api.get(f"/v1/adapters/{(task['cluster'] or task['root'])['id']}",
                                           headers=bearer(token)).content)
         if task["upload"]:
@@ -59,7 +64,8 @@ def run_pending(api, clients: dict[str, tuple[int, str]], dirs, seed: int, group
             r = api.put(f"/v1/tasks/{task['task_id']}/upload", params={"lease_id": task["lease_id"]},
                         content=b"x", headers=bearer(token))
             assert r.status_code == 409 and r.json()["error"] == "no_upload_expected"
-        metrics = (leaf_metrics or {"acc_root": 0.5, "acc_cluster": 0.7, "acc_leaf": 0.9}) if task["stage"] == "leaf" else {}
+        metrics = ((leaf_metrics or {"acc_root": 0.5, "acc_cluster": 0.7, "acc_leaf": 0.9}) if task["stage"] == "leaf"
+                   else losses(name, task["candidates"]) if task["stage"] == "refine" else {})
         r = api.post(f"/v1/tasks/{task['task_id']}/complete",
                      json={"lease_id": task["lease_id"], "num_samples": 10, "metrics": metrics}, headers=bearer(token))
         assert r.status_code == 200, r.text

@@ -37,12 +37,17 @@ def model(api, fid, label, etag):
                    headers={**admin_headers(), "If-None-Match": etag})
 
 
-def test_a_pinned_version_is_what_clients_get_until_unpinned(api, app):
-    dirs = group_directions()
-    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": 3,
-                                                   "leaf_rounds": 3})
+def started(api, app, cluster_rounds: int, leaf_rounds: int):
+    """A federation of GROUP_OF's six clients (one root round), training started."""
+    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": cluster_rounds,
+                                                   "leaf_rounds": leaf_rounds})
     clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
     tick(app)
+    return fid, clients, group_directions()
+
+
+def test_a_pinned_version_is_what_clients_get_until_unpinned(api, app):
+    fid, clients, dirs = started(api, app, cluster_rounds=3, leaf_rounds=3)
     run_pending(api, clients, dirs, seed=0)  # root
     run_pending(api, clients, dirs, seed=1)  # probe
     run_pending(api, clients, dirs, seed=2)  # cluster round 1
@@ -85,11 +90,7 @@ def test_a_pinned_version_is_what_clients_get_until_unpinned(api, app):
 
 
 def test_bad_pins_are_refused_and_change_nothing(api, app):
-    dirs = group_directions()
-    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": 1,
-                                                   "leaf_rounds": 1})
-    clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
-    tick(app)
+    fid, clients, dirs = started(api, app, cluster_rounds=1, leaf_rounds=1)
     assert pin(api, fid, 0, 0).json()["error"] == "cluster_not_found"   # no cluster yet
     for seed in range(3):
         run_pending(api, clients, dirs, seed=seed)

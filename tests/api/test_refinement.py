@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 from conftest import admin_headers, bearer, create_federation, register, tick, tiny_config, upload_backbone
 from sqlalchemy import select
-from test_cascade_state_machine import group_directions, simulated_upload
+from test_cascade_state_machine import group_directions
+from test_cascade_state_machine import run_pending as cascade_run_pending
 
 from coordinator.models import Assignment, AuditEvent, ClusteringRun
-from shared.tensors import pack_tensors, unpack_tensors
 
 pytestmark = pytest.mark.api
 
@@ -32,34 +32,7 @@ def refine_losses(name: str, candidates: list[dict]) -> dict[str, float]:
 
 
 def run_pending(api, clients, dirs, seed, losses=refine_losses, groups=GROUPS) -> list[dict]:
-    ran = []
-    for name, (cid, token) in sorted(clients.items()):
-        task = api.post(f"/v1/clients/{cid}/lease", headers=bearer(token)).json()["task"]
-        if task is None:
-            continue
-        ran.append({**task, "client": name})
-        if task["stage"] == "refine":
-            for c in task["candidates"]:  # a refine task may read every candidate's adapter
-                assert api.get(f"/v1/adapters/{c['adapter']['id']}", headers=bearer(token)).status_code == 200
-            metrics = losses(name, task["candidates"])
-        else:
-            metrics = {"acc_root": 0.5, "acc_cluster": 0.7, "acc_leaf": 0.9} if task["stage"] == "leaf" else {}
-            if task["upload"]:
-                received = unpack_tensors(api.get(f"/v1/adapters/{(task['cluster'] or task['root'])['id']}",
-                                                  headers=bearer(token)).content)
-                tensors = simulated_upload(received, groups[name], seed, dirs)
-                keep = {k: v for k, v in tensors.items()
-                        if ("A" in task["upload"] and k.endswith("lora_A"))
-                        or ("B" in task["upload"] and k.endswith("lora_B"))
-                        or ("head" in task["upload"] and k.startswith("head."))}
-                r = api.put(f"/v1/tasks/{task['task_id']}/upload", params={"lease_id": task["lease_id"]},
-                            content=pack_tensors(keep), headers=bearer(token))
-                assert r.status_code == 200, r.text
-        r = api.post(f"/v1/tasks/{task['task_id']}/complete",
-                     json={"lease_id": task["lease_id"], "num_samples": 10, "metrics": metrics}, headers=bearer(token))
-        assert r.status_code == 200, r.text
-    tick(api.app)
-    return ran
+    return cascade_run_pending(api, clients, dirs, seed, groups=groups, losses=losses)
 
 
 def status(api, fid):
