@@ -496,3 +496,37 @@ def combine_tier_uploads(manifest: "AdapterManifest", tier: str, policy: "TierPo
         for name in manifest.factor_shapes(tier, "head"):
             out[name] = average_factors([u[name] for u in uploads], weights)
     return {k: v.astype(np.float32) for k, v in out.items()}
+
+
+def merge_adapters(manifest: "AdapterManifest", tier: str, adapters: Sequence[Mapping[str, np.ndarray]],
+                   weights: Sequence[float]) -> dict[str, np.ndarray]:
+    """One adapter of ``tier`` from several: the weighted combination of their updates in product
+    space, ``B A = rank-r SVD of sum_i w_i B_i A_i`` per target (``aggregate_product_space``), and the
+    weighted mean of every other tensor (the classifier head). A cycle warm-starts a cluster that
+    merges old clusters from it, weighted by how many members each brings (docs/method.md, "Cycles").
+
+    Unlike a round's aggregation this ignores the tier's factor policy: the parents were trained apart,
+    so their factors share no basis and averaging A and B separately (or keeping one parent's frozen
+    A) would not combine their updates.
+
+    Raises:
+        ValueError: no adapter, a missing or misshapen tensor, or bad weights.
+    """
+    if not adapters:
+        raise ValueError("nothing to merge: no adapters given")
+    rank = manifest.tiers[tier].rank
+    names = set(adapters[0])
+    for i, adapter in enumerate(adapters[1:], start=1):
+        if set(adapter) != names:
+            raise ValueError(f"adapters[{i}] has tensors {sorted(set(adapter) ^ names)} the first does not share")
+    out: dict[str, np.ndarray] = {}
+    for t in manifest.targets:
+        a_name, b_name = f"{t.name}.lora_A", f"{t.name}.lora_B"
+        if a_name not in names or b_name not in names:
+            raise ValueError(f"target {t.name!r}: the adapters carry no {a_name} / {b_name}")
+        out[b_name], out[a_name] = aggregate_product_space([a[b_name] for a in adapters], [a[a_name] for a in adapters],
+                                                           weights, rank)
+    for name in sorted(names - set(out)):
+        out[name] = average_factors([a[name] for a in adapters], weights)
+    return {k: v.astype(np.float32) for k, v in out.items()}
+

@@ -33,6 +33,7 @@ from coordinator.services.admin_actions import audit
 from coordinator.services.client_features import Bases, load_root_b_emas, normalised_b, subspace_bases_of
 from coordinator.services.federations import federation_config, get_federation
 from coordinator.services.tasks import refine_candidates, task_status_may_become
+from shared.aggregate import merge_adapters
 from shared.config import Clustering, FederationConfig
 from shared.probes import factor_pairs, probe_distance
 from shared.refine import UNASSIGNED, reassign
@@ -183,8 +184,10 @@ def recluster_cycle(session: Session, blobs: BlobStore, cfg: FederationConfig, p
     existing ones by membership overlap (``match_cluster_ids``): a matched cluster keeps its row,
     label and adapter (its cluster rounds go on from its newest version). An unmatched one is a new
     cluster, warm-started from the adapter the old cluster most of its members come from serves
-    (a split), else from the root (a group of newcomers). A merged group keeps the adapter of the
-    parent it is matched to. Every probed client gets an assignment (source 'cycle')."""
+    (a split), else from the root (a group of newcomers). A cluster whose members come from
+    several trained clusters (a merge) keeps the id of the one it is matched to and starts from its
+    parents' adapters combined in product space, weighted by members (a new version). Every probed
+    client gets an assignment (source 'cycle')."""
     federation_id = probe_round.federation_id
     run, tasks, result, root = _run_lsac(session, blobs, cfg, cfg.clustering, probe_round, now)
     members = [session.get(Client, t.client_id) for t in tasks]
@@ -195,9 +198,14 @@ def recluster_cycle(session: Session, blobs: BlobStore, cfg: FederationConfig, p
     next_label = max(by_label, default=-1) + 1
     target: dict[int, Cluster] = {}
     warm: dict[int, int | None] = {}
+    merged: dict[int, dict[str, int]] = {}
     for new_label in sorted(matches):
         if matches[new_label] is not None:
             target[new_label] = by_label[matches[new_label]]
+            parents = _merged_parents(session, by_label, old_labels[result.labels == new_label])
+            if len(parents) > 1:
+                _warm_start_merge(session, blobs, cfg, target[new_label], parents, now)
+                merged[target[new_label].label] = {str(p.label): n for p, _, n in parents}
             continue
         came_from = old_labels[(result.labels == new_label) & (old_labels >= 0)]
         parent = by_label[int(np.bincount(came_from).argmax())] if came_from.size else None
@@ -215,10 +223,37 @@ def recluster_cycle(session: Session, blobs: BlobStore, cfg: FederationConfig, p
     audit(session, now, "cycle_recluster", federation_id, f"clustering_run:{run.id}",
           {"run_id": run.id, "cycle": run.cycle, "k": run.k, "moved": len(moves),
            "clusters_created": {str(k): v for k, v in warm.items()},
+           "clusters_merged": {str(k): v for k, v in merged.items()},
            "moves": [{"client_id": cid, "from": a, "to": b} for cid, a, b in moves[:200]]}, actor="scheduler")
-    log.info("cycle %s of federation %s: K=%s, %d clients moved, clusters created %s (warm-started from %s)",
-             run.cycle, federation_id, run.k, len(moves), sorted(warm), warm)
+    log.info("cycle %s of federation %s: K=%s, %d clients moved, clusters created %s (warm-started from %s), "
+             "merged %s", run.cycle, federation_id, run.k, len(moves), sorted(warm), warm, merged)
     return run
+
+
+def _merged_parents(session: Session, by_label: dict[int, Cluster], old_labels: np.ndarray
+                    ) -> list[tuple[Cluster, AdapterVersion, int]]:
+    """The old clusters a new cluster's members come from whose served adapter was trained (version
+    >= 1), each with that version and how many members it brings, in label order."""
+    parents = []
+    labels, counts = np.unique(old_labels[old_labels >= 0], return_counts=True)
+    for label, count in zip(labels.tolist(), counts.tolist()):
+        version = serving_version(session, by_label[label])
+        if version is not None and version.version >= 1:
+            parents.append((by_label[label], version, count))
+    return parents
+
+
+def _warm_start_merge(session: Session, blobs: BlobStore, cfg: FederationConfig, cluster: Cluster,
+                      parents: list[tuple[Cluster, AdapterVersion, int]], now: datetime) -> AdapterVersion:
+    """A cluster that takes in members of other trained clusters starts the cycle's cluster rounds
+    from its parents' served adapters combined in product space, weighted by the members each brings
+    (``shared.aggregate.merge_adapters``): the next version of the cluster it is matched to."""
+    tensors = merge_adapters(cfg.manifest, "cluster", [load_version(blobs, v) for _, v, _ in parents],
+                             [float(n) for _, _, n in parents])
+    newest = latest_version(session, cluster.federation_id, f"cluster:{cluster.id}")
+    return write_version(session, blobs, federation_id=cluster.federation_id, tier="cluster",
+                         scope=f"cluster:{cluster.id}", cluster_id=cluster.id, version=newest.version + 1,
+                         tensors=tensors, now=now)
 
 
 def latest_run(session: Session, federation_id: int, probed: bool = False) -> ClusteringRun | None:

@@ -12,8 +12,11 @@ from conftest import DEPTH, DIM, RANK, admin_headers, bearer, create_federation,
 from sqlalchemy import select, update
 from test_cascade_state_machine import run_pending
 
-from coordinator.models import Client
+from coordinator.models import AdapterVersion, Client, Cluster
+from coordinator.services.federations import federation_config, get_federation
+from shared.aggregate import merge_adapters
 from shared.manifest import qv_targets
+from shared.tensors import unpack_tensors
 
 pytestmark = pytest.mark.api
 
@@ -117,6 +120,46 @@ def test_a_new_group_arrives_and_a_cycle_gives_it_a_cluster(api, app, clock):
     assert sum(1 for t in ran if t["stage"] == "eval") == 9
     assert len(status(api, fid)["clusters"]) == 3
     assert sorted(e["detail"]["moved"] for e in audit(api, fid, "cycle_recluster")) == [0, 3]
+
+
+def test_groups_that_converge_merge_into_one_cluster_warm_started_from_both(api, app):
+    """Group b's data comes to look like group a's: the cycle finds one cluster, keeps the id it
+    overlaps (a tie of 3 and 3: the assignment problem's choice), and starts its cluster rounds from
+    both old adapters combined in product space, weighted by the members each brings."""
+    dirs = directions()
+    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": 1,
+                                                   "leaf_rounds": 1, "unseen_leaf_rounds": 1})
+    clients = {n: register(api, fid, secret, n) for n in GROUPS}
+    tick(app)
+    drive(api, clients, dirs, GROUPS, lambda: settled(api, fid, 0), 0)
+    before = {c["label"]: c for c in status(api, fid)["clusters"]}
+    assert sorted(c["adapter_version"] for c in before.values()) == [1, 1]
+    assert api.post(f"/v1/federations/{fid}/cycle", json={}, headers=admin_headers()).status_code == 200
+    tick(app)
+    ran = drive(api, clients, dirs, {n: 0 for n in GROUPS}, lambda: settled(api, fid, 1), 100, fid)
+    after = {c["label"]: c for c in status(api, fid)["clusters"]}
+    kept = next(label for label, c in after.items() if c["members"])
+    emptied = 1 - kept
+    assert sorted(after[kept]["members"]) == sorted(GROUPS) and after[emptied]["members"] == []
+    # version 2 is the merge, version 3 the cycle's cluster round on top of it; the emptied one stays
+    assert after[kept]["adapter_version"] == 3 and after[emptied]["adapter_version"] == 1
+    (event,) = audit(api, fid, "cycle_recluster")
+    assert event["detail"]["clusters_merged"] == {str(kept): {"0": 3, "1": 3}} and event["detail"]["moved"] == 3
+    with app.state.session_factory() as session:
+        def tensors(label, version):
+            cluster = session.scalars(select(Cluster).where(Cluster.federation_id == fid, Cluster.label == label)).one()
+            row = session.scalars(select(AdapterVersion).where(AdapterVersion.cluster_id == cluster.id,
+                                                               AdapterVersion.version == version)).one()
+            return unpack_tensors(app.state.blobs.get_bytes(row.blob_sha256))
+
+        manifest = federation_config(get_federation(session, fid)).manifest
+        expected = merge_adapters(manifest, "cluster", [tensors(0, 1), tensors(1, 1)], [3.0, 3.0])
+        merged = tensors(kept, 2)
+    assert sorted(merged) == sorted(expected)
+    for name in expected:
+        np.testing.assert_array_equal(merged[name], expected[name])
+    # the moved clients get a fresh leaf on their new cluster; everyone is evaluated
+    assert sorted(t["client"] for t in ran if t["stage"] == "leaf") == sorted(n for n in GROUPS if GROUPS[n] != kept)
 
 
 def test_cycle_requests_are_checked(api, app):

@@ -342,3 +342,71 @@ def test_relative_change_rejects_different_targets_and_shapes():
         relative_change({"q": (np.ones((4, 2)), np.ones((2, 4)))}, {"q": f})
     with pytest.raises(ValueError, match="ranks differ"):
         relative_change({"q": (np.ones((3, 2)), np.ones((3, 4)))}, {"q": f})
+
+
+def _merge_manifest(rank=2, depth=2, dim=6, classes=3):
+    from shared.manifest import AdapterManifest, qv_targets
+
+    return AdapterManifest(targets=qv_targets(depth, dim),
+                           tiers={t: {"rank": rank, "alpha": rank} for t in ("root", "cluster", "leaf")},
+                           head={"in_features": dim, "num_classes": classes})
+
+
+def _adapter(rng, manifest, rank):
+    out = {}
+    for t in manifest.targets:
+        out[f"{t.name}.lora_A"] = rng.standard_normal((rank, t.in_features)).astype(np.float32)
+        out[f"{t.name}.lora_B"] = rng.standard_normal((t.out_features, rank)).astype(np.float32)
+    out["head.weight"] = rng.standard_normal((manifest.head.num_classes, manifest.head.in_features)).astype(np.float32)
+    out["head.bias"] = rng.standard_normal(manifest.head.num_classes).astype(np.float32)
+    return out
+
+
+def test_merge_adapters_combines_updates_in_product_space_and_averages_heads():
+    from shared.aggregate import merge_adapters
+
+    rng = np.random.default_rng(3)
+    manifest = _merge_manifest()
+    parents = [_adapter(rng, manifest, 2) for _ in range(3)]
+    weights = [3.0, 1.0, 2.0]
+    merged = merge_adapters(manifest, "cluster", parents, weights)
+    assert set(merged) == set(parents[0]) and all(v.dtype == np.float32 for v in merged.values())
+    for t in manifest.targets:
+        a, b = f"{t.name}.lora_A", f"{t.name}.lora_B"
+        dense, reconstruction, s = reference_truncated_svd([p[b].astype(np.float64) for p in parents],
+                                                           [p[a].astype(np.float64) for p in parents], weights, 2)
+        scale = np.linalg.norm(dense)
+        B, A = merged[b].astype(np.float64), merged[a].astype(np.float64)
+        # the rank-2 truncated SVD of the weighted sum, to float32 round-off (the output's dtype)
+        np.testing.assert_allclose(B.T @ B, np.eye(2), atol=1e-6)
+        np.testing.assert_allclose(B @ A, reconstruction, rtol=0, atol=1e-6 * scale)
+        np.testing.assert_allclose(np.linalg.norm(A, axis=1), s, rtol=0, atol=1e-6 * scale)
+        # not the factor mean: that would mix bases the parents never shared
+        mean_product = np.mean([p[b] @ p[a] for p in parents], axis=0)
+        assert np.linalg.norm(merged[b] @ merged[a] - mean_product) > 0.1 * scale
+    w = np.array(weights) / sum(weights)
+    for name in ("head.weight", "head.bias"):
+        np.testing.assert_allclose(merged[name], sum(wi * p[name].astype(np.float64) for wi, p in zip(w, parents)),
+                                   rtol=1e-6, atol=1e-6)
+    # one parent: its own update, refactored (same product to round-off)
+    alone = merge_adapters(manifest, "cluster", parents[:1], [5.0])
+    t = manifest.targets[0]
+    np.testing.assert_allclose(alone[f"{t.name}.lora_B"] @ alone[f"{t.name}.lora_A"],
+                               parents[0][f"{t.name}.lora_B"] @ parents[0][f"{t.name}.lora_A"], atol=1e-4)
+
+
+def test_merge_adapters_refuses_bad_input():
+    from shared.aggregate import merge_adapters
+
+    rng = np.random.default_rng(4)
+    manifest = _merge_manifest()
+    a, b = _adapter(rng, manifest, 2), _adapter(rng, manifest, 2)
+    with pytest.raises(ValueError, match="nothing to merge"):
+        merge_adapters(manifest, "cluster", [], [])
+    with pytest.raises(ValueError, match="does not share"):
+        merge_adapters(manifest, "cluster", [a, {k: v for k, v in b.items() if k != "head.bias"}], [1, 1])
+    with pytest.raises(ValueError, match="weights|negative"):
+        merge_adapters(manifest, "cluster", [a, b], [1, -1])
+    no_target = {k: v for k, v in a.items() if not k.startswith(manifest.targets[0].name)}
+    with pytest.raises(ValueError, match="carry no"):
+        merge_adapters(manifest, "cluster", [no_target, no_target], [1, 1])
