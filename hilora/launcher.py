@@ -67,7 +67,10 @@ class LocalCluster:
         raise RuntimeError(f"the coordinator was not ready within {timeout:.0f}s:\n" + self.tail("coordinator.log"))
 
     def start_worker(self, name: str, config: dict, threads: int = 1, max_seconds: float = 1800,
-                     extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+                     extra_env: dict[str, str] | None = None, exit_when_idle: bool = True) -> subprocess.Popen:
+        """A worker process hosting ``config``'s clients, logging to ``<name>.log``. With
+        ``exit_when_idle`` it exits once every client it hosts is ready; without, it keeps polling
+        (a living federation's cycles) until stopped or ``max_seconds``."""
         config_path = self.workdir / f"{name}.json"
         config_path.write_text(json.dumps(config, indent=1))
         env = dict(os.environ)
@@ -77,7 +80,8 @@ class LocalCluster:
         proc = subprocess.Popen(
             [sys.executable, "-m", "hilora.cli", "worker", "--coordinator", self.url, "--config", str(config_path),
              "--state-dir", str(self.workdir / "state"), "--threads", str(threads), "--device", "cpu",
-             "--exit-when-idle", "--max-seconds", str(max_seconds), "--worker-id", name],
+             *(["--exit-when-idle"] if exit_when_idle else []), "--max-seconds", str(max_seconds),
+             "--worker-id", name],
             env=env, stdout=log, stderr=subprocess.STDOUT)
         proc.hilora_name = name  # type: ignore[attr-defined]
         self.workers.append(proc)

@@ -193,8 +193,13 @@ def recluster_cycle(session: Session, blobs: BlobStore, cfg: FederationConfig, p
     members = [session.get(Client, t.client_id) for t in tasks]
     clusters = list(session.scalars(select(Cluster).where(Cluster.federation_id == federation_id)))
     by_id, by_label = {c.id: c for c in clusters}, {c.label: c for c in clusters}
+    # the cluster each member is served now (warm starts) and the one the newest clustering that
+    # included it chose (ids are matched on these: a late client onboarded into the nearest cluster
+    # since then says nothing about which group that cluster is)
     old_labels = np.array([by_id[c.cluster_id].label if c.cluster_id in by_id else -1 for c in members])
-    matches = match_cluster_ids(old_labels, result.labels)
+    clustered = _clustered_labels(session, federation_id, by_id)
+    match_labels = np.array([clustered.get(c.id, -1) for c in members])
+    matches = match_cluster_ids(match_labels, result.labels)
     next_label = max(by_label, default=-1) + 1
     target: dict[int, Cluster] = {}
     warm: dict[int, int | None] = {}
@@ -220,14 +225,60 @@ def recluster_cycle(session: Session, blobs: BlobStore, cfg: FederationConfig, p
     moves = [(c.id, by_id[c.cluster_id].label if c.cluster_id in by_id else None, cluster.label)
              for c, cluster in zip(members, chosen) if c.cluster_id != cluster.id]
     _assign(session, run, tasks, chosen, now, source="cycle")
+    followed = _follow_cluster_mates(session, run, federation_id, clustered, members, match_labels, chosen, now)
+    moves += [(cid, by_id[a].label if a in by_id else None, by_id[b].label) for cid, a, b in followed]
     audit(session, now, "cycle_recluster", federation_id, f"clustering_run:{run.id}",
-          {"run_id": run.id, "cycle": run.cycle, "k": run.k, "moved": len(moves),
+          {"run_id": run.id, "cycle": run.cycle, "k": run.k, "moved": len(moves), "followed": len(followed),
            "clusters_created": {str(k): v for k, v in warm.items()},
            "clusters_merged": {str(k): v for k, v in merged.items()},
            "moves": [{"client_id": cid, "from": a, "to": b} for cid, a, b in moves[:200]]}, actor="scheduler")
     log.info("cycle %s of federation %s: K=%s, %d clients moved, clusters created %s (warm-started from %s), "
              "merged %s", run.cycle, federation_id, run.k, len(moves), sorted(warm), warm, merged)
     return run
+
+
+def _clustered_labels(session: Session, federation_id: int, by_id: dict[int, Cluster]) -> dict[int, int]:
+    """Client id -> label of the cluster the newest clustering that included the client put it in
+    (LSAC, a cycle, a refinement or an admin's manual run; onboardings do not count), -1 for none."""
+    newest = (select(Assignment.client_id, func.max(Assignment.id).label("id"))
+              .join(Client, Client.id == Assignment.client_id)
+              .where(Client.federation_id == federation_id, Assignment.source != "onboarding")
+              .group_by(Assignment.client_id).subquery())
+    rows = session.execute(select(Assignment.client_id, Assignment.cluster_id).join(newest, newest.c.id == Assignment.id))
+    return {client_id: by_id[cluster_id].label if cluster_id in by_id else -1 for client_id, cluster_id in rows}
+
+
+def _follow_cluster_mates(session: Session, run: ClusteringRun, federation_id: int, clustered: dict[int, int],
+                          members: list[Client], match_labels: np.ndarray, chosen: list[Cluster], now: datetime
+                          ) -> list[tuple[int, int | None, int]]:
+    """Clients in a cluster that the cycle did not probe (away, inactive) go where most of the
+    probed clients their last clustering grouped them with went: without news of their own, their
+    old group is the best guess (were they left in place, a split that hands their cluster's id to
+    other clients would leave them in a stranger's cluster). A client none of whose old group was
+    probed stays. Returns the moves (client id, from cluster id, to cluster id), each recorded as an
+    assignment of ``run``."""
+    probed = {c.id for c in members}
+    moves = []
+    for client in session.scalars(select(Client).where(
+            Client.federation_id == federation_id, Client.status == ClientStatus.active,
+            Client.cluster_id.is_not(None)).order_by(Client.id)):
+        label = clustered.get(client.id, -1)
+        if client.id in probed or label < 0:
+            continue
+        mates = [c.id for c, m in zip(chosen, match_labels.tolist()) if m == label]
+        if not mates:
+            continue
+        counts: dict[int, int] = {}
+        for cluster_id in mates:
+            counts[cluster_id] = counts.get(cluster_id, 0) + 1
+        to = max(sorted(counts), key=lambda k: counts[k])
+        if to != client.cluster_id:
+            session.add(Assignment(client_id=client.id, cluster_id=to, clustering_run_id=run.id, source="cycle",
+                                   cycle=run.cycle or 0, created_at=now))
+            moves.append((client.id, client.cluster_id, to))
+            client.cluster_id = to
+    session.flush()
+    return moves
 
 
 def _merged_parents(session: Session, by_label: dict[int, Cluster], old_labels: np.ndarray
