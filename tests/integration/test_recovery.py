@@ -760,3 +760,163 @@ def test_a_dead_workers_clients_go_inactive_and_the_federation_completes_without
         db.close()
         coord.terminate()
     print(f"\n[recovery] dead worker, inactive clients: {time.monotonic() - t0:.1f}s")
+
+
+# ---------------------------------------------------------------------------- e. a crash inside a cycle
+
+def _labelled(scope: str, labels: dict[int, int]) -> str:
+    """A scope with its cluster id replaced by the cluster's label (ids from a sequence may differ
+    between backends' crash histories; labels are what the federation decides)."""
+    kind, _, rest = scope.partition(":")
+    return f"{kind}:label{labels[int(rest)]}" if rest.isdigit() and int(rest) in labels else scope
+
+
+CYCLE_CLIENTS = ["c0", "c1", "c2", "c3"]
+CYCLE_NEWCOMERS = ["n0", "n1"]
+# the fake workers' probes carry no groups, so the clusters are given by hand: two in the first
+# cascade; the newcomers, onboarded meanwhile into the nearest one, get a third in the cycle
+CYCLE_ASSIGNMENT = {"c0": 0, "c1": 0, "c2": 1, "c3": 1, "n0": 2, "n1": 2}
+
+
+def run_cycle_crash(procs: Processes, workdir: Path, db_url: str, fault_at: str | None) -> dict:
+    """The tiny federation to serving (no fault), two newcomers onboarded, then the coordinator
+    restarted with ``HILORA_FAULT_AT=fault_at`` (counted from that start) and a cycle requested: the
+    fault fires inside the cycle (its probe round opened by the scheduler, the reclustering
+    transaction that makes the newcomers' cluster and opens the cluster rounds, an accepted probe
+    upload, a cluster round's aggregation). The coordinator is restarted without the fault and the
+    cycle runs to serving (probe, a new cluster warm-started from the newcomers' old one, cluster
+    rounds, fresh leaves for the newcomers, an evaluation of everyone). Returns what the database
+    holds then, cluster scopes by label."""
+    from coordinator.models import Cluster
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    coord = Coordinator(procs, workdir, db_url, workdir / "blobs")
+    coord.start()
+    db = DB(db_url)
+    try:
+        with CoordinatorClient(coord.url, max_retries=2) as client:
+            config = FederationConfig.model_validate(tiny_config(
+                "cycle-crash", client.put_blob(ADMIN_TOKEN, tiny_checkpoint()), schedule=CRASH_SCHEDULE,
+                clustering={"algorithm": "manual", "assignment": CYCLE_ASSIGNMENT, "k_max": 4, "knn": 2}))
+            created = client.create_federation(ADMIN_TOKEN, config)
+        fid, secret = created.federation_id, created.enrollment_secret
+        creds = workdir / "credentials.json"
+        register_clients(coord.url, fid, secret, CYCLE_CLIENTS, creds)
+
+        def workers(tag: str, names: list[str]) -> list[FakeWorkerProc]:
+            return [FakeWorkerProc(procs, workdir, f"{tag}{i}", coord.url, fid, secret, names[i::2], creds,
+                                   max_seconds=150) for i in range(2)]
+
+        def settled(ws: list[FakeWorkerProc]) -> None:
+            assert wait_for(lambda: db.trained(fid) and all(w.proc.poll() is not None for w in ws), 120,
+                            interval=0.1), _tail(coord.log) + "\n".join(_tail(w.log) for w in ws)
+            assert [w.wait(1) for w in ws] == [0, 0], "\n".join(_tail(w.log) for w in ws)
+
+        first = workers("w", CYCLE_CLIENTS)
+        assert wait_for(lambda: all(w.events("polling") for w in first), 60, interval=0.1)
+        admin_start(coord.url, fid)
+        settled(first)
+        register_clients(coord.url, fid, secret, CYCLE_NEWCOMERS, creds)
+        settled(workers("late", CYCLE_NEWCOMERS))   # onboarded: probe, nearest cluster, leaf
+
+        coord.terminate()
+        coord.start(fault_at=fault_at)
+        try:
+            httpx.post(f"{coord.url}/v1/federations/{fid}/cycle", json={"reason": "test"},
+                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30).raise_for_status()
+        except httpx.TransportError:
+            pass
+        restarts: list[int] = []
+        cycle_workers: list[FakeWorkerProc] = []
+
+        def cycled() -> bool:
+            code = coord.reap()
+            if code is not None:
+                restarts.append(code)
+                assert fault_at is not None and len(restarts) == 1, \
+                    f"coordinator exited with {code}:\n{_tail(coord.log)}"
+                coord.start()  # without the fault
+                return False
+            if not coord.alive():
+                return False
+            with Session(db.engine) as s:
+                fed = s.get(Federation, fid)
+                cycle, state = fed.cycle, fed.state
+            # the workers start once the cycle's first round is open (an idle worker whose
+            # clients are all ready exits)
+            if not cycle_workers and cycle == 1 and state != "serving":
+                cycle_workers.extend(workers("c", CYCLE_CLIENTS + CYCLE_NEWCOMERS))
+            return cycle == 1 and db.trained(fid) and bool(cycle_workers)
+
+        assert wait_for(cycled, 150, interval=0.1), _tail(coord.log)
+        assert [w.wait(40) for w in cycle_workers] == [0, 0], "\n".join(_tail(w.log) for w in cycle_workers)
+        check_consistency(db, fid, CRASH_SCHEDULE)
+        labels = {c.id: c.label for c in db.rows(Cluster, Cluster.federation_id == fid)}
+        names = db.client_names(fid)
+        rounds = {r.id: r for r in db.rounds(fid)}
+        return {
+            "restarts": restarts,
+            "versions": {(v.tier, _labelled(v.scope, labels), v.version): v.blob_sha256 for v in db.versions(fid)},
+            "rounds": sorted((r.cycle, r.stage, _labelled(r.scope, labels), r.number, r.status)
+                             for r in rounds.values()),
+            "done": sorted((rounds[t.round_id].stage, _labelled(rounds[t.round_id].scope, labels),
+                            rounds[t.round_id].number, names[t.client_id], t.upload_sha256)
+                           for t in db.tasks(fid=fid) if t.status == "done"),
+            "clusters": sorted((labels[c.cluster_id] if c.cluster_id in labels else None, c.name)
+                               for c in db.rows(Client, Client.federation_id == fid)),
+        }
+    finally:
+        db.close()
+        coord.terminate()
+
+
+@pytest.fixture(scope="module")
+def cycle_references():
+    """The uninterrupted run, once per backend (computed on first use)."""
+    return {}
+
+
+CYCLE_FAULTS = [
+    "round_open",            # the cycle's probe round, opened by the scheduler
+    "after_accept:2",        # half of the cycle's probe uploads accepted
+    "round_open:2",          # the reclustering transaction, which opens the cycle's cluster rounds
+    "during_aggregation",    # the first cluster round of the cycle: its version written, not committed
+]
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("fault_at", CYCLE_FAULTS)
+def test_coordinator_killed_inside_a_cycle_recovers_to_the_same_versions(tmp_path, procs, request, backend, fault_at,
+                                                                        cycle_references):
+    def database(name: str) -> tuple[str, object]:
+        if backend == "sqlite":
+            return f"sqlite:///{tmp_path / name}.db", None
+        server = request.getfixturevalue("pg_server")
+        return server.create_database(), server
+
+    if backend not in cycle_references:
+        url, server = database("reference")
+        try:
+            cycle_references[backend] = run_cycle_crash(procs, tmp_path / "reference", url, None)
+        finally:
+            if server is not None:
+                server.drop_database(url)
+    ref = cycle_references[backend]
+    assert ref["restarts"] == [] and {r[0] for r in ref["rounds"]} == {0, 1}
+    # the cycle made the newcomers' cluster, trained the three, gave the newcomers fresh leaves
+    assert ref["clusters"] == sorted((CYCLE_ASSIGNMENT[n], n) for n in CYCLE_CLIENTS + CYCLE_NEWCOMERS)
+    cycle_rounds = [(stage, scope) for cycle, stage, scope, _n, _s in ref["rounds"] if cycle == 1]
+    assert sorted(cycle_rounds) == sorted([("probe", "all")] + [("cluster", f"cluster:label{k}") for k in range(3)]
+                                          + [("leaf", "leaf:label2")] + [("eval", f"eval:label{k}") for k in range(3)])
+    url, server = database("run")
+    try:
+        run = run_cycle_crash(procs, tmp_path / "run", url, fault_at)
+    finally:
+        if server is not None:
+            server.drop_database(url)
+    assert run["restarts"] == [-signal.SIGKILL], "the fault point was never reached"
+    assert run["rounds"] == ref["rounds"]
+    assert run["done"] == ref["done"]
+    assert run["versions"] == ref["versions"]
+    assert run["clusters"] == ref["clusters"]

@@ -76,7 +76,11 @@ def client_num_samples(name: str) -> int:
 
 
 def task_seed(client: str, task: TaskAssignment) -> int:
-    return _seed(client, task.stage, task.scope, task.round_number,
+    """The seed of ``client``'s upload for ``task``. The scope enters by its kind only ('cluster',
+    not 'cluster:7'): the input adapters' sha256 already say which cluster, and a cluster's row id
+    may differ between two runs that decide the same (a PostgreSQL sequence keeps the ids a crashed
+    transaction used)."""
+    return _seed(client, task.stage, task.scope.split(":")[0], task.round_number,
                  task.root.sha256 if task.root else "-", task.cluster.sha256 if task.cluster else "-")
 
 
