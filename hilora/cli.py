@@ -21,6 +21,27 @@ admin_app = typer.Typer(no_args_is_help=True, help="Admin commands against a run
 app.add_typer(admin_app, name="admin")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hilora")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"hilora {_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(show_version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version, help="print hilora's version and exit")] = False) -> None:
+    """hilora: HiLoRA federated learning (coordinator, workers, demo)."""
+
+
 def _fail(message: str, code: int = 2) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
@@ -91,7 +112,8 @@ def gc(dry_run: Annotated[bool, typer.Option(help="report what would be deleted,
 
 @app.command()
 def worker(
-    coordinator_url: Annotated[str, typer.Option("--coordinator", help="coordinator base URL")],
+    coordinator_url: Annotated[str, typer.Option("--coordinator", envvar="HILORA_COORDINATOR",
+                                                 help="coordinator base URL (default: HILORA_COORDINATOR)")],
     config: Annotated[Path, typer.Option(help="worker config file (JSON): federation_id and hosted clients")],
     state_dir: Annotated[Path, typer.Option(help="where client tokens, leaves and local factors live")] = Path(
         "./hilora-worker-state"),
@@ -129,7 +151,7 @@ def worker(
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    with CoordinatorClient(coordinator_url, worker_id=wid, max_retries=retries) as client:
+    with CoordinatorClient(_checked_url(coordinator_url), worker_id=wid, max_retries=retries) as client:
         daemon = WorkerDaemon(client, cfg, state_dir, device=device, exit_when_idle=exit_when_idle,
                               max_seconds=max_seconds, grace_seconds=grace_seconds)
 
@@ -169,26 +191,55 @@ def _admin_token(token: Optional[str]) -> str:
 
 
 AdminToken = Annotated[Optional[str], typer.Option(help="admin token (default: HILORA_ADMIN_TOKEN)")]
-CoordinatorUrl = Annotated[str, typer.Option("--coordinator", help="coordinator base URL")]
+CoordinatorUrl = Annotated[str, typer.Option("--coordinator", envvar="HILORA_COORDINATOR",
+                                             help="coordinator base URL (default: HILORA_COORDINATOR)")]
 FederationId = Annotated[int, typer.Option(help="federation id")]
 AsJson = Annotated[bool, typer.Option("--json", help="print the coordinator's answer as JSON instead of text")]
 Reason = Annotated[str, typer.Option(help="recorded in the audit log")]
 DEFAULT_URL = "http://127.0.0.1:8700"
 
 
+# A command's tries at an unreachable coordinator: about 4 s of backoff in all (0.25, 0.5, 1, 2 s,
+# jittered) before it gives up with one line, instead of a worker's patient 8 tries.
+CLI_RETRIES = 4
+
+
+def _checked_url(coordinator_url: str) -> str:
+    """The coordinator URL, or one line naming the option and the variable when it is not an
+    http(s) URL with a host (a typo is not a network blip: no retries)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(coordinator_url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as exc:
+        _fail(f"--coordinator / HILORA_COORDINATOR {coordinator_url!r} is not a URL ({exc}); "
+              f"expected e.g. {DEFAULT_URL}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        _fail(f"--coordinator / HILORA_COORDINATOR {coordinator_url!r} is not an http(s) URL with a host; "
+              f"expected e.g. {DEFAULT_URL}")
+    return coordinator_url
+
+
+def _unreachable(coordinator_url: str, exc: Exception) -> None:
+    _fail(f"cannot reach the coordinator at {coordinator_url} ({' '.join(str(exc).split())}); is it running "
+          f"(hilora coordinator)? Point --coordinator or HILORA_COORDINATOR at it", code=1)
+
+
 def _call(coordinator_url: str, request):  # noqa: ANN001, ANN202
     """``request(http)`` against the coordinator (a ``worker.client.CoordinatorClient``). An error
     answer ends the command with one line on stderr (status, the coordinator's ``error`` code and
-    ``detail``) and exit code 1; so does a coordinator that cannot be reached."""
+    ``detail``) and exit code 1; so does a coordinator that cannot be reached (after ``CLI_RETRIES``
+    tries) and, without any try, a URL that is not one."""
     from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 
-    with CoordinatorClient(coordinator_url) as http:
+    with CoordinatorClient(_checked_url(coordinator_url), max_retries=CLI_RETRIES) as http:
         try:
             return request(http)
         except CoordinatorError as exc:
             _fail(" ".join(str(exc).split()), code=1)
         except CoordinatorUnavailable as exc:
-            _fail(f"cannot reach the coordinator: {' '.join(str(exc).split())}", code=1)
+            _unreachable(coordinator_url, exc)
 
 
 def _show(as_json: bool, json_text: str, text: str) -> None:
@@ -564,7 +615,7 @@ def export_cmd(
     federation: Annotated[int, typer.Option(help="federation id")],
     client_name: Annotated[str, typer.Option("--client", help="name of a client the worker hosts")],
     out: Annotated[Path, typer.Option(help="where to write the model (safetensors)")],
-    coordinator_url: CoordinatorUrl = "http://127.0.0.1:8700",
+    coordinator_url: CoordinatorUrl = DEFAULT_URL,
     state_dir: Annotated[Path, typer.Option(help="the worker's state directory (credentials, leaf)")] = Path(
         "./hilora-worker-state"),
     leaf: Annotated[bool, typer.Option("--leaf/--no-leaf", help="merge the client's private leaf")] = True,
@@ -573,13 +624,13 @@ def export_cmd(
     from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
     from worker.export import export_client_model
 
-    with CoordinatorClient(coordinator_url) as client:
+    with CoordinatorClient(_checked_url(coordinator_url), max_retries=CLI_RETRIES) as client:
         try:
             result = export_client_model(client, state_dir, federation, client_name, out, include_leaf=leaf)
         except CoordinatorError as exc:
             _fail(f"coordinator refused: {exc}")
         except CoordinatorUnavailable as exc:
-            _fail(f"cannot reach the coordinator: {exc}")
+            _unreachable(coordinator_url, exc)
         except ValueError as exc:
             _fail(str(exc))
     typer.echo(json.dumps({"path": str(result.path), "sha256": result.sha256, "bytes": result.bytes,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 
 import pytest
@@ -86,6 +87,44 @@ def test_worker_says_when_the_coordinator_cannot_be_reached(tmp_path):
     proc = hilora("worker", "--coordinator", f"http://127.0.0.1:{port}", "--config", str(cfg), "--retries", "1",
                   "--state-dir", str(tmp_path / "state"))
     assert proc.returncode == 2 and "cannot reach the coordinator" in proc.stderr
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    proc = hilora("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"hilora {version('hilora')}"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_coordinator_is_one_line_after_a_short_wait_and_hilora_coordinator_is_read():
+    url = f"http://127.0.0.1:{_free_port()}"
+    started = time.monotonic()
+    proc = hilora("admin", "list", "--admin-token", "t", env={"HILORA_COORDINATOR": url})
+    waited = time.monotonic() - started
+    assert proc.returncode == 1 and proc.stdout == ""
+    # the URL came from HILORA_COORDINATOR; one line says what to do
+    assert proc.stderr.count("\n") == 1 and f"cannot reach the coordinator at {url}" in proc.stderr
+    assert "HILORA_COORDINATOR" in proc.stderr and "Traceback" not in proc.stderr
+    # 4 retries, backoff 0.25..2 s jittered: at most 3.75 s of sleeping, plus start-up
+    assert waited < 20, waited
+
+
+@pytest.mark.parametrize("url", ["htp://127.0.0.1:8700", "127.0.0.1:8700", "http://127.0.0.1:abc", "http://"])
+@pytest.mark.parametrize("command", [["admin", "list"], ["admin", "status", "--federation", "1"]])
+def test_a_malformed_coordinator_url_is_refused_at_once(url, command):
+    started = time.monotonic()
+    proc = hilora(*command, "--admin-token", "t", "--coordinator", url)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--coordinator / HILORA_COORDINATOR" in proc.stderr and repr(url) in proc.stderr
+    assert time.monotonic() - started < 20   # no retries: nothing was sent
 
 
 @pytest.mark.parametrize(("value", "message"), [
@@ -344,3 +383,12 @@ def test_admin_delete_needs_the_name(api, admin):
     code, out, err = admin("delete", "--federation", str(fid), "--confirm", "short-lived")
     assert code == 0 and out.startswith(f"federation {fid} short-lived deleted: 0 clients, 0 rounds, "), (out, err)
     one_error_line(*admin("status", "--federation", str(fid)), "404")
+
+
+def test_the_worker_refuses_a_malformed_coordinator_url_without_retrying(tmp_path):
+    cfg = tmp_path / "w.json"
+    cfg.write_text(json.dumps({"federation_id": 1, "enrollment_secret": "hle_x", "clients": [
+        {"name": "a", "data": {"partition": "tiny", "client": "upright-00"}}]}))
+    proc = hilora("worker", "--config", str(cfg), "--state-dir", str(tmp_path / "state"),
+                  env={"HILORA_COORDINATOR": "htp://127.0.0.1:8700"})
+    assert proc.returncode == 2 and "is not an http(s) URL" in proc.stderr and "Traceback" not in proc.stderr
