@@ -150,6 +150,7 @@ def admin(api, monkeypatch):
     against the in-process app, with its admin token."""
     class InProcess(worker.client.CoordinatorClient):
         def __init__(self, base_url: str, **kwargs) -> None:
+            kwargs.pop("max_retries", None)  # in process: nothing to retry
             super().__init__(base_url, transport=ThroughTestClient(api), max_retries=0, **kwargs)
 
     monkeypatch.setattr(worker.client, "CoordinatorClient", InProcess)
