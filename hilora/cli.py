@@ -658,7 +658,8 @@ def predict(
         typer.echo(json.dumps(rows, indent=1))
     else:
         for row in rows:
-            typer.echo(f"{row['file']}\t{row['class']}\t{row['probability']:.6f}")
+            name = f"{row['name']}\t" if "name" in row else ""
+            typer.echo(f"{row['file']}\t{row['class']}\t{name}{row['probability']:.6f}")
 
 
 @app.command("pretrain-demo-backbone")

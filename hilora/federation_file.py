@@ -66,6 +66,9 @@ class FederationFile(BaseModel):
     schedule: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     clustering: dict[str, Any] = Field(default_factory=dict)
+    classes: list[str] | None = Field(default=None, description=(
+        "class names in label order, one per output of the model's head (FederationConfig.classes); "
+        "needed when the clients hold ImageFolder data"))
 
 
 def load_federation_file(path: str | Path) -> FederationFile:
@@ -129,6 +132,7 @@ def build_federation_config(file: FederationFile) -> tuple[FederationConfig, byt
                              sha256=hashlib.sha256(checkpoint).hexdigest()).model_dump(),
         "manifest": manifest.model_dump(),
         "schedule": file.schedule, "training": file.training, "clustering": file.clustering,
+        "classes": file.classes,
     }
     for tier in ("root", "cluster", "leaf"):
         if getattr(file, tier) is not None:

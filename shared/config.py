@@ -345,6 +345,10 @@ class Backbone(BaseModel):
         return value
 
 
+MAX_CLASSES = 100_000
+MAX_CLASS_NAME = 200
+
+
 class FederationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -357,9 +361,38 @@ class FederationConfig(BaseModel):
     schedule: Schedule = Field(default_factory=Schedule)
     training: Training = Field(default_factory=Training)
     clustering: Clustering = Field(default_factory=Clustering)
+    classes: list[str] | None = Field(
+        default=None, max_length=MAX_CLASSES,
+        description="the federation's label space: class names in label order (label i is classes[i]), one per "
+                    "output of the model's head. Every worker maps its clients' data to it by name and refuses "
+                    "to start on a class it does not list or on data with no class in common (protocol 6). "
+                    "Needed for ImageFolder data, whose class folders differ between sites; built-in datasets "
+                    "(digits, mnist5k, cifar100, domainnet) carry their own list and may leave it null")
+
+    @field_validator("classes")
+    @classmethod
+    def _check_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("classes must name at least one class (or be null)")
+        for i, name in enumerate(value):
+            if not name or name != name.strip() or len(name) > MAX_CLASS_NAME or any(ord(ch) < 32 for ch in name):
+                raise ValueError(f"classes[{i}] {name[:60]!r}: a class name is 1 to {MAX_CLASS_NAME} printable "
+                                 f"characters without surrounding spaces")
+        seen: dict[str, int] = {}
+        for i, name in enumerate(value):
+            if name in seen:
+                raise ValueError(f"classes[{i}] {name!r} repeats classes[{seen[name]}]: class names are unique")
+            seen[name] = i
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "FederationConfig":
+        if self.classes is not None and len(self.classes) != self.manifest.head.num_classes:
+            raise ValueError(f"classes names {len(self.classes)} classes but the model's head has "
+                             f"{self.manifest.head.num_classes} outputs: give one name per output (the head's size "
+                             f"comes from the backbone, e.g. model_kwargs num_classes)")
         if self.leaf.head != "local" or {self.leaf.A, self.leaf.B} - {"local", "frozen"} or self.leaf.A != self.leaf.B:
             raise ValueError("the leaf tier is always local: its factors never leave the client; its A and B are "
                              "both 'local' (a personal LoRA and head) or both 'frozen' (a personal head only)")

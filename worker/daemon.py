@@ -181,6 +181,7 @@ class WorkerDaemon:
         self._busy = False
         self.slots: list[ClientSlot] = []
         self._runtime: tuple[FederationConfig, Any] | None = None
+        self._config_cache: FederationConfig | None = None
         self._adapter_cache: dict[int, dict] = {}
         self._data = data
 
@@ -195,6 +196,7 @@ class WorkerDaemon:
         """Host more clients from now on (registering each with the secret unless it has credentials),
         e.g. clients that join a federation that is already serving."""
         from worker.data import client_arrays, load_partition
+        from worker.labels import partition_class_names, to_federation_labels
 
         hosted = {slot.spec.name for slot in self.slots}
         for spec in specs:
@@ -202,8 +204,12 @@ class WorkerDaemon:
                 raise ValueError(f"client {spec.name} is already hosted by this worker")
             files = ClientFiles.of(self.state_dir, self.config.federation_id, spec.name)
             files.dir.mkdir(parents=True, exist_ok=True)
-            data = (self._data[spec.name] if self._data is not None
-                    else client_arrays(load_partition(spec.data.partition), spec.data.client))
+            partition = None
+            if self._data is not None:  # arrays given in process: already in the federation's label space
+                data = self._data[spec.name]
+            else:
+                partition = load_partition(spec.data.partition)
+                data = client_arrays(partition, spec.data.client)
             if spec.token is not None:
                 client_id, token = spec.client_id, spec.token
             elif files.credentials.exists():
@@ -216,6 +222,9 @@ class WorkerDaemon:
                 client_id, token = reg.client_id, reg.token
                 files.write_credentials(client_id, token, spec.name)
                 log.info("registered client %s as id %s", spec.name, client_id)
+            if partition is not None:  # before any task: its labels in the federation's label space
+                data = to_federation_labels(data, partition_class_names(partition),
+                                            self._federation_config(token).classes, partition, spec.name)
             self.slots.append(ClientSlot(spec=spec, client_id=client_id, token=token, files=files,
                                          data=None if self._data is not None else data))
             hosted.add(spec.name)
@@ -224,13 +233,19 @@ class WorkerDaemon:
         """The slot's arrays (from the ``data`` mapping when the daemon was given one)."""
         return self._data[slot.spec.name] if self._data is not None else slot.data
 
+    def _federation_config(self, token: str):  # noqa: ANN202
+        """The federation's config, fetched once per process."""
+        if self._config_cache is None:
+            self._config_cache = self.client.federation_config(self.config.federation_id, token)
+        return self._config_cache
+
     def _model(self, token: str):  # noqa: ANN202
         """The federation's model, built once per process and reused by every hosted client."""
         if self._runtime is None:
             from worker.backbone import build_backbone
             from worker.lora import TieredLoRAModel, check_manifest_matches
 
-            cfg = self.client.federation_config(self.config.federation_id, token)
+            cfg = self._federation_config(token)
             check_remote_model(cfg.backbone.model, cfg.backbone.model_kwargs,
                                allow_kwargs=self.config.allow_model_kwargs, allow_hub=self.config.allow_hub_models)
             checkpoint = self.client.backbone(self.config.federation_id, token, cfg.backbone.sha256)

@@ -18,8 +18,9 @@ size (an error names the first file that differs).
 
 Clients are the sub-folders of ``root`` (sorted; names of letters, digits, ``.``, ``_``, ``-``).
 Class names are the union of the class folders over every client and both splits, sorted, and a
-class's label is its position in that list, so labels agree across clients even when a client
-lacks some classes. Hidden entries (names starting with ``.``) are skipped; any other file that is
+class's label is its position in that list, so labels agree across the clients of one root even
+when a client lacks some classes; across machines the federation's ``classes`` fix them
+(``worker.labels`` maps these labels to the federation's by name). Hidden entries (names starting with ``.``) are skipped; any other file that is
 not a PNG/JPEG inside a class folder, or any file directly in ``train/``/``test/``, is an error.
 A client without ``train/`` or ``test/``, or without any image in one of them, is an error.
 ``train_indices``/``test_indices`` index the client's train/test files sorted by (label, name).

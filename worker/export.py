@@ -118,7 +118,8 @@ def export_client_model(client: CoordinatorClient, state_dir: str | os.PathLike,
     metadata = model_metadata(model=cfg.backbone.model, model_kwargs=cfg.backbone.model_kwargs,
                               tiers=list(tiers), versions=versions, federation_id=federation_id,
                               federation=cfg.name, client=client_name, client_id=client_id,
-                              local_factors=local or None, backbone_sha256=cfg.backbone.sha256)
+                              local_factors=local or None, backbone_sha256=cfg.backbone.sha256,
+                              classes=cfg.classes)
     body = pack_model(merged, metadata)
     atomic_write(out, body)
     return ExportResult(path=Path(out), sha256=hashlib.sha256(body).hexdigest(), bytes=len(body),
@@ -218,11 +219,13 @@ def predict_images(model, images: np.ndarray, batch_size: int = 256) -> tuple[np
 
 
 def predict_directory(model_path: str | os.PathLike, directory: str | os.PathLike) -> list[dict[str, Any]]:
-    """Predict every image of ``directory`` with a merged model file: ``[{file, class, probability}]``."""
-    model, _ = load_merged_model(model_path)
+    """Predict every image of ``directory`` with a merged model file: ``[{file, class, probability}]``,
+    plus ``name`` (the class's name) when the federation listed its classes."""
+    model, meta = load_merged_model(model_path)
     channels, size = model_input_spec(model)
     files = image_files(directory)
     x = np.stack([load_image(f, channels, size) for f in files])
     classes, probabilities = predict_images(model, x)
-    return [{"file": f.name, "class": int(c), "probability": float(p)}
+    names = meta.get("classes")
+    return [{"file": f.name, "class": int(c), **({"name": names[int(c)]} if names else {}), "probability": float(p)}
             for f, c, p in zip(files, classes, probabilities)]

@@ -179,3 +179,35 @@ def test_fedsa_configuration_keeps_b_on_the_workers(tmp_path, demo_backbone):
         assert roots and all(float(abs(v).max()) == 0.0 for r in roots for k, v in r.items() if k.endswith("lora_B"))
     finally:
         cluster.stop()
+
+
+def test_worker_with_a_class_the_federation_does_not_list_stops_in_one_line(tmp_path):
+    """``hilora worker`` on ImageFolder data holding a class outside the federation's ``classes``:
+    exit 2 and one line naming the class, before any task is leased."""
+    import hashlib
+
+    from conftest import ADMIN_TOKEN, tiny_checkpoint, tiny_config
+    from support.datasets import imagefolder_site
+
+    partition = imagefolder_site(tmp_path / "site", "site-a", {"train": {"cat": 1, "fox": 1}, "test": {"cat": 1}})
+    cluster = LocalCluster(tmp_path / "run", admin_token=ADMIN_TOKEN)
+    try:
+        cluster.start_coordinator()
+        with CoordinatorClient(cluster.url) as client:
+            data = tiny_checkpoint()
+            sha = client.put_blob(ADMIN_TOKEN, data)
+            assert sha == hashlib.sha256(data).hexdigest()
+            created = client.request("POST", "/v1/federations", ADMIN_TOKEN, json={"config": tiny_config(
+                "classes", sha, classes=["cat", "dog", "eel"], schedule={"min_clients": 1})}).json()
+            fid, secret = created["federation_id"], created["enrollment_secret"]
+            proc = cluster.start_worker("w", {"federation_id": fid, "enrollment_secret": secret, "clients": [
+                {"name": "site-a", "data": {"partition": str(partition), "client": "site-a"}}]})
+            proc.wait(timeout=120)
+            log = cluster.tail("w.log")
+            assert proc.returncode == 2, log
+            assert "error: client site-a holds classes the federation does not list: 'fox'" in log
+            assert "Traceback" not in log
+            rows = client.request("GET", f"/v1/federations/{fid}/clients", ADMIN_TOKEN).json()
+            assert [r["tasks_done"] for r in rows] == [0]
+    finally:
+        cluster.stop()

@@ -88,7 +88,9 @@ def test_export_then_predict_gives_the_workers_predictions(tmp_path, demo_backbo
     clients = [c for c in partition_clients(load_partition("tiny")) if not c.unseen]
     cluster = LocalCluster(tmp_path / "run")
     try:
-        fid = _run_to_serving(cluster, _federation_file(len(clients)), clients, workers=2)
+        doc = _federation_file(len(clients))
+        doc["classes"] = [str(d) for d in range(10)]   # the digits' own names: the export carries them
+        fid = _run_to_serving(cluster, doc, clients, workers=2)
         with CoordinatorClient(cluster.url) as client:
             status = client.federation_status(cluster.admin_token, fid)
             report = client.federation_report(cluster.admin_token, fid)
@@ -113,13 +115,15 @@ def test_export_then_predict_gives_the_workers_predictions(tmp_path, demo_backbo
             probs = torch.softmax(worker_model(torch.from_numpy(decoded)), dim=1)
         expected_p, expected_c = probs.max(dim=1)
         assert [r["class"] for r in rows] == expected_c.tolist()
+        assert [r["name"] for r in rows] == [str(c) for c in expected_c.tolist()]
         np.testing.assert_allclose([r["probability"] for r in rows], expected_p.numpy(), atol=1e-4)
         text = _invoke("predict", "--model", str(out), "--images", str(images)).strip().splitlines()
-        assert [line.split("\t")[:2] for line in text] == [[r["file"], str(r["class"])] for r in rows]
+        assert [line.split("\t")[:3] for line in text] == [[r["file"], str(r["class"]), r["name"]] for r in rows]
 
         # on the client's whole test set the merged model scores what the worker reported for its leaf
         merged, meta = load_merged_model(out)
         assert meta["client"] == CLIENT and meta["tiers"] == ["root", "cluster", "leaf"]
+        assert meta["classes"] == [str(d) for d in range(10)]
         classes, _ = predict_images(merged, data.x_test)
         reported = next(c for c in report.clients if c.name == CLIENT)
         assert abs(float((classes == data.y_test).mean()) - reported.metrics["acc_leaf"]) <= 1.5 / len(data.y_test)

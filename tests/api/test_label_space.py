@@ -1,0 +1,80 @@
+"""A worker starting on ImageFolder data in a federation with ``classes`` (issue 17), against the
+real app: its clients' labels are mapped by name before any task; a site holding a class the
+federation does not list stops the worker with that message before it leases anything; the
+federation's classes are in its config, and a federation file without them is refused for
+ImageFolder data at worker start, not silently trained."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import admin_headers, create_federation, tick
+from test_fake_worker import ThroughTestClient
+from support.datasets import RED
+from support.datasets import imagefolder_site as site
+
+from worker.client import CoordinatorClient
+from worker.daemon import WorkerConfig, WorkerDaemon
+
+pytestmark = pytest.mark.api
+
+CLASSES = ["eel", "dog", "cat"]
+
+
+def daemon(api, tmp_path, fid, secret, clients: dict[str, str]) -> WorkerDaemon:
+    http = CoordinatorClient(str(api.base_url), transport=ThroughTestClient(api), max_retries=0)
+    config = WorkerConfig(federation_id=fid, enrollment_secret=secret, clients=[
+        {"name": name, "data": {"partition": str(spec), "client": name}} for name, spec in clients.items()])
+    return WorkerDaemon(http, config, tmp_path / "state")
+
+
+def task_statuses(app, fid) -> list[str]:
+    from sqlalchemy import select
+
+    from coordinator.models import Task
+
+    with app.state.session_factory() as session:
+        return list(session.scalars(select(Task.status).where(Task.federation_id == fid)))
+
+
+def test_sites_are_mapped_to_the_federations_classes_before_any_task(api, app, tmp_path):
+    fid, secret = create_federation(api, classes=CLASSES, schedule={"min_clients": 5})
+    assert api.get(f"/v1/federations/{fid}/config", headers=admin_headers()).json()["classes"] == CLASSES
+    a = site(tmp_path / "machine-a", "site-a", {"train": {"cat": 2, "dog": 1}, "test": {"cat": 1}})
+    b = site(tmp_path / "machine-b", "site-b", {"train": {"dog": 1, "eel": 2}, "test": {"eel": 1}})
+    worker = daemon(api, tmp_path, fid, secret, {"site-a": a, "site-b": b})
+    worker.setup()
+    by_name = {slot.spec.name: worker.client_data(slot) for slot in worker.slots}
+    assert by_name["site-a"].y_train.tolist() == [2, 2, 1] and by_name["site-a"].y_test.tolist() == [2]
+    assert by_name["site-b"].y_train.tolist() == [1, 0, 0] and by_name["site-b"].y_test.tolist() == [0]
+    for data in by_name.values():
+        for x, y in zip(data.x_train, data.y_train):
+            assert x[0].max() * 255 == pytest.approx(RED[CLASSES[int(y)]])
+
+
+def test_a_site_with_an_unknown_class_stops_the_worker_before_any_lease(api, app, tmp_path):
+    fid, secret = create_federation(api, classes=CLASSES, schedule={"min_clients": 1})
+    good = site(tmp_path / "machine-a", "site-a", {"train": {"cat": 1}, "test": {"cat": 1}})
+    bad = site(tmp_path / "machine-b", "site-b", {"train": {"dog": 1, "fox": 1}, "test": {"dog": 1}})
+    worker = daemon(api, tmp_path, fid, secret, {"site-a": good, "site-b": bad})
+    with pytest.raises(ValueError, match="client site-b holds classes the federation does not list: 'fox'"):
+        worker.setup()
+    tick(app)   # the clients registered (a federation of min_clients 1 starts): their tasks wait, unleased
+    statuses = task_statuses(app, fid)
+    assert statuses and set(statuses) == {"pending"}
+
+
+def test_imagefolder_data_in_a_federation_without_classes_is_refused(api, app, tmp_path):
+    fid, secret = create_federation(api, schedule={"min_clients": 1})
+    assert api.get(f"/v1/federations/{fid}/config", headers=admin_headers()).json()["classes"] is None
+    a = site(tmp_path / "machine-a", "site-a", {"train": {"cat": 1}, "test": {"cat": 1}})
+    with pytest.raises(ValueError, match="federation lists no classes"):
+        daemon(api, tmp_path, fid, secret, {"site-a": a}).setup()
+
+
+def test_classes_that_do_not_match_the_head_are_refused_at_creation(api):
+    from conftest import tiny_config, upload_backbone
+
+    sha = upload_backbone(api)
+    r = api.post("/v1/federations", json={"config": tiny_config("x", sha, classes=["a", "b"])},
+                 headers=admin_headers())
+    assert r.status_code == 422 and "head has 3 outputs" in r.text
