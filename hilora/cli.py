@@ -846,7 +846,7 @@ def bench(
     data_root: Annotated[Optional[Path], typer.Option(
         help="the data folder of --paper or of a disk partition (replaces the partition's root)")] = None,
     model: Annotated[Optional[str], typer.Option(
-        help="timm model name (default: the demo backbone; with --paper: vit_base_patch16_224)")] = None,
+        help="timm model name (default: the demo backbone; with --paper: vit_base_patch16_224.augreg_in21k, ViT-B/16 on ImageNet-21k as in the paper)")] = None,
     model_kwargs: Annotated[Optional[str], typer.Option(
         help="JSON object of extra timm model arguments (num_classes, img_size and in_chans come from the data)")
     ] = None,

@@ -20,7 +20,9 @@ from hilora.options import RunOptions
 
 # The paper's set-ups (partition fields; ``root`` comes from ``--data-root``), run on ViT-B/16 with
 # rank-8 tiers. The unseen fraction (10 % of each group) is ours: the paper does not say how many.
-PAPER_MODEL = "vit_base_patch16_224"
+# The paper fine-tunes ViT-B/16 pretrained on ImageNet-21k: timm's tag for those weights, so that
+# ``--checkpoint pretrained`` loads them and not the untagged name's default (21k fine-tuned on 1k).
+PAPER_MODEL = "vit_base_patch16_224.augreg_in21k"
 PAPER_RANK = 8
 PAPER_PARTITIONS: dict[str, dict[str, Any]] = {
     "cifar100-scdir": {"dataset": "cifar100", "scheme": "scdir", "clients": 100, "superclass_groups": 3,

@@ -159,3 +159,31 @@ def test_images_that_do_not_fit_the_backbone_are_refused(tmp_path, cifar_partiti
         bench.check_partition_data(str(cifar_partition), model="no_such_vit")
     with pytest.raises(ValueError, match="reads no folder"):
         bench.check_partition("demo", None, str(tmp_path))
+
+
+def test_the_paper_backbone_is_vit_b16_on_imagenet_21k_and_pretrained_asks_timm_for_that_tag(
+        tmp_path, cifar_partition, monkeypatch):
+    """The tag's resolution, not the download (no network here): timm knows the tag, its weights are
+    ImageNet-21k's (21,843 classes, not fine-tuned on 1k), and --checkpoint pretrained passes it on."""
+    import timm
+
+    assert bench.PAPER_MODEL == "vit_base_patch16_224.augreg_in21k"
+    assert bench.PAPER_MODEL in timm.list_pretrained("vit_base_patch16_224*")
+    cfg = timm.models.get_pretrained_cfg(bench.PAPER_MODEL)
+    assert cfg.num_classes == 21843 and "in21k" in cfg.tag and "ft" not in cfg.tag
+    default = timm.models.get_pretrained_cfg("vit_base_patch16_224")
+    assert default.num_classes == 1000   # the untagged name would have been 1k-fine-tuned weights
+    asked = []
+
+    def fake_create_model(name, pretrained=False, **kwargs):
+        asked.append((name, pretrained))
+        raise RuntimeError("no network in tests")
+
+    monkeypatch.setattr(timm, "create_model", fake_create_model)
+    from worker.data import partition_clients
+
+    spec = load_partition(cifar_partition)
+    sample = client_arrays(spec, partition_clients(spec)[0].name)
+    with pytest.raises(ValueError, match="timm could not load vit_base_patch16_224.augreg_in21k's weights"):
+        bench.bench_backbone(_opts(tmp_path, checkpoint="pretrained", paper="cifar100-gldir"), spec, sample)
+    assert asked == [("vit_base_patch16_224.augreg_in21k", True)]
