@@ -175,6 +175,12 @@ class Training(BaseModel):
 
     lr: float = Field(default=3e-3, gt=0)
     head_lr: float = Field(default=3e-3, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        default="auto",
+        description="the arithmetic of training and evaluation (autocast; the factors, the optimizer and every "
+                    "upload stay float32): 'auto' lets each worker choose by its device (CUDA: bf16 where the GPU "
+                    "supports it, else fp16 with loss scaling; CPU: fp32), 'fp32', 'bf16' (also on CPU), 'fp16' "
+                    "(CUDA only: a CPU worker refuses to start)")
     weight_decay: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=32, ge=1)
     gamma_c: float = Field(default=0.1, ge=0)

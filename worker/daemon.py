@@ -225,6 +225,7 @@ class WorkerDaemon:
             if partition is not None:  # before any task: its labels in the federation's label space
                 data = to_federation_labels(data, partition_class_names(partition),
                                             self._federation_config(token).classes, partition, spec.name)
+            self._check_precision(token)
             self.slots.append(ClientSlot(spec=spec, client_id=client_id, token=token, files=files,
                                          data=None if self._data is not None else data))
             hosted.add(spec.name)
@@ -232,6 +233,13 @@ class WorkerDaemon:
     def client_data(self, slot: ClientSlot) -> Any:
         """The slot's arrays (from the ``data`` mapping when the daemon was given one)."""
         return self._data[slot.spec.name] if self._data is not None else slot.data
+
+    def _check_precision(self, token: str) -> None:
+        """Refuse to start on a device that cannot train in the federation's precision (fp16 on a
+        CPU), before any task is leased."""
+        from worker.train import resolve_precision
+
+        resolve_precision(self._federation_config(token).training.precision, self.device)
 
     def _federation_config(self, token: str):  # noqa: ANN202
         """The federation's config, fetched once per process."""
@@ -365,13 +373,20 @@ class WorkerDaemon:
         from worker.train import (
             TrainingStopped,
             add_alone_candidate,
+            autocast,
             evaluate_with_selection,
             mean_loss,
+            resolve_precision,
             split_validation,
             train_tier,
         )
 
         cfg, model = self._model(slot.token)
+        precision = resolve_precision(task.training.precision, self.device)
+
+        def amp():  # noqa: ANN202 - forward passes only (training autocasts inside train_tier)
+            return autocast(self.device, precision)
+
         split = split_validation(self.client_data(slot), validation_fraction(cfg),
                                  task_seed(cfg.training.seed, "validation", slot.spec.name))
         data = split.fit if split is not None else self.client_data(slot)
@@ -393,11 +408,13 @@ class WorkerDaemon:
         if task.stage == "refine":
             # the loss of the root and of root + each candidate cluster adapter on this client's
             # training data: forward passes only, nothing trained or uploaded
-            losses = {refine_metric(None): mean_loss(model, data.x_train, data.y_train, ("root",), self.device)}
+            with amp():
+                losses = {refine_metric(None): mean_loss(model, data.x_train, data.y_train, ("root",), self.device)}
             for candidate in task.candidates:
                 model.load_tier("cluster", self._adapter(candidate.adapter, slot.token))
-                losses[refine_metric(candidate.cluster_id)] = mean_loss(
-                    model, data.x_train, data.y_train, ("root", "cluster"), self.device)
+                with amp():
+                    losses[refine_metric(candidate.cluster_id)] = mean_loss(
+                        model, data.x_train, data.y_train, ("root", "cluster"), self.device)
             losses["refine_seconds"] = time.monotonic() - t0
             if not self.report(slot, task, None, losses, num_samples=len(data.y_train)):
                 return {}
@@ -410,10 +427,12 @@ class WorkerDaemon:
             if slot.files.leaf.exists():
                 model.load_tier("leaf", unpack_tensors(slot.files.leaf.read_bytes()))
                 tiers.append("leaf")
-            evaluated = evaluate_with_selection(model, data, tuple(tiers), split, self.device)
+            with amp():
+                evaluated = evaluate_with_selection(model, data, tuple(tiers), split, self.device)
             if slot.files.alone.exists() and split is not None:  # trained at its first leaf task
                 model.load_tier("root", unpack_tensors(slot.files.alone.read_bytes()))
-                add_alone_candidate(evaluated, model, data, split, self.device)
+                with amp():
+                    add_alone_candidate(evaluated, model, data, split, self.device)
             evaluated["eval_seconds"] = time.monotonic() - t0
             if not self.report(slot, task, None, evaluated, num_samples=len(data.y_train)):
                 return {}
@@ -431,9 +450,10 @@ class WorkerDaemon:
         metrics: dict[str, float] = {}
         if tier in ("root", "cluster") and task.stage != "probe":
             # accuracy of the adapter as received: the federation's model on this client's data
-            metrics.update(evaluate_with_selection(model, data, tuple(tiers), split, self.device))
-        log.info("client %s: training task %s (%s round %s, %s)", slot.spec.name, task.task_id, task.stage,
-                 task.round_number, f"{task.steps} steps" if task.steps else f"{task.epochs} epochs")
+            with amp():
+                metrics.update(evaluate_with_selection(model, data, tuple(tiers), split, self.device))
+        log.info("client %s: training task %s (%s round %s, %s, %s)", slot.spec.name, task.task_id, task.stage,
+                 task.round_number, f"{task.steps} steps" if task.steps else f"{task.epochs} epochs", precision)
         scale = task.training.leaf_lr_scale if tier == "leaf" else 1.0
         try:
             train_metrics = train_tier(
@@ -443,7 +463,7 @@ class WorkerDaemon:
                 seed=task_seed(task.training.seed, task.stage, task.round_number, slot.spec.name),
                 trainable=tuple(task.trainable), device=self.device,
                 should_stop=lambda: hb.lost is not None or self.past_grace(),
-                steps=task.steps, class_balanced=task.loss == "balanced")
+                steps=task.steps, class_balanced=task.loss == "balanced", precision=precision)
         except TrainingStopped:
             self._stopped(slot, task, hb)
             return {}
@@ -452,11 +472,12 @@ class WorkerDaemon:
             return {}
         metrics.update({k: float(v) for k, v in train_metrics.items()})
         if tier == "leaf":
-            metrics.update(evaluate_with_selection(model, data, tuple(tiers), split, self.device))
+            with amp():
+                metrics.update(evaluate_with_selection(model, data, tuple(tiers), split, self.device))
             atomic_write(slot.files.leaf, pack_tensors(model.export_tier("leaf")))
             if cfg.training.alone_epochs and split is not None:
                 try:
-                    self._alone_candidate(slot, cfg, model, data, split, metrics, hb)
+                    self._alone_candidate(slot, cfg, model, data, split, metrics, hb, precision)
                 except TrainingStopped:
                     self._stopped(slot, task, hb)
                     return {}
@@ -480,12 +501,12 @@ class WorkerDaemon:
             self._release(slot, task, "stopping: it did not finish within the grace period")
 
     def _alone_candidate(self, slot: ClientSlot, cfg: Any, model: Any, data: Any, split: Any,
-                         metrics: dict[str, float], hb: Heartbeater) -> None:
+                         metrics: dict[str, float], hb: Heartbeater, precision: str = "fp32") -> None:
         """``training.alone_epochs``: the model this client trains by itself (a fresh root-shaped LoRA
         and head on its fit part, trained once, at its first leaf task, and kept in its state
         directory) joins the candidates it chooses from on its validation part. It is loaded into
         the model's root slot, which every task loads afresh from the coordinator's version."""
-        from worker.train import add_alone_candidate, train_tier
+        from worker.train import add_alone_candidate, autocast, train_tier
 
         if slot.files.alone.exists():
             model.load_tier("root", unpack_tensors(slot.files.alone.read_bytes()))
@@ -497,10 +518,11 @@ class WorkerDaemon:
                        weight_decay=cfg.training.weight_decay, gamma_c=0.0, gamma_l=0.0,
                        seed=task_seed(cfg.training.seed, "alone-train", slot.spec.name),
                        trainable=("A", "B", "head"), device=self.device,
-                       should_stop=lambda: hb.lost is not None or self.past_grace())
+                       should_stop=lambda: hb.lost is not None or self.past_grace(), precision=precision)
             atomic_write(slot.files.alone, pack_tensors(model.export_tier("root")))
             metrics["alone_train_seconds"] = time.monotonic() - t0
-        add_alone_candidate(metrics, model, data, split, self.device)
+        with autocast(self.device, precision):
+            add_alone_candidate(metrics, model, data, split, self.device)
 
     def report(self, slot: ClientSlot, task: TaskAssignment, body: bytes | None, metrics: dict[str, float],
                num_samples: int | None = None) -> bool:

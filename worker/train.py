@@ -6,6 +6,7 @@ function of the model state, the data and the seed on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -30,6 +31,37 @@ def tiers_up_to(tier: str) -> tuple[str, ...]:
     return TIERS[: TIERS.index(tier) + 1]
 
 
+def resolve_precision(requested: str, device: str | torch.device) -> str:
+    """The precision a worker trains in on ``device`` for ``training.precision`` = ``requested``:
+    'auto' is bf16 on a CUDA device that supports it, fp16 on one that does not, fp32 on a CPU.
+
+    Raises:
+        ValueError: fp16 off CUDA (its loss scaling is CUDA's), bf16 on a GPU without it, or an
+            unknown precision.
+    """
+    kind = torch.device(device).type
+    if requested == "auto":
+        if kind == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "fp32"
+    if requested == "fp16" and kind != "cuda":
+        raise ValueError(f"training.precision 'fp16' needs a CUDA device (loss scaling is CUDA's); this worker "
+                         f"trains on {device}: the federation can use 'auto', 'bf16' or 'fp32'")
+    if requested == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"training.precision 'bf16': the GPU {device} does not support bfloat16; use 'auto' or 'fp16'")
+    if requested not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"unknown training.precision {requested!r} (auto, fp32, bf16, fp16)")
+    return requested
+
+
+def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast context of ``precision`` on ``device`` (nothing for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type,
+                          dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def _as_tensor(array: object, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array.to(device=device, dtype=dtype)
@@ -40,7 +72,7 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
                batch_size: int, weight_decay: float, gamma_c: float, gamma_l: float, seed: int,
                trainable: Sequence[str] = ("A", "B", "head"), device: str | torch.device = "cpu",
                should_stop: Callable[[], bool] | None = None, steps: int | None = None,
-               class_balanced: bool = False) -> dict[str, float | int]:
+               class_balanced: bool = False, precision: str = "fp32") -> dict[str, float | int]:
     """Train the ``trainable`` factors of ``tier`` on ``data.x_train``/``data.y_train``.
 
     Active tiers are all tiers up to and including ``tier``; everything else is frozen. AdamW with
@@ -52,6 +84,8 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
     many optimizer steps, the data cycled in freshly shuffled passes (the last one cut short).
     ``class_balanced`` weights each sample's cross entropy by ``n / (k * count[class])`` (``k``:
     the classes the client holds), so every class the client holds weighs the same in the loss.
+    ``precision`` ('fp32', 'bf16', 'fp16'; see ``resolve_precision``): forward passes and the loss
+    run under autocast; parameters, gradients and the optimizer stay float32; fp16 scales the loss.
 
     Returns:
         ``{"train_loss": mean loss over the last epoch's samples, "steps": optimizer steps}``.
@@ -85,6 +119,7 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
     optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(int(seed))
     weight: torch.Tensor | None = None
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     batches = -(-n // batch_size)
     passes = epochs if steps is None else -(-steps // batches)
     budget = passes * batches if steps is None else steps
@@ -101,14 +136,20 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
                 if should_stop is not None and should_stop():
                     raise TrainingStopped(f"stopped after {done} steps")
                 index = order[start:start + batch_size]
-                logits = model(x[index])
-                if class_balanced and weight is None:
-                    weight = _class_weights(y, int(logits.shape[1]))
-                loss = (F.cross_entropy(logits, y[index], weight=weight)
-                        + model.orthogonality_loss(tier, gamma_c, gamma_l))
+                with autocast(device, precision):
+                    logits = model(x[index])
+                    if class_balanced and weight is None:
+                        weight = _class_weights(y, int(logits.shape[1]))
+                    loss = (F.cross_entropy(logits.float(), y[index], weight=weight)
+                            + model.orthogonality_loss(tier, gamma_c, gamma_l).float())
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
                 done += 1
                 seen += int(index.shape[0])
                 total += loss.detach() * index.shape[0]

@@ -312,3 +312,49 @@ def test_evaluate_with_selection_reports_the_chosen_models_test_accuracy():
     chosen = ("root", "cluster", "leaf")[int(metrics["selected"])]
     assert validation[chosen] == max(validation.values())
     assert metrics["acc_selected"] == metrics[f"acc_{chosen}"]
+
+
+# --------------------------------------------------------------------------- precision (issue 17)
+
+def test_precision_is_resolved_by_device():
+    from worker.train import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="unknown training.precision 'fp8'"):
+        resolve_precision("fp8", "cpu")
+
+
+def test_bf16_autocast_on_cpu_trains_float32_factors_close_to_fp32():
+    """bf16 autocast (forward passes and the loss): the factors, their gradients and the optimizer
+    stay float32, and the trained model computes what the fp32 one does up to bf16 round-off.
+    Compared on the function, not the factors: from B = 0 and near-zero gradients Adam's
+    normalised steps magnify round-off in single entries (up to 12 % of a factor's norm measured)
+    while the logits agree. Measured over 6 seeds: logits within 0.08-0.73 % (bf16's unit
+    round-off is 0.39 %), training loss within 2e-4 relative; bounds at about 4x that."""
+    for seed in (0, 4):
+        data = small_data(seed=seed)
+        fp32, bf16 = small_model(seed), small_model(seed)
+        out32 = _train(fp32, data=data)
+        out16 = _train(bf16, data=data, precision="bf16")
+        assert out16["steps"] == out32["steps"] == 6
+        assert all(v.dtype == np.float32 and np.all(np.isfinite(v)) for v in bf16.export_tier("root").values())
+        assert all(p.dtype == torch.float32 for p in bf16.parameters())
+        assert abs(out16["train_loss"] - out32["train_loss"]) < 1e-3 * out32["train_loss"]
+        x = torch.from_numpy(data.x_train)
+        with torch.no_grad():
+            fp32.set_active_tiers(("root",))
+            bf16.set_active_tiers(("root",))
+            a, b = fp32(x), bf16(x)
+        rel = float((a - b).norm() / a.norm())
+        assert 0 < rel < 0.03, rel   # > 0: autocast was on, not bit for bit fp32
+
+
+def test_fp32_training_is_unchanged_by_the_precision_option():
+    m1, m2 = small_model(), small_model()
+    _train(m1)
+    _train(m2, precision="fp32")
+    for name, value in m1.export_tier("root").items():
+        np.testing.assert_array_equal(value, m2.export_tier("root")[name])

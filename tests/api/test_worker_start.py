@@ -1,5 +1,6 @@
-"""A worker starting on ImageFolder data in a federation with ``classes`` (issue 17), against the
-real app: its clients' labels are mapped by name before any task; a site holding a class the
+"""What a worker checks when it starts hosting clients, before it asks for any task (issue 17),
+against the real app: the label space and the precision. A worker starting on ImageFolder data in a
+federation with ``classes``: its clients' labels are mapped by name before any task; a site holding a class the
 federation does not list stops the worker with that message before it leases anything; the
 federation's classes are in its config, and a federation file without them is refused for
 ImageFolder data at worker start, not silently trained."""
@@ -7,7 +8,7 @@ ImageFolder data at worker start, not silently trained."""
 from __future__ import annotations
 
 import pytest
-from conftest import admin_headers, create_federation, tick
+from conftest import admin_headers, create_federation, tick, tiny_config
 from test_fake_worker import ThroughTestClient
 from support.datasets import RED
 from support.datasets import imagefolder_site as site
@@ -72,9 +73,23 @@ def test_imagefolder_data_in_a_federation_without_classes_is_refused(api, app, t
 
 
 def test_classes_that_do_not_match_the_head_are_refused_at_creation(api):
-    from conftest import tiny_config, upload_backbone
+    from conftest import upload_backbone
 
     sha = upload_backbone(api)
     r = api.post("/v1/federations", json={"config": tiny_config("x", sha, classes=["a", "b"])},
                  headers=admin_headers())
     assert r.status_code == 422 and "head has 3 outputs" in r.text
+
+
+def test_a_cpu_worker_refuses_a_federation_in_fp16_before_any_lease(api, app, tmp_path):
+    """training.precision fp16 needs CUDA: a worker on a CPU stops at start with that message (the
+    same check as the label space: after registering, before asking for work)."""
+    fid, secret = create_federation(api, schedule={"min_clients": 1}, training={"precision": "fp16"})
+    worker = daemon(api, tmp_path, fid, secret, {"upright-00": "tiny"})
+    with pytest.raises(ValueError, match="'fp16' needs a CUDA device"):
+        worker.setup()
+    tick(app)
+    assert set(task_statuses(app, fid)) == {"pending"}
+    r = api.post("/v1/federations", json={"config": tiny_config("bad", "0" * 64, training={"precision": "fp8"})},
+                 headers=admin_headers())
+    assert r.status_code == 422 and "precision" in r.text
