@@ -10,16 +10,17 @@ the ids too.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import datetime, timezone
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.logformat import JsonFormatter as SharedJsonFormatter
+from shared.logformat import json_to_stderr
 
 REQUEST_ID_HEADER = "X-Request-Id"
 CONTEXT_FIELDS = ("request_id", "federation_id", "round_id", "task_id", "client_id")
@@ -56,20 +57,12 @@ def log_context(**ids: str | int | None) -> Iterator[None]:
             var.reset(token)
 
 
-class JsonFormatter(logging.Formatter):
-    """``{"time", "level", "logger", "message", ...ids, "exception"?}`` on one line."""
+class JsonFormatter(SharedJsonFormatter):
+    """``{"time", "level", "logger", "message", ...ids, "exception"?}`` on one line, with the ids of
+    ``current_context``."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        entry.update(current_context())
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+    def __init__(self) -> None:
+        super().__init__(current_context)
 
 
 def configure_logging(log_format: str, level: str = "info") -> None:
@@ -78,13 +71,7 @@ def configure_logging(log_format: str, level: str = "info") -> None:
     ``text``: leave logging as uvicorn sets it up."""
     if log_format != "json":
         return
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
+    json_to_stderr(level, current_context)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logger = logging.getLogger(name)
         logger.handlers.clear()

@@ -126,11 +126,28 @@ def worker(
     grace_seconds: Annotated[float, typer.Option(
         min=0, help="on SIGTERM/SIGINT, let a running task finish if it does within this many seconds; "
                     "else (or on a second signal) release its lease and exit")] = 30.0,
-    log_level: Annotated[str, typer.Option()] = "info",
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error or critical")] = "info",
+    log_format: Annotated[Optional[str], typer.Option(
+        help="'text' or 'json' (one JSON object per line, with the task and client of each line); "
+             "default: HILORA_LOG_FORMAT, else text")] = None,
 ) -> None:
     """Run a worker daemon for the clients listed in --config (exit 0 after a clean stop)."""
+    from shared.logformat import check_log_settings, json_to_stderr
+
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    source = "--log-format" if log_format is not None else "HILORA_LOG_FORMAT"
+    log_format = log_format if log_format is not None else os.environ.get("HILORA_LOG_FORMAT", "text")
+    try:
+        check_log_settings(log_format, "info", source)
+        check_log_settings("text", log_level, "--log-level")
+    except ValueError as exc:
+        _fail(str(exc))
+    if log_format == "json":
+        from worker.daemon import log_fields
+
+        json_to_stderr(log_level, log_fields)
+    else:
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     import socket
 
     from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable

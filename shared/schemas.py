@@ -551,6 +551,10 @@ class WorkerRow(BaseModel):
     tasks_done: int
     tasks_failed: int
     last_finished_at: datetime | None
+    task_seconds: dict[str, float] = Field(default_factory=dict, description=(
+        "median seconds per task by phase (data, fetch, compute, eval, upload: the time_<phase> metrics its "
+        "tasks reported) over its newest done tasks of this federation (at most 100); phases no task reported "
+        "are left out"))
 
 
 class WorkersView(BaseModel):

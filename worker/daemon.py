@@ -19,12 +19,14 @@ and then the result is dropped. Either way the daemon goes on polling. A heartbe
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +110,36 @@ class ClientSlot:
     files: ClientFiles
     data: Any = None   # the client's arrays; None when the daemon was given a ``data`` mapping
     last_state: str = "waiting"
+
+
+_task_context: ContextVar[dict[str, object]] = ContextVar("hilora_worker_task", default={})
+
+
+def log_fields() -> dict[str, object]:
+    """The task being run in this thread (federation, task, client ids, client name, stage): the
+    context of the worker's JSON log lines (``hilora worker --log-format json``)."""
+    return dict(_task_context.get())
+
+
+class PhaseTimer:
+    """Seconds a task spends per phase, reported with its metrics as ``time_<phase>``: ``data`` (the
+    client's arrays and validation split), ``fetch`` (adapters downloaded and loaded), ``compute``
+    (training: forward and backward passes), ``eval`` (evaluations and refine losses), ``upload``
+    (the upload request). The dashboard's workers table shows their medians per worker."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time_{phase}": seconds for phase, seconds in self.seconds.items()}
 
 
 def task_seed(base: int, *parts: object) -> int:
@@ -366,8 +398,13 @@ class WorkerDaemon:
     def execute(self, slot: ClientSlot, task: TaskAssignment) -> dict[str, float]:
         """Run one task for one hosted client and report it. Returns its metrics ({} when the
         task was given up or its result dropped)."""
-        with Heartbeater(self.client, slot.token, task) as hb:
-            return self._execute(slot, task, hb)
+        token = _task_context.set({"federation_id": self.config.federation_id, "task_id": task.task_id,
+                                   "client_id": slot.client_id, "client": slot.spec.name, "stage": task.stage})
+        try:
+            with Heartbeater(self.client, slot.token, task) as hb:
+                return self._execute(slot, task, hb)
+        finally:
+            _task_context.reset(token)
 
     def _execute(self, slot: ClientSlot, task: TaskAssignment, hb: Heartbeater) -> dict[str, float]:
         from worker.train import (
@@ -384,38 +421,45 @@ class WorkerDaemon:
         cfg, model = self._model(slot.token)
         precision = resolve_precision(task.training.precision, self.device)
 
-        def amp():  # noqa: ANN202 - forward passes only (training autocasts inside train_tier)
-            return autocast(self.device, precision)
+        timer = PhaseTimer()
 
-        split = split_validation(self.client_data(slot), validation_fraction(cfg),
-                                 task_seed(cfg.training.seed, "validation", slot.spec.name))
-        data = split.fit if split is not None else self.client_data(slot)
+        @contextlib.contextmanager
+        def evaluating() -> Iterator[None]:  # forward passes only (training autocasts inside train_tier)
+            with timer("eval"), autocast(self.device, precision):
+                yield
+
         t0 = time.monotonic()
+        with timer("data"):
+            split = split_validation(self.client_data(slot), validation_fraction(cfg),
+                                     task_seed(cfg.training.seed, "validation", slot.spec.name))
+            data = split.fit if split is not None else self.client_data(slot)
         tier = task.train_tier
-        model.load_tier("root", self._adapter(task.root, slot.token))
-        tiers = ["root"]
-        if task.cluster is not None:
-            model.load_tier("cluster", self._adapter(task.cluster, slot.token))
-            tiers.append("cluster")
-        if task.stage != "probe":
-            # Factors a tier keeps local (e.g. FedSA's B) are this client's own: lay them over the
-            # coordinator's version for every tier in use, as export does. A probe starts from the
-            # federation's root alone, so that every client's probe has the same starting point.
-            for used in tiers:
-                local_file = slot.files.local(used)
-                if local_file.exists():
-                    model.load_tier(used, unpack_tensors(local_file.read_bytes()), partial=True)
+        tiers = ["root"] + (["cluster"] if task.cluster is not None else [])
+        with timer("fetch"):
+            model.load_tier("root", self._adapter(task.root, slot.token))
+            if task.cluster is not None:
+                model.load_tier("cluster", self._adapter(task.cluster, slot.token))
+            if task.stage != "probe":
+                # Factors a tier keeps local (e.g. FedSA's B) are this client's own: lay them over the
+                # coordinator's version for every tier in use, as export does. A probe starts from the
+                # federation's root alone, so that every client's probe has the same starting point.
+                for used in tiers:
+                    local_file = slot.files.local(used)
+                    if local_file.exists():
+                        model.load_tier(used, unpack_tensors(local_file.read_bytes()), partial=True)
         if task.stage == "refine":
             # the loss of the root and of root + each candidate cluster adapter on this client's
             # training data: forward passes only, nothing trained or uploaded
-            with amp():
+            with evaluating():
                 losses = {refine_metric(None): mean_loss(model, data.x_train, data.y_train, ("root",), self.device)}
             for candidate in task.candidates:
-                model.load_tier("cluster", self._adapter(candidate.adapter, slot.token))
-                with amp():
+                with timer("fetch"):
+                    model.load_tier("cluster", self._adapter(candidate.adapter, slot.token))
+                with evaluating():
                     losses[refine_metric(candidate.cluster_id)] = mean_loss(
                         model, data.x_train, data.y_train, ("root", "cluster"), self.device)
             losses["refine_seconds"] = time.monotonic() - t0
+            losses.update(timer.metrics())
             if not self.report(slot, task, None, losses, num_samples=len(data.y_train)):
                 return {}
             log.info("client %s: refinement %s done (%d clusters)", slot.spec.name, task.round_number,
@@ -425,15 +469,17 @@ class WorkerDaemon:
             # the federation's final versions as this client uses them, with its leaf if it has one:
             # forward passes only, nothing trained or uploaded
             if slot.files.leaf.exists():
-                model.load_tier("leaf", unpack_tensors(slot.files.leaf.read_bytes()))
+                with timer("fetch"):
+                    model.load_tier("leaf", unpack_tensors(slot.files.leaf.read_bytes()))
                 tiers.append("leaf")
-            with amp():
+            with evaluating():
                 evaluated = evaluate_with_selection(model, data, tuple(tiers), split, self.device)
             if slot.files.alone.exists() and split is not None:  # trained at its first leaf task
                 model.load_tier("root", unpack_tensors(slot.files.alone.read_bytes()))
-                with amp():
+                with evaluating():
                     add_alone_candidate(evaluated, model, data, split, self.device)
             evaluated["eval_seconds"] = time.monotonic() - t0
+            evaluated.update(timer.metrics())
             if not self.report(slot, task, None, evaluated, num_samples=len(data.y_train)):
                 return {}
             log.info("client %s: evaluation done %s", slot.spec.name,
@@ -450,20 +496,22 @@ class WorkerDaemon:
         metrics: dict[str, float] = {}
         if tier in ("root", "cluster") and task.stage != "probe":
             # accuracy of the adapter as received: the federation's model on this client's data
-            with amp():
+            with evaluating():
                 metrics.update(evaluate_with_selection(model, data, tuple(tiers), split, self.device))
         log.info("client %s: training task %s (%s round %s, %s, %s)", slot.spec.name, task.task_id, task.stage,
                  task.round_number, f"{task.steps} steps" if task.steps else f"{task.epochs} epochs", precision)
         scale = task.training.leaf_lr_scale if tier == "leaf" else 1.0
         try:
-            train_metrics = train_tier(
-                model, tier, data, epochs=task.epochs, lr=task.training.lr * scale, head_lr=task.training.head_lr * scale,
-                batch_size=task.training.batch_size, weight_decay=task.training.weight_decay,
-                gamma_c=task.training.gamma_c, gamma_l=task.training.gamma_l,
-                seed=task_seed(task.training.seed, task.stage, task.round_number, slot.spec.name),
-                trainable=tuple(task.trainable), device=self.device,
-                should_stop=lambda: hb.lost is not None or self.past_grace(),
-                steps=task.steps, class_balanced=task.loss == "balanced", precision=precision)
+            with timer("compute"):
+                train_metrics = train_tier(
+                    model, tier, data, epochs=task.epochs, lr=task.training.lr * scale,
+                    head_lr=task.training.head_lr * scale,
+                    batch_size=task.training.batch_size, weight_decay=task.training.weight_decay,
+                    gamma_c=task.training.gamma_c, gamma_l=task.training.gamma_l,
+                    seed=task_seed(task.training.seed, task.stage, task.round_number, slot.spec.name),
+                    trainable=tuple(task.trainable), device=self.device,
+                    should_stop=lambda: hb.lost is not None or self.past_grace(),
+                    steps=task.steps, class_balanced=task.loss == "balanced", precision=precision)
         except TrainingStopped:
             self._stopped(slot, task, hb)
             return {}
@@ -472,18 +520,19 @@ class WorkerDaemon:
             return {}
         metrics.update({k: float(v) for k, v in train_metrics.items()})
         if tier == "leaf":
-            with amp():
+            with evaluating():
                 metrics.update(evaluate_with_selection(model, data, tuple(tiers), split, self.device))
             atomic_write(slot.files.leaf, pack_tensors(model.export_tier("leaf")))
             if cfg.training.alone_epochs and split is not None:
                 try:
-                    self._alone_candidate(slot, cfg, model, data, split, metrics, hb, precision)
+                    self._alone_candidate(slot, cfg, model, data, split, metrics, hb, precision, timer)
                 except TrainingStopped:
                     self._stopped(slot, task, hb)
                     return {}
         elif task.local:
             atomic_write(slot.files.local(tier), pack_tensors(model.export_tier(tier, factors=tuple(task.local))))
         metrics["train_seconds"] = time.monotonic() - t0
+        metrics.update(timer.metrics())
         body = pack_tensors(model.export_tier(tier, factors=tuple(task.upload))) if task.upload else None
         if not self.report(slot, task, body, metrics, num_samples=len(data.y_train)):
             return {}
@@ -501,27 +550,30 @@ class WorkerDaemon:
             self._release(slot, task, "stopping: it did not finish within the grace period")
 
     def _alone_candidate(self, slot: ClientSlot, cfg: Any, model: Any, data: Any, split: Any,
-                         metrics: dict[str, float], hb: Heartbeater, precision: str = "fp32") -> None:
+                         metrics: dict[str, float], hb: Heartbeater, precision: str = "fp32",
+                         timer: PhaseTimer | None = None) -> None:
         """``training.alone_epochs``: the model this client trains by itself (a fresh root-shaped LoRA
         and head on its fit part, trained once, at its first leaf task, and kept in its state
         directory) joins the candidates it chooses from on its validation part. It is loaded into
         the model's root slot, which every task loads afresh from the coordinator's version."""
         from worker.train import add_alone_candidate, autocast, train_tier
 
+        timer = timer if timer is not None else PhaseTimer()
         if slot.files.alone.exists():
             model.load_tier("root", unpack_tensors(slot.files.alone.read_bytes()))
         else:
             t0 = time.monotonic()
             model.init_tier("root", seed=task_seed(cfg.training.seed, "alone", slot.spec.name), head_from=None)
-            train_tier(model, "root", data, epochs=cfg.training.alone_epochs, lr=cfg.training.lr,
-                       head_lr=cfg.training.head_lr, batch_size=cfg.training.batch_size,
-                       weight_decay=cfg.training.weight_decay, gamma_c=0.0, gamma_l=0.0,
-                       seed=task_seed(cfg.training.seed, "alone-train", slot.spec.name),
-                       trainable=("A", "B", "head"), device=self.device,
-                       should_stop=lambda: hb.lost is not None or self.past_grace(), precision=precision)
+            with timer("compute"):
+                train_tier(model, "root", data, epochs=cfg.training.alone_epochs, lr=cfg.training.lr,
+                           head_lr=cfg.training.head_lr, batch_size=cfg.training.batch_size,
+                           weight_decay=cfg.training.weight_decay, gamma_c=0.0, gamma_l=0.0,
+                           seed=task_seed(cfg.training.seed, "alone-train", slot.spec.name),
+                           trainable=("A", "B", "head"), device=self.device,
+                           should_stop=lambda: hb.lost is not None or self.past_grace(), precision=precision)
             atomic_write(slot.files.alone, pack_tensors(model.export_tier("root")))
             metrics["alone_train_seconds"] = time.monotonic() - t0
-        with autocast(self.device, precision):
+        with timer("eval"), autocast(self.device, precision):
             add_alone_candidate(metrics, model, data, split, self.device)
 
     def report(self, slot: ClientSlot, task: TaskAssignment, body: bytes | None, metrics: dict[str, float],
@@ -535,7 +587,9 @@ class WorkerDaemon:
         while True:
             try:
                 if not uploaded:
+                    started = time.perf_counter()
                     self.client.upload(task.task_id, slot.token, task.lease_id, body)
+                    metrics = {**metrics, "time_upload": time.perf_counter() - started}
                     uploaded = True
                 self.client.complete(task.task_id, slot.token, task.lease_id,
                                      num_samples if num_samples is not None else len(self.client_data(slot).y_train),

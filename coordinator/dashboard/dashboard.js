@@ -761,6 +761,13 @@
 
   // ------------------------------------------------------------------ workers, unseen, audit
 
+  // "compute 1.20 · upload 0.05": the phases a worker's tasks reported (time_<phase> metrics)
+  function phaseTimes(seconds) {
+    const phases = ["data", "fetch", "compute", "eval", "upload"].filter((p) => seconds && p in seconds);
+    if (!phases.length) return "–";
+    return phases.map((p) => `${p} ${seconds[p] < 10 ? seconds[p].toFixed(2) : seconds[p].toFixed(0)}`).join(" · ");
+  }
+
   function renderWorkers() {
     const { workers } = state.data;
     replace($("workers-table"), table("Workers", [
@@ -769,6 +776,7 @@
       { title: "Tasks done", num: true, render: (w) => String(w.tasks_done) },
       { title: "Tasks failed", num: true, render: (w) => String(w.tasks_failed) },
       { title: "Last finished", render: (w) => time(w.last_finished_at) },
+      { title: "Median task time (s)", render: (w) => phaseTimes(w.task_seconds) },
     ], workers.workers, { empty: "No worker has leased a task yet." }));
     replace($("leases-table"), table("Live leases", [
       { title: "Worker", render: (l) => l.worker_id || "–" },

@@ -8,6 +8,8 @@ the caller. Numbers the workers report (``acc_root``, ``acc_cluster``, ``acc_lea
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections import defaultdict
 from datetime import datetime, timedelta
 
@@ -427,8 +429,26 @@ def workers(session: Session, fed: Federation, now: datetime, failures: int = 20
                 s["last"] is None or last > s["last"]):
             s["last"] = last
     rows = [WorkerRow(worker_id=w, live_leases=s["leased"], tasks_done=s["done"], tasks_failed=s["failed"],
-                      last_finished_at=s["last"]) for w, s in sorted(stats.items())]
+                      last_finished_at=s["last"], task_seconds=_task_seconds(session, fed.id, w))
+            for w, s in sorted(stats.items())]
     return WorkersView(workers=rows, leases=leases, failures=failure_rows)
+
+
+TASK_PHASES = ("data", "fetch", "compute", "eval", "upload")
+
+
+def _task_seconds(session: Session, federation_id: int, worker_id: str, newest: int = 100) -> dict[str, float]:
+    """Median ``time_<phase>`` over the worker's newest done tasks of the federation."""
+    seen: dict[str, list[float]] = {}
+    for metrics in session.scalars(
+            select(Task.metrics).where(Task.federation_id == federation_id, Task.worker_id == worker_id,
+                                       Task.status == TaskStatus.done)
+            .order_by(Task.finished_at.desc(), Task.id.desc()).limit(newest)):
+        for phase in TASK_PHASES:
+            value = (metrics or {}).get(f"time_{phase}")
+            if isinstance(value, (int, float)) and math.isfinite(value) and value >= 0:
+                seen.setdefault(phase, []).append(float(value))
+    return {phase: statistics.median(values) for phase, values in seen.items()}
 
 
 def unseen_clients(session: Session, fed: Federation) -> list[UnseenClientRow]:

@@ -244,7 +244,8 @@ def _clustered_labels(session: Session, federation_id: int, by_id: dict[int, Clu
               .join(Client, Client.id == Assignment.client_id)
               .where(Client.federation_id == federation_id, Assignment.source != "onboarding")
               .group_by(Assignment.client_id).subquery())
-    rows = session.execute(select(Assignment.client_id, Assignment.cluster_id).join(newest, newest.c.id == Assignment.id))
+    rows = session.execute(select(Assignment.client_id, Assignment.cluster_id)
+                           .join(newest, newest.c.id == Assignment.id))
     return {client_id: by_id[cluster_id].label if cluster_id in by_id else -1 for client_id, cluster_id in rows}
 
 

@@ -186,6 +186,10 @@ def test_the_operator_view_of_a_whole_cascade(api, app, clock):
     assert workers["leases"] == [] and workers["failures"] == []
     assert [w["worker_id"] for w in workers["workers"]] == ["late0", "w0", "w1"]
     assert sum(w["tasks_done"] for w in workers["workers"]) == sum(t.status == "done" for t in tasks)
+    for w in workers["workers"]:  # the median of what its done tasks reported, phase by phase
+        reported = [t.metrics["time_compute"] for t in tasks
+                    if t.worker_id == w["worker_id"] and t.status == "done" and "time_compute" in (t.metrics or {})]
+        assert reported and w["task_seconds"] == {"compute": pytest.approx(float(np.median(reported)))}
 
     unseen = get(api, f"/v1/federations/{fid}/unseen-clients")
     assert [u["name"] for u in unseen] == LATE

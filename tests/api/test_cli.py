@@ -393,3 +393,15 @@ def test_the_worker_refuses_a_malformed_coordinator_url_without_retrying(tmp_pat
     proc = hilora("worker", "--config", str(cfg), "--state-dir", str(tmp_path / "state"),
                   env={"HILORA_COORDINATOR": "htp://127.0.0.1:8700"})
     assert proc.returncode == 2 and "is not an http(s) URL" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["--log-level", "loud"], {}, "--log-level: unknown log level 'loud'"),
+    (["--log-format", "xml"], {}, "--log-format: unknown log format 'xml'"),
+    ([], {"HILORA_LOG_FORMAT": "xml"}, "HILORA_LOG_FORMAT: unknown log format 'xml'"),
+])
+def test_the_worker_names_a_bad_log_setting(tmp_path, args, env, message):
+    proc = hilora("worker", "--coordinator", "http://127.0.0.1:8700", "--config", str(tmp_path / "w.json"), *args,
+                  env=env)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message} (one of: " + (
+        "debug, info, warning, error, critical)" if "level" in message else "text, json)")

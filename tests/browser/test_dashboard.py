@@ -193,6 +193,10 @@ def test_log_in_see_clusters_and_heatmap_then_recluster(served, browser, tmp_pat
         assert page.locator("svg[data-chart=distribution] circle").count() == 3 * (n + len(LATE))
         assert page.locator("#clients tbody tr").count() == n + len(LATE)
         assert page.locator("#unseen-table tbody tr").count() == len(LATE)
+        # the workers table: each worker's median task time by phase (the fake workers report "compute")
+        times = page.locator("#workers-table tbody tr td:nth-child(6)").all_inner_texts()
+        assert len(times) >= 2 and all(t.startswith("compute 0.") and t[len("compute "):].replace(".", "").isdigit()
+                                       for t in times), times
         assert page.locator("#stat-online .value").inner_text().endswith(f"/ {n + len(LATE)}")
         assert page.locator("#sec-timeline rect.stage").count() == 6  # enrolling ... serving
         # search and sort the clients table

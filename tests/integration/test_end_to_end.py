@@ -37,10 +37,11 @@ def _federation_file(num_clients: int, **clustering) -> dict:
             "clustering": {"knn": 2, "k_max": 4, **clustering}}
 
 
-def _run_to_serving(cluster: LocalCluster, doc: dict, clients: list, workers: int, timeout: float = 400) -> int:
+def _run_to_serving(cluster: LocalCluster, doc: dict, clients: list, workers: int, timeout: float = 400,
+                    worker_env: dict[str, str] | None = None) -> int:
     """Start the coordinator, create the federation of ``doc``, host ``clients`` on ``workers``
-    worker processes and wait until the federation serves and no round is open (a final
-    evaluation, when the schedule has no leaf rounds). Returns its id."""
+    worker processes (the last one with ``worker_env``) and wait until the federation serves and no
+    round is open (a final evaluation, when the schedule has no leaf rounds). Returns its id."""
     from hilora.federation_file import FederationFile, build_federation_config
 
     config, checkpoint = build_federation_config(FederationFile.model_validate(doc))
@@ -53,7 +54,8 @@ def _run_to_serving(cluster: LocalCluster, doc: dict, clients: list, workers: in
             cluster.start_worker(f"w{w}", {
                 "federation_id": fid, "enrollment_secret": created.enrollment_secret,
                 "clients": [{"name": c.name, "data": {"partition": "tiny", "client": c.name}}
-                            for c in clients[w::workers]]}, max_seconds=timeout)
+                            for c in clients[w::workers]]}, max_seconds=timeout,
+                extra_env=worker_env if w == workers - 1 else None)
 
         def serving() -> bool:
             cluster.check_workers()
@@ -70,7 +72,8 @@ def test_cascade_over_real_http_with_worker_processes(tmp_path, demo_backbone):
     clients = [c for c in partition_clients(load_partition("tiny")) if not c.unseen]
     cluster = LocalCluster(tmp_path / "run")
     try:
-        fid = _run_to_serving(cluster, _federation_file(len(clients), refine_rounds=1), clients, workers=2)
+        fid = _run_to_serving(cluster, _federation_file(len(clients), refine_rounds=1), clients, workers=2,
+                              worker_env={"HILORA_LOG_FORMAT": "json"})
         with CoordinatorClient(cluster.url) as client:
             status = client.federation_status(cluster.admin_token, fid)
             report = client.federation_report(cluster.admin_token, fid)
@@ -95,6 +98,9 @@ def test_cascade_over_real_http_with_worker_processes(tmp_path, demo_backbone):
             for key in ("acc_root", "acc_cluster", "acc_leaf"):
                 assert 0.0 <= c.metrics[key] <= 1.0
             assert c.uploaded_bytes > 0 and c.cluster_label is not None
+            # each task's time per phase (issue 17): training and evaluation take time, so does an upload
+            assert c.metrics["time_compute"] > 0 and c.metrics["time_eval"] > 0 and c.metrics["time_upload"] > 0
+            assert c.metrics["time_data"] >= 0 and c.metrics["time_fetch"] > 0
         # the shared root serves the permuted group badly; its cluster and leaf fix that
         permuted = [c for c in report.clients if c.name.startswith("permuted")]
         assert len(permuted) == 3
@@ -102,6 +108,13 @@ def test_cascade_over_real_http_with_worker_processes(tmp_path, demo_backbone):
         assert mean("acc_root", permuted) < 0.6
         assert mean("acc_cluster", report.clients) > mean("acc_root", report.clients) + 0.15
         assert mean("acc_leaf", report.clients) > 0.75
+        # the second worker logged JSON lines, each line of a task with its task, client and federation
+        lines = [json.loads(line) for line in (tmp_path / "run" / "w1.log").read_text().splitlines()
+                 if line.startswith("{")]
+        training = [e for e in lines if "training task" in e["message"]]
+        assert training and all(e["federation_id"] == fid and e["client"] in {c.name for c in clients[1::2]}
+                                and e["task_id"] >= 1 and e["level"] == "info" for e in training)
+        assert all(set(e) >= {"time", "level", "logger", "message"} for e in lines)
         # tokens and leaves stayed on the worker side
         saved = list((tmp_path / "run" / "state").glob("federation-*/*/leaf.safetensors"))
         assert len(saved) == len(clients)

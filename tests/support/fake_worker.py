@@ -106,10 +106,13 @@ def deterministic_metrics(client: str, task: TaskAssignment, has_leaf: bool = Fa
     task then reports root + cluster + leaf too, as the real worker does with its saved leaf)."""
     rng = np.random.default_rng(task_seed(client, task) ^ 0x5EED)
     acc = sorted(float(x) for x in rng.uniform(0.3, 0.95, size=3))
+    # a training task's time of its phases, as worker.daemon reports them (made up, from the seed:
+    # 10 to 109 ms of "compute")
+    compute = 0.01 + (task_seed(client, task) % 100) / 1000
     if task.stage == "leaf":
-        return {"acc_root": acc[0], "acc_cluster": acc[1], "acc_leaf": acc[2]}
+        return {"acc_root": acc[0], "acc_cluster": acc[1], "acc_leaf": acc[2], "time_compute": compute}
     if task.stage == "probe":
-        return {"loss": round(1.0 - acc[1], 6)}
+        return {"loss": round(1.0 - acc[1], 6), "time_compute": compute}
     if task.stage == "refine":  # losses of the root and of each candidate cluster; no upload
         metrics = {"refine_loss_root": 2.0}
         for c in task.candidates:  # within 4 % of each other: below the default margin, nobody moves
@@ -123,7 +126,7 @@ def deterministic_metrics(client: str, task: TaskAssignment, has_leaf: bool = Fa
             metrics["acc_leaf"] = acc[2]
         return metrics
     # like worker.daemon: root and cluster tasks evaluate the adapters they received
-    metrics = {"loss": round(1.0 - acc[1], 6), "acc_root": acc[0]}
+    metrics = {"loss": round(1.0 - acc[1], 6), "acc_root": acc[0], "time_compute": compute}
     if task.stage == "cluster":
         metrics["acc_cluster"] = acc[1]
     return metrics
