@@ -126,6 +126,9 @@ def worker(
     grace_seconds: Annotated[float, typer.Option(
         min=0, help="on SIGTERM/SIGINT, let a running task finish if it does within this many seconds; "
                     "else (or on a second signal) release its lease and exit")] = 30.0,
+    checkpoint_every: Annotated[int, typer.Option(
+        min=0, help="optimizer steps between saves of a training task's progress in --state-dir (0: only when it "
+                    "is stopped); a task leased again after a pre-emption resumes from it")] = 100,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error or critical")] = "info",
     log_format: Annotated[Optional[str], typer.Option(
         help="'text' or 'json' (one JSON object per line, with the task and client of each line); "
@@ -170,7 +173,8 @@ def worker(
     wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
     with CoordinatorClient(_checked_url(coordinator_url), worker_id=wid, max_retries=retries) as client:
         daemon = WorkerDaemon(client, cfg, state_dir, device=device, exit_when_idle=exit_when_idle,
-                              max_seconds=max_seconds, grace_seconds=grace_seconds)
+                              max_seconds=max_seconds, grace_seconds=grace_seconds,
+                              checkpoint_every=checkpoint_every)
 
         def _stop(signum, _frame):  # noqa: ANN001
             daemon.request_stop(signal.Signals(signum).name)

@@ -194,10 +194,13 @@ class WorkerDaemon:
 
     def __init__(self, client: CoordinatorClient, config: WorkerConfig, state_dir: Path, device: str = "cpu",
                  exit_when_idle: bool = False, max_seconds: float | None = None, grace_seconds: float = 30.0,
-                 report_timeout: float = 300.0, data: Mapping[str, Any] | None = None) -> None:
+                 report_timeout: float = 300.0, data: Mapping[str, Any] | None = None,
+                 checkpoint_every: int = 100) -> None:
         """``data``: the hosted clients' arrays by client name, looked up at every task (e.g. a bounded
         cache, so that many hosted clients need not all be in memory); by default each client's
-        partition is read once at ``setup`` and kept."""
+        partition is read once at ``setup`` and kept. ``checkpoint_every``: optimizer steps between
+        saves of a training task's progress in the client's state directory (0: only when the
+        task is stopped, by a lost lease or a shutdown); a task leased again resumes from it."""
         self.client = client
         client.interrupted = self.interrupted  # requests stop retrying once the daemon is stopping
         self.config = config
@@ -216,6 +219,7 @@ class WorkerDaemon:
         self._config_cache: FederationConfig | None = None
         self._adapter_cache: dict[int, dict] = {}
         self._data = data
+        self.checkpoint_every = checkpoint_every
 
     # ------------------------------------------------------------------ setup
 
@@ -408,6 +412,7 @@ class WorkerDaemon:
 
     def _execute(self, slot: ClientSlot, task: TaskAssignment, hb: Heartbeater) -> dict[str, float]:
         from worker.train import (
+            Checkpointing,
             TrainingStopped,
             add_alone_candidate,
             autocast,
@@ -501,6 +506,12 @@ class WorkerDaemon:
         log.info("client %s: training task %s (%s round %s, %s, %s)", slot.spec.name, task.task_id, task.stage,
                  task.round_number, f"{task.steps} steps" if task.steps else f"{task.epochs} epochs", precision)
         scale = task.training.leaf_lr_scale if tier == "leaf" else 1.0
+        seed = task_seed(task.training.seed, task.stage, task.round_number, slot.spec.name)
+        # this task's progress: a lease lost or a shutdown mid-training keeps it, and the same task
+        # leased again (same inputs) resumes from it, ending with the bytes of an uninterrupted run
+        checkpoint = Checkpointing(path=slot.files.checkpoint, every=self.checkpoint_every, key=":".join(
+            str(part) for part in (task.task_id, tier, task.root.sha256, task.cluster.sha256 if task.cluster else "-",
+                                   seed, task.steps, task.epochs, precision, bool(task.reset_leaf))))
         try:
             with timer("compute"):
                 train_metrics = train_tier(
@@ -508,10 +519,10 @@ class WorkerDaemon:
                     head_lr=task.training.head_lr * scale,
                     batch_size=task.training.batch_size, weight_decay=task.training.weight_decay,
                     gamma_c=task.training.gamma_c, gamma_l=task.training.gamma_l,
-                    seed=task_seed(task.training.seed, task.stage, task.round_number, slot.spec.name),
-                    trainable=tuple(task.trainable), device=self.device,
+                    seed=seed, trainable=tuple(task.trainable), device=self.device,
                     should_stop=lambda: hb.lost is not None or self.past_grace(),
-                    steps=task.steps, class_balanced=task.loss == "balanced", precision=precision)
+                    steps=task.steps, class_balanced=task.loss == "balanced", precision=precision,
+                    checkpoint=checkpoint)
         except TrainingStopped:
             self._stopped(slot, task, hb)
             return {}
@@ -534,7 +545,9 @@ class WorkerDaemon:
         metrics["train_seconds"] = time.monotonic() - t0
         metrics.update(timer.metrics())
         body = pack_tensors(model.export_tier(tier, factors=tuple(task.upload))) if task.upload else None
-        if not self.report(slot, task, body, metrics, num_samples=len(data.y_train)):
+        reported = self.report(slot, task, body, metrics, num_samples=len(data.y_train))
+        slot.files.checkpoint.unlink(missing_ok=True)   # trained: nothing left to resume
+        if not reported:
             return {}
         log.info("client %s: %s round %s done in %.2fs %s", slot.spec.name, task.stage, task.round_number,
                  time.monotonic() - t0, {k: round(v, 4) for k, v in metrics.items() if k.startswith("acc")})

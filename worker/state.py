@@ -41,6 +41,12 @@ class ClientFiles:
         """The model this client trained alone (``training.alone_epochs``): a root-shaped tier."""
         return self.dir / "alone.safetensors"
 
+    @property
+    def checkpoint(self) -> Path:
+        """The running task's training progress (``worker.train.Checkpointing``): trainable factors,
+        optimizer state and step, so that a task leased again after a pre-emption resumes."""
+        return self.dir / "task-checkpoint.safetensors"
+
     def local(self, tier: str) -> Path:
         """The client's own factors of ``tier`` (only the factors the tier keeps local)."""
         return self.dir / f"local-{tier}.safetensors"

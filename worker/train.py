@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -62,6 +64,69 @@ def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractC
                           dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+@dataclasses.dataclass(frozen=True)
+class Checkpointing:
+    """Where ``train_tier`` keeps its progress (the trainable factors, the optimizer's state, the
+    steps done and the running loss) and how often: every ``every`` optimizer steps (0: only when
+    stopped) and whenever ``should_stop`` stops it. A file whose ``key`` differs (another task, or
+    another attempt at different inputs) is ignored and replaced. Resuming replays the shuffling
+    generator, so a resumed run ends with the same bytes as one never interrupted."""
+
+    path: Path
+    key: str
+    every: int = 0
+
+
+def _save_checkpoint(ck: Checkpointing, model: TieredLoRAModel, tier: str, trainable: Sequence[str],
+                     optimizer: torch.optim.Optimizer, scaler: object, done: int, total: torch.Tensor,
+                     seen: int) -> None:
+    from safetensors.torch import save
+
+    from worker.files import atomic_write
+
+    tensors = {f"factor.{name}": torch.from_numpy(value)
+               for name, value in model.export_tier(tier, factors=tuple(trainable)).items()}
+    state = optimizer.state_dict()
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"opt.{index}.{key}"] = value.detach().cpu().contiguous()
+    tensors["loss_total"] = total.detach().cpu().reshape(1)
+    meta = {"key": ck.key, "done": str(done), "seen": str(seen), "param_groups": json.dumps(state["param_groups"]),
+            "scaler": json.dumps(scaler.state_dict() if scaler is not None else None)}
+    atomic_write(ck.path, save(tensors, metadata=meta))
+
+
+def _load_checkpoint(ck: Checkpointing, model: TieredLoRAModel, tier: str, optimizer: torch.optim.Optimizer,
+                     scaler: object, device: str | torch.device) -> tuple[int, torch.Tensor, int] | None:
+    """(steps done, running loss total, samples seen in the current pass) from ``ck.path``, with the
+    factors and the optimizer restored; None without a checkpoint of this ``ck.key``."""
+    from safetensors import safe_open
+
+    if not ck.path.is_file():
+        return None
+    try:
+        with safe_open(str(ck.path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("key") != ck.key:
+                return None
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no items
+    except Exception:  # noqa: BLE001 - a torn or foreign file: start afresh
+        return None
+    model.load_tier(tier, {k[len("factor."):]: v for k, v in tensors.items() if k.startswith("factor.")},
+                    partial=True)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    scaler_state = json.loads(meta.get("scaler", "null"))
+    if scaler is not None and scaler_state is not None:
+        scaler.load_state_dict(scaler_state)
+    return int(meta["done"]), tensors["loss_total"].reshape(()).to(device), int(meta["seen"])
+
+
 def _as_tensor(array: object, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array.to(device=device, dtype=dtype)
@@ -72,7 +137,8 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
                batch_size: int, weight_decay: float, gamma_c: float, gamma_l: float, seed: int,
                trainable: Sequence[str] = ("A", "B", "head"), device: str | torch.device = "cpu",
                should_stop: Callable[[], bool] | None = None, steps: int | None = None,
-               class_balanced: bool = False, precision: str = "fp32") -> dict[str, float | int]:
+               class_balanced: bool = False, precision: str = "fp32",
+               checkpoint: Checkpointing | None = None) -> dict[str, float | int]:
     """Train the ``trainable`` factors of ``tier`` on ``data.x_train``/``data.y_train``.
 
     Active tiers are all tiers up to and including ``tier``; everything else is frozen. AdamW with
@@ -86,6 +152,9 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
     the classes the client holds), so every class the client holds weighs the same in the loss.
     ``precision`` ('fp32', 'bf16', 'fp16'; see ``resolve_precision``): forward passes and the loss
     run under autocast; parameters, gradients and the optimizer stay float32; fp16 scales the loss.
+    ``checkpoint``: save progress as it says and resume from a checkpoint of the same key (the
+    returned ``steps`` count the steps before the resume too; ``resumed_at_step`` says where it
+    resumed).
 
     Returns:
         ``{"train_loss": mean loss over the last epoch's samples, "steps": optimizer steps}``.
@@ -125,15 +194,26 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
     budget = passes * batches if steps is None else steps
     done = 0
     epoch_loss = 0.0
+    resumed = (_load_checkpoint(checkpoint, model, tier, optimizer, scaler, device)
+               if checkpoint is not None else None)
+    skip = resumed[0] if resumed is not None else 0
+    step_index = 0  # optimizer steps met so far, the skipped ones of a resumed run included
     try:
         for _ in range(passes):
             order = torch.randperm(n, generator=generator).to(device)
             total = torch.zeros((), device=device)
             seen = 0
             for start in range(0, n, batch_size):
-                if done >= budget:
+                if step_index >= budget:
                     break
+                if step_index < skip:  # done before the checkpoint: replayed, not trained
+                    step_index += 1
+                    if step_index == skip:
+                        done, total, seen = resumed
+                    continue
                 if should_stop is not None and should_stop():
+                    if checkpoint is not None:
+                        _save_checkpoint(checkpoint, model, tier, trainable, optimizer, scaler, done, total, seen)
                     raise TrainingStopped(f"stopped after {done} steps")
                 index = order[start:start + batch_size]
                 with autocast(device, precision):
@@ -151,12 +231,18 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
                     loss.backward()
                     optimizer.step()
                 done += 1
+                step_index += 1
                 seen += int(index.shape[0])
                 total += loss.detach() * index.shape[0]
+                if checkpoint is not None and checkpoint.every and done % checkpoint.every == 0 and done < budget:
+                    _save_checkpoint(checkpoint, model, tier, trainable, optimizer, scaler, done, total, seen)
             epoch_loss = float(total) / max(seen, 1)
     finally:
         model.freeze_all()
-    return {"train_loss": epoch_loss, "steps": done}
+    out: dict[str, float | int] = {"train_loss": epoch_loss, "steps": done}
+    if skip:
+        out["resumed_at_step"] = skip
+    return out
 
 
 def _class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:

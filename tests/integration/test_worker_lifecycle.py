@@ -180,3 +180,46 @@ def test_worker_survives_a_coordinator_restart_mid_task(cluster, demo_backbone):
     took = _sigterm_and_wait(proc, limit=5 + 10)
     assert proc.returncode == 0, log[-3000:]
     print(f"worker alive through the restart; exited {took:.1f}s after SIGTERM")
+
+
+def _root_upload(cluster: LocalCluster) -> str | None:
+    with sqlite3.connect(cluster.workdir / "coordinator.db") as db:
+        row = db.execute("SELECT upload_sha256 FROM tasks WHERE stage = 'root' AND status = 'done'").fetchone()
+    return row[0] if row else None
+
+
+@pytest.mark.timeout(300)
+def test_a_task_stopped_mid_training_resumes_from_its_checkpoint_to_the_same_upload(tmp_path, demo_backbone):
+    """SIGTERM with no grace while a long root task trains: the worker saves the task's progress in
+    its state directory, releases the lease and exits 0. Started again on the same state directory
+    it leases the same task, resumes from the checkpoint and uploads exactly the bytes of an
+    uninterrupted run of the same federation (a second coordinator), then removes the checkpoint."""
+    epochs = 150   # 1,200 steps of batch 8: some seconds of training, checkpointed every 100 steps
+    uploads = {}
+    for run in ("reference", "resumed"):
+        cluster = LocalCluster(tmp_path / run, scheduler_interval=0.2)
+        try:
+            cluster.start_coordinator()
+            fid, secret = _create_federation(cluster, clients=1, local_epochs=epochs, root_rounds=1)
+            proc = _start_worker(cluster, "w", fid, secret, ["upright-00"], grace=0)
+            checkpoint = cluster.workdir / "state" / f"federation-{fid}" / "upright-00" / "task-checkpoint.safetensors"
+            if run == "resumed":
+                _wait_training(cluster, proc, "w")
+                assert wait_for(checkpoint.is_file, 120, interval=0.05), _log(cluster, "w")[-3000:]  # 100 steps in
+                _sigterm_and_wait(proc, limit=15)
+                assert proc.returncode == 0 and "lease released" in _log(cluster, "w"), _log(cluster, "w")[-3000:]
+                [task] = _tasks(cluster)
+                assert task["status"] == "pending" and checkpoint.is_file()
+                proc = _start_worker(cluster, "w2", fid, secret, ["upright-00"], grace=0)
+            assert wait_for(lambda: _root_upload(cluster) is not None, 240, interval=0.2), _log(cluster, "w")[-3000:]
+            uploads[run] = _root_upload(cluster)
+            with sqlite3.connect(cluster.workdir / "coordinator.db") as db:
+                metrics = json.loads(db.execute("SELECT metrics FROM tasks WHERE stage = 'root'").fetchone()[0])
+            # the resumed run went on from where the SIGTERM stopped it (past the first save), not from scratch
+            assert metrics["steps"] == 8 * epochs and (
+                "resumed_at_step" not in metrics if run == "reference"
+                else 100 <= metrics["resumed_at_step"] < 8 * epochs), metrics
+            assert wait_for(lambda: not checkpoint.exists(), 30, interval=0.1)  # trained: nothing to resume
+        finally:
+            cluster.stop()
+    assert uploads["resumed"] == uploads["reference"]

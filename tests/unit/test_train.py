@@ -358,3 +358,48 @@ def test_fp32_training_is_unchanged_by_the_precision_option():
     _train(m2, precision="fp32")
     for name, value in m1.export_tier("root").items():
         np.testing.assert_array_equal(value, m2.export_tier("root")[name])
+
+
+# --------------------------------------------------------------------------- checkpoints (issue 17)
+
+@pytest.mark.parametrize(("tier", "stop_after", "every"), [("root", 4, 0), ("root", 7, 3), ("leaf", 6, 0),
+                                                          ("root", 1, 0)])
+def test_a_stopped_run_resumes_from_its_checkpoint_to_the_same_bytes(tmp_path, tier, stop_after, every):
+    """Stopped between batches (a pre-emption), then run again with the same checkpoint key: the
+    factors, the loss and the step count are those of a run never interrupted, bit for bit. With
+    ``every`` the run also saves as it goes (3 epochs x 3 batches = 9 steps)."""
+    from worker.train import Checkpointing, TrainingStopped
+
+    data = small_data()
+    reference = small_model()
+    expected = _train(reference, tier=tier, epochs=3)
+    ck = Checkpointing(path=tmp_path / "ck.safetensors", key="task-1", every=every)
+    model = small_model()
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > stop_after
+
+    with pytest.raises(TrainingStopped, match=f"stopped after {stop_after} steps"):
+        _train(model, tier=tier, epochs=3, should_stop=stop, checkpoint=ck)
+    assert ck.path.is_file()
+    resumed_model = small_model()   # a fresh process: everything comes from the checkpoint
+    out = _train(resumed_model, tier=tier, epochs=3, checkpoint=ck)
+    assert out.pop("resumed_at_step") == stop_after   # the stop saved the steps done by then
+    assert out == expected and out["steps"] == 9
+    for name, value in reference.export_tier(tier).items():
+        np.testing.assert_array_equal(resumed_model.export_tier(tier)[name], value)
+
+
+def test_a_checkpoint_of_another_task_is_ignored(tmp_path):
+    from worker.train import Checkpointing, TrainingStopped
+
+    ck = Checkpointing(path=tmp_path / "ck.safetensors", key="task-1")
+    with pytest.raises(TrainingStopped):
+        _train(small_model(), epochs=3, should_stop=lambda: True, checkpoint=ck)
+    reference, other = small_model(), small_model()
+    expected = _train(reference, epochs=3)
+    assert _train(other, epochs=3, checkpoint=Checkpointing(path=ck.path, key="task-2")) == expected
+    ck.path.write_bytes(b"torn")   # a torn file: started afresh
+    assert _train(small_model(), epochs=3, checkpoint=ck) == expected
