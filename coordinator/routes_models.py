@@ -106,7 +106,8 @@ def _merged_model(request: Request, session, federation_id: int, label: int | No
     metadata = model_metadata(
         model=cfg.backbone.model, model_kwargs=cfg.backbone.model_kwargs, tiers=list(refs),
         versions={t: r.model_dump() for t, r in refs.items()}, federation_id=federation_id,
-        federation=fed.name, cluster_label=label, backbone_sha256=backbone_sha, classes=cfg.classes)
+        federation=fed.name, cluster_label=label, backbone_sha256=backbone_sha, classes=cfg.classes,
+        preprocessing=cfg.preprocessing.model_dump(mode="json") if cfg.preprocessing else None)
     body = pack_model(merged, metadata)
     name = f"federation-{federation_id}-" + (f"cluster-{label}" if label is not None else "root")
     return Response(content=body, media_type="application/octet-stream",

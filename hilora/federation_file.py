@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.config import Backbone, FederationConfig
 from shared.manifest import AdapterManifest
+from shared.preprocess import Preprocessing, table_preprocessing, timm_preprocessing
 
 
 # The cached demo backbones a federation file may name, by the offline dataset each is pretrained on.
@@ -66,6 +67,10 @@ class FederationFile(BaseModel):
     schedule: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     clustering: dict[str, Any] = Field(default_factory=dict)
+    preprocessing: Preprocessing | Literal["none"] | None = Field(default=None, description=(
+        "the backbone's image preprocessing (shared/preprocess.py); default: resolved from the model's "
+        "pretrained config (timm's data-config helpers where timm is installed, else a table of the supported "
+        "models), none for the demo backbones; 'none': images as the data loader makes them, no normalisation"))
     classes: list[str] | None = Field(default=None, description=(
         "class names in label order, one per output of the model's head (FederationConfig.classes); "
         "needed when the clients hold ImageFolder data"))
@@ -122,6 +127,26 @@ def build_manifest(file: FederationFile, model: str, model_kwargs: dict[str, Any
     return manifest_for_model(backbone, rank=file.adapter.rank, alpha=file.adapter.alpha, ranks=file.adapter.ranks)
 
 
+def resolve_preprocessing(file: FederationFile, model: str, model_kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The federation's ``preprocessing``: the file's, else none for a demo backbone, else the
+    model's pretrained data config (timm where installed, else ``shared.preprocess``'s table).
+
+    Raises:
+        ValueError: a model neither knows, with what to write instead.
+    """
+    if file.preprocessing == "none" or (file.preprocessing is None and file.backbone.checkpoint in DEMO_CHECKPOINTS):
+        return None
+    if isinstance(file.preprocessing, Preprocessing):
+        return file.preprocessing.model_dump(mode="json")
+    found = timm_preprocessing(model, model_kwargs) or table_preprocessing(model, model_kwargs)
+    if found is None:
+        raise ValueError(f"no image preprocessing is known for model {model!r} (not in timm's pretrained configs "
+                         f"here, nor in shared/preprocess.py's table): give \"preprocessing\": {{\"input_size\": "
+                         f"[3, 224, 224], \"interpolation\": \"bicubic\", \"mean\": [...], \"std\": [...], "
+                         f"\"crop_pct\": 0.9}} in the federation file, or \"none\"")
+    return found.model_dump(mode="json")
+
+
 def build_federation_config(file: FederationFile) -> tuple[FederationConfig, bytes]:
     """The validated FederationConfig and the checkpoint bytes to upload."""
     checkpoint, model, model_kwargs = resolve_checkpoint(file.backbone)
@@ -137,4 +162,6 @@ def build_federation_config(file: FederationFile) -> tuple[FederationConfig, byt
     for tier in ("root", "cluster", "leaf"):
         if getattr(file, tier) is not None:
             doc[tier] = getattr(file, tier)
-    return FederationConfig.model_validate(doc), checkpoint
+    config = FederationConfig.model_validate(doc)   # the file's own mistakes first
+    preprocessing = resolve_preprocessing(file, model, model_kwargs)
+    return FederationConfig.model_validate({**config.model_dump(mode="json"), "preprocessing": preprocessing}), checkpoint

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.manifest import AdapterManifest
+from shared.preprocess import Preprocessing
 
 FactorPolicy = Literal["aggregate", "local", "frozen"]
 MAX_SEED = 2**32 - 1  # numpy and torch both take it; a negative seed failed only once the scheduler used it
@@ -367,6 +368,12 @@ class FederationConfig(BaseModel):
     schedule: Schedule = Field(default_factory=Schedule)
     training: Training = Field(default_factory=Training)
     clustering: Clustering = Field(default_factory=Clustering)
+    preprocessing: Preprocessing | None = Field(
+        default=None,
+        description="the backbone's own image preprocessing (shared/preprocess.py), resolved when the federation "
+                    "is created: input size, interpolation, crop and per-channel mean/std; every worker and "
+                    "hilora predict prepare images with it (protocol 6). null: images as the data loader makes "
+                    "them, in [0, 1], no normalisation (the demo backbone's pipeline)")
     classes: list[str] | None = Field(
         default=None, max_length=MAX_CLASSES,
         description="the federation's label space: class names in label order (label i is classes[i]), one per "

@@ -232,7 +232,6 @@ class WorkerDaemon:
         """Host more clients from now on (registering each with the secret unless it has credentials),
         e.g. clients that join a federation that is already serving."""
         from worker.data import client_arrays, load_partition
-        from worker.labels import partition_class_names, to_federation_labels
 
         hosted = {slot.spec.name for slot in self.slots}
         for spec in specs:
@@ -240,12 +239,11 @@ class WorkerDaemon:
                 raise ValueError(f"client {spec.name} is already hosted by this worker")
             files = ClientFiles.of(self.state_dir, self.config.federation_id, spec.name)
             files.dir.mkdir(parents=True, exist_ok=True)
-            partition = None
-            if self._data is not None:  # arrays given in process: already in the federation's label space
+            partition, data = None, None
+            if self._data is not None:  # arrays given in process: as the federation takes them
                 data = self._data[spec.name]
             else:
                 partition = load_partition(spec.data.partition)
-                data = client_arrays(partition, spec.data.client)
             if spec.token is not None:
                 client_id, token = spec.client_id, spec.token
             elif files.credentials.exists():
@@ -254,17 +252,44 @@ class WorkerDaemon:
                 secret = spec.enrollment_secret or self.config.enrollment_secret
                 if not secret:
                     raise ValueError(f"client {spec.name} has no token and no enrollment secret to register with")
+                if data is None:  # its size, for the registration (loaded again below if it must be prepared)
+                    data = client_arrays(partition, spec.data.client)
                 reg = self.client.register(self.config.federation_id, secret, spec.name, len(data.y_train))
                 client_id, token = reg.client_id, reg.token
                 files.write_credentials(client_id, token, spec.name)
                 log.info("registered client %s as id %s", spec.name, client_id)
-            if partition is not None:  # before any task: its labels in the federation's label space
-                data = to_federation_labels(data, partition_class_names(partition),
-                                            self._federation_config(token).classes, partition, spec.name)
+            if partition is not None:  # before any task: as the federation's backbone and label space want it
+                data = self._prepared_data(partition, spec, self._federation_config(token), data)
             self._check_precision(token)
             self.slots.append(ClientSlot(spec=spec, client_id=client_id, token=token, files=files,
                                          data=None if self._data is not None else data))
             hosted.add(spec.name)
+
+    @staticmethod
+    def _prepared_data(partition: Any, spec: HostedClient, cfg: FederationConfig, loaded: Any) -> Any:
+        """A client's arrays as the federation takes them: images on disk prepared with its
+        preprocessing (the built-in datasets' arrays must already have its input size), labels
+        mapped to its classes.
+
+        Raises:
+            ValueError: arrays of another size than the model's input, or a label-space error
+                (``worker.labels``).
+        """
+        from worker.data import PartitionSpec, client_arrays
+        from worker.labels import partition_class_names, to_federation_labels
+
+        pipeline = cfg.preprocessing
+        if isinstance(partition, PartitionSpec):
+            data = loaded if loaded is not None else client_arrays(partition, spec.data.client)
+            if pipeline is not None and tuple(data.x_train.shape[1:]) != tuple(pipeline.input_size):
+                raise ValueError(f"client {spec.name}: its images are {'x'.join(map(str, data.x_train.shape[1:]))} "
+                                 f"but the federation's backbone takes {'x'.join(map(str, pipeline.input_size))} "
+                                 f"(preprocessing.input_size): built-in datasets are for the demo backbone")
+        elif loaded is not None and pipeline is None:
+            data = loaded
+        else:
+            data = client_arrays(partition, spec.data.client, pipeline)
+        return to_federation_labels(data, partition_class_names(partition), cfg.classes, partition, spec.name)
 
     def client_data(self, slot: ClientSlot) -> Any:
         """The slot's arrays (from the ``data`` mapping when the daemon was given one)."""
@@ -296,6 +321,8 @@ class WorkerDaemon:
             backbone = build_backbone(cfg.backbone.model, cfg.backbone.model_kwargs, checkpoint)
             check_manifest_matches(backbone, cfg.manifest)
             model = TieredLoRAModel(backbone, cfg.manifest).to(self.device)
+            if cfg.preprocessing is not None:  # the backbone's own normalisation, inside the model
+                model.set_input_normalization(cfg.preprocessing.mean, cfg.preprocessing.std)
             self._runtime = (cfg, model)
         return self._runtime
 

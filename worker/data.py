@@ -52,7 +52,7 @@ import math
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -342,19 +342,23 @@ def client_class_proportions(spec: PartitionSpec, client_name: str) -> np.ndarra
     return proportions
 
 
-def client_arrays(spec: AnyPartitionSpec, client_name: str) -> ClientData:
+def client_arrays(spec: AnyPartitionSpec, client_name: str, pipeline: Any = None) -> ClientData:
     """One client's train and test arrays, with its group's transforms applied.
 
     The entry point worker code calls: it dispatches on ``spec.dataset`` (``digits``/``mnist5k``
     here, data on disk in ``worker.datasets``). Test samples come from the dataset's test pool
     (or test split) only, never from any training pool or the pretraining pool.
 
+    ``pipeline`` (a ``shared.preprocess.Preprocessing``, the federation's): images on disk are
+    prepared with it (``worker.datasets.prepare_image``); the built-in datasets' arrays are as they
+    are (their federations use the demo backbone and no preprocessing).
+
     Raises:
         ValueError: the partition has no client of that name (the message lists a few), or the
             data on disk is missing or malformed (the message names the file).
     """
     if not isinstance(spec, PartitionSpec):
-        return datasets.disk_client_arrays(spec, client_name)
+        return datasets.disk_client_arrays(spec, client_name, pipeline)
     group = _client_group(spec, client_name)
     images, labels = dataset_arrays(spec.dataset)
     pools = dataset_pools(spec.dataset)

@@ -73,6 +73,8 @@ from worker.partition_spec import (
 if TYPE_CHECKING:
     from PIL import Image as PILImage
 
+    from shared.preprocess import Preprocessing
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "test")
 CIFAR_FOLDER = "cifar-100-safetensors"
@@ -103,8 +105,39 @@ def image_to_array(image: PILImage.Image, channels: int, size: tuple[int, int] |
     return array[None] if channels == 1 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
-def read_images(files: Sequence[Path], channels: int, image_size: int | None) -> np.ndarray:
-    """The images of ``files`` stacked as (N, channels, H, W) float32 in [0, 1] (see the module doc).
+def prepare_image(image: PILImage.Image, pipeline: Preprocessing) -> np.ndarray:
+    """A PIL image as the federation's backbone takes it (``shared.preprocess``), before the
+    per-channel normalisation the model does: converted to its channels, the shorter side resized
+    to ``floor(size / crop_pct)`` (the longer in proportion, truncated) with its interpolation, the
+    center ``size`` cropped, scaled to [0, 1]; (C, H, W) float32. timm's evaluation transform does
+    the same (checked in tests/unit/test_preprocess.py). A non-square input size resizes both
+    sides to ``pipeline.resize_to()`` instead."""
+    from PIL import Image
+
+    channels, height, width = pipeline.input_size
+    resample = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                "bicubic": Image.Resampling.BICUBIC}[pipeline.interpolation]
+    image = image.convert("L" if channels == 1 else "RGB")
+    w, h = image.size
+    if height == width:
+        short = pipeline.resize_to()[0]
+        size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    else:
+        size = pipeline.resize_to()[::-1]
+    if size != (w, h):
+        image = image.resize(size, resample)
+    w, h = image.size
+    top, left = int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
+    image = image.crop((left, top, left + width, top + height))
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return array[None] if channels == 1 else np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def read_images(files: Sequence[Path], channels: int, image_size: int | None,
+                pipeline: Preprocessing | None = None) -> np.ndarray:
+    """The images of ``files`` stacked as (N, channels, H, W) float32 in [0, 1] (see the module doc);
+    with ``pipeline`` (the federation's preprocessing) prepared by ``prepare_image`` instead, which
+    sets channels and size.
 
     Raises:
         ValueError: a file is not a readable image (the message names it), or ``image_size`` is
@@ -112,12 +145,17 @@ def read_images(files: Sequence[Path], channels: int, image_size: int | None) ->
     """
     from PIL import Image, UnidentifiedImageError
 
+    if pipeline is not None:
+        channels, image_size = pipeline.input_size[0], None
     size = None if image_size is None else (image_size, image_size)
     arrays: list[np.ndarray] = []
     first: tuple[Path, tuple[int, int]] | None = None
     for path in files:
         try:
             with Image.open(path) as image:
+                if pipeline is not None:
+                    arrays.append(prepare_image(image, pipeline))
+                    continue
                 if image_size is None:
                     if first is None:
                         first = (path, image.size)
@@ -130,7 +168,7 @@ def read_images(files: Sequence[Path], channels: int, image_size: int | None) ->
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"cannot read image {path}: {exc}") from None
     if not arrays:
-        shape = (0, channels, image_size or 0, image_size or 0)
+        shape = (0, *pipeline.input_size) if pipeline is not None else (0, channels, image_size or 0, image_size or 0)
         return np.zeros(shape, dtype=np.float32)
     return np.stack(arrays).astype(np.float32, copy=False)
 
@@ -253,7 +291,8 @@ def imagefolder_split(root: str | os.PathLike, client: str, split: Literal["trai
 
 
 def load_imagefolder_client(root: str | os.PathLike, client: str, image_size: int | None = None,
-                            channels: int = 3, classes: Sequence[str] | None = None) -> ClientData:
+                            channels: int = 3, classes: Sequence[str] | None = None,
+                            pipeline: Preprocessing | None = None) -> ClientData:
     """One client of an ImageFolder-per-client root as ``ClientData`` (every image of its
     ``train/`` and ``test/``), labels from ``classes`` (default: ``imagefolder_classes(root)``).
 
@@ -268,7 +307,7 @@ def load_imagefolder_client(root: str | os.PathLike, client: str, image_size: in
     classes = list(classes) if classes is not None else imagefolder_classes(root)
     train = imagefolder_split(root, client, "train", classes)
     test = imagefolder_split(root, client, "test", classes)
-    images = read_images(train.files + test.files, channels, image_size)
+    images = read_images(train.files + test.files, channels, image_size, pipeline)
     n = len(train.files)
     return ClientData(x_train=images[:n], y_train=train.labels, x_test=images[n:], y_test=test.labels,
                       train_indices=np.arange(n, dtype=np.int64),
@@ -519,9 +558,17 @@ def cifar100_split(train: CifarSplit, test: CifarSplit, scheme: Literal["scdir",
     raise ValueError(f"unknown CIFAR-100 scheme {scheme!r} (known: scdir, gldir, patho)")
 
 
-def cifar_inputs(images: np.ndarray, channels: int, image_size: int | None) -> np.ndarray:
+def cifar_inputs(images: np.ndarray, channels: int, image_size: int | None,
+                 pipeline: Preprocessing | None = None) -> np.ndarray:
     """CIFAR images (N, 3, 32, 32) uint8 as model input (N, channels, S, S) float32 in [0, 1],
-    S = ``image_size`` or 32, by the same steps as every other image (``image_to_array``)."""
+    S = ``image_size`` or 32, by the same steps as every other image (``image_to_array``; with
+    ``pipeline``, ``prepare_image``)."""
+    if pipeline is not None:
+        from PIL import Image
+
+        out = [prepare_image(Image.fromarray(np.ascontiguousarray(img.transpose(1, 2, 0)), "RGB"), pipeline)
+               for img in images]
+        return np.stack(out) if out else np.zeros((0, *pipeline.input_size), dtype=np.float32)
     if channels == 3 and image_size in (None, CIFAR_IMAGE_SIZE):
         return images.astype(np.float32) / 255.0
     from PIL import Image
@@ -704,7 +751,7 @@ def _check_client(spec: DiskPartitionSpec, names: Sequence[str], client: str) ->
         raise ValueError(f"partition {spec.name!r} has no client {client!r} (clients: {_shown(sorted(names))})")
 
 
-def disk_client_arrays(spec: DiskPartitionSpec, client: str) -> ClientData:
+def disk_client_arrays(spec: DiskPartitionSpec, client: str, pipeline: Preprocessing | None = None) -> ClientData:
     """One client's arrays for a partition over data on disk (see the module doc for each kind).
 
     Raises:
@@ -713,23 +760,23 @@ def disk_client_arrays(spec: DiskPartitionSpec, client: str) -> ClientData:
     """
     if isinstance(spec, ImageFolderPartitionSpec):
         _check_client(spec, imagefolder_clients(spec.root), client)
-        return load_imagefolder_client(spec.root, client, spec.image_size, spec.channels)
+        return load_imagefolder_client(spec.root, client, spec.image_size, spec.channels, pipeline=pipeline)
     split = disk_split(spec)
     _check_client(spec, list(split.train), client)
     train_index, test_index = split.train[client], split.test[client]
     if isinstance(spec, Cifar100PartitionSpec):
         data = load_cifar100(spec.root)
         train, test = data["train"], data["test"]
-        return ClientData(x_train=cifar_inputs(train.images[train_index], spec.channels, spec.image_size),
+        return ClientData(x_train=cifar_inputs(train.images[train_index], spec.channels, spec.image_size, pipeline),
                           y_train=train.fine_labels[train_index].copy(),
-                          x_test=cifar_inputs(test.images[test_index], spec.channels, spec.image_size),
+                          x_test=cifar_inputs(test.images[test_index], spec.channels, spec.image_size, pipeline),
                           y_test=test.fine_labels[test_index].copy(),
                           train_indices=train_index.copy(), test_indices=test_index.copy())
     index = scan_domainnet(spec.root, spec.domains, spec.top_classes)
     domain = next(d for d, names in split.groups.items() if client in names)
     files, labels = index.files[domain], index.labels[domain]
     images = read_images([files[i] for i in train_index] + [files[i] for i in test_index], spec.channels,
-                         spec.image_size)
+                         spec.image_size, pipeline)
     n = train_index.shape[0]
     return ClientData(x_train=images[:n], y_train=labels[train_index].copy(), x_test=images[n:],
                       y_test=labels[test_index].copy(), train_indices=train_index.copy(),

@@ -119,7 +119,8 @@ def export_client_model(client: CoordinatorClient, state_dir: str | os.PathLike,
                               tiers=list(tiers), versions=versions, federation_id=federation_id,
                               federation=cfg.name, client=client_name, client_id=client_id,
                               local_factors=local or None, backbone_sha256=cfg.backbone.sha256,
-                              classes=cfg.classes)
+                              classes=cfg.classes,
+                              preprocessing=cfg.preprocessing.model_dump(mode="json") if cfg.preprocessing else None)
     body = pack_model(merged, metadata)
     atomic_write(out, body)
     return ExportResult(path=Path(out), sha256=hashlib.sha256(body).hexdigest(), bytes=len(body),
@@ -202,6 +203,24 @@ def load_image(path: str | os.PathLike, channels: int, size: tuple[int, int]) ->
     return array[None] if channels == 1 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
+def load_prepared_image(path: str | os.PathLike, pipeline: Any) -> np.ndarray:
+    """One image through the federation's preprocessing (a ``shared.preprocess.Preprocessing``),
+    normalised: exactly what the workers' model saw (``worker.datasets.prepare_image``, then the
+    model's ``(x - mean) / std``)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from worker.datasets import prepare_image
+
+    try:
+        with Image.open(path) as img:
+            array = prepare_image(img, pipeline)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    mean = np.asarray(pipeline.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(pipeline.std, dtype=np.float32).reshape(-1, 1, 1)
+    return (array - mean) / std
+
+
 def predict_images(model, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
     """(classes, probabilities of those classes) for a batch of inputs (N, C, H, W)."""
     import torch
@@ -221,10 +240,16 @@ def predict_images(model, images: np.ndarray, batch_size: int = 256) -> tuple[np
 def predict_directory(model_path: str | os.PathLike, directory: str | os.PathLike) -> list[dict[str, Any]]:
     """Predict every image of ``directory`` with a merged model file: ``[{file, class, probability}]``,
     plus ``name`` (the class's name) when the federation listed its classes."""
+    from shared.preprocess import Preprocessing
+
     model, meta = load_merged_model(model_path)
     channels, size = model_input_spec(model)
     files = image_files(directory)
-    x = np.stack([load_image(f, channels, size) for f in files])
+    if meta.get("preprocessing"):   # the federation's pipeline, as its workers trained with it
+        pipeline = Preprocessing.model_validate(meta["preprocessing"])
+        x = np.stack([load_prepared_image(f, pipeline) for f in files])
+    else:
+        x = np.stack([load_image(f, channels, size) for f in files])
     classes, probabilities = predict_images(model, x)
     names = meta.get("classes")
     return [{"file": f.name, "class": int(c), **({"name": names[int(c)]} if names else {}), "probability": float(p)}

@@ -207,6 +207,19 @@ class TieredLoRAModel(nn.Module):
         for parameter in self.heads.parameters():
             parameter.requires_grad_(False)
         self.active_tiers: tuple[str, ...] = ()
+        # the federation's per-channel input normalisation (shared.preprocess), if any: not part
+        # of the state dict, so exports and adapters are the same with or without it
+        self.register_buffer("input_mean", None, persistent=False)
+        self.register_buffer("input_std", None, persistent=False)
+
+    def set_input_normalization(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        """Inputs become ``(x - mean) / std`` per channel before the backbone (None: as given)."""
+        if mean is None or std is None:
+            self.input_mean = self.input_std = None
+            return
+        device = next(self.backbone.parameters()).device
+        self.input_mean = torch.tensor(list(mean), dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.input_std = torch.tensor(list(std), dtype=torch.float32, device=device).view(1, -1, 1, 1)
 
     # ------------------------------------------------------------------ structure
 
@@ -356,7 +369,10 @@ class TieredLoRAModel(nn.Module):
         return loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the backbone with the active tiers' LoRA, through the highest active tier's head."""
+        """Logits of the backbone with the active tiers' LoRA, through the highest active tier's head
+        (inputs normalised first when ``set_input_normalization`` set a mean and std)."""
+        if self.input_mean is not None:
+            x = (x - self.input_mean) / self.input_std
         features = self.backbone.forward_features(x)
         pooled = self.backbone.forward_head(features, pre_logits=True)
         head = self.heads[self.active_tiers[-1]] if self.active_tiers else self.backbone.head

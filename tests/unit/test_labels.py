@@ -122,10 +122,11 @@ def test_the_federation_file_carries_classes(tmp_path):
     checkpoint.write_bytes(b"not read here")
     doc = _config()
     file = FederationFile.model_validate({"name": "f", "backbone": {"model": "m", "checkpoint": str(checkpoint)},
-                                          "manifest": doc["manifest"], "classes": ["cat", "dog", "eel"]})
+                                          "manifest": doc["manifest"], "classes": ["cat", "dog", "eel"],
+                                          "preprocessing": "none"})
     config, _ = build_federation_config(file)
     assert config.classes == ["cat", "dog", "eel"]
     file = FederationFile.model_validate({"name": "f", "backbone": {"model": "m", "checkpoint": str(checkpoint)},
-                                          "manifest": doc["manifest"], "classes": ["cat"]})
+                                          "manifest": doc["manifest"], "classes": ["cat"], "preprocessing": "none"})
     with pytest.raises(ValueError, match="head has 3 outputs"):
         build_federation_config(file)
