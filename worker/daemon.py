@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -45,12 +45,43 @@ log = logging.getLogger("hilora.worker")
 
 
 class DataSpec(BaseModel):
-    """Where a client's data comes from: a client of a partition file (built-in name or path)."""
+    """Where a client's data comes from: a client of a partition file (built-in name or path),
+    ``{"partition": P, "client": C}``, or one folder of its own, ``{"imagefolder": DIR}`` with
+    ``DIR/train/<class>/*`` and ``DIR/test/<class>/*`` (optional ``image_size``, ``channels``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    partition: str = Field(min_length=1)
-    client: str = Field(min_length=1)
+    partition: str | None = Field(default=None, min_length=1)
+    client: str | None = Field(default=None, min_length=1)
+    imagefolder: str | None = Field(default=None, min_length=1)
+    image_size: int | None = Field(default=None, ge=1, le=4096)
+    channels: Literal[1, 3] = 3
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataSpec":
+        if self.imagefolder is not None:
+            if self.partition is not None or self.client is not None:
+                raise ValueError("give either {\"imagefolder\": DIR} or {\"partition\": ..., \"client\": ...}, "
+                                 "not both")
+        elif self.partition is None or self.client is None:
+            raise ValueError("a client's data is {\"partition\": FILE_OR_NAME, \"client\": NAME} or "
+                             "{\"imagefolder\": DIR}")
+        elif self.image_size is not None or self.channels != 3:
+            raise ValueError("image_size and channels go with \"imagefolder\"; a partition file sets its own")
+        return self
+
+    def load_spec(self) -> Any:
+        """The partition spec, or the one-folder spec (``worker.partition_spec.FolderClientSpec``)."""
+        from worker.data import FolderClientSpec, load_partition
+
+        if self.imagefolder is not None:
+            return FolderClientSpec(folder=self.imagefolder, image_size=self.image_size, channels=self.channels)
+        return load_partition(self.partition)
+
+    @property
+    def client_name(self) -> str:
+        """The client's name in its partition (the folder's name for a one-folder spec)."""
+        return self.client if self.client is not None else Path(self.imagefolder).name
 
 
 class HostedClient(BaseModel):
@@ -231,7 +262,7 @@ class WorkerDaemon:
     def add_clients(self, specs: Sequence[HostedClient]) -> None:
         """Host more clients from now on (registering each with the secret unless it has credentials),
         e.g. clients that join a federation that is already serving."""
-        from worker.data import client_arrays, load_partition
+        from worker.data import client_arrays
 
         hosted = {slot.spec.name for slot in self.slots}
         for spec in specs:
@@ -243,7 +274,7 @@ class WorkerDaemon:
             if self._data is not None:  # arrays given in process: as the federation takes them
                 data = self._data[spec.name]
             else:
-                partition = load_partition(spec.data.partition)
+                partition = spec.data.load_spec()
             if spec.token is not None:
                 client_id, token = spec.client_id, spec.token
             elif files.credentials.exists():
@@ -253,7 +284,7 @@ class WorkerDaemon:
                 if not secret:
                     raise ValueError(f"client {spec.name} has no token and no enrollment secret to register with")
                 if data is None:  # its size, for the registration (loaded again below if it must be prepared)
-                    data = client_arrays(partition, spec.data.client)
+                    data = client_arrays(partition, spec.data.client_name)
                 reg = self.client.register(self.config.federation_id, secret, spec.name, len(data.y_train))
                 client_id, token = reg.client_id, reg.token
                 files.write_credentials(client_id, token, spec.name)
@@ -280,7 +311,7 @@ class WorkerDaemon:
 
         pipeline = cfg.preprocessing
         if isinstance(partition, PartitionSpec):
-            data = loaded if loaded is not None else client_arrays(partition, spec.data.client)
+            data = loaded if loaded is not None else client_arrays(partition, spec.data.client_name)
             if pipeline is not None and tuple(data.x_train.shape[1:]) != tuple(pipeline.input_size):
                 raise ValueError(f"client {spec.name}: its images are {'x'.join(map(str, data.x_train.shape[1:]))} "
                                  f"but the federation's backbone takes {'x'.join(map(str, pipeline.input_size))} "
@@ -288,7 +319,7 @@ class WorkerDaemon:
         elif loaded is not None and pipeline is None:
             data = loaded
         else:
-            data = client_arrays(partition, spec.data.client, pipeline)
+            data = client_arrays(partition, spec.data.client_name, pipeline)
         return to_federation_labels(data, partition_class_names(partition), cfg.classes, partition, spec.name)
 
     def client_data(self, slot: ClientSlot) -> Any:

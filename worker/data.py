@@ -72,6 +72,7 @@ from worker.partition_spec import (  # noqa: F401
     ClientInfo,
     DiskPartitionSpec,
     DomainNetPartitionSpec,
+    FolderClientSpec,
     GroupSpec,
     ImageFolderPartitionSpec,
     InvertTransform,
@@ -357,6 +358,8 @@ def client_arrays(spec: AnyPartitionSpec, client_name: str, pipeline: Any = None
         ValueError: the partition has no client of that name (the message lists a few), or the
             data on disk is missing or malformed (the message names the file).
     """
+    if isinstance(spec, FolderClientSpec):
+        return datasets.load_folder_client(spec, pipeline)
     if not isinstance(spec, PartitionSpec):
         return datasets.disk_client_arrays(spec, client_name, pipeline)
     group = _client_group(spec, client_name)

@@ -63,6 +63,7 @@ from worker.partition_spec import (
     ClientInfo,
     DiskPartitionSpec,
     DomainNetPartitionSpec,
+    FolderClientSpec,
     ImageFolderPartitionSpec,
     _allocate,
     _stable_seed,
@@ -288,6 +289,33 @@ def imagefolder_split(root: str | os.PathLike, client: str, split: Literal["trai
         raise ValueError(f"client {client!r} has no {split} images: {folder} holds no <class>/*.png "
                          f"(layout {_IMAGEFOLDER_LAYOUT})")
     return FolderSplit(files=tuple(files), labels=np.asarray(labels, dtype=np.int64))
+
+
+def folder_classes(folder: str | os.PathLike) -> list[str]:
+    """The class names of a one-client folder (``DIR/train`` and ``DIR/test``), sorted."""
+    folder = Path(folder).expanduser()
+    return sorted({p.name for split in SPLITS for p in _class_folders(_split_folder(folder.parent, folder.name, split))})
+
+
+def load_folder_client(spec: FolderClientSpec, pipeline: Preprocessing | None = None) -> ClientData:
+    """A one-client folder's images (every image of ``train/`` and ``test/``), labels by
+    ``folder_classes``.
+
+    Raises:
+        ValueError: the folder does not exist or breaks the layout (the message names the path).
+    """
+    folder = Path(spec.folder).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"data folder {folder} does not exist (expected {folder}/train/<class>/*.png and "
+                         f"{folder}/test/<class>/*.png)")
+    classes = folder_classes(folder)
+    train = imagefolder_split(folder.parent, folder.name, "train", classes)
+    test = imagefolder_split(folder.parent, folder.name, "test", classes)
+    images = read_images(train.files + test.files, spec.channels, spec.image_size, pipeline)
+    n = len(train.files)
+    return ClientData(x_train=images[:n], y_train=train.labels, x_test=images[n:], y_test=test.labels,
+                      train_indices=np.arange(n, dtype=np.int64),
+                      test_indices=np.arange(len(test.files), dtype=np.int64))
 
 
 def load_imagefolder_client(root: str | os.PathLike, client: str, image_size: int | None = None,

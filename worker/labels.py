@@ -26,6 +26,7 @@ from worker.partition_spec import (
     Cifar100PartitionSpec,
     ClientData,
     DomainNetPartitionSpec,
+    FolderClientSpec,
     ImageFolderPartitionSpec,
 )
 
@@ -52,6 +53,8 @@ def partition_class_names(spec: AnyPartitionSpec) -> list[str]:
     machine's root holds (the union over its clients, sorted)."""
     from worker import datasets
 
+    if isinstance(spec, FolderClientSpec):
+        return datasets.folder_classes(spec.folder)
     if isinstance(spec, ImageFolderPartitionSpec):
         return datasets.imagefolder_classes(spec.root)
     if isinstance(spec, Cifar100PartitionSpec):
@@ -91,7 +94,7 @@ def to_federation_labels(data: ClientData, local: Sequence[str], federation: Seq
             list, or no class in common.
     """
     if federation is None:
-        if isinstance(spec, ImageFolderPartitionSpec):
+        if isinstance(spec, (ImageFolderPartitionSpec, FolderClientSpec)):
             raise ValueError(f"client {client} holds ImageFolder data but the federation lists no classes: "
                              f"labels would follow the class folders of this machine ({_names(local)}), "
                              f"which need not match other sites'. Create the federation with \"classes\": "

@@ -200,6 +200,17 @@ class DomainNetPartitionSpec(_DiskSpec):
         return self
 
 
+@dataclass(frozen=True)
+class FolderClientSpec:
+    """One organisation, one folder (a worker's ``{"imagefolder": "DIR"}`` data spec): ``DIR/train``
+    and ``DIR/test`` hold ``<class>/<images>``; no partition file. ``image_size`` and ``channels``
+    as for an ImageFolder partition (a federation's ``preprocessing`` overrides them)."""
+
+    folder: str
+    image_size: int | None = None
+    channels: int = 3
+
+
 DiskPartitionSpec = Union[ImageFolderPartitionSpec, Cifar100PartitionSpec, DomainNetPartitionSpec]
 AnyPartitionSpec = Union[PartitionSpec, ImageFolderPartitionSpec, Cifar100PartitionSpec, DomainNetPartitionSpec]
 _SPEC_MODELS: dict[str, type[BaseModel]] = {

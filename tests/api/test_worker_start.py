@@ -93,3 +93,36 @@ def test_a_cpu_worker_refuses_a_federation_in_fp16_before_any_lease(api, app, tm
     r = api.post("/v1/federations", json={"config": tiny_config("bad", "0" * 64, training={"precision": "fp8"})},
                  headers=admin_headers())
     assert r.status_code == 422 and "precision" in r.text
+
+
+def test_one_organisation_one_folder_needs_no_partition_file(api, app, tmp_path):
+    """``{"imagefolder": DIR}``: DIR/train and DIR/test hold the class folders; the client's classes
+    are mapped to the federation's like any other site's."""
+    fid, secret = create_federation(api, classes=CLASSES, schedule={"min_clients": 5})
+    site(tmp_path / "m", "hospital", {"train": {"dog": 2, "cat": 1}, "test": {"cat": 1}})
+    http = CoordinatorClient(str(api.base_url), transport=ThroughTestClient(api), max_retries=0)
+    config = WorkerConfig(federation_id=fid, enrollment_secret=secret, clients=[
+        {"name": "hospital", "data": {"imagefolder": str(tmp_path / "m" / "hospital"), "image_size": 4}}])
+    worker = WorkerDaemon(http, config, tmp_path / "state")
+    worker.setup()
+    data = worker.client_data(worker.slots[0])
+    assert data.y_train.tolist() == [2, 1, 1] and data.y_test.tolist() == [2] and data.x_train.shape == (3, 3, 4, 4)
+    for x, y in zip(data.x_train, data.y_train):
+        assert x[0].max() * 255 == pytest.approx(RED[CLASSES[int(y)]])
+    rows = api.get(f"/v1/federations/{fid}/clients", headers=admin_headers()).json()
+    assert [(r["name"], r["num_samples"]) for r in rows] == [("hospital", 3)]
+    missing = WorkerConfig(federation_id=fid, enrollment_secret=secret, clients=[
+        {"name": "clinic", "data": {"imagefolder": str(tmp_path / "nowhere")}}])
+    with pytest.raises(ValueError, match="data folder .*nowhere does not exist"):
+        WorkerDaemon(http, missing, tmp_path / "state").setup()
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"imagefolder": "/d", "partition": "tiny"}, "not both"),
+    ({"partition": "tiny"}, "imagefolder"),
+    ({"partition": "tiny", "client": "a", "image_size": 8}, "go with .imagefolder."),
+    ({"imagefolder": "/d", "channels": 2}, "channels"),
+])
+def test_bad_data_specs_are_refused(data, message):
+    with pytest.raises(ValueError, match=message):
+        WorkerConfig(federation_id=1, clients=[{"name": "x", "data": data}])
