@@ -129,6 +129,9 @@ def worker(
     checkpoint_every: Annotated[int, typer.Option(
         min=0, help="optimizer steps between saves of a training task's progress in --state-dir (0: only when it "
                     "is stopped); a task leased again after a pre-emption resumes from it")] = 100,
+    data_workers: Annotated[int, typer.Option(
+        min=0, max=64, help="processes decoding a client's images on disk while it trains (0: the worker's own); "
+                            "memory per hosted client stays a few batches either way")] = 0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error or critical")] = "info",
     log_format: Annotated[Optional[str], typer.Option(
         help="'text' or 'json' (one JSON object per line, with the task and client of each line); "
@@ -174,7 +177,7 @@ def worker(
     with CoordinatorClient(_checked_url(coordinator_url), worker_id=wid, max_retries=retries) as client:
         daemon = WorkerDaemon(client, cfg, state_dir, device=device, exit_when_idle=exit_when_idle,
                               max_seconds=max_seconds, grace_seconds=grace_seconds,
-                              checkpoint_every=checkpoint_every)
+                              checkpoint_every=checkpoint_every, data_workers=data_workers)
 
         def _stop(signum, _frame):  # noqa: ANN001
             daemon.request_stop(signal.Signals(signum).name)

@@ -226,12 +226,13 @@ class WorkerDaemon:
     def __init__(self, client: CoordinatorClient, config: WorkerConfig, state_dir: Path, device: str = "cpu",
                  exit_when_idle: bool = False, max_seconds: float | None = None, grace_seconds: float = 30.0,
                  report_timeout: float = 300.0, data: Mapping[str, Any] | None = None,
-                 checkpoint_every: int = 100) -> None:
+                 checkpoint_every: int = 100, data_workers: int = 0) -> None:
         """``data``: the hosted clients' arrays by client name, looked up at every task (e.g. a bounded
         cache, so that many hosted clients need not all be in memory); by default each client's
         partition is read once at ``setup`` and kept. ``checkpoint_every``: optimizer steps between
         saves of a training task's progress in the client's state directory (0: only when the
-        task is stopped, by a lost lease or a shutdown); a task leased again resumes from it."""
+        task is stopped, by a lost lease or a shutdown); a task leased again resumes from it.
+        ``data_workers``: processes decoding a client's images on disk while it trains (0: this one)."""
         self.client = client
         client.interrupted = self.interrupted  # requests stop retrying once the daemon is stopping
         self.config = config
@@ -251,6 +252,7 @@ class WorkerDaemon:
         self._adapter_cache: dict[int, dict] = {}
         self._data = data
         self.checkpoint_every = checkpoint_every
+        self.data_workers = data_workers
 
     # ------------------------------------------------------------------ setup
 
@@ -283,8 +285,8 @@ class WorkerDaemon:
                 secret = spec.enrollment_secret or self.config.enrollment_secret
                 if not secret:
                     raise ValueError(f"client {spec.name} has no token and no enrollment secret to register with")
-                if data is None:  # its size, for the registration (loaded again below if it must be prepared)
-                    data = client_arrays(partition, spec.data.client_name)
+                if data is None:  # its size, for the registration (images on disk: their headers only)
+                    data = client_arrays(partition, spec.data.client_name, lazy=True)
                 reg = self.client.register(self.config.federation_id, secret, spec.name, len(data.y_train))
                 client_id, token = reg.client_id, reg.token
                 files.write_credentials(client_id, token, spec.name)
@@ -296,11 +298,10 @@ class WorkerDaemon:
                                          data=None if self._data is not None else data))
             hosted.add(spec.name)
 
-    @staticmethod
-    def _prepared_data(partition: Any, spec: HostedClient, cfg: FederationConfig, loaded: Any) -> Any:
-        """A client's arrays as the federation takes them: images on disk prepared with its
-        preprocessing (the built-in datasets' arrays must already have its input size), labels
-        mapped to its classes.
+    def _prepared_data(self, partition: Any, spec: HostedClient, cfg: FederationConfig, loaded: Any) -> Any:
+        """A client's data as the federation takes them: images on disk streamed (decoded batch by
+        batch in ``data_workers`` processes, ``worker.stream``) through its preprocessing (the
+        built-in datasets' arrays must already have its input size), labels mapped to its classes.
 
         Raises:
             ValueError: arrays of another size than the model's input, or a label-space error
@@ -316,10 +317,8 @@ class WorkerDaemon:
                 raise ValueError(f"client {spec.name}: its images are {'x'.join(map(str, data.x_train.shape[1:]))} "
                                  f"but the federation's backbone takes {'x'.join(map(str, pipeline.input_size))} "
                                  f"(preprocessing.input_size): built-in datasets are for the demo backbone")
-        elif loaded is not None and pipeline is None:
-            data = loaded
         else:
-            data = client_arrays(partition, spec.data.client_name, pipeline)
+            data = client_arrays(partition, spec.data.client_name, pipeline, lazy=True, workers=self.data_workers)
         return to_federation_labels(data, partition_class_names(partition), cfg.classes, partition, spec.name)
 
     def client_data(self, slot: ClientSlot) -> Any:

@@ -343,7 +343,8 @@ def client_class_proportions(spec: PartitionSpec, client_name: str) -> np.ndarra
     return proportions
 
 
-def client_arrays(spec: AnyPartitionSpec, client_name: str, pipeline: Any = None) -> ClientData:
+def client_arrays(spec: AnyPartitionSpec, client_name: str, pipeline: Any = None, lazy: bool = False,
+                  workers: int = 0) -> ClientData:
     """One client's train and test arrays, with its group's transforms applied.
 
     The entry point worker code calls: it dispatches on ``spec.dataset`` (``digits``/``mnist5k``
@@ -352,16 +353,18 @@ def client_arrays(spec: AnyPartitionSpec, client_name: str, pipeline: Any = None
 
     ``pipeline`` (a ``shared.preprocess.Preprocessing``, the federation's): images on disk are
     prepared with it (``worker.datasets.prepare_image``); the built-in datasets' arrays are as they
-    are (their federations use the demo backbone and no preprocessing).
+    are (their federations use the demo backbone and no preprocessing). ``lazy``: images on disk
+    (ImageFolder, one folder, DomainNet) become ``worker.stream.LazyImages``, decoded batch by batch
+    in ``workers`` processes while training; CIFAR-100's arrays and the built-in datasets stay arrays.
 
     Raises:
         ValueError: the partition has no client of that name (the message lists a few), or the
             data on disk is missing or malformed (the message names the file).
     """
     if isinstance(spec, FolderClientSpec):
-        return datasets.load_folder_client(spec, pipeline)
+        return datasets.load_folder_client(spec, pipeline, lazy, workers)
     if not isinstance(spec, PartitionSpec):
-        return datasets.disk_client_arrays(spec, client_name, pipeline)
+        return datasets.disk_client_arrays(spec, client_name, pipeline, lazy, workers)
     group = _client_group(spec, client_name)
     images, labels = dataset_arrays(spec.dataset)
     pools = dataset_pools(spec.dataset)

@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import safetensors.numpy
 
+from worker.stream import LazyImages
+
 # Only the lower module: worker.data imports this one (never the other way round).
 from worker.partition_spec import (
     _NAME_PATTERN,
@@ -106,6 +108,54 @@ def image_to_array(image: PILImage.Image, channels: int, size: tuple[int, int] |
     return array[None] if channels == 1 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
+class _Decoder:
+    """Decodes one image file as ``read_images`` would (a picklable callable, for decoding in
+    DataLoader worker processes)."""
+
+    def __init__(self, channels: int, size: tuple[int, int] | None, pipeline: Preprocessing | None) -> None:
+        self.channels, self.size, self.pipeline = channels, size, pipeline
+
+    def __call__(self, path: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                if self.pipeline is not None:
+                    return prepare_image(image, self.pipeline)
+                return image_to_array(image, self.channels, self.size)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"cannot read image {path}: {exc}") from None
+
+
+def _lazy_images(files: Sequence[Path], channels: int, image_size: int | None, pipeline: Preprocessing | None,
+                 workers: int) -> LazyImages:
+    from PIL import Image, UnidentifiedImageError
+
+    first: tuple[Path, tuple[int, int]] | None = None
+    for path in files:   # every file a readable image, before any training (headers only)
+        try:
+            with Image.open(path) as image:
+                if pipeline is None and image_size is None:
+                    if first is None:
+                        first = (path, image.size)
+                    elif image.size != first[1]:
+                        raise ValueError(
+                            f"image {path} is {image.size[0]}x{image.size[1]} but {first[0]} is "
+                            f"{first[1][0]}x{first[1][1]}: a client's images must share one size, or set "
+                            f"image_size in the partition file to resize them all")
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"cannot read image {path}: {exc}") from None
+    if pipeline is not None:
+        shape = tuple(pipeline.input_size)
+    elif image_size is not None:
+        shape = (channels, image_size, image_size)
+    else:
+        width, height = first[1] if first is not None else (0, 0)
+        shape = (channels, height, width)
+    size = None if image_size is None else (image_size, image_size)
+    return LazyImages(files, _Decoder(channels, size, pipeline), shape, workers)
+
+
 def prepare_image(image: PILImage.Image, pipeline: Preprocessing) -> np.ndarray:
     """A PIL image as the federation's backbone takes it (``shared.preprocess``), before the
     per-channel normalisation the model does: converted to its channels, the shorter side resized
@@ -135,10 +185,12 @@ def prepare_image(image: PILImage.Image, pipeline: Preprocessing) -> np.ndarray:
 
 
 def read_images(files: Sequence[Path], channels: int, image_size: int | None,
-                pipeline: Preprocessing | None = None) -> np.ndarray:
+                pipeline: Preprocessing | None = None, lazy: bool = False, workers: int = 0) -> np.ndarray:
     """The images of ``files`` stacked as (N, channels, H, W) float32 in [0, 1] (see the module doc);
     with ``pipeline`` (the federation's preprocessing) prepared by ``prepare_image`` instead, which
-    sets channels and size.
+    sets channels and size. ``lazy``: a ``worker.stream.LazyImages`` that decodes them when training
+    asks (in ``workers`` processes), after checking that every file is a readable image (headers
+    only) of an acceptable size.
 
     Raises:
         ValueError: a file is not a readable image (the message names it), or ``image_size`` is
@@ -146,6 +198,8 @@ def read_images(files: Sequence[Path], channels: int, image_size: int | None,
     """
     from PIL import Image, UnidentifiedImageError
 
+    if lazy:
+        return _lazy_images(files, channels, image_size, pipeline, workers)
     if pipeline is not None:
         channels, image_size = pipeline.input_size[0], None
     size = None if image_size is None else (image_size, image_size)
@@ -297,7 +351,8 @@ def folder_classes(folder: str | os.PathLike) -> list[str]:
     return sorted({p.name for split in SPLITS for p in _class_folders(_split_folder(folder.parent, folder.name, split))})
 
 
-def load_folder_client(spec: FolderClientSpec, pipeline: Preprocessing | None = None) -> ClientData:
+def load_folder_client(spec: FolderClientSpec, pipeline: Preprocessing | None = None, lazy: bool = False,
+                       workers: int = 0) -> ClientData:
     """A one-client folder's images (every image of ``train/`` and ``test/``), labels by
     ``folder_classes``.
 
@@ -311,7 +366,7 @@ def load_folder_client(spec: FolderClientSpec, pipeline: Preprocessing | None = 
     classes = folder_classes(folder)
     train = imagefolder_split(folder.parent, folder.name, "train", classes)
     test = imagefolder_split(folder.parent, folder.name, "test", classes)
-    images = read_images(train.files + test.files, spec.channels, spec.image_size, pipeline)
+    images = read_images(train.files + test.files, spec.channels, spec.image_size, pipeline, lazy, workers)
     n = len(train.files)
     return ClientData(x_train=images[:n], y_train=train.labels, x_test=images[n:], y_test=test.labels,
                       train_indices=np.arange(n, dtype=np.int64),
@@ -320,7 +375,8 @@ def load_folder_client(spec: FolderClientSpec, pipeline: Preprocessing | None = 
 
 def load_imagefolder_client(root: str | os.PathLike, client: str, image_size: int | None = None,
                             channels: int = 3, classes: Sequence[str] | None = None,
-                            pipeline: Preprocessing | None = None) -> ClientData:
+                            pipeline: Preprocessing | None = None, lazy: bool = False,
+                            workers: int = 0) -> ClientData:
     """One client of an ImageFolder-per-client root as ``ClientData`` (every image of its
     ``train/`` and ``test/``), labels from ``classes`` (default: ``imagefolder_classes(root)``).
 
@@ -335,7 +391,7 @@ def load_imagefolder_client(root: str | os.PathLike, client: str, image_size: in
     classes = list(classes) if classes is not None else imagefolder_classes(root)
     train = imagefolder_split(root, client, "train", classes)
     test = imagefolder_split(root, client, "test", classes)
-    images = read_images(train.files + test.files, channels, image_size, pipeline)
+    images = read_images(train.files + test.files, channels, image_size, pipeline, lazy, workers)
     n = len(train.files)
     return ClientData(x_train=images[:n], y_train=train.labels, x_test=images[n:], y_test=test.labels,
                       train_indices=np.arange(n, dtype=np.int64),
@@ -779,7 +835,8 @@ def _check_client(spec: DiskPartitionSpec, names: Sequence[str], client: str) ->
         raise ValueError(f"partition {spec.name!r} has no client {client!r} (clients: {_shown(sorted(names))})")
 
 
-def disk_client_arrays(spec: DiskPartitionSpec, client: str, pipeline: Preprocessing | None = None) -> ClientData:
+def disk_client_arrays(spec: DiskPartitionSpec, client: str, pipeline: Preprocessing | None = None,
+                       lazy: bool = False, workers: int = 0) -> ClientData:
     """One client's arrays for a partition over data on disk (see the module doc for each kind).
 
     Raises:
@@ -788,7 +845,8 @@ def disk_client_arrays(spec: DiskPartitionSpec, client: str, pipeline: Preproces
     """
     if isinstance(spec, ImageFolderPartitionSpec):
         _check_client(spec, imagefolder_clients(spec.root), client)
-        return load_imagefolder_client(spec.root, client, spec.image_size, spec.channels, pipeline=pipeline)
+        return load_imagefolder_client(spec.root, client, spec.image_size, spec.channels, pipeline=pipeline,
+                                       lazy=lazy, workers=workers)
     split = disk_split(spec)
     _check_client(spec, list(split.train), client)
     train_index, test_index = split.train[client], split.test[client]
@@ -804,7 +862,7 @@ def disk_client_arrays(spec: DiskPartitionSpec, client: str, pipeline: Preproces
     domain = next(d for d, names in split.groups.items() if client in names)
     files, labels = index.files[domain], index.labels[domain]
     images = read_images([files[i] for i in train_index] + [files[i] for i in test_index], spec.channels,
-                         spec.image_size, pipeline)
+                         spec.image_size, pipeline, lazy, workers)
     n = train_index.shape[0]
     return ClientData(x_train=images[:n], y_train=labels[train_index].copy(), x_test=images[n:],
                       y_test=labels[test_index].copy(), train_indices=train_index.copy(),

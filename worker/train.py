@@ -19,6 +19,8 @@ from torch.nn import functional as F
 from shared.manifest import TIERS
 from worker.data import ClientData
 from worker.lora import TieredLoRAModel
+from worker.stream import batches as stream_batches
+from worker.stream import is_lazy
 
 
 class TrainingStopped(Exception):
@@ -170,7 +172,8 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
     trainable = tuple(trainable)
     if not trainable:
         raise ValueError("nothing to train: trainable is empty")
-    x = _as_tensor(data.x_train, torch.float32, device)
+    lazy = is_lazy(data.x_train)   # images on disk: decoded batch by batch (worker.stream)
+    x = data.x_train if lazy else _as_tensor(data.x_train, torch.float32, device)
     y = _as_tensor(data.y_train, torch.int64, device)
     n = int(y.shape[0])
     if n == 0:
@@ -203,6 +206,10 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
             order = torch.randperm(n, generator=generator).to(device)
             total = torch.zeros((), device=device)
             seen = 0
+            if lazy:  # this pass's batches that will train, decoded ahead in the same order
+                starts = range(0, n, batch_size)
+                streamed = stream_batches(x, [order[start:start + batch_size] for k, start in enumerate(starts)
+                                              if skip <= step_index + k < budget], device)
             for start in range(0, n, batch_size):
                 if step_index >= budget:
                     break
@@ -217,7 +224,7 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
                     raise TrainingStopped(f"stopped after {done} steps")
                 index = order[start:start + batch_size]
                 with autocast(device, precision):
-                    logits = model(x[index])
+                    logits = model(next(streamed) if lazy else x[index])
                     if class_balanced and weight is None:
                         weight = _class_weights(y, int(logits.shape[1]))
                     loss = (F.cross_entropy(logits.float(), y[index], weight=weight)
@@ -262,9 +269,18 @@ def predict(model: TieredLoRAModel, x: object, tiers: Iterable[str], device: str
     model.to(device)
     model.eval()
     model.set_active_tiers(tiers)
-    inputs = _as_tensor(x, torch.float32, device)
-    out = [model(inputs[start:start + batch_size]).argmax(dim=1).cpu() for start in range(0, inputs.shape[0], batch_size)]
+    out = [model(inputs).argmax(dim=1).cpu() for inputs in _input_batches(x, batch_size, device)]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+def _input_batches(x: object, batch_size: int, device: str | torch.device) -> Iterable[torch.Tensor]:
+    """``x`` in consecutive batches on ``device`` (streamed from disk when it is ``LazyImages``)."""
+    if is_lazy(x):
+        n = len(x)
+        return stream_batches(x, [range(start, min(start + batch_size, n)) for start in range(0, n, batch_size)],
+                              device)
+    inputs = _as_tensor(x, torch.float32, device)
+    return (inputs[start:start + batch_size] for start in range(0, inputs.shape[0], batch_size))
 
 
 @torch.no_grad()
@@ -275,13 +291,12 @@ def mean_loss(model: TieredLoRAModel, x: object, y: object, tiers: Iterable[str]
     model.to(device)
     model.eval()
     model.set_active_tiers(tiers)
-    inputs = _as_tensor(x, torch.float32, device)
     labels = _as_tensor(y, torch.int64, device)
     if labels.shape[0] == 0:
         raise ValueError("cannot compute a loss on zero samples")
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, inputs.shape[0], batch_size):
-        logits = model(inputs[start:start + batch_size])
+    for start, inputs in zip(range(0, labels.shape[0], batch_size), _input_batches(x, batch_size, device)):
+        logits = model(inputs)
         total += F.cross_entropy(logits, labels[start:start + batch_size], reduction="sum").to(torch.float64)
     return float(total) / int(labels.shape[0])
 

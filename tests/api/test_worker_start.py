@@ -7,6 +7,7 @@ ImageFolder data at worker start, not silently trained."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import admin_headers, create_federation, tick, tiny_config
 from test_fake_worker import ThroughTestClient
@@ -48,7 +49,7 @@ def test_sites_are_mapped_to_the_federations_classes_before_any_task(api, app, t
     assert by_name["site-a"].y_train.tolist() == [2, 2, 1] and by_name["site-a"].y_test.tolist() == [2]
     assert by_name["site-b"].y_train.tolist() == [1, 0, 0] and by_name["site-b"].y_test.tolist() == [0]
     for data in by_name.values():
-        for x, y in zip(data.x_train, data.y_train):
+        for x, y in zip(np.asarray(data.x_train), data.y_train):
             assert x[0].max() * 255 == pytest.approx(RED[CLASSES[int(y)]])
 
 
@@ -107,7 +108,7 @@ def test_one_organisation_one_folder_needs_no_partition_file(api, app, tmp_path)
     worker.setup()
     data = worker.client_data(worker.slots[0])
     assert data.y_train.tolist() == [2, 1, 1] and data.y_test.tolist() == [2] and data.x_train.shape == (3, 3, 4, 4)
-    for x, y in zip(data.x_train, data.y_train):
+    for x, y in zip(np.asarray(data.x_train), data.y_train):
         assert x[0].max() * 255 == pytest.approx(RED[CLASSES[int(y)]])
     rows = api.get(f"/v1/federations/{fid}/clients", headers=admin_headers()).json()
     assert [(r["name"], r["num_samples"]) for r in rows] == [("hospital", 3)]

@@ -403,3 +403,65 @@ def test_a_checkpoint_of_another_task_is_ignored(tmp_path):
     assert _train(other, epochs=3, checkpoint=Checkpointing(path=ck.path, key="task-2")) == expected
     ck.path.write_bytes(b"torn")   # a torn file: started afresh
     assert _train(small_model(), epochs=3, checkpoint=ck) == expected
+
+
+# --------------------------------------------------------------------------- streamed images (issue 17)
+
+def _grey_folder(tmp_path, n_per_class: int = 6):
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    root = tmp_path / "org"
+    for split, count in (("train", n_per_class), ("test", 2)):
+        for label in range(3):
+            for i in range(count):
+                path = root / split / f"c{label}" / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8), "L").save(path)
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_images_train_and_evaluate_like_the_same_images_in_memory(tmp_path, workers):
+    """Images decoded batch by batch (in ``workers`` processes) give the bytes, the loss, the
+    predictions and the refine losses that the same images held in memory give."""
+    from worker.data import FolderClientSpec, client_arrays
+    from worker.stream import LazyImages
+    from worker.train import mean_loss, split_validation
+
+    spec = FolderClientSpec(folder=str(_grey_folder(tmp_path)), channels=1)
+    eager = client_arrays(spec, "org")
+    lazy = client_arrays(spec, "org", lazy=True, workers=workers)
+    assert isinstance(lazy.x_train, LazyImages) and lazy.x_train.shape == eager.x_train.shape == (18, 1, 16, 16)
+    np.testing.assert_array_equal(np.asarray(lazy.x_train), eager.x_train)
+    results = []
+    for data in (eager, lazy):
+        split = split_validation(data, 0.2, seed=3)
+        model = small_model()
+        out = _train(model, data=split.fit, epochs=3, batch_size=4)
+        acc = evaluate(model, data.x_test, data.y_test, ("root",))
+        loss = mean_loss(model, split.x, split.y, ("root",), batch_size=5)
+        results.append((out, acc, loss, model.export_tier("root")))
+    (out_e, acc_e, loss_e, tier_e), (out_l, acc_l, loss_l, tier_l) = results
+    assert out_e == out_l and acc_e == acc_l and loss_e == loss_l
+    for name, value in tier_e.items():
+        np.testing.assert_array_equal(tier_l[name], value)
+
+
+def test_a_streamed_run_resumes_from_its_checkpoint_too(tmp_path):
+    from worker.data import FolderClientSpec, client_arrays
+    from worker.train import Checkpointing, TrainingStopped
+
+    spec = FolderClientSpec(folder=str(_grey_folder(tmp_path)), channels=1)
+    lazy = client_arrays(spec, "org", lazy=True)
+    reference = small_model()
+    expected = _train(reference, data=client_arrays(spec, "org"), epochs=3, batch_size=4)
+    ck = Checkpointing(path=tmp_path / "ck.safetensors", key="k")
+    calls = iter(range(100))
+    with pytest.raises(TrainingStopped):
+        _train(small_model(), data=lazy, epochs=3, batch_size=4, checkpoint=ck, should_stop=lambda: next(calls) >= 7)
+    resumed = small_model()
+    out = _train(resumed, data=lazy, epochs=3, batch_size=4, checkpoint=ck)
+    assert out.pop("resumed_at_step") == 7 and out == expected
+    for name, value in reference.export_tier("root").items():
+        np.testing.assert_array_equal(resumed.export_tier("root")[name], value)

@@ -1,0 +1,110 @@
+"""Memory of a hosted client whose images stay on disk (issue 17, ``worker.stream``): peak RSS of a
+process that trains one epoch of a small timm ViT on one ImageFolder client of N RGB images at
+224 x 224, streamed (decoded batch by batch) against the same images held in memory, for N and 4N.
+
+    python bench/stream_memory.py [--images 500] [--workdir DIR] [--data-workers 0]
+
+Each measurement is a fresh subprocess (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, children
+excluded), so nothing of one run stays in the next. The images are random RGB PNGs of 256 x 192
+(prepared by the federation pipeline of ViT's pretrained config: bicubic, crop 0.9, to 224), written
+once under ``--workdir``. The model is timm's ViT (patch 16, embed 64, depth 2, 2 heads, 224 x 224,
+10 classes): small enough for 2 cores, with the real input size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MODEL_KWARGS = {"patch_size": 16, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 10}
+
+
+def write_folder(root: Path, images: int) -> Path:
+    """``root``/train/c<k>/<i>.png (10 classes) and a small test split, once."""
+    import numpy as np
+    from PIL import Image
+
+    marker = root / f".complete-{images}"
+    if marker.exists():
+        return root
+    rng = np.random.default_rng(0)
+    for split, count in (("train", images), ("test", 20)):
+        for i in range(count):
+            path = root / split / f"c{i % 10}" / f"{i:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (192, 256, 3), dtype=np.uint8), "RGB").save(path, compress_level=1)
+    marker.touch()
+    return root
+
+
+def child(folder: str, lazy: bool, workers: int) -> None:
+    """One measurement, in its own process: load, train one epoch, print peak RSS."""
+    import resource
+
+    import torch
+
+    from shared.preprocess import table_preprocessing
+    from worker.backbone import create_model, manifest_for_model
+    from worker.data import FolderClientSpec, client_arrays
+    from worker.lora import TieredLoRAModel
+    from worker.train import train_tier
+
+    torch.set_num_threads(1)
+    pipeline = table_preprocessing("vit_tiny_patch16_224", {})
+    start = time.perf_counter()
+    data = client_arrays(FolderClientSpec(folder=folder), "org", pipeline, lazy=lazy, workers=workers)
+    loaded = time.perf_counter() - start
+    torch.manual_seed(0)
+    backbone = create_model("vit_tiny_patch16_224", MODEL_KWARGS).eval()
+    model = TieredLoRAModel(backbone, manifest_for_model(backbone, rank=4))
+    model.init_tier("root", seed=0)
+    model.set_input_normalization(pipeline.mean, pipeline.std)
+    out = train_tier(model, "root", data, epochs=1, lr=1e-3, head_lr=1e-3, batch_size=32, weight_decay=0.0,
+                     gamma_c=0.0, gamma_l=0.0, seed=0)
+    print(json.dumps({"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                      "load_seconds": round(loaded, 2), "seconds": round(time.perf_counter() - start, 2),
+                      "steps": out["steps"]}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=500, help="N: the smaller client's training images")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the image folders here")
+    parser.add_argument("--data-workers", type=int, default=0)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], args.child[1] == "lazy", int(args.child[2]))
+        return 0
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="hilora-stream-"))
+    rows = []
+    for n in (args.images, 4 * args.images):
+        folder = write_folder(work / f"n{n}" / "org", n)
+        for mode in ("lazy", "eager"):
+            proc = subprocess.run([sys.executable, __file__, "--child", str(folder), mode, str(args.data_workers)],
+                                  capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                return 1
+            row = {"images": n, "mode": "streamed" if mode == "lazy" else "in memory",
+                   **json.loads(proc.stdout.strip().splitlines()[-1])}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print("\n| training images | images | peak RSS (MiB) | epoch incl. loading (s) |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['images']} | {row['mode']} | {row['peak_rss_mib']} | {row['seconds']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
