@@ -117,7 +117,9 @@ def worker(
     config: Annotated[Path, typer.Option(help="worker config file (JSON): federation_id and hosted clients")],
     state_dir: Annotated[Path, typer.Option(help="where client tokens, leaves and local factors live")] = Path(
         "./hilora-worker-state"),
-    device: Annotated[str, typer.Option(help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")] = "auto",
+    device: Annotated[str, typer.Option(help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ..., or a list "
+                                             "('cuda:0,cuda:1'): one training process per device, each taking "
+                                             "the next task of the hosted clients")] = "auto",
     threads: Annotated[int, typer.Option(min=1, help="torch CPU threads for this process")] = 1,
     worker_id: Annotated[Optional[str], typer.Option(help="name reported on leases")] = None,
     exit_when_idle: Annotated[bool, typer.Option(help="exit once every hosted client is ready")] = False,
@@ -171,9 +173,18 @@ def worker(
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    devices = [d.strip() for d in device.split(",")]
+    if not all(devices):
+        _fail(f"--device {device!r}: an empty entry; give one device ('auto', 'cpu', 'cuda:1') or a list "
+              f"('cuda:0,cuda:1')")
+    devices = [("cuda" if torch.cuda.is_available() else "cpu") if d == "auto" else d for d in devices]
     wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    if len(devices) > 1:
+        code = _worker_per_device(devices, coordinator_url, config, state_dir, threads, wid, exit_when_idle,
+                                  max_seconds, retries, grace_seconds, checkpoint_every, data_workers, log_level,
+                                  log_format)
+        raise typer.Exit(code)
+    device = devices[0]
     with CoordinatorClient(_checked_url(coordinator_url), worker_id=wid, max_retries=retries) as client:
         daemon = WorkerDaemon(client, cfg, state_dir, device=device, exit_when_idle=exit_when_idle,
                               max_seconds=max_seconds, grace_seconds=grace_seconds,
@@ -194,6 +205,52 @@ def worker(
         except ValueError as exc:
             _fail(str(exc))
     raise typer.Exit(code)
+
+
+def _worker_per_device(devices: list[str], coordinator_url: str, config: Path, state_dir: Path, threads: int,
+                       wid: str, exit_when_idle: bool, max_seconds: Optional[float], retries: int,
+                       grace_seconds: float, checkpoint_every: int, data_workers: int, log_level: str,
+                       log_format: str) -> int:
+    """``--device cuda:0,cuda:1``: one worker process per device, each hosting every client of the
+    config and taking whichever of their tasks it leases next (a client's task goes to one lease at
+    a time). The clients are registered (and checked) here first, so that no two processes register
+    one; SIGTERM and SIGINT go on to every process; the exit code is the first non-zero one."""
+    import subprocess
+
+    from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
+    from worker.daemon import WorkerDaemon, load_worker_config
+
+    with CoordinatorClient(_checked_url(coordinator_url), worker_id=wid, max_retries=retries) as client:
+        try:
+            WorkerDaemon(client, load_worker_config(config), state_dir, device=devices[0]).setup()
+        except CoordinatorError as exc:
+            _fail(f"coordinator refused: {exc}")
+        except CoordinatorUnavailable as exc:
+            _fail(f"cannot reach the coordinator: {exc}")
+        except ValueError as exc:
+            _fail(str(exc))
+    children = []
+    for i, one in enumerate(devices):
+        args = [sys.executable, "-m", "hilora.cli", "worker", "--coordinator", coordinator_url, "--config", str(config),
+                "--state-dir", str(state_dir), "--device", one, "--threads", str(threads),
+                "--worker-id", f"{wid}-{i}", "--retries", str(retries), "--grace-seconds", str(grace_seconds),
+                "--checkpoint-every", str(checkpoint_every), "--data-workers", str(data_workers),
+                "--log-level", log_level, "--log-format", log_format]
+        args += (["--exit-when-idle"] if exit_when_idle else []) + (
+            ["--max-seconds", str(max_seconds)] if max_seconds is not None else [])
+        children.append(subprocess.Popen(args))
+    logging.getLogger("hilora.worker").info("%d worker processes, one per device: %s", len(devices),
+                                            ", ".join(devices))
+
+    def _forward(signum, _frame):  # noqa: ANN001
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, _forward)
+    signal.signal(signal.SIGINT, _forward)
+    codes = [child.wait() for child in children]
+    return next((c for c in codes if c != 0), 0)
 
 
 def _robust(value: Optional[float], default: Optional[float], flag: str) -> Optional[float]:

@@ -224,3 +224,41 @@ def test_worker_with_a_class_the_federation_does_not_list_stops_in_one_line(tmp_
             assert [r["tasks_done"] for r in rows] == [0]
     finally:
         cluster.stop()
+
+
+def test_one_worker_on_two_devices_runs_a_process_per_device(tmp_path, demo_backbone):
+    """``--device cpu,cpu`` (as ``cuda:0,cuda:1`` would on a machine with two GPUs): the clients are
+    registered once, then two processes, one per device, take their tasks; the federation serves
+    and both processes trained."""
+    from hilora.federation_file import FederationFile, build_federation_config
+    from worker.data import load_partition, partition_clients
+
+    clients = [c for c in partition_clients(load_partition("tiny")) if not c.unseen]
+    config, checkpoint = build_federation_config(FederationFile.model_validate(_federation_file(len(clients))))
+    cluster = LocalCluster(tmp_path / "run")
+    try:
+        cluster.start_coordinator()
+        with CoordinatorClient(cluster.url) as client:
+            client.put_blob(cluster.admin_token, checkpoint)
+            created = client.create_federation(cluster.admin_token, config)
+            fid = created.federation_id
+            spec = cluster.workdir / "w.json"
+            spec.write_text(json.dumps({"federation_id": fid, "enrollment_secret": created.enrollment_secret,
+                                        "clients": [{"name": c.name, "data": {"partition": "tiny", "client": c.name}}
+                                                    for c in clients]}))
+            with open(cluster.workdir / "w.log", "wb") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "hilora.cli", "worker", "--coordinator", cluster.url, "--config", str(spec),
+                     "--state-dir", str(cluster.workdir / "state"), "--device", "cpu,cpu", "--threads", "1",
+                     "--worker-id", "two", "--exit-when-idle", "--max-seconds", "400"],
+                    env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT)
+            assert proc.wait(timeout=420) == 0, cluster.tail("w.log")
+            status = client.federation_status(cluster.admin_token, fid)
+            workers = client.request("GET", f"/v1/federations/{fid}/workers", cluster.admin_token).json()["workers"]
+        assert status.state.value == "serving" and len(status.clusters) == 2
+        assert sorted(w["worker_id"] for w in workers) == ["two-0", "two-1"]
+        assert all(w["tasks_done"] > 0 for w in workers)
+        registered = [line for line in cluster.tail("w.log", 400).splitlines() if "registered client" in line]
+        assert len(registered) == len(clients)   # once each, by the parent
+    finally:
+        cluster.stop()
