@@ -176,6 +176,12 @@ class Training(BaseModel):
 
     lr: float = Field(default=3e-3, gt=0)
     head_lr: float = Field(default=3e-3, gt=0)
+    augment: Literal["none", "flip", "crop_flip"] = Field(
+        default="none",
+        description="train-time augmentation of each training batch (evaluation never augments): 'flip' mirrors "
+                    "each image left-right with probability 1/2; 'crop_flip' also takes a random crop of 60 to 100 % "
+                    "of its area (aspect 3/4 to 4/3) resized back to the input size; drawn from the task's seed and "
+                    "step, so a resumed task augments alike. Recorded in exported models' metadata")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         default="auto",
         description="the arithmetic of training and evaluation (autocast; the factors, the optimizer and every "

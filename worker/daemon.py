@@ -579,7 +579,7 @@ class WorkerDaemon:
                     seed=seed, trainable=tuple(task.trainable), device=self.device,
                     should_stop=lambda: hb.lost is not None or self.past_grace(),
                     steps=task.steps, class_balanced=task.loss == "balanced", precision=precision,
-                    checkpoint=checkpoint)
+                    checkpoint=checkpoint, augment=task.training.augment if task.stage != "probe" else "none")
         except TrainingStopped:
             self._stopped(slot, task, hb)
             return {}

@@ -119,7 +119,7 @@ def export_client_model(client: CoordinatorClient, state_dir: str | os.PathLike,
                               tiers=list(tiers), versions=versions, federation_id=federation_id,
                               federation=cfg.name, client=client_name, client_id=client_id,
                               local_factors=local or None, backbone_sha256=cfg.backbone.sha256,
-                              classes=cfg.classes,
+                              classes=cfg.classes, training_augment=cfg.training.augment,
                               preprocessing=cfg.preprocessing.model_dump(mode="json") if cfg.preprocessing else None)
     body = pack_model(merged, metadata)
     atomic_write(out, body)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -129,6 +130,34 @@ def _load_checkpoint(ck: Checkpointing, model: TieredLoRAModel, tier: str, optim
     return int(meta["done"]), tensors["loss_total"].reshape(()).to(device), int(meta["seen"])
 
 
+def augment_batch(x: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
+    """``training.augment`` on a batch (N, C, H, W) before the model: 'flip' mirrors each image
+    left-right with probability 1/2; 'crop_flip' first crops each to a random 60-100 % of its area
+    (aspect ratio log-uniform in [3/4, 4/3]) and resizes it back (bilinear). Drawn from ``seed``
+    alone (CPU generator), so the same batch of the same step is augmented alike anywhere."""
+    if mode == "none":
+        return x
+    generator = torch.Generator().manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+    n, _, height, width = x.shape
+    if mode == "crop_flip":
+        out = torch.empty_like(x)
+        for i in range(n):
+            area = float(torch.empty(()).uniform_(0.6, 1.0, generator=generator)) * height * width
+            log_ratio = float(torch.empty(()).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator))
+            ratio = math.exp(log_ratio)
+            w = min(width, max(1, round(math.sqrt(area * ratio))))
+            h = min(height, max(1, round(math.sqrt(area / ratio))))
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            crop = x[i:i + 1, :, top:top + h, left:left + w]
+            out[i:i + 1] = F.interpolate(crop, size=(height, width), mode="bilinear", align_corners=False)
+        x = out
+    elif mode != "flip":
+        raise ValueError(f"unknown training.augment {mode!r} (none, flip, crop_flip)")
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
 def _as_tensor(array: object, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array.to(device=device, dtype=dtype)
@@ -140,7 +169,7 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
                trainable: Sequence[str] = ("A", "B", "head"), device: str | torch.device = "cpu",
                should_stop: Callable[[], bool] | None = None, steps: int | None = None,
                class_balanced: bool = False, precision: str = "fp32",
-               checkpoint: Checkpointing | None = None) -> dict[str, float | int]:
+               checkpoint: Checkpointing | None = None, augment: str = "none") -> dict[str, float | int]:
     """Train the ``trainable`` factors of ``tier`` on ``data.x_train``/``data.y_train``.
 
     Active tiers are all tiers up to and including ``tier``; everything else is frozen. AdamW with
@@ -154,6 +183,7 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
     the classes the client holds), so every class the client holds weighs the same in the loss.
     ``precision`` ('fp32', 'bf16', 'fp16'; see ``resolve_precision``): forward passes and the loss
     run under autocast; parameters, gradients and the optimizer stay float32; fp16 scales the loss.
+    ``augment``: ``augment_batch`` on every training batch, seeded by (``seed``, step).
     ``checkpoint``: save progress as it says and resume from a checkpoint of the same key (the
     returned ``steps`` count the steps before the resume too; ``resumed_at_step`` says where it
     resumed).
@@ -223,8 +253,9 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
                         _save_checkpoint(checkpoint, model, tier, trainable, optimizer, scaler, done, total, seen)
                     raise TrainingStopped(f"stopped after {done} steps")
                 index = order[start:start + batch_size]
+                inputs = augment_batch(next(streamed) if lazy else x[index], augment, seed * 1_000_003 + step_index)
                 with autocast(device, precision):
-                    logits = model(next(streamed) if lazy else x[index])
+                    logits = model(inputs)
                     if class_balanced and weight is None:
                         weight = _class_weights(y, int(logits.shape[1]))
                     loss = (F.cross_entropy(logits.float(), y[index], weight=weight)

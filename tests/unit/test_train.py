@@ -465,3 +465,39 @@ def test_a_streamed_run_resumes_from_its_checkpoint_too(tmp_path):
     assert out.pop("resumed_at_step") == 7 and out == expected
     for name, value in reference.export_tier("root").items():
         np.testing.assert_array_equal(resumed.export_tier("root")[name], value)
+
+
+# --------------------------------------------------------------------------- train-time augmentation
+
+@pytest.mark.parametrize("mode", ["flip", "crop_flip"])
+def test_augmentation_is_seeded_keeps_the_shape_and_changes_the_batch(mode):
+    from worker.train import augment_batch
+
+    x = torch.from_numpy(np.random.default_rng(0).random((16, 1, 16, 16)).astype(np.float32))
+    a, b = augment_batch(x, mode, seed=7), augment_batch(x, mode, seed=7)
+    assert a.shape == x.shape and a.dtype == x.dtype and torch.equal(a, b)      # the same seed: the same batch
+    assert not torch.equal(a, augment_batch(x, mode, seed=8)) and not torch.equal(a, x)
+    assert float(a.min()) >= float(x.min()) - 1e-6 and float(a.max()) <= float(x.max()) + 1e-6
+    if mode == "flip":   # each image either itself or its mirror, about half of each
+        mirrored = [torch.equal(a[i], x[i].flip(-1)) for i in range(16)]
+        assert all(m or torch.equal(a[i], x[i]) for i, m in enumerate(mirrored)) and 2 <= sum(mirrored) <= 14
+    assert augment_batch(x, "none", seed=7) is x
+    with pytest.raises(ValueError, match="unknown training.augment"):
+        augment_batch(x, "rotate", seed=1)
+
+
+def test_an_augmented_run_resumes_to_the_same_bytes(tmp_path):
+    from worker.train import Checkpointing, TrainingStopped
+
+    reference = small_model()
+    expected = _train(reference, epochs=3, augment="crop_flip")
+    assert expected != _train(small_model(), epochs=3)   # augmentation changed the training
+    ck = Checkpointing(path=tmp_path / "ck.safetensors", key="k")
+    calls = iter(range(100))
+    with pytest.raises(TrainingStopped):
+        _train(small_model(), epochs=3, augment="crop_flip", checkpoint=ck, should_stop=lambda: next(calls) >= 5)
+    resumed = small_model()
+    out = _train(resumed, epochs=3, augment="crop_flip", checkpoint=ck)
+    assert out.pop("resumed_at_step") == 5 and out == expected
+    for name, value in reference.export_tier("root").items():
+        np.testing.assert_array_equal(resumed.export_tier("root")[name], value)
