@@ -88,6 +88,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2000, help="N: training images per site (then 4N)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the image folders here")
     parser.add_argument("--data-workers", type=int, default=0)
+    parser.add_argument("--eager-max-images", type=int, default=8000,
+                        help="skip the in-memory run above this many images in the process (0.6 MB each at 224)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # folders, lazy|eager, workers
     args = parser.parse_args()
     if args.child:
@@ -98,6 +100,10 @@ def main() -> int:
     for n in (args.images, 4 * args.images):
         folders = ",".join(str(write_folder(work / f"n{n}-site{i}" / "org", n, seed=i)) for i in range(args.sites))
         for mode in ("lazy", "eager"):
+            if mode == "eager" and args.sites * n > args.eager_max_images:
+                print(f"in memory, {args.sites} x {n} images: skipped (--eager-max-images "
+                      f"{args.eager_max_images}: about {args.sites * n * 0.6 / 1024:.1f} GB of float32)", flush=True)
+                continue
             proc = subprocess.run([sys.executable, __file__, "--child", folders, mode, str(args.data_workers)],
                                   capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
             if proc.returncode != 0:
