@@ -87,7 +87,7 @@ def peft(model: str, kwargs: dict) -> torch.nn.Module:
 
 
 def time_contender(make, device: str, precision: str, batch: int, size: int, steps: int) -> dict:
-    from worker.train import autocast
+    from worker.train import autocast, optimizer_step
 
     cuda = device.startswith("cuda")
     if cuda:
@@ -102,16 +102,9 @@ def time_contender(make, device: str, precision: str, batch: int, size: int, ste
     y = torch.randint(0, CLASSES, (batch,), device=device)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
         with autocast(device, precision):
             loss = F.cross_entropy(model(x).float(), y)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        optimizer_step(loss, optimizer, scaler)
 
     def sync() -> None:
         if cuda:

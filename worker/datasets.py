@@ -108,6 +108,22 @@ def image_to_array(image: PILImage.Image, channels: int, size: tuple[int, int] |
     return array[None] if channels == 1 else np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
+class _SameSize:
+    """Without an ``image_size`` a client's images must share one size: called with each file and
+    its size, it raises on the first that differs from the first one's (naming both files)."""
+
+    def __init__(self) -> None:
+        self.first: tuple[Path, tuple[int, int]] | None = None
+
+    def __call__(self, path: Path, size: tuple[int, int]) -> None:
+        if self.first is None:
+            self.first = (path, size)
+        elif size != self.first[1]:
+            raise ValueError(f"image {path} is {size[0]}x{size[1]} but {self.first[0]} is "
+                             f"{self.first[1][0]}x{self.first[1][1]}: a client's images must share one size, or "
+                             f"set image_size in the partition file to resize them all")
+
+
 class _Decoder:
     """Decodes one image file as ``read_images`` would (a picklable callable, for decoding in
     DataLoader worker processes)."""
@@ -131,18 +147,12 @@ def _lazy_images(files: Sequence[Path], channels: int, image_size: int | None, p
                  workers: int) -> LazyImages:
     from PIL import Image, UnidentifiedImageError
 
-    first: tuple[Path, tuple[int, int]] | None = None
+    same_size = _SameSize()
     for path in files:   # every file a readable image, before any training (headers only)
         try:
             with Image.open(path) as image:
                 if pipeline is None and image_size is None:
-                    if first is None:
-                        first = (path, image.size)
-                    elif image.size != first[1]:
-                        raise ValueError(
-                            f"image {path} is {image.size[0]}x{image.size[1]} but {first[0]} is "
-                            f"{first[1][0]}x{first[1][1]}: a client's images must share one size, or set "
-                            f"image_size in the partition file to resize them all")
+                    same_size(path, image.size)
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"cannot read image {path}: {exc}") from None
     if pipeline is not None:
@@ -150,7 +160,7 @@ def _lazy_images(files: Sequence[Path], channels: int, image_size: int | None, p
     elif image_size is not None:
         shape = (channels, image_size, image_size)
     else:
-        width, height = first[1] if first is not None else (0, 0)
+        width, height = same_size.first[1] if same_size.first is not None else (0, 0)
         shape = (channels, height, width)
     size = None if image_size is None else (image_size, image_size)
     return LazyImages(files, _Decoder(channels, size, pipeline), shape, workers)
@@ -204,7 +214,7 @@ def read_images(files: Sequence[Path], channels: int, image_size: int | None,
         channels, image_size = pipeline.input_size[0], None
     size = None if image_size is None else (image_size, image_size)
     arrays: list[np.ndarray] = []
-    first: tuple[Path, tuple[int, int]] | None = None
+    same_size = _SameSize()
     for path in files:
         try:
             with Image.open(path) as image:
@@ -212,13 +222,7 @@ def read_images(files: Sequence[Path], channels: int, image_size: int | None,
                     arrays.append(prepare_image(image, pipeline))
                     continue
                 if image_size is None:
-                    if first is None:
-                        first = (path, image.size)
-                    elif image.size != first[1]:
-                        raise ValueError(
-                            f"image {path} is {image.size[0]}x{image.size[1]} but {first[0]} is "
-                            f"{first[1][0]}x{first[1][1]}: a client's images must share one size, or set "
-                            f"image_size in the partition file to resize them all")
+                    same_size(path, image.size)
                 arrays.append(image_to_array(image, channels, size))
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"cannot read image {path}: {exc}") from None

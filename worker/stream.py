@@ -58,9 +58,6 @@ class LazyImages:
     def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:  # noqa: ARG002
         return self.load()
 
-    def with_workers(self, workers: int) -> "LazyImages":
-        return LazyImages(self.files, self.decode, self.item_shape, workers)
-
 
 class _Decoded(torch.utils.data.Dataset):
     def __init__(self, images: LazyImages) -> None:

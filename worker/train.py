@@ -158,6 +158,19 @@ def augment_batch(x: torch.Tensor, mode: str, seed: int) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: object = None) -> None:
+    """One step on ``loss``: gradients cleared, backward, step; through ``scaler`` (a GradScaler,
+    fp16's loss scaling) when given."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def _as_tensor(array: object, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
     if isinstance(array, torch.Tensor):
         return array.to(device=device, dtype=dtype)
@@ -260,14 +273,7 @@ def train_tier(model: TieredLoRAModel, tier: str, data: ClientData, epochs: int,
                         weight = _class_weights(y, int(logits.shape[1]))
                     loss = (F.cross_entropy(logits.float(), y[index], weight=weight)
                             + model.orthogonality_loss(tier, gamma_c, gamma_l).float())
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    optimizer.step()
+                optimizer_step(loss, optimizer, scaler)
                 done += 1
                 step_index += 1
                 seen += int(index.shape[0])

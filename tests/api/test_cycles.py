@@ -162,12 +162,9 @@ def test_groups_that_converge_merge_into_one_cluster_warm_started_from_both(api,
     assert sorted(t["client"] for t in ran if t["stage"] == "leaf") == sorted(n for n in GROUPS if GROUPS[n] != kept)
 
 
-def test_an_absent_client_follows_its_group_and_ids_follow_the_clustered_groups(api, app, clock):
-    """The newcomers were onboarded into b's cluster (their first probes looked like b's); in the
-    cycle they form a group of their own while b2 is away. b's cluster id stays with b0 and b1 (the
-    group the clustering made it for), not with the three newcomers who outnumber them in it now;
-    the newcomers get a new cluster, warm-started from b's adapter; b2, not probed, stays with its
-    group."""
+def serving_with_short_leases(api, app):
+    """Groups a and b to serving in a federation whose rounds end at a deadline soon after a client
+    stops answering (10 s leases, one attempt, inactive after one missed round)."""
     dirs = directions()
     fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": 1,
                                                    "leaf_rounds": 1, "unseen_leaf_rounds": 1, "lease_seconds": 10,
@@ -175,6 +172,28 @@ def test_an_absent_client_follows_its_group_and_ids_follow_the_clustered_groups(
     clients = {n: register(api, fid, secret, n) for n in GROUPS}
     tick(app)
     drive(api, clients, dirs, GROUPS, lambda: settled(api, fid, 0), 0)
+    return dirs, fid, secret, clients
+
+
+def drive_while_away(api, app, clock, fid, present, dirs, groups, first_seed: int) -> None:
+    """Run the ``present`` clients until cycle 1 is settled; whenever nobody had work, the clock
+    moves a minute on so that the absent clients' tasks end at their round's deadline."""
+    for i in range(40):
+        if settled(api, fid, 1):
+            break
+        if not run_pending(api, present, dirs, seed=first_seed + i, groups=groups):
+            clock.advance(60)
+            tick(app)
+    assert settled(api, fid, 1)
+
+
+def test_an_absent_client_follows_its_group_and_ids_follow_the_clustered_groups(api, app, clock):
+    """The newcomers were onboarded into b's cluster (their first probes looked like b's); in the
+    cycle they form a group of their own while b2 is away. b's cluster id stays with b0 and b1 (the
+    group the clustering made it for), not with the three newcomers who outnumber them in it now;
+    the newcomers get a new cluster, warm-started from b's adapter; b2, not probed, stays with its
+    group."""
+    dirs, fid, secret, clients = serving_with_short_leases(api, app)
     before = {c["label"]: sorted(c["members"]) for c in status(api, fid)["clusters"]}
     b_label = next(label for label, m in before.items() if "b0" in m)
     late = {n: register(api, fid, secret, n) for n in NEW}
@@ -186,13 +205,7 @@ def test_an_absent_client_follows_its_group_and_ids_follow_the_clustered_groups(
     assert api.post(f"/v1/federations/{fid}/cycle", json={}, headers=admin_headers()).status_code == 200
     tick(app)
     present = {n: v for n, v in {**clients, **late}.items() if n != "b2"}
-    for i in range(40):   # b2 is away: its tasks end at the round's deadline
-        if settled(api, fid, 1):
-            break
-        if not run_pending(api, present, dirs, seed=200 + i, groups={**GROUPS, **NEW}):
-            clock.advance(60)
-            tick(app)
-    assert settled(api, fid, 1)
+    drive_while_away(api, app, clock, fid, present, dirs, {**GROUPS, **NEW}, first_seed=200)
     after = {c["label"]: sorted(c["members"]) for c in status(api, fid)["clusters"]}
     assert after[b_label] == ["b0", "b1", "b2"]
     (new_label,) = set(after) - set(before)
@@ -207,24 +220,12 @@ def test_an_absent_client_follows_its_group_into_a_merge(api, app, clock):
     """b's data comes to look like a's while b2 is away: the cycle merges b0 and b1 into a's cluster
     (it overlaps 3 to 2) and b2, with no probe of its own, goes where its group went rather than
     staying alone in a cluster without members."""
-    dirs = directions()
-    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": 1,
-                                                   "leaf_rounds": 1, "unseen_leaf_rounds": 1, "lease_seconds": 10,
-                                                   "max_attempts": 1, "max_consecutive_failures": 1})
-    clients = {n: register(api, fid, secret, n) for n in GROUPS}
-    tick(app)
-    drive(api, clients, dirs, GROUPS, lambda: settled(api, fid, 0), 0)
+    dirs, fid, secret, clients = serving_with_short_leases(api, app)
     a_label = next(c["label"] for c in status(api, fid)["clusters"] if "a0" in c["members"])
     assert api.post(f"/v1/federations/{fid}/cycle", json={}, headers=admin_headers()).status_code == 200
     tick(app)
     present = {n: v for n, v in clients.items() if n != "b2"}
-    for i in range(40):
-        if settled(api, fid, 1):
-            break
-        if not run_pending(api, present, dirs, seed=300 + i, groups={n: 0 for n in GROUPS}):
-            clock.advance(60)
-            tick(app)
-    assert settled(api, fid, 1)
+    drive_while_away(api, app, clock, fid, present, dirs, {n: 0 for n in GROUPS}, first_seed=300)
     members = {c["label"]: sorted(c["members"]) for c in status(api, fid)["clusters"]}
     assert members[a_label] == sorted(GROUPS) and members[1 - a_label] == []
     (event,) = audit(api, fid, "cycle_recluster")
