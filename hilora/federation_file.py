@@ -1,7 +1,9 @@
 """The admin's federation file (JSON): a FederationConfig without the computed parts.
 
-``hilora admin create --config FILE`` reads it, builds the adapter manifest from the timm model
-(or takes an explicit ``manifest``), uploads the backbone checkpoint and creates the federation::
+``hilora admin create --config FILE`` reads it, builds the adapter manifest for the timm model
+(torch-free from ``shared.vit_shapes`` where it can, so a coordinator-only install creates
+federations too; or takes an explicit ``manifest``), uploads the backbone checkpoint and creates the
+federation::
 
     {
       "name": "my-federation",
@@ -88,7 +90,12 @@ def load_federation_file(path: str | Path) -> FederationFile:
 def resolve_checkpoint(source: BackboneSource) -> tuple[bytes, str, dict[str, Any]]:
     """The checkpoint bytes, the timm model name and kwargs to record in the federation."""
     if source.checkpoint in DEMO_CHECKPOINTS:
-        from worker.backbone import pretrain_demo_backbone
+        try:
+            from worker.backbone import pretrain_demo_backbone
+        except ImportError as exc:   # a coordinator-only install
+            raise ValueError(f"\"checkpoint\": \"{source.checkpoint}\" is the demo backbone, which needs torch and "
+                             f"timm to build: pip install \"hilora[worker]\" (or give a safetensors checkpoint "
+                             f"file)") from exc
 
         artifact = pretrain_demo_backbone(dataset=DEMO_CHECKPOINTS[source.checkpoint])
         return Path(artifact.path).read_bytes(), artifact.model, dict(artifact.model_kwargs)
@@ -107,7 +114,8 @@ def _timm_pretrained_checkpoint(source: BackboneSource) -> bytes:
         import timm
         from safetensors.torch import save
     except ImportError as exc:
-        raise ValueError("'checkpoint': 'pretrained' needs torch and timm (pip install 'hilora[worker]')") from exc
+        raise ValueError("\"checkpoint\": \"pretrained\" needs torch and timm: pip install \"hilora[worker]\" "
+                         "(or give a safetensors checkpoint file)") from exc
     try:
         model = timm.create_model(source.model, pretrained=True, **source.model_kwargs)
     except Exception as exc:  # noqa: BLE001 - unknown model, no network, no published weights
@@ -115,16 +123,66 @@ def _timm_pretrained_checkpoint(source: BackboneSource) -> bytes:
     return save({k: v.detach().contiguous() for k, v in model.state_dict().items()})
 
 
-def build_manifest(file: FederationFile, model: str, model_kwargs: dict[str, Any]) -> AdapterManifest:
+def build_manifest(file: FederationFile, model: str, model_kwargs: dict[str, Any],
+                   checkpoint: str | Path | bytes | None = None) -> AdapterManifest:
+    """The federation's adapter manifest: the file's own ``manifest``, else computed for the model.
+
+    Without torch (a coordinator-only install) it comes from ``shared.vit_shapes``: its table of
+    timm ViTs, else the checkpoint's safetensors header (a file path: only its header is read); both
+    give what ``worker.backbone.manifest_for_model`` gives (tests/unit/test_vit_shapes.py). A model
+    the table does not know is built with timm where torch is installed. Either way a checkpoint
+    whose header does not fit the model is refused here, not on every worker.
+
+    Raises:
+        ValueError: a model nothing here can describe (naming the ways out), a malformed checkpoint,
+            or one that does not fit the model.
+    """
+    from shared.vit_shapes import (
+        UnknownVit,
+        VitShape,
+        check_checkpoint_fits,
+        read_checkpoint_header,
+        table_vit_shape,
+        vit_manifest,
+    )
+
     if file.manifest is not None:
         return file.manifest
+    shape = dict(rank=file.adapter.rank, alpha=file.adapter.alpha, ranks=file.adapter.ranks)
+    try:
+        table_vit_shape(model, model_kwargs)
+        known = True
+    except UnknownVit:
+        known = False
+    if known or _torch_missing():
+        # the table (checked against the checkpoint's header), else the header; UnknownVit if neither
+        return vit_manifest(model, model_kwargs, checkpoint=checkpoint, **shape)
+    header = read_checkpoint_header(checkpoint) if checkpoint is not None else None
+    manifest = torch_manifest(model, model_kwargs, **shape)
+    if header is not None:
+        check_checkpoint_fits(header, VitShape.of_manifest(manifest), model, model_kwargs)
+    return manifest
+
+
+def _torch_missing() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("torch") is None or find_spec("timm") is None
+
+
+def torch_manifest(model: str, model_kwargs: dict[str, Any], rank: int = 8, alpha: float | None = None,
+                   ranks: dict[str, int] | None = None) -> AdapterManifest:
+    """The manifest of the model timm builds (``worker.backbone.manifest_for_model``): needs torch."""
     try:
         from worker.backbone import build_backbone, manifest_for_model
     except ImportError as exc:  # a coordinator-only install
-        raise ValueError("building the adapter manifest from the model needs torch and timm "
-                         "(pip install 'hilora[worker]'), or give an explicit \"manifest\"") from exc
-    backbone = build_backbone(model, model_kwargs, None)
-    return manifest_for_model(backbone, rank=file.adapter.rank, alpha=file.adapter.alpha, ranks=file.adapter.ranks)
+        raise ValueError(f"building the adapter manifest of model {model!r} with timm needs torch and timm "
+                         f"(pip install \"hilora[worker]\"), or give an explicit \"manifest\"") from exc
+    try:
+        backbone = build_backbone(model, model_kwargs, None)
+    except (AssertionError, TypeError) as exc:   # timm's checks of the kwargs, an unknown kwarg
+        raise ValueError(f"cannot build timm model {model!r} with model_kwargs {model_kwargs}: {exc}") from exc
+    return manifest_for_model(backbone, rank=rank, alpha=alpha, ranks=ranks)
 
 
 def resolve_preprocessing(file: FederationFile, model: str, model_kwargs: dict[str, Any]) -> dict[str, Any] | None:
@@ -150,7 +208,8 @@ def resolve_preprocessing(file: FederationFile, model: str, model_kwargs: dict[s
 def build_federation_config(file: FederationFile) -> tuple[FederationConfig, bytes]:
     """The validated FederationConfig and the checkpoint bytes to upload."""
     checkpoint, model, model_kwargs = resolve_checkpoint(file.backbone)
-    manifest = build_manifest(file, model, model_kwargs)
+    on_disk = file.backbone.checkpoint not in DEMO_CHECKPOINTS and file.backbone.checkpoint != "pretrained"
+    manifest = build_manifest(file, model, model_kwargs, Path(file.backbone.checkpoint) if on_disk else checkpoint)
     doc: dict[str, Any] = {
         "name": file.name,
         "backbone": Backbone(model=model, model_kwargs=model_kwargs,

@@ -13,6 +13,7 @@ Wire names for one tier (the tier itself is implied by the task or adapter versi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -123,6 +124,24 @@ def _prod(shape: tuple[int, ...]) -> int:
     for s in shape:
         out *= s
     return out
+
+
+def tier_specs(rank: int, alpha: float | None = None, ranks: Mapping[str, int] | None = None) -> dict[str, TierSpec]:
+    """Every tier's rank and alpha: ``rank`` unless ``ranks`` overrides it per tier; ``alpha``
+    defaults to each tier's rank (scaling 1).
+
+    Raises:
+        ValueError: ``ranks`` names an unknown tier.
+    """
+    ranks = dict(ranks or {})
+    unknown = sorted(set(ranks) - set(TIERS))
+    if unknown:
+        raise ValueError(f"ranks name unknown tiers {unknown}; tiers are {list(TIERS)}")
+    specs = {}
+    for tier in TIERS:
+        tier_rank = int(ranks.get(tier, rank))
+        specs[tier] = TierSpec(rank=tier_rank, alpha=float(alpha) if alpha is not None else float(tier_rank))
+    return specs
 
 
 def qv_targets(depth: int, dim: int, module_fmt: str = "blocks.{i}.attn.qkv") -> list[AdapterTarget]:
