@@ -5,12 +5,53 @@ from __future__ import annotations
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
 
 READ_ONLY = "hilora_read_only"
 
 
+class DatabaseUrlError(ValueError):
+    """HILORA_DATABASE_URL cannot be used: not a URL SQLAlchemy knows, or its driver is not
+    installed (``hilora[postgres]``); ``str()`` is one line saying what to do."""
+
+
+def _shown(url: str) -> str:
+    """The URL without its password (``make_url`` hides it), for an error message."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL at all
+        return url.split("@")[-1][:200]
+
+
 def make_engine(url: str) -> Engine:
+    """The engine for ``url``.
+
+    Raises:
+        DatabaseUrlError: a URL SQLAlchemy does not know, or a driver that is not installed (the
+            Postgres driver psycopg comes with ``pip install "hilora[postgres]"``).
+    """
+    try:
+        return _make_engine(url)
+    except ModuleNotFoundError as exc:
+        module = (exc.name or "").split(".")[0]
+        if module == "psycopg":
+            hint = 'the PostgreSQL driver psycopg (3) is not installed: pip install "hilora[postgres]"'
+        elif url.startswith(("postgresql", "postgres")):
+            hint = (f"its driver ({module}) is not installed; hilora supports psycopg 3: write the URL as "
+                    f'postgresql+psycopg://USER:PASSWORD@HOST/DB and pip install "hilora[postgres]"')
+        else:
+            hint = f"its driver ({module}) is not installed"
+        raise DatabaseUrlError(f"HILORA_DATABASE_URL {_shown(url)}: {hint}") from exc
+    except ArgumentError as exc:   # not a URL, or an unknown dialect (NoSuchModuleError is one)
+        raise DatabaseUrlError(f"HILORA_DATABASE_URL {_shown(url)} is not a database URL hilora can use "
+                               f"({' '.join(str(exc).split())}); e.g. sqlite:///./hilora-state/coordinator.db or "
+                               f"postgresql+psycopg://USER:PASSWORD@HOST/DB") from exc
+
+
+def _make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ADMIN_TOKEN = "hilora-dev-admin"
@@ -91,3 +91,41 @@ class Settings(BaseSettings):
         if len(self.admin_token) < 16:
             raise ValueError("HILORA_ADMIN_TOKEN must be at least 16 characters")
         return self
+
+
+class SettingsError(ValueError):
+    """The HILORA_* environment does not make valid settings; ``str()`` is one line naming each
+    variable and what is wrong with it."""
+
+
+# Settings whose values may be secrets: an error names the variable, never echoes what it holds.
+_SECRET_PARTS = ("token", "secret", "password", "url")
+
+
+def describe_settings_errors(exc: ValidationError) -> str:
+    """One line for a ValidationError of ``Settings``: ``HILORA_PORT='abc': Input should be a valid
+    integer, ...`` per field (the value left out for secrets and URLs, which may hold passwords),
+    and the cross-field checks' own messages."""
+    parts = []
+    for error in exc.errors():
+        message = " ".join(str(error.get("msg", "")).split()).removeprefix("Value error, ")
+        loc = error.get("loc") or ()
+        if not loc:
+            parts.append(message)
+            continue
+        field = str(loc[0])
+        variable = f"HILORA_{field.upper()}"
+        if any(part in field for part in _SECRET_PARTS) or "input" not in error or isinstance(error["input"], dict):
+            parts.append(f"{variable}: {message}")
+        else:
+            parts.append(f"{variable}={' '.join(str(error['input']).split())[:80]!r}: {message}")
+    return "; ".join(parts)
+
+
+def load_settings(**values: object) -> Settings:
+    """``Settings(**values)`` from the environment, or a SettingsError of one line (the CLI prints it
+    and exits 2) instead of pydantic's multi-line report."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        raise SettingsError(describe_settings_errors(exc)) from None

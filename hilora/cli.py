@@ -36,10 +36,37 @@ def _print_version(value: bool) -> None:
         raise typer.Exit(0)
 
 
+# Commands that need an optional extra, checked before they start (a coordinator-only install, `pip
+# install hilora`, has no torch): the extra and the modules it brings.
+EXTRAS: dict[str, tuple[str, ...]] = {"worker": ("torch", "timm"), "postgres": ("psycopg",), "demo": ("mlxtend",),
+                                      "bench": ("matplotlib", "peft", "mlxtend")}
+COMMAND_EXTRAS: dict[str, str] = {"worker": "worker", "predict": "worker", "demo": "worker", "bench": "worker",
+                                  "pretrain-demo-backbone": "worker"}
+# A module missing at run time -> the extra that installs it (main(): one line instead of a traceback).
+MODULE_EXTRAS: dict[str, str] = {"torch": "worker", "timm": "worker", "torchvision": "worker",
+                                 "psycopg": "postgres", "psycopg_binary": "postgres", "mlxtend": "demo",
+                                 "matplotlib": "bench", "peft": "bench"}
+
+
+def _missing_extra_line(command: str, modules: list[str], extra: str) -> str:
+    who = f"hilora {command}" if command else "hilora"
+    return (f"{who} needs {' and '.join(modules)}, which {'is' if len(modules) == 1 else 'are'} not installed "
+            f"here: pip install \"hilora[{extra}]\"")
+
+
 @app.callback()
-def _main(show_version: Annotated[bool, typer.Option(
+def _main(ctx: typer.Context, show_version: Annotated[bool, typer.Option(
         "--version", is_eager=True, callback=_print_version, help="print hilora's version and exit")] = False) -> None:
     """hilora: HiLoRA federated learning (coordinator, workers, demo)."""
+    from importlib.util import find_spec
+
+    command = ctx.invoked_subcommand
+    extra = COMMAND_EXTRAS.get(command or "")
+    if extra is None or "--help" in sys.argv[1:]:   # `hilora worker --help` works without the extra
+        return
+    missing = [m for m in EXTRAS[extra] if find_spec(m) is None]
+    if missing:
+        _fail(_missing_extra_line(command, missing, extra))
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -54,18 +81,21 @@ def coordinator(
 ) -> None:
     """Serve the coordinator API (settings from HILORA_* environment variables)."""
     import uvicorn
-    from pydantic import ValidationError
 
     from coordinator.app import create_app
+    from coordinator.db import DatabaseUrlError
     from coordinator.logs import configure_logging
-    from coordinator.settings import Settings
+    from coordinator.settings import SettingsError, load_settings
 
     try:
-        settings = Settings()
-    except ValidationError as exc:
-        _fail("; ".join(e["msg"] for e in exc.errors()))
+        settings = load_settings()
+    except SettingsError as exc:
+        _fail(str(exc))
     configure_logging(settings.log_format, settings.log_level)
-    app_ = create_app(settings)
+    try:
+        app_ = create_app(settings)
+    except DatabaseUrlError as exc:
+        _fail(str(exc))
     # HILORA_LOG_FORMAT=json: uvicorn's loggers go through our JSON handler, not its own config
     log_config = {"log_config": None} if settings.log_format == "json" else {}
     uvicorn.run(app_, host=host or settings.host, port=port if port is not None else settings.port,
@@ -76,11 +106,15 @@ def coordinator(
 @app.command()
 def migrate() -> None:
     """Bring the database (HILORA_DATABASE_URL) to the newest schema."""
-    from coordinator.db import make_engine
+    from coordinator.db import DatabaseUrlError, make_engine
     from coordinator.migrate import upgrade_to_head
 
     url = os.environ.get("HILORA_DATABASE_URL", "sqlite:///./hilora-state/coordinator.db")
-    upgrade_to_head(make_engine(url))
+    try:
+        engine = make_engine(url)
+    except DatabaseUrlError as exc:
+        _fail(str(exc))
+    upgrade_to_head(engine)
     typer.echo(f"schema at head: {url.split('@')[-1]}")
 
 
@@ -92,16 +126,16 @@ def gc(dry_run: Annotated[bool, typer.Option(help="report what would be deleted,
     from datetime import datetime, timezone
 
     from coordinator.blobs import BlobStore
-    from coordinator.db import make_engine, make_session_factory
+    from coordinator.db import DatabaseUrlError, make_engine, make_session_factory
     from coordinator.migrate import schema_is_at_head
     from coordinator.services.retention import collect_garbage
-    from coordinator.settings import Settings
+    from coordinator.settings import SettingsError, load_settings
 
     try:
-        settings = Settings()
-    except ValueError as exc:
+        settings = load_settings()
+        engine = make_engine(settings.database_url)
+    except (SettingsError, DatabaseUrlError) as exc:
         _fail(str(exc))
-    engine = make_engine(settings.database_url)
     if not schema_is_at_head(engine):
         _fail("the database schema is not at the newest migration: run `hilora migrate` first")
     report = collect_garbage(make_session_factory(engine), BlobStore(settings.blob_dir), datetime.now(timezone.utc),
@@ -1140,8 +1174,28 @@ def _bench_family(opts, family: str, cells: list[str], methods: list[str], seeds
         typer.echo(f"wrote {path}")
 
 
+def _one_line_error(exc: BaseException) -> Optional[str]:
+    """The one line ``main`` prints for an error a person can fix without reading a traceback (an
+    optional extra that is not installed), or None for a bug (its traceback is shown)."""
+    if isinstance(exc, ModuleNotFoundError):
+        module = (exc.name or "").split(".")[0]
+        if module in MODULE_EXTRAS:
+            command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+            return _missing_extra_line(command, [module], MODULE_EXTRAS[module])
+    return None
+
+
 def main() -> None:
-    app()
+    """The ``hilora`` script: a module of an optional extra missing at run time (a coordinator-only
+    install) is one line naming the pip command and exit code 2, not a traceback."""
+    try:
+        app()
+    except ImportError as exc:
+        line = _one_line_error(exc)
+        if line is None:
+            raise
+        typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,93 @@ def test_admin_assign_refuses_a_bad_assignment_before_calling(value, message):
     assert proc.returncode == 2 and message in proc.stderr
 
 
+# ---------------------------------------------------------------- a coordinator-only install (issue 19)
+# The modules of an extra blocked (None in sys.modules: `import torch` fails as where it is not
+# installed); tests/integration/test_wheel.py does the same in a clean venv with the built wheel.
+
+def hilora_without(blocked: tuple[str, ...], *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    code = (f"import sys; sys.modules.update({{m: None for m in {blocked!r}}}); "
+            "sys.argv = ['hilora'] + sys.argv[1:]; from hilora.cli import main; main()")
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HILORA_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          env=full_env)
+
+
+def one_line(proc: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    """Exit ``code`` and exactly one line on stderr, naming ``words``, no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for word in words:
+        assert word in proc.stderr, (word, proc.stderr)
+
+
+TORCH = ("torch", "timm", "torchvision")
+
+
+@pytest.mark.parametrize("command", [
+    ["worker", "--coordinator", "http://127.0.0.1:9", "--config", "w.json"],
+    ["predict", "--model", "m.safetensors", "--images", "."],
+    ["demo"], ["bench", "--quick"], ["pretrain-demo-backbone"],
+])
+def test_commands_that_need_torch_name_the_worker_extra(command):
+    proc = hilora_without(TORCH, *command)
+    one_line(proc, 2, f"hilora {command[0]} needs torch and timm", 'pip install "hilora[worker]"')
+    assert proc.stdout == ""
+
+
+def test_help_and_the_coordinator_side_work_without_torch(tmp_path):
+    proc = hilora_without(TORCH, "worker", "--help")
+    assert proc.returncode == 0 and "--config" in proc.stdout, proc.stderr
+    proc = hilora_without(TORCH, "migrate", env={"HILORA_DATABASE_URL": f"sqlite:///{tmp_path}/m.db"})
+    assert proc.returncode == 0 and "schema at head" in proc.stdout, proc.stderr
+
+
+def test_a_module_missing_at_run_time_is_one_line_naming_its_extra(monkeypatch):
+    from hilora.cli import _one_line_error
+
+    monkeypatch.setattr(sys, "argv", ["hilora", "bench", "--plots", "p"])
+    for module, extra in (("torch", "worker"), ("timm.layers", "worker"), ("mlxtend", "demo"),
+                          ("matplotlib.pyplot", "bench"), ("psycopg", "postgres")):
+        line = _one_line_error(ModuleNotFoundError(f"No module named {module!r}", name=module))
+        assert line is not None and line.startswith(f"hilora bench needs {module.split('.')[0]}")
+        assert line.endswith(f'pip install "hilora[{extra}]"'), line
+    assert _one_line_error(ModuleNotFoundError("No module named 'typo'", name="typo")) is None   # a bug: traceback
+
+
+@pytest.mark.parametrize("command", [["coordinator"], ["migrate"], ["gc"]])
+def test_a_postgres_url_without_the_driver_names_the_postgres_extra(command):
+    url = "postgresql+psycopg://hilora:s3cret-pw@127.0.0.1:5/hilora"
+    proc = hilora_without(("psycopg",), *command, env={"HILORA_DATABASE_URL": url,
+                                                       "HILORA_ADMIN_TOKEN": "a" * 20})
+    one_line(proc, 2, "HILORA_DATABASE_URL", 'pip install "hilora[postgres]"', "psycopg")
+    assert "s3cret-pw" not in proc.stderr   # the password is not printed
+
+
+def test_an_unusable_database_url_is_one_line(tmp_path):
+    for url in ("mysqlx://u@h/db", "not a url"):
+        proc = hilora("migrate", env={"HILORA_DATABASE_URL": url})
+        one_line(proc, 2, "HILORA_DATABASE_URL", "is not a database URL", "sqlite:///")
+
+
+@pytest.mark.parametrize(("variable", "value", "words"), [
+    ("HILORA_PORT", "abc", ["HILORA_PORT='abc'", "valid integer"]),
+    ("HILORA_PORT", "70000", ["HILORA_PORT='70000'", "65535"]),
+    ("HILORA_SCHEDULER_INTERVAL", "-1", ["HILORA_SCHEDULER_INTERVAL='-1'", "greater than 0"]),
+    ("HILORA_LOG_FORMAT", "xml", ["HILORA_LOG_FORMAT='xml'", "'text' or 'json'"]),
+    ("HILORA_ADMIN_TOKEN", "short", ["HILORA_ADMIN_TOKEN must be at least 16 characters"]),
+])
+@pytest.mark.parametrize("command", ["coordinator", "gc"])
+def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path, command, variable, value, words):
+    env = {"HILORA_DATABASE_URL": f"sqlite:///{tmp_path}/c.db", "HILORA_BLOB_DIR": str(tmp_path / "b"),
+           "HILORA_ADMIN_TOKEN": "a" * 20, variable: value}
+    proc = hilora(command, env=env)
+    one_line(proc, 2, *words)
+    if variable == "HILORA_ADMIN_TOKEN":
+        assert value not in proc.stderr.replace("HILORA_", "")   # a secret's value is never echoed
+
+
 # ---------------------------------------------------------------- admin commands in process
 # ``hilora admin ...`` through typer's CliRunner, its CoordinatorClient sending every request
 # through the in-process app (the ``api`` fixture of conftest.py).
