@@ -783,13 +783,18 @@ def pretrain_demo_backbone_cmd(
     cache_dir: Annotated[Optional[Path], typer.Option(help="default: HILORA_CACHE_DIR or ~/.cache/hilora")] = None,
     dataset: Annotated[str, typer.Option(
         help="pretraining pool: 'digits' (the demo's) or 'mnist5k' (for the mnist5k partitions)")] = "digits",
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="a progress bar with ETA on stderr (only when it is a terminal)")] = True,
 ) -> None:
     """Pretrain the tiny demo ViT on upright digits or MNIST-5k (cached by a hash of its recipe)."""
+    from hilora.progress import Bars, backbone_watcher
     from worker.backbone import DEMO_BACKBONE_DATASETS, pretrain_demo_backbone
 
     if dataset not in DEMO_BACKBONE_DATASETS:
         _fail(f"--dataset must be one of {', '.join(DEMO_BACKBONE_DATASETS)}, got {dataset!r}")
-    artifact = pretrain_demo_backbone(cache_dir=cache_dir, force=force, progress=typer.echo, dataset=dataset)
+    with Bars(enabled=None if progress else False) as bars:
+        artifact = pretrain_demo_backbone(cache_dir=cache_dir, force=force, progress=backbone_watcher(bars, bars.say),
+                                          dataset=dataset)
     typer.echo(json.dumps({"path": str(artifact.path), "sha256": artifact.sha256, "model": artifact.model}))
 
 
@@ -809,10 +814,13 @@ def demo(
     timeout: Annotated[float, typer.Option(help="give up after this many seconds")] = 900.0,
     serve: Annotated[bool, typer.Option(help="keep the coordinator running afterwards and print the "
                                              "dashboard URL and admin token (Ctrl-C stops it)")] = False,
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="progress bars with ETA on stderr (only when it is a terminal)")] = True,
 ) -> None:
     """Run the whole cascade on one machine over real HTTP and print the results."""
     os.environ["HILORA_DEV"] = "1"
     from hilora.demo import format_table, run_demo, write_report
+    from hilora.progress import Bars
     from hilora.options import RunOptions
 
     opts = RunOptions(partition=partition, workers=workers, threads=threads, seed=seed, timeout=timeout,
@@ -852,7 +860,8 @@ def demo(
                 signal.signal(sig, handler)
 
     try:
-        summary = run_demo(opts, say=lambda m: typer.echo(m), serve=serve_dashboard if serve else None)
+        with Bars(enabled=None if progress else False) as bars:
+            summary = run_demo(opts, say=bars.sayer(), serve=serve_dashboard if serve else None)
     except (RuntimeError, ValueError) as exc:
         _fail(str(exc), code=1)
     if not serve:
@@ -979,6 +988,13 @@ def bench(
     workdir: Annotated[Optional[Path], typer.Option(
         help="keep the coordinator's database, blobs, worker state and logs here (default: a temp folder, "
              "removed afterwards)")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="a report an earlier run wrote (--report: rewritten after every method, so it may be partial), made "
+             "with the same options: its finished methods and seeds are kept as they are, only the rest run "
+             "(default methods and seeds: the report's); the report is rewritten there unless --report says "
+             "elsewhere")] = None,
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="progress bars with ETA on stderr (only when it is a terminal)")] = True,
 ) -> None:
     """Compare HiLoRA with federated-LoRA baselines and its ablations on one partition: every method is a
     federation that the real coordinator and worker code run, with the same data, backbone, rounds and
@@ -1039,6 +1055,28 @@ def bench(
 
     if family is None and (cells or out is not None):
         _fail("--cells and --out go with --family")
+    previous = None
+    if resume is not None:
+        if family is not None:
+            _fail("--family resumes from its --out folder by itself: run the same command again, without --resume")
+        if not resume.is_file():
+            _fail(f"--resume {resume}: no such file (the --report of an earlier run)")
+        try:
+            previous = json.loads(resume.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            _fail(f"--resume {resume}: not a JSON report ({exc})")
+        if not isinstance(previous, dict) or not isinstance(previous.get("runs"), list):
+            _fail(f"--resume {resume}: not a report of `hilora bench --report`")
+        if report is None:
+            report = resume
+        planned = previous.get("planned") if isinstance(previous.get("planned"), dict) else {}
+        if not methods and planned.get("methods"):
+            try:
+                chosen = parse_methods(planned["methods"])
+            except ValueError as exc:
+                _fail(f"--resume {resume}: {exc}")
+        if not seeds and planned.get("seeds") and seed == 0:
+            seed_list = [int(s) for s in planned["seeds"]]
     if family is not None:
         if partition is not None or paper is not None:
             _fail("--family excludes --partition and --paper: the family names its partitions")
@@ -1126,16 +1164,33 @@ def bench(
     except RuntimeError:
         pass
     if family is not None:
-        _bench_family(opts, family, _split_values(cells), chosen, seed_list, out, plots, report, level)
+        _bench_family(opts, family, _split_values(cells), chosen, seed_list, out, plots, report, level, progress)
         return
     chosen = chosen or default_methods(opts)
+    if previous is not None:
+        from hilora.bench.report import resumable_runs
+
+        try:
+            resumable_runs(previous, opts, chosen, seed_list)
+        except ValueError as exc:
+            _fail(f"--resume {resume}: {exc}", code=1)
     typer.echo(f"hilora bench ({level}, {device}, {opts.threads} threads, "
                f"{opts.transport}): "
-               f"{', '.join(chosen)} on {paper or opts.partition}, seeds {seed_list}")
+               f"{', '.join(chosen)} on {paper or opts.partition}, seeds {seed_list}"
+               + (f", resuming {resume}" if resume is not None else ""))
+    from hilora.progress import Bars, RunProgress, backbone_watcher
+
+    def write_partial(partial: dict) -> None:   # after every method: what --resume reads back
+        write_outputs(partial, report, None)
+
     try:
-        result = run_bench(opts, chosen, seed_list, say=lambda m: typer.echo(m, err=True))
+        with Bars(enabled=None if progress else False) as bars:
+            result = run_bench(opts, chosen, seed_list, say=backbone_watcher(bars, bars.sayer(err=True)),
+                               progress=RunProgress(bars, "bench") if bars.enabled else None, resume=previous,
+                               on_report=write_partial if report is not None else None)
     except (ValueError, RuntimeError) as exc:
-        _fail(str(exc), code=1)
+        _fail(f"--resume {resume}: {exc}" if resume is not None and str(exc).startswith("the report was made")
+              else str(exc), code=1)
     typer.echo(format_table(result))
     written = write_outputs(result, report, plots)
     for path in written:
@@ -1143,21 +1198,30 @@ def bench(
 
 
 def _bench_family(opts, family: str, cells: list[str], methods: list[str], seeds: list[int], out: Path,
-                  plots: Optional[Path], report: Optional[Path], level: str) -> None:
+                  plots: Optional[Path], report: Optional[Path], level: str, progress: bool = True) -> None:
     """``hilora bench --family``: every cell x seed x method not yet in ``out``, then the family table."""
     from hilora.bench.family import FAMILY_METHODS, format_family, render_heatmap, run_family
+    from hilora.progress import Bars, RunProgress, backbone_watcher
 
     def atomic_write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # several processes may share --out
         tmp.write_bytes(data)
         tmp.replace(path)
 
     methods = methods or list(FAMILY_METHODS)
     typer.echo(f"hilora bench --family {family} ({level}, {opts.device}, {opts.threads} threads): "
                f"{', '.join(methods)}, seeds {seeds}, into {out}")
+
+    def copy_report(partial: dict) -> None:   # --report: the family report, as current as family.json
+        atomic_write(report, json.dumps(partial, indent=1).encode())
+
     try:
-        result = run_family(opts, family, methods, seeds, out, cells or None, say=lambda m: typer.echo(m, err=True))
+        with Bars(enabled=None if progress else False) as bars:
+            result = run_family(opts, family, methods, seeds, out, cells or None,
+                                say=backbone_watcher(bars, bars.sayer(err=True)),
+                                progress=RunProgress(bars, f"family {family}") if bars.enabled else None,
+                                on_report=copy_report if report is not None else None)
     except (ValueError, RuntimeError) as exc:
         _fail(str(exc), code=1)
     text = format_family(result)

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from hilora.bench.engine import onboarding_done, training_done
+from hilora.bench.engine import RoundCounter, expected_rounds, onboarding_done, training_done
 from hilora.bench.report import accuracy_stats, majority_clusters
 from hilora.launcher import LocalCluster, wait_for
 from hilora.options import RunOptions
+from hilora.progress import Bars, RunProgress, backbone_watcher
 from worker.client import CoordinatorClient
 
 
@@ -98,11 +99,14 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _progress_printer(client: CoordinatorClient, token: str, fid: int, say: Callable[[str], None], t0: float):
+def _progress_printer(client: CoordinatorClient, token: str, fid: int, say: Callable[[str], None], t0: float,
+                      on_status: Callable[[Any], None] | None = None):
     last: dict[str, Any] = {"key": None}
 
     def tick() -> None:
         status = client.federation_status(token, fid)
+        if on_status is not None:
+            on_status(status)
         open_rounds = [r for r in status.rounds if r.status == "open"]
         total = sum(r.tasks_total for r in open_rounds)
         stage = status.state.value
@@ -126,9 +130,12 @@ def _progress_printer(client: CoordinatorClient, token: str, fid: int, say: Call
 
 
 def run_demo(opts: RunOptions, say: Callable[[str], None] = print,
-             serve: Callable[[dict[str, Any], LocalCluster], None] | None = None) -> dict[str, Any]:
+             serve: Callable[[dict[str, Any], LocalCluster], None] | None = None,
+             bars: Bars | None = None) -> dict[str, Any]:
     """Run the demo and return its numbers. ``serve`` (``hilora demo --serve``) is called with them
-    while the coordinator still runs; the coordinator stops when it returns."""
+    while the coordinator still runs; the coordinator stops when it returns. ``bars``
+    (``hilora.progress``; default: those of a ``say`` made by ``Bars.sayer``, else none): the
+    backbone's epochs and the federation's stages and rounds, stopped before ``serve``."""
     from hilora.federation_file import DEMO_CHECKPOINTS, FederationFile, build_federation_config
     from worker.backbone import demo_backbone_dataset, pretrain_demo_backbone
     from worker.data import load_partition, partition_clients
@@ -142,7 +149,9 @@ def run_demo(opts: RunOptions, say: Callable[[str], None] = print,
     say(f"partition {partition.name}: {len(train)} training clients, {len(unseen)} unseen, "
         f"{len(set(groups.values()))} latent groups")
     dataset = demo_backbone_dataset(partition)
-    artifact = pretrain_demo_backbone(progress=lambda msg: say(f"backbone: {msg}"), dataset=dataset)
+    bars = bars if bars is not None else getattr(say, "bars", None) or Bars(enabled=False)
+    artifact = pretrain_demo_backbone(progress=backbone_watcher(bars, lambda msg: say(f"backbone: {msg}")),
+                                      dataset=dataset)
     say(f"backbone: {artifact.model} sha256 {artifact.sha256[:12]} ({artifact.path})")
     config, checkpoint = build_federation_config(FederationFile.model_validate(
         federation_file(opts, len(train), next(k for k, v in DEMO_CHECKPOINTS.items() if v == dataset))))
@@ -164,7 +173,15 @@ def run_demo(opts: RunOptions, say: Callable[[str], None] = print,
                     "clients": [{"name": c.name, "data": {"partition": opts.partition, "client": c.name}}
                                 for c in hosted]}, threads=opts.threads, max_seconds=opts.timeout)
             say(f"started {n_workers} worker processes hosting {len(train)} clients")
-            tick, last = _progress_printer(client, cluster.admin_token, fid, say, t0)
+            progress = RunProgress(bars, overall=False)
+            progress.start_run(f"demo {partition.name}", expected_rounds("hilora", opts, bool(unseen)))
+            counter = RoundCounter()
+
+            def on_status(status: Any) -> None:
+                onboarding = status.state.value == "serving" and status.clients_total > status.clients_training
+                progress.rounds(counter.update(status), "unseen clients" if onboarding else status.state.value)
+
+            tick, last = _progress_printer(client, cluster.admin_token, fid, say, t0, on_status)
 
             def serving() -> bool:   # and the final evaluation is over
                 cluster.check_workers()
@@ -186,10 +203,12 @@ def run_demo(opts: RunOptions, say: Callable[[str], None] = print,
                 if not wait_for(onboarded, opts.timeout, on_tick=tick):
                     raise RuntimeError(f"unseen clients were not onboarded within {opts.timeout:.0f}s")
             report = client.federation_report(cluster.admin_token, fid).model_dump(mode="json")
+            progress.finish_run()
         summary = summarize(report, groups, time.monotonic() - t0)
         summary["options"] = asdict(opts)
         summary["backbone_sha256"] = artifact.sha256
         if serve is not None:
+            bars.stop()
             serve(summary, cluster)
         return summary
     except Exception:

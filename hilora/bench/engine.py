@@ -33,14 +33,22 @@ from typing import Any
 import httpx
 import numpy as np
 
-from hilora.bench.methods import MethodConfig, method_config, parse_methods
-from hilora.bench.report import accuracy_stats, majority_clusters, summarize
+from hilora.bench.methods import BASELINES, MethodConfig, method_config, parse_methods
+from hilora.bench.report import (
+    accuracy_stats,
+    check_resumed_setup,
+    majority_clusters,
+    partition_sha256,
+    resumable_runs,
+    summarize,
+)
 from hilora.bench.setup import BenchSetup, prepare
 from hilora.options import RunOptions
 from shared.schemas import FederationStatus
 from worker.client import CoordinatorClient
 
 Say = Callable[[str], None]
+OnStatus = Callable[[FederationStatus], None]
 MAX_IDLE_TICKS = 3           # in process: consecutive ticks without a change before a run is stuck
 MAX_STEPS = 1_000_000        # in process: bound on the passes (leases + one tick) of one phase
 
@@ -71,6 +79,37 @@ def onboarding_done(expected_clients: int) -> Callable[[FederationStatus], bool]
         return (status.clients_total >= expected_clients and status.onboarding_pending == 0
                 and _no_open_rounds(status))
     return done
+
+
+def expected_rounds(name: str, opts: RunOptions, unseen: bool) -> int:
+    """The rounds ``RoundCounter`` counts for method ``name``'s federation under ``opts``: root, probe,
+    cluster, refinement and leaf rounds of the training cohort (a flat baseline: its root rounds and
+    the final evaluation; a hierarchy without leaf rounds: the final evaluation too), then the unseen
+    clients' probe (hierarchical methods) and leaf rounds. An estimate for progress bars only: the
+    root stage may stop early."""
+    if name in BASELINES:
+        train, late = opts.total_rounds + 1, opts.unseen_leaf_rounds
+    else:
+        refine = 0 if name == "oracle" else min(opts.refine_rounds, opts.cluster_rounds)
+        train = opts.root_rounds + 1 + opts.cluster_rounds + refine + opts.leaf_rounds + (0 if opts.leaf_rounds else 1)
+        late = 1 + opts.unseen_leaf_rounds
+    return train + (late if unseen else 0)
+
+
+class RoundCounter:
+    """Rounds of one federation that are over, from the statuses the bench reads: the training
+    cohort's by (stage, number) (the clusters' rounds of one number count once), the unseen
+    clients' by (stage, number) over all of them. Reading a status changes nothing in the run."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[Any, ...]] = set()
+
+    def update(self, status: FederationStatus) -> int:
+        for r in status.rounds:
+            if r.status != "open":
+                cohort = "unseen" if r.scope.startswith("client:") else "train"
+                self._seen.add((r.cycle, cohort, str(getattr(r.stage, "value", r.stage)), r.number))
+        return len(self._seen)
 
 
 def register(service: Any, setup: BenchSetup, fid: int, secret: str, clients: Sequence[Any],
@@ -122,8 +161,9 @@ class InProcessService:
         return max(0, scheduler_tick(self.app.state.session_factory, self.app.state.blobs, self.app.state.clock()))
 
     def run(self, setup: BenchSetup, fid: int, secret: str, clients: Sequence[Any], partition_file: Path,
-            done: Callable[[FederationStatus], bool]) -> FederationStatus:
-        """Host ``clients`` (registering them) and drive the federation until ``done``."""
+            done: Callable[[FederationStatus], bool], on_status: OnStatus | None = None) -> FederationStatus:
+        """Host ``clients`` (registering them) and drive the federation until ``done``; ``on_status``
+        (progress) gets the federation's status after every pass."""
         from worker.daemon import HostedClient, WorkerConfig, WorkerDaemon
 
         hosted = [HostedClient.model_validate(h) for h in register(self, setup, fid, secret, clients, partition_file)]
@@ -154,7 +194,10 @@ class InProcessService:
                         raise RuntimeError(f"task {response.task.task_id} of client {slot.spec.name} "
                                            f"({response.task.stage}) reported no result")
                     worked = True
-            if self.tick() or worked:
+            ticked = self.tick()
+            if on_status is not None:
+                on_status(self.admin.federation_status(self.admin_token, fid))
+            if ticked or worked:
                 idle_ticks = 0
                 continue
             status = self.admin.federation_status(self.admin_token, fid)
@@ -191,7 +234,9 @@ class HttpService:
         self._started = 0
 
     def run(self, setup: BenchSetup, fid: int, secret: str, clients: Sequence[Any], partition_file: Path,
-            done: Callable[[FederationStatus], bool]) -> FederationStatus:
+            done: Callable[[FederationStatus], bool], on_status: OnStatus | None = None) -> FederationStatus:
+        """Start worker processes for ``clients`` and poll until ``done``; ``on_status`` (progress)
+        gets every status polled."""
         from hilora.launcher import wait_for
 
         hosted = register(self, setup, fid, secret, clients, partition_file)
@@ -205,6 +250,8 @@ class HttpService:
         def finished() -> bool:
             self.cluster.check_workers()
             last["status"] = self.admin.federation_status(self.admin_token, fid)
+            if on_status is not None:
+                on_status(last["status"])
             return done(last["status"])
 
         if not wait_for(finished, self.opts.timeout, interval=0.2):
@@ -270,9 +317,9 @@ def _stage_seconds(rounds: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def run_method(service: Any, setup: BenchSetup, name: str, partition_file: Path,
-               say: Say | None = None) -> dict[str, Any]:
+               say: Say | None = None, progress: Any = None) -> dict[str, Any]:
     """Run method ``name`` as a federation of ``service`` on one seed's set-up; its numbers as the
-    service reports them."""
+    service reports them. ``progress`` (``hilora.progress.RunProgress``) follows its rounds."""
     from sklearn.metrics import adjusted_rand_score
 
     from shared.config import FederationConfig
@@ -290,13 +337,25 @@ def run_method(service: Any, setup: BenchSetup, name: str, partition_file: Path,
         min_clients=len(setup.train)).model_dump())
     created = service.admin.create_federation(service.admin_token, config)
     fid = created.federation_id
-    status = service.run(setup, fid, created.enrollment_secret, setup.train, partition_file, training_done)
+    counter = RoundCounter()
+
+    def watch(phase: str | None) -> OnStatus | None:
+        if progress is None:
+            return None
+        return lambda status: progress.rounds(counter.update(status), phase or status.state.value)
+
+    if progress is not None:
+        progress.start_run(f"{name} seed {opts.seed}", expected_rounds(name, opts, bool(setup.unseen)))
+    status = service.run(setup, fid, created.enrollment_secret, setup.train, partition_file, training_done,
+                         on_status=watch(None))
     log(f"trained ({status.state.value}, {len(status.rounds)} rounds)")
     if setup.unseen:
         service.run(setup, fid, created.enrollment_secret, setup.unseen, partition_file,
-                    onboarding_done(len(setup.train) + len(setup.unseen)))
+                    onboarding_done(len(setup.train) + len(setup.unseen)), on_status=watch("unseen clients"))
         log(f"{len(setup.unseen)} unseen clients onboarded")
     wall = time.monotonic() - t0
+    if progress is not None:
+        progress.finish_run()
 
     report = _get(service, f"/v1/federations/{fid}/report")
     accuracy = _get(service, f"/v1/federations/{fid}/accuracy")
@@ -399,13 +458,21 @@ def run_method(service: Any, setup: BenchSetup, name: str, partition_file: Path,
 # --------------------------------------------------------------------------- many methods and seeds
 
 def run_bench(opts: RunOptions, methods: Sequence[str], seeds: Sequence[int], say: Say | None = None,
-              keep: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              keep: Callable[[dict[str, Any]], None] | None = None, progress: Any = None,
+              resume: dict[str, Any] | None = None,
+              on_report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every method for every seed (each seed shares one set-up), then ``summarize``. All of them
     are federations of one service in a work folder (``opts.workdir``, else a temporary one that is
-    removed afterwards). ``keep`` is called with each method's result as soon as it is known."""
+    removed afterwards). ``keep`` is called with each method's result as soon as it is known, and
+    ``on_report`` with the report of every run finished so far (``complete`` false until the last).
+
+    ``resume``: a report of an earlier run (partial or not) with the same options, partition and
+    backbone (ValueError otherwise): its finished (seed, method) runs are taken as they are, only
+    the others run. ``progress`` (``hilora.progress.RunProgress``) follows the runs and rounds."""
     if not methods:
         raise ValueError("no method to run")
     parse_methods(methods)
+    done = resumable_runs(resume, opts, methods, seeds) if resume is not None else {}
     runs: dict[int, dict[str, dict[str, Any]]] = {}
     workdir = Path(opts.workdir) if opts.workdir else Path(tempfile.mkdtemp(prefix="hilora-bench-"))
     setup = None
@@ -413,7 +480,22 @@ def run_bench(opts: RunOptions, methods: Sequence[str], seeds: Sequence[int], sa
     try:
         for seed in seeds:
             seed_opts = replace(opts, seed=int(seed))
+            first = setup is None
             setup = prepare(seed_opts, say) if setup is None else replace(setup, opts=seed_opts)
+            if first:
+                if resume is not None:
+                    check_resumed_setup(resume, partition_sha256(setup.partition), setup.partition.name,
+                                        setup.artifact.sha256)
+                if progress is not None:
+                    todo_all = [m for s in seeds for m in methods if m not in done.get(int(s), {})]
+                    progress.plan(sum(expected_rounds(m, opts, bool(setup.unseen)) for m in todo_all), len(todo_all))
+            runs[int(seed)] = dict(done.get(int(seed), {}))
+            todo = [m for m in methods if m not in runs[int(seed)]]
+            if say is not None and len(todo) < len(methods):
+                taken = [m for m in methods if m in runs[int(seed)]]
+                say(f"seed {seed}: {', '.join(taken)} taken from the report being resumed")
+            if not todo:
+                continue
             if service is None:
                 service = open_service(workdir, opts)
                 service.admin.put_blob(service.admin_token, Path(setup.artifact.path).read_bytes())
@@ -422,26 +504,43 @@ def run_bench(opts: RunOptions, methods: Sequence[str], seeds: Sequence[int], sa
                 say(f"seed {seed}: partition {setup.partition.name}: {len(setup.train)} training clients, "
                     f"{len(setup.unseen)} unseen; rounds {opts.root_rounds}/{opts.cluster_rounds}/{opts.leaf_rounds}; "
                     f"{service.transport} service in {workdir}")
-            runs[int(seed)] = {}
-            for m in methods:
-                runs[int(seed)][m] = run_method(service, setup, m, partition_file, say)
+            for m in todo:
+                runs[int(seed)][m] = run_method(service, setup, m, partition_file, say, progress=progress)
                 if keep is not None:
                     keep(runs[int(seed)][m])
+                if on_report is not None:
+                    on_report(_bench_report(runs, opts, methods, seeds, setup))
     finally:
         if service is not None:
             service.close()
         if not opts.workdir and not opts.keep:
             shutil.rmtree(workdir, ignore_errors=True)
     assert setup is not None
+    return _bench_report(runs, opts, methods, seeds, setup)
+
+
+def _bench_report(runs: dict[int, dict[str, dict[str, Any]]], opts: RunOptions, methods: Sequence[str],
+                  seeds: Sequence[int], setup: BenchSetup) -> dict[str, Any]:
+    """The report of the runs finished so far: the summary of every method finished on every seed
+    (all of them once the bench is over: ``complete``), and every finished run in ``runs`` (seed,
+    then method order), which is what ``--resume`` reads back."""
     from worker.backbone import demo_backbone_dataset
 
+    planned = sorted(int(s) for s in seeds)
+    finished = [m for m in methods if all(m in runs.get(s, {}) for s in planned)]
+    ordered = {s: {m: runs[s][m] for m in methods if m in runs[s]} for s in planned if s in runs}
     weights = f"demo-{demo_backbone_dataset(setup.partition)}" if opts.demo_backbone else (opts.checkpoint or "random")
-    report = summarize(runs, opts, methods, setup.artifact.sha256, setup.partition.name)
+    report = summarize(ordered, opts, finished, setup.artifact.sha256, setup.partition.name)
     report["backbone"] = {"model": setup.artifact.model, "model_kwargs": dict(setup.artifact.model_kwargs),
                           "sha256": setup.artifact.sha256, "weights": weights, "rank": opts.rank}
     report["transport"] = opts.transport
+    report["complete"] = len(finished) == len(methods)
+    report["planned"] = {"methods": list(methods), "seeds": planned}
+    report["partition_sha256"] = partition_sha256(setup.partition)
+    report["seeds"] = planned
+    report["runs"] = [run for s in planned for run in ordered.get(s, {}).values()]
     return report
 
 
-__all__ = ["InProcessService", "HttpService", "open_service", "run_method", "run_bench", "round_curve",
-           "training_done", "onboarding_done", "register"]
+__all__ = ["InProcessService", "HttpService", "RoundCounter", "expected_rounds", "open_service", "run_method",
+           "run_bench", "round_curve", "training_done", "onboarding_done", "register"]

@@ -188,11 +188,14 @@ def settings_to_record(recorded: Path, settings: dict[str, Any], family: str) ->
 
 
 def run_family(opts: RunOptions, family: str, methods: Sequence[str], seeds: Sequence[int], out: Path,
-               cells: Sequence[str] | None = None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+               cells: Sequence[str] | None = None, say: Callable[[str], None] | None = None,
+               progress: Any = None, on_report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Every (cell, seed, method) of ``family`` not already in ``out``, through ``run_bench``; each
     result is written as ``out/results/<cell>/seed<s>/<method>.json`` as soon as it is known, and
-    the family report (``family_report``) as ``out/family.json`` after every cell and seed."""
-    from hilora.bench.engine import run_bench
+    the family report (``family_report``) as ``out/family.json`` after every method (``on_report``
+    gets it too). ``progress`` (``hilora.progress.RunProgress``): every run still to do, and the
+    cells and seeds."""
+    from hilora.bench.engine import expected_rounds, run_bench
     from hilora.bench.methods import parse_methods
 
     chosen = family_cells(family, cells)
@@ -204,28 +207,45 @@ def run_family(opts: RunOptions, family: str, methods: Sequence[str], seeds: Seq
     (out / "partitions").mkdir(parents=True, exist_ok=True)
     _write_atomic(recorded, json.dumps(settings, indent=1, sort_keys=True))
     started = time.monotonic()
+
+    def todo_of(cell: FamilyCell, seed: int) -> list[str]:
+        return [m for m in methods if not result_path(out, cell.name, seed, m).is_file()]
+
+    def write_report() -> dict[str, Any]:
+        report = family_report(out, family, methods, seeds, opts)
+        _write_atomic(out / "family.json", json.dumps(report, indent=1))
+        if on_report is not None:
+            on_report(report)
+        return report
+
+    groups = [(cell, int(seed)) for cell in chosen for seed in seeds if todo_of(cell, int(seed))]
+    if progress is not None:   # family cells have no unseen clients (unseen_fraction 0)
+        todo_all = [m for cell, seed in groups for m in todo_of(cell, seed)]
+        progress.plan(sum(expected_rounds(m, opts, False) for m in todo_all), len(todo_all), fixed=True)
     for cell in chosen:
         partition_file = out / "partitions" / f"{cell.name}.json"
         _write_atomic(partition_file, json.dumps(cell.partition(), indent=1))
         for seed in seeds:
-            todo = [m for m in methods if not result_path(out, cell.name, seed, m).is_file()]
+            todo = todo_of(cell, int(seed))
             if not todo:
                 continue
             if say is not None:
                 say(f"[{time.monotonic() - started:7.0f}s] cell {cell.name} seed {seed}: {', '.join(todo)}")
+            if progress is not None:
+                at = groups.index((cell, int(seed))) if (cell, int(seed)) in groups else 0
+                progress.group(f"cell {cell.name} seed {seed}", at, len(groups))
 
             def keep(result: dict[str, Any], cell_name: str = cell.name, seed_: int = int(seed)) -> None:
                 path = result_path(out, cell_name, seed_, result["method"])
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _write_atomic(path, json.dumps(_compact(result)))
+                write_report()
 
             cell_opts = replace(opts, partition=str(partition_file), partition_seed=int(seed), workdir=None)
-            run_bench(cell_opts, todo, [int(seed)], say=say, keep=keep)
-            report = family_report(out, family, methods, seeds, opts)
-            _write_atomic(out / "family.json", json.dumps(report, indent=1))
-    report = family_report(out, family, methods, seeds, opts)
-    _write_atomic(out / "family.json", json.dumps(report, indent=1))
-    return report
+            run_bench(cell_opts, todo, [int(seed)], say=say, keep=keep, progress=progress)
+    if progress is not None and groups:
+        progress.group("cells and seeds", len(groups), len(groups))
+    return write_report()
 
 
 def _write_atomic(path: Path, text: str) -> None:

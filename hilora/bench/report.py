@@ -98,6 +98,66 @@ def summarize(runs: dict[int, dict[str, dict[str, Any]]], opts: RunOptions, meth
     return report
 
 
+# options that say where and how fast a run goes, not what it computes: a resumed run may change them
+RUNTIME_OPTIONS = frozenset({"seed", "partition", "workdir", "keep", "transport", "workers", "timeout", "threads",
+                             "cache_dir", "data_cache_bytes"})
+
+
+def partition_sha256(spec: Any) -> str:
+    """The resolved partition (seed override and data root included) as a digest: what a resumed
+    run must train on (``partition`` may name it by another path)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def resumable_runs(previous: Mapping[str, Any], opts: RunOptions, methods: Sequence[str],
+                   seeds: Sequence[int]) -> dict[int, dict[str, dict[str, Any]]]:
+    """The finished runs of ``previous`` (a report ``hilora bench --report`` wrote, partial or not)
+    that this bench asks for: seed -> method -> the run as it was written. ValueError, in one line,
+    when it is not a bench report or was made with other options (every option but where and how
+    fast it runs, ``RUNTIME_OPTIONS``; an option added since, at its default, is what that run did)."""
+    if not isinstance(previous, Mapping) or not isinstance(previous.get("options"), Mapping) \
+            or not isinstance(previous.get("runs"), list) or "family" in previous:
+        raise ValueError("not a report of `hilora bench --report` (no options and runs)")
+    now = {k: v for k, v in asdict(opts).items() if k not in RUNTIME_OPTIONS}
+    defaults = asdict(RunOptions())
+    before = {k: previous["options"].get(k, defaults[k]) for k in now}
+    changed = [k for k in sorted(now) if _plain(before[k]) != _plain(now[k])]
+    if changed:
+        raise ValueError("the report was made with other options (" + "; ".join(
+            f"{k}: {before[k]!r} there, {now[k]!r} now" for k in changed) + "): run with the same options, or "
+            "without --resume")
+    wanted_seeds, wanted_methods = {int(s) for s in seeds}, set(methods)
+    done: dict[int, dict[str, dict[str, Any]]] = {}
+    for run in previous["runs"]:
+        if not isinstance(run, Mapping) or "method" not in run or "seed" not in run:
+            raise ValueError("not a report of `hilora bench --report` (a run without method and seed)")
+        if int(run["seed"]) in wanted_seeds and run["method"] in wanted_methods:
+            done.setdefault(int(run["seed"]), {})[run["method"]] = dict(run)
+    return done
+
+
+def check_resumed_setup(previous: Mapping[str, Any], partition_digest: str, partition_name: str,
+                        backbone_sha256: str) -> None:
+    """ValueError (one line) when the report being resumed was made on another partition or
+    backbone than this run's."""
+    if previous.get("partition") != partition_name:
+        raise ValueError(f"the report was made on partition {previous.get('partition')!r}, this run's is "
+                         f"{partition_name!r}: run with the same partition, or without --resume")
+    if previous.get("partition_sha256", partition_digest) != partition_digest:
+        raise ValueError(f"the report was made on other data for partition {partition_name!r} (its file, seed or "
+                         f"data root changed): run with the same partition, or without --resume")
+    if previous.get("backbone_sha256") != backbone_sha256:
+        raise ValueError(f"the report was made with another backbone (sha256 {str(previous.get('backbone_sha256'))[:12]}, "
+                         f"not {backbone_sha256[:12]}): run with the same backbone, or without --resume")
+
+
+def _plain(value: Any) -> Any:
+    """As JSON has it (tuples are lists), to compare options read back from a report."""
+    return json.loads(json.dumps(value))
+
+
 def _pct(x: float | None) -> str:
     return "    -" if x is None else f"{100 * x:5.1f}"
 

@@ -1,5 +1,6 @@
 """``hilora bench --family``: the smoke family through the CLI writes one result per cell, seed and
-method, and a second run into the same folder resumes (runs only what is missing)."""
+method, and a second run into the same folder resumes (runs only what is missing; ``--resume`` is
+for single-partition reports and refused here)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
 
 def test_family_runs_resumes_and_reports(tmp_path):
     out = tmp_path / "family"
-    first = _bench("--family", "smoke", "--quick", "--rounds", "1/1/1", "-m", "local", "--out", str(out))
+    first = _bench("--family", "smoke", "--quick", "--rounds", "1/1/1", "-m", "local", "--out", str(out),
+                   "--report", str(tmp_path / "family-report.json"))
     assert first.returncode == 0, first.stdout + first.stderr
+    assert "\x1b[" not in first.stdout + first.stderr             # not a terminal: no progress bars
+    assert json.loads((tmp_path / "family-report.json").read_text()) == json.loads((out / "family.json").read_text())
     cells = sorted(p.name for p in (out / "results").iterdir())
     assert cells == ["n20-none-1x4-d1", "n20-perm-2x3-d1"]
     assert (out / "results" / "n20-perm-2x3-d1" / "seed0" / "local.json").is_file()
@@ -54,6 +58,7 @@ def test_family_runs_resumes_and_reports(tmp_path):
     (["--family", "smoke", "--out", "X", "--cells", "n1"], "no cell 'n1'"),
     (["--cells", "n1"], "--cells and --out go with --family"),
     (["--standard", "--quick"], "--standard excludes --quick and --full"),
+    (["--family", "smoke", "--out", "X", "--resume", "X"], "--family resumes from its --out folder by itself"),
 ])
 def test_family_refuses_bad_flags(tmp_path, args, message):
     args = [str(tmp_path / a) if a == "X" else a for a in args]
