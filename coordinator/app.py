@@ -31,6 +31,7 @@ from coordinator.limits import (
     retry_after_header,
 )
 from coordinator.logs import RequestContextMiddleware
+from coordinator.longpoll import LeaseWaiters
 from coordinator.metrics import Metrics, MetricsMiddleware, observing
 from coordinator.migrate import upgrade_to_head
 from coordinator.routes import router
@@ -57,8 +58,10 @@ class Scheduler:
     completes). One thread; every tick is a few short transactions."""
 
     def __init__(self, session_factory, blobs: BlobStore, clock: Clock, interval: float,  # noqa: ANN001
-                 metrics: Metrics | None = None, settings: Settings | None = None) -> None:
+                 metrics: Metrics | None = None, settings: Settings | None = None,
+                 on_change: Callable[[], None] | None = None) -> None:
         self._metrics = metrics
+        self._on_change = on_change  # after a tick that changed something (held lease requests look)
         self._settings = settings
         self._last_gc: float | None = None
         self._session_factory = session_factory
@@ -115,6 +118,8 @@ class Scheduler:
             changes = scheduler_tick(self._session_factory, self._blobs, self._clock())
         if self._metrics is not None:
             self._metrics.ticks.labels("ok" if changes >= 0 else "skipped").inc()
+        if changes > 0 and self._on_change is not None:
+            self._on_change()
         return max(changes, 0)
 
 
@@ -129,15 +134,21 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     session_factory = make_session_factory(engine)
     blobs = BlobStore(settings.blob_dir)
     metrics = Metrics(session_factory, clock)
-    scheduler = Scheduler(session_factory, blobs, clock, settings.scheduler_interval, metrics, settings)
+    # held lease requests end when uvicorn begins to shut down (cli.py puts its Server on app.state)
+    lease_waiters = LeaseWaiters(session_factory, settings.long_poll_interval_seconds,
+                                 closing=lambda: bool(getattr(getattr(app.state, "server", None), "should_exit", False)))
+    scheduler = Scheduler(session_factory, blobs, clock, settings.scheduler_interval, metrics, settings,
+                          on_change=lease_waiters.poke)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        lease_waiters.start()
         if settings.run_scheduler:
             scheduler.start()
         try:
             yield
         finally:
+            await lease_waiters.stop()
             scheduler.stop()
             engine.dispose()
 
@@ -154,6 +165,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.state.clock = clock
     app.state.scheduler = scheduler
     app.state.metrics = metrics
+    app.state.lease_waiters = lease_waiters
     app.state.lease_limiter = LeaseRateLimiter(settings.lease_rate_per_second, settings.lease_burst)
     app.state.registration_limiter = LeaseRateLimiter(settings.registration_rate_per_second,
                                                       settings.registration_burst)

@@ -465,23 +465,47 @@ def adapter(version_id: DbId, request: Request, session: SessionDep, token: Toke
 # ---------------------------------------------------------------- tasks
 
 @router.post("/clients/{client_id}/lease", response_model=LeaseResponse, responses={429: _busy[429]})
-def lease(client_id: DbId, request: Request, session: SessionDep, token: Token,
-          worker_id: Annotated[str, Header(alias=WORKER_ID_HEADER, min_length=1, max_length=200)] = "anonymous",
-          ) -> LeaseResponse:
-    """Lease the client's next task, or get 'no work, retry after N s'."""
+async def lease(client_id: DbId, request: Request, token: Token,
+                worker_id: Annotated[str, Header(alias=WORKER_ID_HEADER, min_length=1, max_length=200)] = "anonymous",
+                wait: Annotated[float, Query(ge=0, le=3600, description=(
+                    "long polling: hold the request up to this many seconds (capped by the coordinator's "
+                    "long_poll_max_seconds) and answer as soon as a task opens for the client; after a full "
+                    "wait without one, retry_after is 0 (ask again at once)"))] = 0.0,
+                ) -> LeaseResponse:
+    """Lease the client's next task, or get 'no work, retry after N s'. With ``wait``, an empty
+    answer comes only when the wait is over (or the federation is paused, the client revoked)."""
+    app = request.app
     started = time.perf_counter()
-    with session.begin():
-        client = registration.authenticate_client(session, token)
-        if client.id != client_id:
-            raise Forbidden(f"this token belongs to client {client.id}; it cannot lease for client {client_id}",
-                            code="not_your_client")
-        # keyed by the authenticated client, so nobody can spend another client's bucket
-        request.app.state.lease_limiter.check(client.id)
-        answer = tasks.lease_task(session, client, worker_id, _now(request))
+    factory = app.state.session_factory
+
+    def attempt(first: bool) -> LeaseResponse:
+        with factory() as session, session.begin():
+            client, fed, cfg, has_pending = tasks.authenticate_for_lease(session, token)
+            if client.id != client_id:
+                raise Forbidden(f"this token belongs to client {client.id}; it cannot lease for client {client_id}",
+                                code="not_your_client")
+            if first:  # keyed by the authenticated client, so nobody can spend another client's bucket
+                app.state.lease_limiter.check(client.id)
+            return tasks.lease_task(session, client, worker_id, _now(request), fed, cfg, has_pending)
+
+    answer = await run_in_threadpool(attempt, True)
+    wait = min(wait, app.state.settings.long_poll_max_seconds)
+    if answer.task is None and wait > 0 and answer.client_state not in ("paused", "revoked"):
+        waiters = app.state.lease_waiters
+        deadline = time.monotonic() + wait
+        while await waiters.wait(client_id, deadline - time.monotonic()):
+            started = time.perf_counter()  # the latency of a held request counts from its wake-up
+            answer = await run_in_threadpool(attempt, False)
+            if answer.task is not None or answer.client_state in ("paused", "revoked"):
+                break
+        if answer.task is None and answer.client_state not in ("paused", "revoked") \
+                and time.monotonic() >= deadline:
+            answer = answer.model_copy(update={"retry_after": 0.0})  # held in full: ask again at once
     outcome = "granted" if answer.task is not None else "empty"
-    request.app.state.metrics.leases.labels(outcome).inc()
-    request.app.state.metrics.lease_seconds.labels(outcome).observe(time.perf_counter() - started)
-    return answer
+    app.state.metrics.leases.labels(outcome).inc()
+    app.state.metrics.lease_seconds.labels(outcome).observe(time.perf_counter() - started)
+    # the model is already valid: serialized once, not validated again against response_model
+    return Response(content=answer.model_dump_json(), media_type="application/json")
 
 
 @router.post("/tasks/{task_id}/heartbeat", response_model=HeartbeatAck)
@@ -603,6 +627,7 @@ def release(task_id: DbId, body: Heartbeat, request: Request, session: SessionDe
         client = registration.authenticate_client(session, token)
         task = tasks.release_task(session, client, task_id, body.lease_id, _now(request))
         result = TaskCompleted(task_id=task.id, status=TaskStatus(task.status))
+    request.app.state.lease_waiters.poke()  # pending again: a held lease of the same client may take it
     return result
 
 
@@ -615,3 +640,10 @@ def complete(task_id: DbId, body: TaskComplete, request: Request, session: Sessi
         result = TaskCompleted(task_id=task.id, status=TaskStatus(task.status))
     request.app.state.scheduler.wake()
     return result
+
+
+# Starlette matches a request against the routes in order: the paths every worker polls go first.
+_HOT_PATHS = ("/v1/clients/{client_id}/lease", "/v1/tasks/{task_id}/heartbeat", "/v1/tasks/{task_id}/upload",
+              "/v1/tasks/{task_id}/complete", "/v1/adapters/{version_id}")
+router.routes.sort(key=lambda r: _HOT_PATHS.index(r.path) if getattr(r, "path", None) in _HOT_PATHS
+                   else len(_HOT_PATHS))

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     max_uploads_per_task: int = Field(default=16, ge=1, le=10_000, description="distinct bodies one task "
                                       "may receive under its leases (a new one replaces the stored one, whose "
                                       "blob is freed at once; the same body again is free): 409 upload_quota")
+    long_poll_max_seconds: float = Field(default=30.0, ge=0, le=600, description="longest a lease request "
+                                         "with ?wait=S is held waiting for a task (S is capped to it; 0 turns "
+                                         "long polling off: every lease answers at once)")
+    long_poll_interval_seconds: float = Field(default=0.5, gt=0, le=60, description="how often held lease "
+                                              "requests look for tasks opened by another replica (this "
+                                              "replica's own changes wake them at once)")
     max_uploads_in_flight: int = Field(default=64, ge=1, description="concurrent uploads of this replica: "
                                        "503 with Retry-After")
 

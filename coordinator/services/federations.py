@@ -66,6 +66,11 @@ def federation_config(fed: Federation) -> FederationConfig:
     return _parse_config(json.dumps(fed.config, sort_keys=True, separators=(",", ":")))
 
 
+def config_from_text(stored: str) -> FederationConfig:
+    """The parsed config from its stored JSON text (the lease path reads the column as text)."""
+    return _parse_config(stored)
+
+
 @functools.lru_cache(maxsize=256)
 def _parse_config(canonical: str) -> FederationConfig:
     return FederationConfig.model_validate_json(canonical)

@@ -131,6 +131,11 @@ def authenticate_client(session: Session, token: str) -> Client:
     """The active client holding this token. MUST fail (Unauthorized) for an unknown token and
     (Forbidden) for a revoked client."""
     client = session.scalars(select(Client).where(Client.token_hash == hash_secret(token))).first()
+    return check_client(client, token)
+
+
+def check_client(client: Client | None, token: str) -> Client:
+    """The checks of ``authenticate_client`` on a client row found by the token's hash."""
     if client is None or not secret_matches(token, client.token_hash):
         raise Unauthorized("unknown client token", code="bad_token")
     if client.status != ClientStatus.active:

@@ -22,14 +22,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Text, bindparam, cast, func, select, update
+from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm.attributes import set_committed_value
 
 from coordinator.blobs import BlobStore
 from coordinator.errors import Conflict, Forbidden, Invalid, NotFound, PayloadTooLarge
 from coordinator.models import AdapterVersion, Client, Cluster, Federation, Round, Task
 from coordinator.services.adapters import ensure_blob_row, serving_version
-from coordinator.services.federations import federation_config
+from coordinator.security import hash_secret
+from coordinator.services.federations import config_from_text, federation_config
+from coordinator.services.registration import check_client
 from coordinator.services.retention import release_blob_if_unreferenced
 from shared.config import FederationConfig
 from shared.manifest import FACTORS
@@ -118,11 +121,8 @@ def _owned_task(session: Session, client: Client, task_id: int) -> Task:
     return task
 
 
-def _adapter_ref(session: Session, version_id: int | None) -> AdapterRef | None:
-    if version_id is None:
-        return None
-    v = session.get(AdapterVersion, version_id)
-    return AdapterRef(id=v.id, tier=v.tier, version=v.version, sha256=v.blob_sha256)
+def _ref(v: AdapterVersion | None) -> AdapterRef | None:
+    return None if v is None else AdapterRef(id=v.id, tier=v.tier, version=v.version, sha256=v.blob_sha256)
 
 
 def client_state(fed: Federation, client: Client) -> str:
@@ -138,54 +138,112 @@ def client_state(fed: Federation, client: Client) -> str:
     return "training"
 
 
-def lease_task(session: Session, client: Client, worker_id: str, now: datetime) -> LeaseResponse:
-    """Lease the client's oldest pending task, or answer 'no work, retry after N s'."""
-    fed = session.get(Federation, client.federation_id)
-    cfg = federation_config(fed)
+def _auth_for_lease_statement():  # noqa: ANN202
+    leasable = (select(Task.id).where(Task.client_id == Client.id, task_status_may_become(TaskStatus.leased))
+                .exists())
+    # the config comes as its stored text, the key of the parsed-config cache (not decoded and
+    # encoded again on every poll); the entity's own config attribute is not loaded
+    return (select(Client, Federation, leasable, cast(Federation.config, Text))
+            .join(Federation, Federation.id == Client.federation_id)
+            .where(Client.token_hash == bindparam("token_hash"))
+            .options(defer(Federation.config, raiseload=True)))
+
+
+def authenticate_for_lease(session: Session, token: str) -> tuple[Client, Federation, FederationConfig, bool]:
+    """``registration.authenticate_client`` for a lease, in one query that also reads the client's
+    federation, its parsed config and whether the client has a task to lease (so "nothing to do"
+    is this one read)."""
+    row = session.execute(_LEASE_STATEMENTS["auth"], {"token_hash": hash_secret(token)}).first()
+    client = check_client(None if row is None else row[0], token)
+    return client, row[1], config_from_text(row[3]), bool(row[2])
+
+
+def _lease_update_statement(postgres: bool):  # noqa: ANN202
+    """The guarded UPDATE pending -> leased of the client's oldest leasable task, returning what the
+    assignment needs (Core: no ORM bookkeeping on the hot path)."""
+    tasks = Task.__table__
+    pick = (select(tasks.c.id).where(tasks.c.client_id == bindparam("lessee_id"),
+                                     task_status_may_become(TaskStatus.leased))
+            .order_by(tasks.c.id).limit(1))
+    if postgres:
+        pick = pick.with_for_update(skip_locked=True)
+    return (update(tasks)
+            .where(tasks.c.id == pick.scalar_subquery(), task_status_may_become(TaskStatus.leased))
+            .values(status=TaskStatus.leased, lease_id=bindparam("new_lease_id"), attempt=tasks.c.attempt + 1,
+                    lease_expires_at=bindparam("expires"), worker_id=bindparam("new_worker_id"))
+            .returning(tasks.c.id, tasks.c.round_id, tasks.c.stage, tasks.c.attempt, tasks.c.reset_leaf))
+
+
+def _round_inputs_statement():  # noqa: ANN202
+    rounds, root, cluster = Round.__table__, AdapterVersion.__table__.alias(), AdapterVersion.__table__.alias()
+    return (select(rounds.c.number, rounds.c.scope,
+                   root.c.id, root.c.tier, root.c.version, root.c.blob_sha256,
+                   cluster.c.id, cluster.c.tier, cluster.c.version, cluster.c.blob_sha256)
+            .select_from(rounds.outerjoin(root, root.c.id == rounds.c.input_root_version_id)
+                         .outerjoin(cluster, cluster.c.id == rounds.c.input_cluster_version_id))
+            .where(rounds.c.id == bindparam("round_id")))
+
+
+# Built once: building a statement costs more than running it on the lease path.
+_LEASE_STATEMENTS = {"auth": _auth_for_lease_statement(), "update": _lease_update_statement(False),
+                     "update_pg": _lease_update_statement(True), "round": _round_inputs_statement(),
+                     "seen": update(Client.__table__).where(Client.__table__.c.id == bindparam("seen_id"))
+                     .values(last_seen_at=bindparam("seen_at"))}
+
+
+def _version_ref(id_: int | None, tier: str, version: int, sha: str) -> AdapterRef | None:
+    return None if id_ is None else AdapterRef(id=id_, tier=tier, version=version, sha256=sha)
+
+
+def lease_task(session: Session, client: Client, worker_id: str, now: datetime, fed: Federation | None = None,
+               cfg: FederationConfig | None = None, has_pending: bool | None = None) -> LeaseResponse:
+    """Lease the client's oldest pending task, or answer 'no work, retry after N s'.
+
+    ``fed``, ``cfg`` and ``has_pending`` may come from the caller's authentication query
+    (``registration.authenticate_for_lease``): then "nothing to do" costs that one read and no
+    write statement, and a grant costs the guarded UPDATE and one read of the round and its inputs."""
+    fed = fed if fed is not None else session.get(Federation, client.federation_id)
+    cfg = cfg if cfg is not None else federation_config(fed)
     # An empty poll stays a read-only transaction (no WAL flush): last_seen_at moves in steps of at
     # most 5 s, far below the "online" window of 2 x lease_seconds.
     resolution = timedelta(seconds=min(5.0, cfg.schedule.lease_seconds / 4))
     if client.last_seen_at is None or now - client.last_seen_at >= resolution:
-        client.last_seen_at = now
+        # one plain UPDATE, not a unit-of-work flush (this is every worker's poll)
+        session.connection().execute(_LEASE_STATEMENTS["seen"], {"seen_id": client.id, "seen_at": now})
+        set_committed_value(client, "last_seen_at", now)
     if client.inactive_since is not None:  # back: the next rounds open tasks for it again
         client.inactive_since, client.missed_rounds = None, 0
-    pick = (select(Task.id)
-            .where(Task.client_id == client.id, task_status_may_become(TaskStatus.leased))
-            .order_by(Task.id).limit(1))
-    if session.get_bind().dialect.name == "postgresql":
-        pick = pick.with_for_update(skip_locked=True)
     state = FederationState(fed.state)
     if fed.paused_at is not None:
         return LeaseResponse(task=None, retry_after=max(cfg.schedule.retry_after_seconds, 5.0),
                              federation_state=state, client_state="paused")
+    nothing = LeaseResponse(task=None, retry_after=cfg.schedule.retry_after_seconds,
+                            federation_state=state, client_state=client_state(fed, client))
+    if has_pending is False:
+        return nothing
     lease_id = secrets.token_hex(16)
     expires = now + timedelta(seconds=cfg.schedule.lease_seconds)
-    leased = session.execute(
-        update(Task)
-        .where(Task.id == pick.scalar_subquery(), task_status_may_become(TaskStatus.leased))
-        .values(status=TaskStatus.leased, lease_id=lease_id, attempt=Task.attempt + 1,
-                lease_expires_at=expires, worker_id=worker_id[:200])
-        .returning(Task.id)
-    ).scalar_one_or_none()
-    if leased is None:
-        return LeaseResponse(task=None, retry_after=cfg.schedule.retry_after_seconds,
-                             federation_state=state, client_state=client_state(fed, client))
-    task = session.get(Task, leased)
-    session.refresh(task)
-    rnd = session.get(Round, task.round_id)
-    tier = task_tier(task.stage, rnd.input_cluster_version_id is not None)
+    postgres = session.get_bind().dialect.name == "postgresql"
+    conn = session.connection()  # Core statements: no ORM bookkeeping
+    task = conn.execute(_LEASE_STATEMENTS["update_pg" if postgres else "update"],
+                           {"lessee_id": client.id, "new_lease_id": lease_id, "expires": expires,
+                            "new_worker_id": worker_id[:200]}).one_or_none()
+    if task is None:
+        return nothing
+    rnd = conn.execute(_LEASE_STATEMENTS["round"], {"round_id": task.round_id}).one()
+    root_ref, cluster_ref = _version_ref(*rnd[2:6]), _version_ref(*rnd[6:10])
+    tier = task_tier(task.stage, cluster_ref is not None)
     policy = cfg.tier_policy(tier)
     # the final evaluation and refinement: nothing trains, nothing is uploaded
     evaluating = task.stage in (Stage.eval, Stage.refine)
     candidates = ([RefineCandidate(cluster_id=cluster.id, label=cluster.label,
-                                   adapter=_adapter_ref(session, version.id))
+                                   adapter=_ref(version))
                    for cluster, version in refine_candidates(session, fed.id)] if task.stage == Stage.refine else [])
     assignment = TaskAssignment(
         task_id=task.id, lease_id=lease_id, attempt=task.attempt, lease_expires_at=expires,
         lease_seconds=cfg.schedule.lease_seconds, federation_id=fed.id, client_id=client.id,
         stage=task.stage, round_number=rnd.number, scope=rnd.scope,
-        root=_adapter_ref(session, rnd.input_root_version_id),
-        cluster=_adapter_ref(session, rnd.input_cluster_version_id),
+        root=root_ref, cluster=cluster_ref,
         train_tier=tier,
         epochs=(0 if evaluating else cfg.schedule.probe_epochs if task.stage == Stage.probe
                 else cfg.schedule.local_epochs),
