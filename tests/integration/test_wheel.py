@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -76,7 +77,11 @@ def _make_venv(root: Path, requirement: str) -> Path:
 
 @pytest.fixture(scope="session")
 def coordinator_venv(tmp_path_factory, wheel) -> Path:
-    return _make_venv(tmp_path_factory.mktemp("coordinator-only") / "venv", str(wheel))
+    root = tmp_path_factory.mktemp("coordinator-only") / "venv"
+    try:
+        yield _make_venv(root, str(wheel))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)   # pytest keeps its last 3 temp folders: not 250 MB venvs
 
 
 def _hilora(venv: Path, *args: str, cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
@@ -273,8 +278,16 @@ def demo_cache() -> Path:
 
 @pytest.mark.timeout(600)
 def test_the_worker_extra_from_the_wheel_runs_the_demo_offline(tmp_path_factory, wheel, demo_cache, tmp_path):
+    root = tmp_path_factory.mktemp("worker") / "venv"
+    try:
+        _worker_extra_runs_the_demo(root, wheel, demo_cache, tmp_path)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)   # torch's CUDA build: 5.5 GB
+
+
+def _worker_extra_runs_the_demo(root: Path, wheel: Path, demo_cache: Path, tmp_path: Path) -> None:
     started = time.monotonic()
-    venv = _make_venv(tmp_path_factory.mktemp("worker") / "venv", f"{wheel}[worker]")
+    venv = _make_venv(root, f"{wheel}[worker]")
     installed = time.monotonic() - started
     proc = _run([str(venv / "bin" / "python"), "-c", "import torch, timm; print(torch.__file__)"], cwd=tmp_path,
                 env=_clean_env(venv))
