@@ -3,6 +3,7 @@ polling workers (async httpx, one per client) and a stream of ~5 MB uploads, the
 
     python bench/load.py --pollers 200 --seconds 600 --backend postgres    # the full run (docs/benchmarks.md)
     python bench/load.py --pollers 50 --seconds 60 --backend sqlite        # what CI runs, per backend
+    python bench/load.py --pollers 200 --seconds 600 --backend postgres --wait 20   # long-polling workers
 
 Each poller leases for its client; when it gets a task it "trains" for 0.2-1.5 s (heartbeating if
 that ever came near the lease), uploads a valid ~5 MB body (a root tier of 40 rank-16 LoRA targets
@@ -123,6 +124,7 @@ class Coordinator:
                     "HILORA_SCHEDULER_INTERVAL": "0.5", "HILORA_LOG_LEVEL": "warning", "HILORA_DEV": "0",
                     # one federation of many pollers: the per-federation upload slots as wide as the replica's
                     "HILORA_MAX_UPLOADS_IN_FLIGHT_PER_FEDERATION": "64",
+                    "HILORA_MAX_UPLOADS_IN_FLIGHT": "64",
                     "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
         env.pop("HILORA_FAULT_AT", None)
         env.update(self.extra_env)
@@ -161,6 +163,10 @@ class Coordinator:
 class Stats:
     def __init__(self) -> None:
         self.lease_ms: list[float] = []
+        # long polling: (task id, request sent, answer read), wall clock, for each granted held lease;
+        # its latency counts from the task's opening (or the request, if later) to the answer
+        self.held_grants: list[tuple[int, float, float]] = []
+        self.held_empty = 0
         self.statuses: Counter = Counter()
         self.server_errors: list[str] = []
         self.transport_errors: list[str] = []   # requests that failed every retry
@@ -199,16 +205,23 @@ async def _send(http: httpx.AsyncClient, stats: Stats, what: str, method: str, u
 
 
 async def poller(http: httpx.AsyncClient, cid: int, token: str, bodies, stats: Stats, stop_at: float,
-                 rng: random.Random) -> None:
+                 rng: random.Random, wait: float = 0.0) -> None:
     headers = {"Authorization": f"Bearer {token}", "X-Hilora-Worker-Id": f"poller-{cid}"}
     await asyncio.sleep(rng.uniform(0, 1.0))  # do not start in lock step
     while time.monotonic() < stop_at:
-        t0 = time.perf_counter()
-        r = await _send(http, stats, "lease", "POST", f"/v1/clients/{cid}/lease", headers=headers)
+        held = min(wait, stop_at - time.monotonic())
+        params = {"wait": f"{held:.1f}"} if held >= 0.1 else {}
+        t0, sent = time.perf_counter(), time.time()
+        r = await _send(http, stats, "lease", "POST", f"/v1/clients/{cid}/lease", headers=headers, params=params)
         if r is None:
             await asyncio.sleep(1.0)
             continue
-        stats.lease_ms.append((time.perf_counter() - t0) * 1000)
+        if not params:
+            stats.lease_ms.append((time.perf_counter() - t0) * 1000)
+        elif r.status_code == 200 and r.json()["task"] is not None:
+            stats.held_grants.append((r.json()["task"]["task_id"], sent, time.time()))
+        elif r.status_code == 200:
+            stats.held_empty += 1
         stats.note("lease", r)
         if r.status_code in (429, 503):
             stats.rate_limited += 1
@@ -220,7 +233,8 @@ async def poller(http: httpx.AsyncClient, cid: int, token: str, bodies, stats: S
         answer = r.json()
         task = answer["task"]
         if task is None:
-            await asyncio.sleep(max(1.0, float(answer["retry_after"])))
+            if not params or answer["retry_after"] > 0:
+                await asyncio.sleep(max(1.0, float(answer["retry_after"])))
             continue
         stats.task_owner[task["task_id"]] = cid
         lease = {"lease_id": task["lease_id"]}
@@ -253,12 +267,62 @@ async def poller(http: httpx.AsyncClient, cid: int, token: str, bodies, stats: S
                 stats.acked_done[task["task_id"]] = sha
 
 
-async def run_pollers(url: str, clients: list[tuple[int, str]], bodies, seconds: float, stats: Stats) -> None:
+async def run_pollers(url: str, clients: list[tuple[int, str]], bodies, seconds: float, stats: Stats,
+                      wait: float = 0.0) -> None:
     limits = httpx.Limits(max_connections=len(clients) + 10, max_keepalive_connections=len(clients) + 10)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(120.0), limits=limits) as http:
         stop_at = time.monotonic() + seconds
-        await asyncio.gather(*(poller(http, cid, token, bodies, stats, stop_at, random.Random(cid))
+        await asyncio.gather(*(poller(http, cid, token, bodies, stats, stop_at, random.Random(cid), wait)
                                for cid, token in clients))
+
+
+def histogram_quantiles(metrics_text: str, name: str, qs=(50, 95, 99)) -> dict | None:
+    """Quantiles (ms) of a Prometheus histogram of the exposition text, interpolated within buckets
+    as ``histogram_quantile`` does; None without observations."""
+    buckets = []
+    for line in metrics_text.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    total = buckets[-1][1]
+    out = {"count": int(total)}
+    for q in qs:
+        rank = q / 100 * total
+        lower_le, lower_count = 0.0, 0.0
+        for le, count in buckets:
+            if count >= rank:
+                if le == float("inf"):
+                    value = lower_le
+                else:
+                    value = lower_le + (le - lower_le) * (rank - lower_count) / max(count - lower_count, 1e-12)
+                out[f"p{q}"] = round(1000 * value, 1)
+                break
+            lower_le, lower_count = le, count
+    return out
+
+
+def held_latencies_ms(database_url: str, grants: list[tuple[int, float, float]]) -> list[float]:
+    """Latency of each granted held lease: from the task's opening (its row's creation, or when its
+    lease was requeued, bounded by the request: max(created, sent)) to the answer."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from coordinator.db import make_engine
+    from coordinator.models import Task
+
+    if not grants:
+        return []
+    engine = make_engine(database_url)
+    try:
+        with Session(engine) as s:
+            created = dict(s.execute(select(Task.id, Task.created_at)
+                                     .where(Task.id.in_([g[0] for g in grants]))).all())
+    finally:
+        engine.dispose()
+    return [1000 * (answered - max(created[tid].timestamp(), sent)) for tid, sent, answered in grants]
 
 
 # ------------------------------------------------------------------------------ the audit
@@ -358,7 +422,8 @@ def _percentile(values: list[float], q: float) -> float | None:
 # ------------------------------------------------------------------------------ the run
 
 def run(pollers: int = 50, seconds: float = 60.0, backend: str = "sqlite", database_url: str | None = None,
-        workdir: Path | None = None, upload_depth: int = DEPTH, scheduler_replica: bool = False) -> dict:
+        workdir: Path | None = None, upload_depth: int = DEPTH, scheduler_replica: bool = False,
+        wait: float = 0.0) -> dict:
     """``scheduler_replica``: the polled coordinator serves only (HILORA_RUN_SCHEDULER=0) and a
     second process on the same database and blobs runs the scheduler (aggregation off the serving
     process)."""
@@ -379,8 +444,11 @@ def run(pollers: int = 50, seconds: float = 60.0, backend: str = "sqlite", datab
             pg = PostgresServer()
             pg.start()
             database_url = pg.create_database()
-    coord = Coordinator(workdir, database_url,
-                        extra_env={"HILORA_RUN_SCHEDULER": "0"} if scheduler_replica else None)
+    env = {"HILORA_RUN_SCHEDULER": "0"} if scheduler_replica else {}
+    if wait:  # long-polling pollers get their tasks, and so upload, together: a slot for each
+        slots = str(max(64, pollers + 8))
+        env.update({"HILORA_MAX_UPLOADS_IN_FLIGHT_PER_FEDERATION": slots, "HILORA_MAX_UPLOADS_IN_FLIGHT": slots})
+    coord = Coordinator(workdir, database_url, extra_env=env or None)
     scheduler = Coordinator(workdir, database_url, name="scheduler") if scheduler_replica else None
     started = time.monotonic()
     try:
@@ -406,7 +474,7 @@ def run(pollers: int = 50, seconds: float = 60.0, backend: str = "sqlite", datab
         stats = Stats()
         rss_start = rss_bytes(coord.proc.pid)
         t0 = time.monotonic()
-        asyncio.run(run_pollers(coord.url, clients, bodies, seconds, stats))
+        asyncio.run(run_pollers(coord.url, clients, bodies, seconds, stats, wait))
         polled_s = time.monotonic() - t0
         rss_after = rss_bytes(coord.proc.pid)
         # a huge body streamed without a length to a task of client 0: refused at the task's limit
@@ -432,6 +500,8 @@ def run(pollers: int = 50, seconds: float = 60.0, backend: str = "sqlite", datab
             if needle in log:
                 stats.server_errors.append(f"coordinator log mentions {needle!r}")
         result = audit(database_url, workdir / "blobs", fid, stats)
+        # held leases count from their task's opening; plain ones from the request
+        lease_ms = stats.lease_ms + held_latencies_ms(database_url, stats.held_grants)
         problems = list(result.pop("problems"))
         if stats.server_errors:
             problems.append(f"{len(stats.server_errors)} server errors: {stats.server_errors[:5]}")
@@ -444,9 +514,14 @@ def run(pollers: int = 50, seconds: float = 60.0, backend: str = "sqlite", datab
         return {
             "backend": backend, "pollers": pollers, "seconds": seconds, "polled_seconds": round(polled_s, 1),
             "scheduler_replica": scheduler_replica,
-            "lease_requests": len(stats.lease_ms),
-            "lease_ms": {"p50": _percentile(stats.lease_ms, 50), "p95": _percentile(stats.lease_ms, 95),
-                         "p99": _percentile(stats.lease_ms, 99), "max": _percentile(stats.lease_ms, 100)},
+            "wait": wait,
+            "lease_requests": len(stats.lease_ms) + len(stats.held_grants) + stats.held_empty,
+            "lease_ms": {"p50": _percentile(lease_ms, 50), "p95": _percentile(lease_ms, 95),
+                         "p99": _percentile(lease_ms, 99), "max": _percentile(lease_ms, 100)},
+            "held": {"granted": len(stats.held_grants), "empty_after_full_wait": stats.held_empty,
+                     # the coordinator's own measure: from noticing the change that opened the task to the answer
+                     "granted_ms_from_wakeup": histogram_quantiles(metrics, "hilora_held_lease_seconds")}
+            if wait else None,
             "uploads_accepted": uploads_ok, "upload_mb": round(len(bodies[0][0]) / 2**20, 2),
             "upload_mb_per_s": round(uploads_ok * len(bodies[0][0]) / 2**20 / max(polled_s, 1e-9), 1),
             "rate_limited": stats.rate_limited, "statuses": dict(sorted(stats.statuses.items())),
@@ -482,9 +557,11 @@ def main() -> int:
                         help=f"blocks of q and v targets in the manifest ({DEPTH}: ~5 MB uploads; 1: ~0.26 MB)")
     parser.add_argument("--scheduler-replica", action="store_true",
                         help="run the scheduler in a second coordinator process (the polled one only serves)")
+    parser.add_argument("--wait", type=float, default=0.0,
+                        help="long polling: lease with ?wait=S (latency then counts from the task's opening)")
     args = parser.parse_args()
     result = run(args.pollers, args.seconds, args.backend, args.database_url, args.workdir, args.upload_depth,
-                 args.scheduler_replica)
+                 args.scheduler_replica, args.wait)
     print(json.dumps(result, indent=1))
     return 0 if result["ok"] else 1
 

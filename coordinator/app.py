@@ -38,6 +38,7 @@ from coordinator.routes import router
 from coordinator.routes_admin import router as admin_router
 from coordinator.routes_models import router as models_router
 from coordinator.security import constant_time_equals
+from coordinator.services import tasks
 from coordinator.services.retention import collect_garbage
 from coordinator import api_docs
 from coordinator.services.scheduling import scheduler_tick
@@ -135,8 +136,13 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     blobs = BlobStore(settings.blob_dir)
     metrics = Metrics(session_factory, clock)
     # held lease requests end when uvicorn begins to shut down (cli.py puts its Server on app.state)
+    def lease_many(wanted: dict[int, str]) -> dict:
+        with session_factory() as session, session.begin():
+            return tasks.lease_many(session, wanted, clock())
+
     lease_waiters = LeaseWaiters(session_factory, settings.long_poll_interval_seconds,
-                                 closing=lambda: bool(getattr(getattr(app.state, "server", None), "should_exit", False)))
+                                 closing=lambda: bool(getattr(getattr(app.state, "server", None), "should_exit", False)),
+                                 grant=lease_many)
     scheduler = Scheduler(session_factory, blobs, clock, settings.scheduler_interval, metrics, settings,
                           on_change=lease_waiters.poke)
 

@@ -9,15 +9,21 @@ wakes the held requests of clients that have a task to lease:
 - otherwise every ``interval`` seconds, so that tasks another replica opened are seen too (one
   short query for the clients with a pending task, whatever the number of held requests).
 
-A woken request tries to lease again; it answers as soon as it gets a task, when the federation is
-paused or the client revoked, when its ``wait`` is over, or when the server shuts down.
+The clients found with a task are leased together, one held request each, in one transaction
+(``grant``: ``tasks.lease_many``), so that a round opening for hundreds of held requests is one
+database round trip and one commit, not one per request. A woken request answers with what it was
+granted (or, when the batch could not lease for it, tries to lease on its own); it answers as soon as
+it has a task, when the federation is paused or the client revoked, when its ``wait`` is over, or
+when the server shuts down.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
@@ -30,14 +36,19 @@ log = logging.getLogger("hilora.coordinator")
 
 
 class LeaseWaiters:
-    def __init__(self, session_factory, interval: float, closing: Callable[[], bool] = lambda: False) -> None:  # noqa: ANN001
+    def __init__(self, session_factory, interval: float, closing: Callable[[], bool] = lambda: False,  # noqa: ANN001
+                 grant: Callable[[dict[int, str]], dict[int, Any]] | None = None) -> None:
         self._session_factory = session_factory
         self.interval = interval
         self._closing = closing
-        self._waiting: dict[int, set[asyncio.Event]] = {}
+        self._grant = grant
+        self._waiting: dict[int, dict[asyncio.Event, str]] = {}  # client id -> held request -> worker id
         self._loop: asyncio.AbstractEventLoop | None = None
         self._poked: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._poke_time: float | None = None
+        self._woken: dict[asyncio.Event, tuple[float, Any]] = {}
+        self._granting: set[asyncio.Event] = set()  # held requests a batch is leasing for right now
         self.closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -69,34 +80,47 @@ class LeaseWaiters:
 
     def poke(self) -> None:
         """Something changed tasks: check the held requests now. Safe from any thread."""
-        loop, poked = self._loop, self._poked
-        if loop is None or poked is None or loop.is_closed():
+        loop = self._loop
+        if loop is None or self._poked is None or loop.is_closed():
             return
+        noticed = time.perf_counter()  # the change was committed just before this call
         try:
-            loop.call_soon_threadsafe(poked.set)
+            loop.call_soon_threadsafe(self._note_poke, noticed)
         except RuntimeError:  # the loop closed meanwhile
             pass
+
+    def _note_poke(self, noticed: float) -> None:
+        if self._poke_time is None:
+            self._poke_time = noticed
+        self._poked.set()
 
     @property
     def held(self) -> int:
         return sum(len(v) for v in self._waiting.values())
 
-    async def wait(self, client_id: int, timeout: float) -> bool:
-        """Hold until the client may have a task (True), or the timeout passes or the server is
-        closing (False)."""
+    async def wait(self, client_id: int, timeout: float, worker_id: str = "anonymous") -> tuple[float, Any] | None:
+        """Hold until the client may have a task: (the ``time.perf_counter()`` at which the change
+        that opened it was noticed, the answer leased for this request or None when it must lease
+        on its own); None when the timeout passes or the server is closing."""
         if self._task is None or self.closed or timeout <= 0:
-            return False
+            return None
         event = asyncio.Event()
-        self._waiting.setdefault(client_id, set()).add(event)
+        self._waiting.setdefault(client_id, {})[event] = worker_id
         try:
-            await asyncio.wait_for(event.wait(), timeout)
-            return not self.closed
-        except TimeoutError:
-            return False
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except TimeoutError:
+                if event not in self._granting:
+                    return None
+                await event.wait()  # a lease is being granted to this request right now: take it
+            if self.closed and event not in self._woken:
+                return None
+            return self._woken.pop(event, (time.perf_counter(), None))
         finally:
+            self._woken.pop(event, None)
             events = self._waiting.get(client_id)
             if events is not None:
-                events.discard(event)
+                events.pop(event, None)
                 if not events:
                     del self._waiting[client_id]
 
@@ -115,15 +139,31 @@ class LeaseWaiters:
             except TimeoutError:
                 pass
             self._poked.clear()
+            since, self._poke_time = self._poke_time, None
             if self._closing():
                 self._close()
             if self.closed or not self._waiting:
                 continue
+            since = since if since is not None else time.perf_counter()
             try:
                 ready = await run_in_threadpool(self._clients_with_tasks, list(self._waiting))
             except Exception:  # a database hiccup: the held requests time out or the next check finds them
                 log.warning("long polling: could not read the clients with tasks", exc_info=True)
                 continue
-            for client_id in ready.intersection(self._waiting):
-                for event in self._waiting[client_id]:
+            ready = ready.intersection(self._waiting)
+            answers: dict[int, Any] = {}
+            chosen = {cid: next(iter(self._waiting[cid])) for cid in ready}  # one held request per client
+            if self._grant is not None and chosen:
+                self._granting.update(chosen.values())
+                try:
+                    answers = await run_in_threadpool(self._grant, {cid: self._waiting[cid][e]
+                                                                    for cid, e in chosen.items()})
+                except Exception:  # each woken request leases on its own
+                    log.warning("long polling: leasing for the held requests failed", exc_info=True)
+                finally:
+                    self._granting.clear()
+            for client_id in ready:
+                for event in list(self._waiting.get(client_id, ())):
+                    answer = answers.get(client_id) if event is chosen[client_id] else None
+                    self._woken[event] = (since, answer)
                     event.set()

@@ -125,6 +125,11 @@ class Metrics:
         self.lease_seconds = Histogram("hilora_lease_seconds", "Time to answer a lease request, by outcome",
                                        ["outcome"], registry=r,
                                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.held_lease_seconds = Histogram(
+            "hilora_held_lease_seconds", "Long polling: from the moment this replica noticed the change that "
+            "opened a held request's task (its scheduler's tick or a released lease; the periodic check for "
+            "another replica's) to the granted answer", registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.25, 0.5, 1, 2.5, 5))
         self.clustering_seconds = Histogram("hilora_clustering_seconds", "Time of one LSAC run on probe uploads "
                                             "(distances, affinity, spectral clustering), by features",
                                             ["features"], registry=r,

@@ -488,18 +488,33 @@ async def lease(client_id: DbId, request: Request, token: Token,
                 app.state.lease_limiter.check(client.id)
             return tasks.lease_task(session, client, worker_id, _now(request), fed, cfg, has_pending)
 
+    def give_back(task_id: int, lease_id: str) -> None:  # a release: pending again at once, no attempt lost
+        with factory() as session, session.begin():
+            tasks.release_task(session, registration.authenticate_client(session, token), task_id, lease_id,
+                               _now(request))
+
     answer = await run_in_threadpool(attempt, True)
     wait = min(wait, app.state.settings.long_poll_max_seconds)
     if answer.task is None and wait > 0 and answer.client_state not in ("paused", "revoked"):
         waiters = app.state.lease_waiters
         deadline = time.monotonic() + wait
-        while await waiters.wait(client_id, deadline - time.monotonic()):
-            started = time.perf_counter()  # the latency of a held request counts from its wake-up
-            answer = await run_in_threadpool(attempt, False)
-            if answer.task is not None or answer.client_state in ("paused", "revoked"):
+        await request.body()  # the (empty) body read: what arrives next on the connection is its end
+        while (woken := await waiters.wait(client_id, deadline - time.monotonic(), worker_id)) is not None:
+            # a held request's latency counts from the moment the change that opened its task was noticed
+            started, granted = woken
+            if await request.is_disconnected():  # the worker gave up (stopping): nothing for nobody
+                if granted is not None and granted.task is not None:
+                    await run_in_threadpool(give_back, granted.task.task_id, granted.task.lease_id)
+                return Response(status_code=499)
+            # leased for it with the other held requests (one transaction), or on its own
+            answer = granted if granted is not None else await run_in_threadpool(attempt, False)
+            if answer.task is not None:
+                app.state.metrics.held_lease_seconds.observe(time.perf_counter() - started)
+                break
+            if answer.client_state in ("paused", "revoked"):
                 break
         if answer.task is None and answer.client_state not in ("paused", "revoked") \
-                and time.monotonic() >= deadline:
+                and time.monotonic() >= deadline - 0.05:  # (asyncio's timers may fire a hair early)
             answer = answer.model_copy(update={"retry_after": 0.0})  # held in full: ask again at once
     outcome = "granted" if answer.task is not None else "empty"
     app.state.metrics.leases.labels(outcome).inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import random
 import time
 from collections.abc import Callable
@@ -56,11 +57,17 @@ class CoordinatorClient:
         self.max_backoff = max_backoff
         # When set and true, requests stop retrying (one try each): the worker is shutting down.
         self.interrupted: Callable[[], bool] | None = None
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
-                                  headers={PROTOCOL_HEADER: str(PROTOCOL_VERSION), WORKER_ID_HEADER: worker_id,
-                                           "User-Agent": f"hilora/{__version__}"})
+        self._timeout, self._transport = timeout, transport
+        self._headers = {PROTOCOL_HEADER: str(PROTOCOL_VERSION), WORKER_ID_HEADER: worker_id,
+                         "User-Agent": f"hilora/{__version__}"}
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport, headers=self._headers)
+        # held lease requests (long polling) go through their own connections, which ``abort_held``
+        # closes to end them at once (the worker stopping) without touching the main client
+        self._held: httpx.Client | None = None
+        self._held_lock = threading.Lock()
 
     def close(self) -> None:
+        self.abort_held()
         self._http.close()
 
     def __enter__(self) -> "CoordinatorClient":
@@ -174,6 +181,36 @@ class CoordinatorClient:
 
     def lease(self, client_id: int, token: str) -> LeaseResponse:
         return LeaseResponse.model_validate(self.request("POST", f"/v1/clients/{client_id}/lease", token=token).json())
+
+    def hold_lease(self, client_id: int, token: str, wait: float) -> LeaseResponse | None:
+        """A long poll: the coordinator holds the request up to ``wait`` seconds and answers as soon
+        as a task opens for the client. One try: None when it failed in transport or was aborted
+        (``abort_held``); the caller polls again. A 4xx raises ``CoordinatorError`` as ``lease`` does;
+        a 429/5xx is None (the caller's next plain ``lease`` retries with backoff)."""
+        with self._held_lock:
+            if self._held is None:
+                self._held = httpx.Client(base_url=self.base_url, transport=self._transport, headers=self._headers,
+                                          timeout=httpx.Timeout(self._timeout, read=wait + self._timeout),
+                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
+            http = self._held
+        try:
+            response = http.post(f"/v1/clients/{client_id}/lease", params={"wait": f"{wait:g}"},
+                                 headers={"Authorization": f"Bearer {token}"})
+        except (httpx.TransportError, RuntimeError) as exc:  # RuntimeError: the client was closed meanwhile
+            log.debug("held lease of client %s ended: %s", client_id, exc)
+            return None
+        if response.status_code == 429 or response.status_code >= 500:
+            return None
+        if response.status_code >= 400:
+            raise CoordinatorError(response.status_code, *self._error_of(response))
+        return LeaseResponse.model_validate(response.json())
+
+    def abort_held(self) -> None:
+        """End every held lease request now (their callers get None)."""
+        with self._held_lock:
+            held, self._held = self._held, None
+        if held is not None:
+            held.close()
 
     def heartbeat(self, task_id: int, token: str, lease_id: str) -> None:
         self.request("POST", f"/v1/tasks/{task_id}/heartbeat", token=token, json={"lease_id": lease_id})

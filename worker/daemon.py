@@ -19,6 +19,7 @@ and then the result is dropped. Either way the daemon goes on polling. A heartbe
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -28,6 +29,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -226,13 +228,15 @@ class WorkerDaemon:
     def __init__(self, client: CoordinatorClient, config: WorkerConfig, state_dir: Path, device: str = "cpu",
                  exit_when_idle: bool = False, max_seconds: float | None = None, grace_seconds: float = 30.0,
                  report_timeout: float = 300.0, data: Mapping[str, Any] | None = None,
-                 checkpoint_every: int = 100, data_workers: int = 0) -> None:
+                 checkpoint_every: int = 100, data_workers: int = 0, long_poll: float = 20.0) -> None:
         """``data``: the hosted clients' arrays by client name, looked up at every task (e.g. a bounded
         cache, so that many hosted clients need not all be in memory); by default each client's
         partition is read once at ``setup`` and kept. ``checkpoint_every``: optimizer steps between
         saves of a training task's progress in the client's state directory (0: only when the
         task is stopped, by a lost lease or a shutdown); a task leased again resumes from it.
-        ``data_workers``: processes decoding a client's images on disk while it trains (0: this one)."""
+        ``data_workers``: processes decoding a client's images on disk while it trains (0: this one).
+        ``long_poll``: with no task for any hosted client, hold a lease request per client up to this
+        many seconds (the coordinator answers as soon as a task opens); 0 sleeps ``retry_after``."""
         self.client = client
         client.interrupted = self.interrupted  # requests stop retrying once the daemon is stopping
         self.config = config
@@ -253,6 +257,8 @@ class WorkerDaemon:
         self._data = data
         self.checkpoint_every = checkpoint_every
         self.data_workers = data_workers
+        self.long_poll = long_poll
+        self._hold_off_until = 0.0  # a coordinator that does not hold lease requests: plain polling a while
 
     # ------------------------------------------------------------------ setup
 
@@ -434,9 +440,61 @@ class WorkerDaemon:
                     s.last_state in ("ready", "revoked") for s in self.slots):
                 log.info("every hosted client is ready: exiting")
                 return 0
-            if not worked:
-                self.stop_event.wait(wait)
+            if not worked and not (self.long_poll > 0 and self._hold()):
+                # nothing held (long polling off, paused, or the held requests failed): sleep
+                self.stop_event.wait(wait if self.long_poll <= 0 else min(wait, 1.0))
         return 0
+
+    def _hold(self) -> bool:
+        """Long poll: one held lease request per hosted client at once (``CoordinatorClient.hold_lease``).
+        Tasks are run as they come; one that comes while another runs is run next if at least half
+        its lease is left, else given back (a release costs no attempt). Returns whether any held
+        request answered (a task, or an empty answer after its full wait): then the loop polls again
+        at once; False (nothing answered: transport errors, a paused federation) makes it sleep."""
+        slots = [s for s in self.slots if s.last_state not in ("revoked", "paused")]
+        if not slots or self.stop_event.is_set() or time.monotonic() < self._hold_off_until:
+            return False
+        answered = False
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="hilora-hold") as pool:
+            pending = {pool.submit(self.client.hold_lease, s.client_id, s.token, self.long_poll): s for s in slots}
+            while pending:
+                done, _ = concurrent.futures.wait(pending, timeout=0.2,
+                                                  return_when=concurrent.futures.FIRST_COMPLETED)
+                if self.stop_event.is_set():
+                    self.client.abort_held()  # the held requests end now; a task they got is given back below
+                for future in done:
+                    slot = pending.pop(future)
+                    try:
+                        response = future.result()
+                    except CoordinatorError as exc:
+                        if exc.status not in (401, 403):
+                            raise
+                        log.error("client %s: the coordinator no longer accepts its token (%s); not polling for "
+                                  "it any more", slot.spec.name, exc)
+                        slot.last_state = "revoked"
+                        continue
+                    if response is None:
+                        continue
+                    slot.last_state = response.client_state
+                    task = response.task
+                    if task is None:
+                        if response.retry_after > 0:  # not held (a coordinator without long polling)
+                            self._hold_off_until = time.monotonic() + 60.0
+                        else:
+                            answered = True
+                        continue
+                    answered = True
+                    expires = task.lease_expires_at
+                    if expires.tzinfo is None:
+                        expires = expires.replace(tzinfo=timezone.utc)
+                    left = (expires - datetime.now(timezone.utc)).total_seconds()
+                    if self.stop_event.is_set():
+                        self._release(slot, task, "the worker is stopping")
+                    elif left < task.lease_seconds / 2:
+                        self._release(slot, task, "it waited while another task ran")
+                    else:
+                        self._run_task(slot, task)
+        return answered
 
     def _run_task(self, slot: ClientSlot, task: TaskAssignment) -> None:
         """``execute`` that never takes the daemon down for a coordinator failure: the task is

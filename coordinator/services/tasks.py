@@ -138,15 +138,27 @@ def client_state(fed: Federation, client: Client) -> str:
     return "training"
 
 
-def _auth_for_lease_statement():  # noqa: ANN202
+def _clients_for_lease_statement(which):  # noqa: ANN001, ANN202
     leasable = (select(Task.id).where(Task.client_id == Client.id, task_status_may_become(TaskStatus.leased))
                 .exists())
     # the config comes as its stored text, the key of the parsed-config cache (not decoded and
     # encoded again on every poll); the entity's own config attribute is not loaded
     return (select(Client, Federation, leasable, cast(Federation.config, Text))
             .join(Federation, Federation.id == Client.federation_id)
-            .where(Client.token_hash == bindparam("token_hash"))
+            .where(which)
             .options(defer(Federation.config, raiseload=True)))
+
+
+def lease_many(session: Session, wanted: dict[int, str], now: datetime) -> dict[int, LeaseResponse]:
+    """Long polling: the answers to several clients' held lease requests (client id -> worker id),
+    in one transaction, each as ``lease_task`` gives it. A client that is no longer active is left
+    out (its request leases on its own, and is refused)."""
+    out = {}
+    for client, fed, has_pending, config in session.execute(_LEASE_STATEMENTS["many"], {"ids": list(wanted)}):
+        if client.status == ClientStatus.active:
+            out[client.id] = lease_task(session, client, wanted[client.id], now, fed, config_from_text(config),
+                                        has_pending)
+    return out
 
 
 def authenticate_for_lease(session: Session, token: str) -> tuple[Client, Federation, FederationConfig, bool]:
@@ -185,7 +197,8 @@ def _round_inputs_statement():  # noqa: ANN202
 
 
 # Built once: building a statement costs more than running it on the lease path.
-_LEASE_STATEMENTS = {"auth": _auth_for_lease_statement(), "update": _lease_update_statement(False),
+_LEASE_STATEMENTS = {"auth": _clients_for_lease_statement(Client.token_hash == bindparam("token_hash")),
+                     "many": _clients_for_lease_statement(Client.id.in_(bindparam("ids", expanding=True))), "update": _lease_update_statement(False),
                      "update_pg": _lease_update_statement(True), "round": _round_inputs_statement(),
                      "seen": update(Client.__table__).where(Client.__table__.c.id == bindparam("seen_id"))
                      .values(last_seen_at=bindparam("seen_at"))}

@@ -8,7 +8,7 @@ import json
 import logging
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -88,6 +88,12 @@ class FakeClient:
 
     def adapter(self, version_id, token, sha):
         return self._answer("adapter", version_id)
+
+    def hold_lease(self, client_id, token, wait):
+        return self._answer("hold_lease", client_id, wait)
+
+    def abort_held(self):
+        self.calls.append(("abort_held",))
 
 
 def _daemon(client: FakeClient, tmp_path: Path, **kw) -> tuple[WorkerDaemon, ClientSlot]:
@@ -424,3 +430,121 @@ def test_a_refused_model_gives_the_lease_back_and_stops_the_worker(tmp_path, bac
     with pytest.raises(ModelRefused, match="allow_"):
         daemon.run()
     assert client.routes() == ["lease", "release"]  # nothing trained, nothing uploaded, lease given back
+
+
+# ---------------------------------------------------------------- long polling
+
+def _fresh(task: TaskAssignment, seconds_left: float) -> TaskAssignment:
+    return task.model_copy(update={"lease_expires_at": datetime.now(timezone.utc) + timedelta(seconds=seconds_left)})
+
+
+def _second_slot(daemon: WorkerDaemon, tmp_path: Path) -> None:
+    other = HostedClient(name="site-b", data={"partition": "tiny", "client": "upright-00"}, client_id=4, token="u")
+    daemon.slots.append(ClientSlot(spec=other, client_id=4, token="u", files=ClientFiles(tmp_path / "b"),
+                                   data=_data()))
+
+
+def test_with_nothing_to_do_the_worker_holds_a_lease_and_runs_the_task_it_gets(tmp_path):
+    daemon: WorkerDaemon
+    held = [_lease(_fresh(_task(9), 60.0))]
+
+    def hold(client_id, wait):
+        if held:
+            return held.pop(0)
+        daemon.request_stop("test")
+        return None
+
+    client = FakeClient(lease=[_lease(None)], hold_lease=hold)
+    daemon, _slot = _daemon(client, tmp_path, long_poll=15.0)
+    seen = []
+    daemon.execute = lambda slot, task: seen.append((slot.client_id, task.task_id)) or {}  # type: ignore[method-assign]
+    assert daemon.run() == 0
+    assert seen == [(3, 9)]
+    assert ("hold_lease", 3, 15.0) in client.calls
+
+
+def test_a_held_task_that_waited_past_half_its_lease_is_given_back(tmp_path):
+    """Two hosted clients' held requests both get a task: the first runs; the second, whose lease
+    has less than half left once the first is done, is released (no attempt lost), not run."""
+    daemon: WorkerDaemon
+    answers = {3: [_lease(_fresh(_task(1), 60.0))], 4: [_lease(_fresh(_task(2), 20.0))]}
+
+    def hold(client_id, wait):
+        if answers[client_id]:
+            return answers[client_id].pop(0)
+        daemon.request_stop("test")
+        return None
+
+    client = FakeClient(lease=[_lease(None)], hold_lease=hold, release=[None])
+    daemon, _slot = _daemon(client, tmp_path, long_poll=15.0)
+    _second_slot(daemon, tmp_path)
+    seen = []
+    daemon.execute = lambda slot, task: seen.append(task.task_id) or {}  # type: ignore[method-assign]
+    assert daemon.run() == 0
+    assert seen == [1]
+    assert [c for c in client.calls if c[0] == "release"] == [("release", 2, "lease-2")]
+
+
+def test_a_coordinator_that_does_not_hold_leases_is_polled_plainly(tmp_path):
+    """An empty held answer with retry_after > 0 (an old coordinator, or long polling off) turns
+    holding off for a while: the loop goes back to plain polling and sleeps retry_after."""
+    daemon: WorkerDaemon
+    plain = []
+
+    def lease(client_id):
+        plain.append(client_id)
+        if len(plain) >= 5:
+            daemon.request_stop("test")
+        return _lease(None)
+
+    client = FakeClient(lease=lease, hold_lease=[_lease(None)])
+    daemon, _slot = _daemon(client, tmp_path, long_poll=15.0)
+    assert daemon.run() == 0
+    assert client.routes().count("hold_lease") == 1 and len(plain) == 5
+
+
+def test_stopping_while_a_lease_is_held_aborts_it_and_gives_back_what_it_got(tmp_path):
+    aborted = threading.Event()
+    daemon: WorkerDaemon
+
+    def hold(client_id, wait):
+        threading.Timer(0.3, daemon.request_stop, args=("test",)).start()
+        assert aborted.wait(10), "the held request was never aborted"
+        return _lease(_fresh(_task(5), 60.0))  # it got a task just as it was aborted
+
+    client = FakeClient(lease=[_lease(None)], hold_lease=hold, release=[None])
+    client.abort_held = lambda: (client.calls.append(("abort_held",)), aborted.set())  # type: ignore[method-assign]
+    daemon, _slot = _daemon(client, tmp_path, long_poll=15.0)
+    daemon.execute = lambda slot, task: pytest.fail("a task was run while stopping")  # type: ignore[method-assign]
+    started = time.monotonic()
+    assert daemon.run() == 0
+    assert time.monotonic() - started < 5.0
+    assert ("abort_held",) in client.calls and ("release", 5, "lease-5") in client.calls
+
+
+def test_the_client_holds_a_lease_with_wait_and_abort_ends_it(tmp_path):
+    """``CoordinatorClient.hold_lease`` sends ?wait=S with a read timeout past it; ``abort_held``
+    ends a request in flight (None, not an exception)."""
+    seen: list[httpx.Request] = []
+    release = threading.Event()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.params.get("wait") == "7":
+            return httpx.Response(200, json=_lease(None).model_dump(mode="json") | {"retry_after": 0.0})
+        release.wait(10)
+        raise httpx.ReadError("connection closed")
+
+    client = CoordinatorClient("http://coord", max_retries=0, transport=httpx.MockTransport(handler))
+    answer = client.hold_lease(3, "tok", 7)
+    assert answer is not None and answer.retry_after == 0.0 and answer.task is None
+    assert seen[0].url.path == "/v1/clients/3/lease" and seen[0].headers["Authorization"] == "Bearer tok"
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("answer", client.hold_lease(3, "tok", 9)))
+    thread.start()
+    time.sleep(0.2)
+    client.abort_held()
+    release.set()
+    thread.join(10)
+    assert not thread.is_alive() and out["answer"] is None
+    client.close()
