@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -72,6 +73,13 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # federations advanced as jobs on a pool (PostgreSQL); None: one after the other in the tick
+        jobs = settings.scheduler_jobs if settings is not None else 1
+        sqlite = session_factory.kw["bind"].dialect.name == "sqlite"
+        self._pool = (concurrent.futures.ThreadPoolExecutor(jobs, thread_name_prefix="hilora-federation")
+                      if jobs > 1 and not sqlite else None)
+        self._running: set[int] = set()
+        self._running_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="hilora-scheduler", daemon=True)
@@ -85,6 +93,37 @@ class Scheduler:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._pool is not None:  # running advances finish (each is one transaction); queued ones are dropped
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, fid: int, advance: Callable[[], int], started: list | None = None) -> None:
+        """Run a federation's advance as a job, unless its previous one is still running."""
+        with self._running_lock:
+            if fid in self._running or self._stop.is_set():
+                return
+            self._running.add(fid)
+        metrics = self._metrics
+
+        def job() -> int:
+            with observing(metrics):
+                return advance()
+
+        def done(future: concurrent.futures.Future) -> None:
+            with self._running_lock:
+                self._running.discard(fid)
+            if not future.cancelled() and future.exception() is None and future.result() > 0:
+                if self._on_change is not None:
+                    self._on_change()
+                self.wake()  # what it changed may let the next tick go on at once
+
+        try:
+            future = self._pool.submit(job)
+            future.add_done_callback(done)
+            if started is not None:
+                started.append(future)
+        except RuntimeError:  # shutting down
+            with self._running_lock:
+                self._running.discard(fid)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -93,7 +132,7 @@ class Scheduler:
             if self._stop.is_set():
                 break
             try:
-                while self.tick() and not self._stop.is_set():
+                while self.tick(wait=False) and not self._stop.is_set():
                     pass
                 self.collect_garbage_if_due()
             except Exception:  # keep the loop alive; the failure is logged with its traceback
@@ -114,9 +153,16 @@ class Scheduler:
         if report.blobs_deleted or report.orphan_files_deleted or report.temp_files_deleted:
             log.info("garbage collection: %s", report.as_dict())
 
-    def tick(self) -> int:
+    def tick(self, wait: bool = True) -> int:
+        """One tick. With the job pool, ``wait`` waits for the advances it started and counts their
+        changes (the background loop does not wait: a finished job wakes it)."""
+        started: list[concurrent.futures.Future] = []
         with observing(self._metrics):
-            changes = scheduler_tick(self._session_factory, self._blobs, self._clock())
+            changes = scheduler_tick(self._session_factory, self._blobs, self._clock(),
+                                     submit=(lambda fid, advance: self._submit(fid, advance, started))
+                                     if self._pool is not None else None)
+        if wait and started:
+            changes += sum(f.result() for f in concurrent.futures.as_completed(started) if not f.cancelled())
         if self._metrics is not None:
             self._metrics.ticks.labels("ok" if changes >= 0 else "skipped").inc()
         if changes > 0 and self._on_change is not None:

@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     dev: bool = Field(default=False, description="development mode: allows the default admin token")
     scheduler_interval: float = Field(default=0.5, gt=0, description="seconds between scheduler ticks")
     run_scheduler: bool = True
+    scheduler_jobs: int = Field(default=4, ge=1, le=64, description="federations the scheduler advances at once, "
+                                "each in its own thread and transaction (PostgreSQL; SQLite, with one writer, "
+                                "advances them one after the other), so that one federation's long clustering or "
+                                "aggregation does not hold up the others")
     migrate_on_start: bool = True
     log_level: str = "info"
     log_format: Literal["text", "json"] = Field(default="text", description="'json': one JSON object per log "

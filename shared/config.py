@@ -226,6 +226,12 @@ ClusteringAlgorithm = Literal["lsac", "kmeans-flat", "lsac-paper", "manual"]
 MAX_MANUAL_ASSIGNMENT = 100_000
 
 
+def approximate_refusal(algorithm: str, clients: int, limit: int) -> str:
+    return (f"clustering.algorithm {algorithm!r} runs on the exact pairwise distances of the probes, which "
+            f"{clients} clients are too many for (clustering.approximate_above = {limit}): use 'lsac', whose "
+            f"approximate path serves large federations, or raise clustering.approximate_above")
+
+
 class Clustering(BaseModel):
     """How the coordinator clusters the training clients at the root-to-cluster switch, reruns
     that on an admin's recluster, and joins late clients to a cluster (docs/method.md,
@@ -290,6 +296,13 @@ class Clustering(BaseModel):
                     "the best one (and reaches min_silhouette), since splitting a group in two often scores about as "
                     "well as keeping it whole; 0: the best K")
     force_k: int | None = Field(default=None, ge=1)
+    approximate_above: int = Field(
+        default=1000, ge=3, le=10_000_000,
+        description="with more clients than this, 'lsac' runs its approximate path (shared.lsac_scale: "
+                    "random sketches of the probe updates read target by target from the stored uploads, "
+                    "a sparse kNN affinity, the same K rules), whose time and memory grow about linearly with "
+                    "the clients instead of quadratically; the other algorithms are refused above it. No "
+                    "distance or affinity matrix is stored for such a run")
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seed of the clustering's k-means")
     refine_rounds: int = Field(
         default=0, ge=0, le=MAX_REFINE_ROUNDS,
@@ -422,6 +435,9 @@ class FederationConfig(BaseModel):
             if self.schedule.root_rounds < 1:
                 raise ValueError("clustering.algorithm 'lsac-paper' needs schedule.root_rounds >= 1: its "
                                  "features are built during the root rounds")
+        c = self.clustering
+        if self.cluster.enabled and c.algorithm != "lsac" and self.schedule.min_clients > c.approximate_above:
+            raise ValueError(approximate_refusal(c.algorithm, self.schedule.min_clients, c.approximate_above))
         if self.clustering.refine_rounds > self.schedule.cluster_rounds:
             raise ValueError(f"clustering.refine_rounds ({self.clustering.refine_rounds}) must be at most "
                              f"schedule.cluster_rounds ({self.schedule.cluster_rounds}): a refinement follows a "

@@ -398,6 +398,33 @@ def _contrast_from_sketch(Z: np.ndarray, labels: np.ndarray, metric: str, scale:
     return float("inf") if between_mean > 0 else 1.0
 
 
+def _silhouette_from_sketch(Z: np.ndarray, labels: np.ndarray, metric: str, scale: float) -> float:
+    """Mean silhouette (Rousseeuw 1987, a singleton scores 0) of a partition under the sketched
+    distance ``1 - <z_i, z_j> / s`` (``cosine``: rows normalised, s = 1), exactly, from cluster sums:
+    the mean distance of i to cluster C is ``1 - <z_i, sum_C z> / (|C| s)`` (i itself left out of its own)."""
+    Z = np.asarray(Z, dtype=np.float64)
+    if metric == "cosine":
+        norms = np.linalg.norm(Z, axis=1)
+        Z = Z / np.where(norms > 0, norms, 1.0)[:, None]
+        scale = 1.0
+    clusters = np.unique(labels)
+    index = np.searchsorted(clusters, labels)
+    sizes = np.bincount(index, minlength=clusters.size).astype(np.float64)
+    sums = np.zeros((clusters.size, Z.shape[1]))
+    np.add.at(sums, index, Z)
+    sims = Z @ sums.T / scale                                   # (n, K): <z_i, sum_C z> / s
+    self_sims = np.einsum("ij,ij->i", Z, Z) / scale
+    n = Z.shape[0]
+    own = sizes[index]
+    a = 1.0 - (sims[np.arange(n), index] - self_sims) / np.maximum(own - 1.0, 1.0)
+    mean_to = 1.0 - sims / sizes[None, :]
+    mean_to[np.arange(n), index] = np.inf
+    b = mean_to.min(axis=1)
+    denominator = np.maximum(a, b)
+    s = np.where(denominator > 0, (b - a) / np.where(denominator > 0, denominator, 1.0), 0.0)
+    return float(np.where(own > 1, s, 0.0).mean())
+
+
 @dataclass(frozen=True, eq=False)
 class ApproximateLsacResult:
     """Outcome of ``approximate_lsac`` (fields as ``LsacResult``; ``affinity`` is sparse CSR and
@@ -414,11 +441,14 @@ class ApproximateLsacResult:
 
 def approximate_lsac(Z: np.ndarray, metric: str, scale: float = 1.0, k_min: int = 1, k_max: int = 10,
                      knn: int = 5, contrast: float = 1.25, force_k: int | None = None, seed: int = 0,
-                     graph_neighbours: int | None = None) -> ApproximateLsacResult:
+                     graph_neighbours: int | None = None, k_rule: str = "eigengap", min_silhouette: float = 0.15,
+                     silhouette_tolerance: float = 0.0) -> ApproximateLsacResult:
     """LSAC on sketches ``Z`` (n x m) with a sparse kNN affinity (module docstring, steps 2-5).
 
     ``metric``/``scale`` as ``knn_from_sketch`` (``update``: cosine; ``subspace``: inner with
-    ``scale = rank * targets``). Same K rule, contrast test and canonical labels as ``lsac``.
+    ``scale = rank * targets``). Same K rules (``eigengap`` with the contrast test, or
+    ``silhouette``: the mean silhouette under the sketched distance, exact from cluster sums), and
+    canonical labels as ``lsac``.
     """
     Z = np.asarray(Z, dtype=np.float32)
     n = Z.shape[0]
@@ -448,6 +478,21 @@ def approximate_lsac(Z: np.ndarray, metric: str, scale: float = 1.0, k_min: int 
 
     if force_k is not None:
         labels = labels_for(int(min(max(force_k, 1), n)))
+        if labels.max() >= 1:
+            contrast_ratio = _contrast_from_sketch(Z, labels, metric, scale)
+    elif k_rule == "silhouette":
+        highest = min(k_max, n - 1, len(eigenvalues) - 1)
+        scored = []
+        for k in range(min(max(2, k_min), highest), highest + 1):
+            candidate = labels_for(k)
+            if 2 <= candidate.max() + 1 <= n - 1:
+                scored.append((_silhouette_from_sketch(Z, candidate, metric, scale), k, candidate))
+        best = max((score for score, _, _ in scored), default=-np.inf)
+        good = [(k, candidate) for score, k, candidate in scored
+                if score >= min_silhouette and score >= best - silhouette_tolerance * abs(best)]
+        labels = min(good, key=lambda kc: kc[0])[1] if good else np.zeros(n, dtype=np.int64)
+        if not good and k_min >= 2 and scored:
+            labels = max(scored, key=lambda t: t[0])[2]
         if labels.max() >= 1:
             contrast_ratio = _contrast_from_sketch(Z, labels, metric, scale)
     else:

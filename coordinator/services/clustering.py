@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -34,8 +35,9 @@ from coordinator.services.client_features import Bases, load_root_b_emas, normal
 from coordinator.services.federations import federation_config, get_federation
 from coordinator.services.tasks import refine_candidates, task_status_may_become
 from shared.aggregate import merge_adapters
-from shared.config import Clustering, FederationConfig
-from shared.probes import factor_pairs, probe_distance
+from shared.config import Clustering, FederationConfig, approximate_refusal
+from shared.lsac_scale import lsac_auto
+from shared.probes import factor_pairs, head_delta, probe_distance
 from shared.refine import UNASSIGNED, reassign
 from shared.schemas import refine_metric
 from shared.states import ClientStatus, RoundStatus, Stage, TaskStatus
@@ -63,13 +65,16 @@ def _done_probe_tasks(session: Session, round_id: int) -> list[Task]:
     ))
 
 
-def _probe_inputs(session: Session, blobs: BlobStore, probe_round: Round) -> tuple[list[Task], Tensors, list[Tensors]]:
+def _probe_inputs(session: Session, blobs: BlobStore, probe_round: Round, c: Clustering | None = None,
+                  ) -> tuple[list[Task], Tensors, list[Tensors]]:
     """The done tasks of a probe round that still hold their upload, the root they started from,
-    and their uploads."""
+    and their uploads (none read above ``c.approximate_above`` clients: the approximate path maps them)."""
     tasks = [t for t in _done_probe_tasks(session, probe_round.id) if t.upload_sha256]
     if not tasks:
         raise ValueError(f"probe round {probe_round.id} has no done task to cluster")
     root = load_version(blobs, session.get(AdapterVersion, probe_round.input_root_version_id))
+    if c is not None and len(tasks) > c.approximate_above:
+        return tasks, root, []
     probes = [unpack_tensors(blobs.get_bytes(t.upload_sha256)) for t in tasks]
     return tasks, root, probes
 
@@ -89,6 +94,10 @@ def _cluster(session: Session, blobs: BlobStore, cfg: FederationConfig, c: Clust
     """The partition of the clients of ``tasks`` by ``c.algorithm`` and the distance matrix behind
     it. The result's ``labels`` and ``k`` are the final ones; for kmeans-flat its eigengaps,
     contrast ratio and affinity are those of the LSAC run that chose K."""
+    if len(tasks) > c.approximate_above:
+        if c.algorithm != "lsac":
+            raise ValueError(approximate_refusal(c.algorithm, len(tasks), c.approximate_above))
+        return _approximate(cfg, c, tasks, root, blobs), None
     if c.algorithm == "lsac-paper":
         distance = subspace_distance(_member_bases(session, blobs, cfg, tasks, probes))
         k_min, k_max = (c.k_min, c.k_max) if c.force_k is None else (c.force_k, c.force_k)
@@ -108,19 +117,52 @@ def _cluster(session: Session, blobs: BlobStore, cfg: FederationConfig, c: Clust
     return result, distance
 
 
+class _WireFactors(Mapping):
+    """One upload's (B, A) per target, read from its memory-mapped blob when asked: the approximate
+    path sketches target by target, so only one target of every client is paged in at a time."""
+
+    def __init__(self, manifest, tensors: Tensors) -> None:  # noqa: ANN001
+        self._names = [t.name for t in manifest.targets]
+        self._tensors = tensors
+
+    def __getitem__(self, name: str):  # noqa: ANN204
+        return self._tensors[f"{name}.lora_B"], self._tensors[f"{name}.lora_A"]
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _approximate(cfg: FederationConfig, c: Clustering, tasks: list[Task], root: Tensors, blobs: BlobStore):  # noqa: ANN202
+    """LSAC's approximate path (``shared.lsac_scale.lsac_auto`` above its exact limit) on the probe
+    uploads as memory maps, never all in memory at once."""
+    mapped = [blobs.map_tensors(t.upload_sha256, strict=False) for t in tasks]
+    heads = None
+    if c.features == "update" and c.head_weight != 0.0:
+        heads = [c.head_weight * head_delta(m, root) for m in mapped]
+    return lsac_auto(c.features, [_WireFactors(cfg.manifest, m) for m in mapped], factor_pairs(cfg.manifest, root),
+                     heads, cfg.manifest.tiers["root"].rank, exact_max_clients=c.approximate_above,
+                     k_min=c.k_min, k_max=c.k_max, knn=c.knn, contrast=c.contrast, force_k=c.force_k, seed=c.seed,
+                     k_rule=c.k_rule, min_silhouette=c.min_silhouette, silhouette_tolerance=c.silhouette_tolerance)
+
+
 def _run_lsac(session: Session, blobs: BlobStore, cfg: FederationConfig, c: Clustering, probe_round: Round,
               now: datetime) -> tuple[ClusteringRun, list[Task], LsacResult, Tensors]:
     """Clustering (``c.algorithm``) with settings ``c`` of the clients of a probe round's done
     uploads; stores the distance and affinity matrices as a blob and records the ClusteringRun.
     Its duration goes to the app's metrics."""
     started = time.perf_counter()
-    tasks, root, probes = _probe_inputs(session, blobs, probe_round)
+    tasks, root, probes = _probe_inputs(session, blobs, probe_round, c)
     result, distance = _cluster(session, blobs, cfg, c, tasks, root, probes)
-    data = pack_tensors({"distance": distance.astype(np.float32),
-                         "affinity": np.asarray(result.affinity, dtype=np.float32)},
-                        metadata={"client_ids": ",".join(str(t.client_id) for t in tasks)})
-    sha = blobs.put_bytes(data)
-    ensure_blob_row(session, sha, len(data), "affinity", now)
+    sha = None
+    if distance is not None:  # (the approximate path has no dense matrices to keep)
+        data = pack_tensors({"distance": distance.astype(np.float32),
+                             "affinity": np.asarray(result.affinity, dtype=np.float32)},
+                            metadata={"client_ids": ",".join(str(t.client_id) for t in tasks)})
+        sha = blobs.put_bytes(data)
+        ensure_blob_row(session, sha, len(data), "affinity", now)
     run = ClusteringRun(federation_id=probe_round.federation_id, probe_round_id=probe_round.id,
                         cycle=federation_cycle(session, probe_round.federation_id),
                         features=c.features, algorithm=c.algorithm, k=int(result.k), num_clients=len(tasks),

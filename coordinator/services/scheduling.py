@@ -43,7 +43,9 @@ whose contribution leaves the float32 range is quarantined (``coordinator.servic
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 
@@ -792,9 +794,34 @@ def exclusive_tick(session_factory):  # noqa: ANN001, ANN201
                 conn.commit()
 
 
-def scheduler_tick(session_factory, blobs: BlobStore, now: datetime) -> int:  # noqa: ANN001
+FEDERATION_LOCK_SPACE = 0x686C72  # Postgres advisory locks (space, federation id): one advance at a time
+
+
+def advance_one(session_factory, blobs: BlobStore, fid: int, now: datetime) -> int:  # noqa: ANN001
+    """Advance one federation in its own transaction; a failure is recorded, never raised. On
+    Postgres the transaction holds the federation's advisory lock, so that of several replicas (or
+    a job still running from an earlier tick) one advances it at a time: a federation whose lock is
+    taken is left for the next tick (0 changes)."""
+    with log_context(federation_id=fid):
+        try:
+            with session_factory() as session, session.begin():
+                if session.get_bind().dialect.name == "postgresql" and not session.scalar(
+                        select(func.pg_try_advisory_xact_lock(FEDERATION_LOCK_SPACE, fid))):
+                    return 0
+                return advance_federation(session, blobs, fid, now)
+        except Exception as exc:  # one federation's failure never stalls the others
+            log.exception("advancing federation %s failed", fid)
+            record_failure(session_factory, fid, exc, now)
+            return 0
+
+
+def scheduler_tick(session_factory, blobs: BlobStore, now: datetime,  # noqa: ANN001
+                   submit: Callable[[int, Callable[[], int]], None] | None = None) -> int:
     """One pass of the background loop: expire leases, then advance every federation, each in its
-    own transaction. Returns the number of changes made, or -1 when another replica holds the lock."""
+    own transaction (``advance_one``). With ``submit`` each federation's advance is handed to it as
+    a job (the app's scheduler runs them on a thread pool, so that a long clustering or aggregation
+    of one federation does not hold up the others) and only the expiries count as this tick's
+    changes. Returns the number of changes made, or -1 when another replica holds the lock."""
     with exclusive_tick(session_factory) as mine:
         if not mine:
             return -1
@@ -803,13 +830,10 @@ def scheduler_tick(session_factory, blobs: BlobStore, now: datetime) -> int:  # 
         with session_factory() as session:
             ids = list(session.scalars(select(Federation.id).order_by(Federation.id)))
         for fid in ids:
-            with log_context(federation_id=fid):
-                try:
-                    with session_factory() as session, session.begin():
-                        changes += advance_federation(session, blobs, fid, now)
-                except Exception as exc:  # one federation's failure never stalls the others
-                    log.exception("advancing federation %s failed", fid)
-                    record_failure(session_factory, fid, exc, now)
+            if submit is None:
+                changes += advance_one(session_factory, blobs, fid, now)
+            else:
+                submit(fid, functools.partial(advance_one, session_factory, blobs, fid, now))
         return changes
 
 

@@ -305,3 +305,40 @@ def test_bad_manual_assignments_are_refused_on_create(api, clustering, expected)
                  headers=admin_headers())
     assert r.status_code == 422, r.text
     assert r.json()["error"] == "invalid_request" and expected in r.json()["detail"], r.text
+
+
+def test_above_approximate_above_lsac_takes_its_approximate_path(api, app):
+    """7 clients > approximate_above = 3: the probes are sketched from their memory-mapped blobs and
+    clustered on a sparse kNN graph; the planted groups come out as with the exact path, and the
+    run keeps no dense matrix (the dashboard's affinity view says so)."""
+    dirs = group_directions()
+    fid, secret, clients = start(api, app, "lsac", approximate_above=3)
+    for r in range(SCHEDULE["root_rounds"]):
+        run_all(api, clients, dirs, seed=r)
+    run_all(api, clients, dirs, seed=10)
+    s = status(api, fid)
+    assert s["state"] == "cluster" and s["clustering"]["k"] == 2
+    assert partition(c["members"] for c in s["clusters"]) == PLANTED
+    with app.state.session_factory() as session:
+        run = session.scalars(select(ClusteringRun).where(ClusteringRun.federation_id == fid)).one()
+        assert (run.algorithm, run.k, run.num_clients, run.affinity_sha256) == ("lsac", 2, N, None)
+    r = api.get(f"/v1/federations/{fid}/clustering-runs/{run.id}/affinity", headers=admin_headers())
+    assert r.status_code == 404 and r.json()["error"] == "affinity_not_found"
+
+
+def test_other_algorithms_are_refused_above_approximate_above(api, app):
+    r = api.post("/v1/federations", headers=admin_headers(), json={"config": tiny_config(
+        "big", upload_backbone(api), schedule=SCHEDULE, clustering={"algorithm": "kmeans-flat", "approximate_above": 5})})
+    assert r.status_code == 422 and "approximate_above" in r.text and "'lsac'" in r.text
+    # fewer clients expected than the limit, but more came: the clustering itself refuses, in one line
+    dirs = group_directions()
+    fid, secret = create_federation(api, schedule={**SCHEDULE, "min_clients": 3},
+                                    clustering={"algorithm": "kmeans-flat", "k_max": 4, "knn": 2,
+                                                "approximate_above": 5})
+    clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
+    tick(app)
+    for r in range(SCHEDULE["root_rounds"]):
+        run_all(api, clients, dirs, seed=r)
+    run_all(api, clients, dirs, seed=10)
+    s = status(api, fid)
+    assert s["state"] == "probe" and "approximate_above = 5" in (s["last_failure"] or "")

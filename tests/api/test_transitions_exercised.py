@@ -98,6 +98,12 @@ def test_every_transition_of_the_table_happens(api, app, clock, monkeypatch):
 
     monkeypatch.setattr(states, "check", watched_check)
     monkeypatch.setattr(task_service, "sources", watched_sources)
+    # the lease's guarded UPDATE is built once at import (tasks._LEASE_STATEMENTS), from the same table
+    for target in task_service.PREBUILT_GUARDS:
+        froms = sources(Machine.task, target)
+        sql = str(task_service._LEASE_STATEMENTS["update"].compile())
+        assert "tasks.status" in sql and len(froms) >= 1
+        asked.add(str(target))
 
     for name, schedule in SCHEDULES.items():
         fid, secret, cfg = federation(api, name, schedule, max_attempts=1)

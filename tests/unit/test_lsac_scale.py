@@ -310,3 +310,47 @@ def test_gram_and_subspace_never_import_lsac_scale():
     assert not {"shared.lsac_scale", "shared.subspace"} & imported(folder / "gram.py")
     assert ls.update_gram_target is gram_module.update_gram_target
     assert ls.pairwise_contracted_gram is gram_module.pairwise_contracted_gram
+
+
+def test_silhouette_from_sketch_equals_the_silhouette_of_the_dense_sketched_distances():
+    from shared.subspace import silhouette
+
+    rng = np.random.default_rng(15)
+    Z = rng.standard_normal((40, 6))
+    labels = np.repeat(np.arange(4), 10)
+    labels[-1] = 3
+    labels[:1] = 4  # a singleton scores 0
+    Zn = Z / np.linalg.norm(Z, axis=1, keepdims=True)
+    D_cos = 1 - Zn @ Zn.T
+    np.fill_diagonal(D_cos, 0)
+    D_inner = np.clip(1 - Z @ Z.T / 50.0, 0, None)  # scale keeps every distance >= 0 here
+    np.fill_diagonal(D_inner, 0)
+    assert (1 - Z @ Z.T / 50.0)[~np.eye(40, dtype=bool)].min() >= 0
+
+    assert ls._silhouette_from_sketch(Z, labels, "cosine", 1.0) == pytest.approx(silhouette(D_cos, labels), abs=1e-12)
+    assert ls._silhouette_from_sketch(Z, labels, "inner", 50.0) == pytest.approx(silhouette(D_inner, labels),
+                                                                                 abs=1e-12)
+
+
+@pytest.mark.parametrize("features", ["update", "subspace"])
+def test_approximate_lsac_with_the_silhouette_rule_matches_exact_clustering(features):
+    rng = np.random.default_rng(16)
+    clients, root, heads, truth, _ = planted_population(rng, [40, 25, 15, 10], noise=0.4)
+    exact = lsac(ls.exact_distance(features, clients, root, heads, 4, dtype=np.float64), k_rule="silhouette")
+    Z = sketch_for(clients, root, heads if features == "update" else None, features)
+    metric, scale = ("cosine", 1.0) if features == "update" else ("inner", 4.0 * len(TARGETS))
+
+    approx = ls.approximate_lsac(Z, metric, scale=scale, k_rule="silhouette")
+
+    assert exact.k == 4 and approx.k == 4
+    assert adjusted_rand_score(truth, approx.labels) == 1.0 and adjusted_rand_score(exact.labels, approx.labels) == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_approximate_silhouette_rule_gives_one_cluster_without_structure(seed):
+    rng = np.random.default_rng(200 + seed)
+    clients, root, heads = unstructured_population(rng, n=80)
+
+    result = ls.approximate_lsac(sketch_for(clients, root, heads, "update"), "cosine", k_rule="silhouette")
+
+    assert result.k == 1 and np.all(result.labels == 0)
