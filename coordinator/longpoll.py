@@ -110,7 +110,7 @@ class LeaseWaiters:
             try:
                 await asyncio.wait_for(event.wait(), timeout)
             except TimeoutError:
-                if event not in self._granting:
+                if event not in self._granting and event not in self._woken:  # (set just as it timed out)
                     return None
                 await event.wait()  # a lease is being granted to this request right now: take it
             if self.closed and event not in self._woken:
