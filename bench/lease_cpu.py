@@ -10,7 +10,8 @@ and sequential lease requests over one keep-alive connection:
 The figure is the serving process's CPU time (user + system, /proc/<pid>/stat) over the requests
 divided by their number: everything the coordinator spends on a lease (HTTP parsing, routing,
 authentication, the database round trips, the answer's JSON), on SQLite and on PostgreSQL (a
-throwaway server from tests/pg.py; its own CPU is not counted). Prints one JSON object.
+throwaway server from tests/pg.py; its own CPU is not counted), and for scale 1,000 requests to
+``GET /v1/healthz`` (a route that does nothing). Prints one JSON object.
 
     python bench/lease_cpu.py --clients 200 --empty-per-client 10      # docs/benchmarks.md
 """
@@ -35,7 +36,7 @@ for p in (ROOT, ROOT / "tests", ROOT / "bench"):
 import httpx
 import numpy as np
 
-from load import ADMIN_TOKEN, CLASSES, DIM, Coordinator, federation_config
+from load import ADMIN_TOKEN, CLASSES, DIM, Coordinator, federation_config, fresh_database
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -57,15 +58,7 @@ def _wait_open(admin: httpx.Client, fid: int, timeout: float = 60.0) -> None:
 def measure(backend: str, clients: int, empty_per_client: int, workdir: Path) -> dict:
     from shared.tensors import pack_tensors
 
-    pg = None
-    if backend == "sqlite":
-        url = f"sqlite:///{workdir / 'coordinator.db'}"
-    else:
-        from pg import PostgresServer
-
-        pg = PostgresServer()
-        pg.start()
-        url = pg.create_database()
+    url, pg = fresh_database(backend, workdir)
     # the limiter would answer 429 to a tight loop; it is not what is measured
     env = {"HILORA_RUN_SCHEDULER": "0", "HILORA_LEASE_RATE_PER_SECOND": "0", "HILORA_REGISTRATION_RATE_PER_SECOND": "0"}
     serving = Coordinator(workdir, url, name="serving", extra_env=env)
@@ -114,11 +107,17 @@ def measure(backend: str, clients: int, empty_per_client: int, workdir: Path) ->
         if e_granted:
             raise RuntimeError(f"{e_granted} later leases were granted")
         e_n = clients * empty_per_client
+        # the floor under any request of this stack: a route that does nothing
+        h0 = cpu_seconds(pid)
+        for _ in range(1000):
+            http.get("/v1/healthz").raise_for_status()
+        healthz_ms = cpu_seconds(pid) - h0  # seconds over 1,000 requests = ms per request
         return {"backend": backend, "clients": clients,
                 "granted": {"requests": g_n, "cpu_ms_per_lease": round(1000 * g_cpu / g_n, 2),
                             "wall_ms_per_lease": round(1000 * g_wall / g_n, 2)},
                 "empty": {"requests": e_n, "cpu_ms_per_lease": round(1000 * e_cpu / e_n, 2),
-                          "wall_ms_per_lease": round(1000 * e_wall / e_n, 2)}}
+                          "wall_ms_per_lease": round(1000 * e_wall / e_n, 2)},
+                "healthz_cpu_ms_per_request": round(healthz_ms, 2)}
     finally:
         serving.stop()
         scheduler.stop()

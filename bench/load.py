@@ -92,6 +92,18 @@ def upload_bodies(seed: int = 0, depth: int = DEPTH) -> list[tuple[bytes, str]]:
 
 # ------------------------------------------------------------------------------ the coordinator
 
+def fresh_database(backend: str, workdir: Path):  # noqa: ANN201
+    """(URL, server): a new SQLite file in ``workdir`` (server None), or a database on a throwaway
+    PostgreSQL server (tests/pg.py) that the caller stops."""
+    if backend == "sqlite":
+        return f"sqlite:///{workdir / 'coordinator.db'}", None
+    from pg import PostgresServer
+
+    server = PostgresServer()
+    server.start()
+    return server.create_database(), server
+
+
 def rss_bytes(pid: int, field: str = "VmRSS") -> int:
     """A memory figure of /proc/<pid>/status in bytes: ``VmRSS`` (everything resident) or
     ``RssAnon`` (anonymous memory only: heap and buffers, not memory-mapped files such as the
@@ -436,14 +448,7 @@ def run(pollers: int = 50, seconds: float = 60.0, backend: str = "sqlite", datab
     workdir.mkdir(parents=True, exist_ok=True)
     pg = None
     if database_url is None:
-        if backend == "sqlite":
-            database_url = f"sqlite:///{workdir / 'coordinator.db'}"
-        else:
-            from pg import PostgresServer
-
-            pg = PostgresServer()
-            pg.start()
-            database_url = pg.create_database()
+        database_url, pg = fresh_database(backend, workdir)
     env = {"HILORA_RUN_SCHEDULER": "0"} if scheduler_replica else {}
     if wait:  # long-polling pollers get their tasks, and so upload, together: a slot for each
         slots = str(max(64, pollers + 8))

@@ -92,7 +92,7 @@ import numpy as np
 
 from _common import load, machine
 from lease_cpu import cpu_seconds
-from load import ADMIN_TOKEN, Coordinator, _percentile, rss_bytes
+from load import ADMIN_TOKEN, Coordinator, _percentile, fresh_database, rss_bytes
 from support.fake_worker import client_num_samples, deterministic_metrics, deterministic_upload
 
 SHARD = 50  # connections per httpx client (see the module docstring)
@@ -737,16 +737,11 @@ def run(n: int, backend: str = "postgres", database_url: str | None = None, work
     workdir.mkdir(parents=True, exist_ok=True)
     pg = own_pg = None
     if database_url is None:
-        if backend == "sqlite":
-            database_url = f"sqlite:///{workdir / 'coordinator.db'}"
-        else:
-            from pg import PostgresServer
-
-            pg = own_pg = PostgresServer()
-            pg.start()
+        database_url, pg = fresh_database(backend, workdir)
+        own_pg = pg
+        if pg is not None:
             pg._admin.execute("ALTER SYSTEM SET autovacuum = on")
             pg._admin.execute("SELECT pg_reload_conf()")
-            database_url = pg.create_database()
     else:
         pg = pg_server
     backend = "sqlite" if database_url.startswith("sqlite") else "postgres"

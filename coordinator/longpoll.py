@@ -94,10 +94,6 @@ class LeaseWaiters:
             self._poke_time = noticed
         self._poked.set()
 
-    @property
-    def held(self) -> int:
-        return sum(len(v) for v in self._waiting.values())
-
     async def wait(self, client_id: int, timeout: float, worker_id: str = "anonymous") -> tuple[float, Any] | None:
         """Hold until the client may have a task: (the ``time.perf_counter()`` at which the change
         that opened it was noticed, the answer leased for this request or None when it must lease

@@ -417,12 +417,7 @@ class WorkerDaemon:
                         log.warning("coordinator unavailable (%s); polling again", exc)
                     break
                 except CoordinatorError as exc:
-                    if exc.status not in (401, 403):
-                        raise
-                    # revoked or deleted by the admin: this client is done; the others go on
-                    log.error("client %s: the coordinator no longer accepts its token (%s); not polling for it "
-                              "any more", slot.spec.name, exc)
-                    slot.last_state = "revoked"
+                    self._drop_refused(slot, exc)
                     continue
                 slot.last_state = response.client_state
                 if response.task is not None:
@@ -444,6 +439,16 @@ class WorkerDaemon:
                 # nothing held (long polling off, paused, or the held requests failed): sleep
                 self.stop_event.wait(wait if self.long_poll <= 0 else min(wait, 1.0))
         return 0
+
+    @staticmethod
+    def _drop_refused(slot: ClientSlot, exc: CoordinatorError) -> None:
+        """A lease refused with 401/403 (revoked or deleted by the admin): this client is done, the
+        others go on. Any other refusal is raised: the worker stops loudly."""
+        if exc.status not in (401, 403):
+            raise exc
+        log.error("client %s: the coordinator no longer accepts its token (%s); not polling for it any more",
+                  slot.spec.name, exc)
+        slot.last_state = "revoked"
 
     def _hold(self) -> bool:
         """Long poll: one held lease request per hosted client at once (``CoordinatorClient.hold_lease``).
@@ -467,11 +472,7 @@ class WorkerDaemon:
                     try:
                         response = future.result()
                     except CoordinatorError as exc:
-                        if exc.status not in (401, 403):
-                            raise
-                        log.error("client %s: the coordinator no longer accepts its token (%s); not polling for "
-                                  "it any more", slot.spec.name, exc)
-                        slot.last_state = "revoked"
+                        self._drop_refused(slot, exc)
                         continue
                     if response is None:
                         continue

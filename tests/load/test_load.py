@@ -6,33 +6,21 @@ no pool exhaustion and a clean audit (bench/load.py's docstring); the latency is
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from support import bench_module
 
 pytestmark = [pytest.mark.load, pytest.mark.timeout(420)]
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "load.py"
 POLLERS, SECONDS = 50, 60
-
-
-def _bench():
-    name = "hilora_bench_load"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def test_pollers_and_uploads_under_load(database_url, tmp_path):
     backend = "sqlite" if database_url.startswith("sqlite") else "postgres"
     wait = 10.0 if backend == "postgres" else 0.0
-    result = _bench().run(POLLERS, SECONDS, backend, database_url=database_url, workdir=tmp_path / "load", wait=wait)
+    result = bench_module("load.py").run(POLLERS, SECONDS, backend, database_url=database_url,
+                                         workdir=tmp_path / "load", wait=wait)
     print(json.dumps({k: result[k] for k in ("backend", "wait", "lease_ms", "held", "lease_requests",
                                              "uploads_accepted", "rounds_aggregated", "statuses", "oversized_upload",
                                              "wall_seconds")}))

@@ -5,36 +5,23 @@ about the run, not its speed (docs/benchmarks.md, "Scale", has the measured numb
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from support import bench_module
 
 pytestmark = [pytest.mark.load, pytest.mark.postgres, pytest.mark.timeout(300)]
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "scale.py"
 N, ROOT_ROUNDS, CLUSTER_ROUNDS, GROUPS = 50, 3, 1, 4
-
-
-def _bench():
-    name = "hilora_bench_scale"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BENCH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def test_scale_harness_on_postgres(pg_server, tmp_path):
     url = pg_server.create_database()
     try:
-        report = _bench().run(N, database_url=url, workdir=tmp_path / "scale", root_rounds=ROOT_ROUNDS,
-                              cluster_rounds=CLUSTER_ROUNDS, groups=GROUPS, wait=10.0, connections=1000,
-                              clustering_timeout=120.0, max_seconds=240.0,
-                              pg_server=pg_server)
+        report = bench_module("scale.py").run(
+            N, database_url=url, workdir=tmp_path / "scale", root_rounds=ROOT_ROUNDS, cluster_rounds=CLUSTER_ROUNDS,
+            groups=GROUPS, wait=10.0, connections=1000, clustering_timeout=120.0, max_seconds=240.0,
+            pg_server=pg_server)
     finally:
         pg_server.drop_database(url)
     print(json.dumps({k: report.get(k) for k in ("summary", "lease_latency_ms", "clustering", "rss_mb",
