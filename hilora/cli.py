@@ -15,7 +15,7 @@ import typer
 
 from hilora import admin_text
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(no_args_is_help=True,
                   help="hilora: HiLoRA federated learning (coordinator, workers, demo).")
 admin_app = typer.Typer(no_args_is_help=True, help="Admin commands against a running coordinator.")
 app.add_typer(admin_app, name="admin")
