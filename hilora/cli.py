@@ -954,6 +954,9 @@ def bench(
     head_weight: Annotated[float, typer.Option(
         min=0.0, help="clustering.head_weight: the probe's head delta scaled by this in the update features")
     ] = 1.0,
+    classwise_weight: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="clustering.classwise_weight: weight of the class-wise head distance mixed into the "
+                               "update distance (0: the update distance alone)")] = 0.5,
     refine_rounds: Annotated[Optional[int], typer.Option(
         min=0, max=100, help="clustering.refine_rounds: after each of the first N cluster rounds, clients report "
                              "every cluster adapter's loss on their training data and move to a clearly better "
@@ -1151,7 +1154,8 @@ def bench(
     except ValueError as exc:
         _fail(str(exc))
     opts = replace(opts, device=device, threads=threads, probe_loss=probe_loss, probe_steps=probe_steps,
-                   head_weight=head_weight, validation_fraction=validation_fraction, alone_epochs=alone_epochs,
+                   head_weight=head_weight, classwise_weight=classwise_weight,
+                   validation_fraction=validation_fraction, alone_epochs=alone_epochs,
                    leaf=leaf,
                    leaf_lr_scale=opts.leaf_lr_scale if leaf_lr_scale is None else leaf_lr_scale,
                    k_rule=k_rule or opts.k_rule, min_silhouette=min_silhouette,

@@ -57,6 +57,7 @@ class RunOptions:
     probe_loss: str = "ce"       # the probe's loss: "ce" or "balanced" (inverse class frequency)
     probe_steps: int | None = None   # the probe's length in optimizer steps (None: probe_epochs)
     head_weight: float = 1.0     # update features: the probe's head delta scaled by this
+    classwise_weight: float = 0.5   # update features: weight of the class-wise head distance
     refine_rounds: int = 0       # refinement by loss after the first N cluster rounds (learned clusterings)
     refine_margin: float = 0.05  # refinement: a move needs a loss this much (relatively) lower
     refine_new_cluster: int = 0  # refinement: this many clients no cluster fits form a new one (0: never)

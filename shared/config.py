@@ -277,6 +277,14 @@ class Clustering(BaseModel):
         default=1.0, ge=0, le=1e3,
         description="'update' features: the probe's head delta is scaled by this before it joins the flattened "
                     "LoRA update (0: LoRA only; larger: the head counts more)")
+    classwise_weight: float = Field(
+        default=0.5, ge=0, le=1,
+        description="'update' features: the weight w of the class-wise head distance (the cosine of each class's "
+                    "head-row delta, averaged over the classes both clients hold or both lack) in the distance "
+                    "LSAC clusters, (1 - w) x update distance + w x class-wise distance; it keeps label skew from "
+                    "hiding groups that map inputs to labels differently (docs/method.md, \"Class-wise head "
+                    "distance\"). 0: the update distance alone. The approximate path (above approximate_above "
+                    "clients) uses the update distance alone")
     k_min: int = Field(default=1, ge=1)
     k_max: int = Field(default=10, ge=1)
     knn: int = Field(default=5, ge=1)

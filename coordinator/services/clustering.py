@@ -102,7 +102,7 @@ def _cluster(session: Session, blobs: BlobStore, cfg: FederationConfig, c: Clust
         distance = subspace_distance(_member_bases(session, blobs, cfg, tasks, probes))
         k_min, k_max = (c.k_min, c.k_max) if c.force_k is None else (c.force_k, c.force_k)
         return lsac_paper(distance, k_min=k_min, k_max=k_max, seed=c.seed), distance
-    distance = probe_distance(cfg.manifest, c.features, root, probes, c.head_weight)
+    distance = probe_distance(cfg.manifest, c.features, root, probes, c.head_weight, c.classwise_weight)
     result = lsac(distance, k_min=c.k_min, k_max=c.k_max, knn=c.knn, contrast=c.contrast,
                   force_k=c.force_k, seed=c.seed, k_rule=c.k_rule, min_silhouette=c.min_silhouette,
                   silhouette_tolerance=c.silhouette_tolerance)
@@ -488,7 +488,7 @@ def assign_late_client(session: Session, blobs: BlobStore, cfg: FederationConfig
         similarity = 1.0 - subspace_distance(bases)
     else:
         similarity = 1.0 - probe_distance(cfg.manifest, cfg.clustering.features, root, probes,
-                                          cfg.clustering.head_weight)
+                                          cfg.clustering.head_weight, cfg.clustering.classwise_weight)
     member_clusters = np.array([labels_by_client[t.client_id] for t in members])
     chosen = int(assign_to_clusters(similarity[-1:, :-1], member_clusters)[0])
     score = float(similarity[-1, :-1][member_clusters == chosen].mean())

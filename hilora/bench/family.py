@@ -374,7 +374,8 @@ def family_report(out: Path, family: str, methods: Sequence[str], seeds: Sequenc
     }
     if opts is not None:
         report["clustering"] = {"probe_loss": opts.probe_loss, "probe_steps": opts.probe_steps,
-                                "head_weight": opts.head_weight, "probe_epochs": opts.probe_epochs,
+                                "head_weight": opts.head_weight, "classwise_weight": opts.classwise_weight,
+                                "probe_epochs": opts.probe_epochs,
                                 "refine_rounds": opts.refine_rounds, "refine_margin": opts.refine_margin,
                                 "refine_new_cluster": opts.refine_new_cluster}
         report["rounds"] = {"root": opts.root_rounds, "cluster": opts.cluster_rounds, "leaf": opts.leaf_rounds,

@@ -149,6 +149,7 @@ def method_config(name: str, opts: RunOptions, groups: Mapping[str, str] | None 
     clustering = Clustering(features=opts.features, k_min=opts.k_min, k_max=opts.k_max, knn=opts.knn,
                             contrast=opts.contrast, force_k=opts.force_k, seed=opts.seed, ema=opts.ema,
                             probe_loss=opts.probe_loss, probe_steps=opts.probe_steps, head_weight=opts.head_weight,
+                            classwise_weight=opts.classwise_weight,
                             k_rule=opts.k_rule, min_silhouette=opts.min_silhouette,
                             silhouette_tolerance=opts.silhouette_tolerance,
                             refine_rounds=min(opts.refine_rounds, opts.cluster_rounds), refine_margin=opts.refine_margin,

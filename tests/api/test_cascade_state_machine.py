@@ -166,6 +166,7 @@ def test_probe_tasks_carry_the_clustering_probe_options_and_other_tasks_do_not(a
 
 
 @pytest.mark.parametrize("clustering", [{"probe_loss": "focal"}, {"probe_steps": 0}, {"head_weight": -1},
+                                        {"classwise_weight": -0.1}, {"classwise_weight": 1.5},
                                         {"head_weight": 1e4}])
 def test_bad_probe_options_are_refused(api, clustering):
     from conftest import tiny_config, upload_backbone
