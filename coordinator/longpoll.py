@@ -10,8 +10,9 @@ wakes the held requests of clients that have a task to lease:
   short query for the clients with a pending task, whatever the number of held requests).
 
 The clients found with a task are leased together, one held request each, in one transaction
-(``grant``: ``tasks.lease_many``), so that a round opening for hundreds of held requests is one
-database round trip and one commit, not one per request. A woken request answers with what it was
+(``grant``: ``tasks.lease_many``), ``grant_chunk`` requests per transaction, so that a round
+opening for hundreds of held requests is a few database round trips and commits, not one per
+request, and the first answers go out while the next chunk is leased. A woken request answers with what it was
 granted (or, when the batch could not lease for it, tries to lease on its own); it answers as soon as
 it has a task, when the federation is paused or the client revoked, when its ``wait`` is over, or
 when the server shuts down.
@@ -36,6 +37,8 @@ log = logging.getLogger("hilora.coordinator")
 
 
 class LeaseWaiters:
+    grant_chunk = 32   # held requests leased per transaction before their answers go out
+
     def __init__(self, session_factory, interval: float, closing: Callable[[], bool] = lambda: False,  # noqa: ANN001
                  grant: Callable[[dict[int, str]], dict[int, Any]] | None = None) -> None:
         self._session_factory = session_factory
@@ -147,19 +150,36 @@ class LeaseWaiters:
                 log.warning("long polling: could not read the clients with tasks", exc_info=True)
                 continue
             ready = ready.intersection(self._waiting)
-            answers: dict[int, Any] = {}
             chosen = {cid: next(iter(self._waiting[cid])) for cid in ready}  # one held request per client
-            if self._grant is not None and chosen:
-                self._granting.update(chosen.values())
-                try:
-                    answers = await run_in_threadpool(self._grant, {cid: self._waiting[cid][e]
-                                                                    for cid, e in chosen.items()})
-                except Exception:  # each woken request leases on its own
-                    log.warning("long polling: leasing for the held requests failed", exc_info=True)
-                finally:
-                    self._granting.clear()
-            for client_id in ready:
-                for event in list(self._waiting.get(client_id, ())):
-                    answer = answers.get(client_id) if event is chosen[client_id] else None
-                    self._woken[event] = (since, answer)
-                    event.set()
+            if self._grant is None or not chosen:
+                self._wake(ready, chosen, {}, since)
+                continue
+            # Leased in chunks, each answered as soon as its transaction commits: the event loop sends
+            # the first answers while the threadpool leases the next chunk, instead of every request
+            # waiting for the whole batch. Every chosen request counts as being granted until it is
+            # woken, so that its timeout cannot drop what its chunk leases for it.
+            self._granting.update(chosen.values())
+            pending = list(chosen)
+            try:
+                while pending:
+                    chunk, pending = pending[:self.grant_chunk], pending[self.grant_chunk:]
+                    answers: dict[int, Any] = {}
+                    try:
+                        answers = await run_in_threadpool(self._grant, {
+                            cid: self._waiting[cid][chosen[cid]] for cid in chunk
+                            if chosen[cid] in self._waiting.get(cid, ())})
+                    except Exception:  # each woken request leases on its own
+                        log.warning("long polling: leasing for the held requests failed", exc_info=True)
+                    self._wake(chunk, chosen, answers, since)
+                    self._granting.difference_update(chosen[cid] for cid in chunk)
+            finally:
+                self._granting.difference_update(chosen.values())
+
+    def _wake(self, client_ids, chosen: dict[int, asyncio.Event], answers: dict[int, Any], since: float) -> None:  # noqa: ANN001
+        """Wake every held request of these clients: the chosen one with what was leased for it (None:
+        it leases on its own), the others (a client holding several requests) to lease on their own."""
+        for client_id in client_ids:
+            for event in list(self._waiting.get(client_id, ())):
+                answer = answers.get(client_id) if event is chosen[client_id] else None
+                self._woken[event] = (since, answer)
+                event.set()

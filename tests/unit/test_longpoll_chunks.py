@@ -1,0 +1,77 @@
+"""LeaseWaiters leases held requests chunk by chunk and answers each chunk as soon as it is leased;
+a request whose wait ends while its chunk waits its turn still gets what is leased for it."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from coordinator.longpoll import LeaseWaiters
+
+pytestmark = pytest.mark.unit
+
+
+def test_held_requests_are_leased_and_answered_chunk_by_chunk():
+    calls: list[tuple[list[int], int]] = []
+
+    async def main():
+        waiters: LeaseWaiters
+
+        def grant(wanted: dict[int, str]) -> dict[int, str]:
+            calls.append((sorted(wanted), len(waiters._granting)))
+            time.sleep(0.05)
+            return {cid: f"lease for {cid} ({worker})" for cid, worker in wanted.items()}
+
+        waiters = LeaseWaiters(None, interval=30.0, grant=grant)
+        waiters.grant_chunk = 3
+        waiters._clients_with_tasks = lambda waiting: set(waiting)     # every held client has a task
+        waiters.start()
+        try:
+            held = [asyncio.create_task(waiters.wait(cid, 0.01 if cid == 8 else 10.0, f"w{cid}"))
+                    for cid in range(1, 9)]
+            await asyncio.sleep(0)                                        # every request is held
+            assert sorted(waiters._waiting) == list(range(1, 9))
+            waiters.poke()
+            return await asyncio.wait_for(asyncio.gather(*held), 10)
+        finally:
+            await waiters.stop()
+
+    answers = asyncio.run(main())
+    # 8 clients in chunks of 3; before each chunk, the chunks already leased were answered (no longer granting)
+    assert [len(chunk) for chunk, _ in calls] == [3, 3, 2]
+    assert sorted(c for chunk, _ in calls for c in chunk) == list(range(1, 9))
+    assert [granting for _, granting in calls] == [8, 5, 2]
+    # client 8's 10 ms wait ended while the first chunks were leased: it still takes its own lease
+    assert [answer for _, answer in answers] == [f"lease for {cid} (w{cid})" for cid in range(1, 9)]
+
+
+def test_a_failed_chunk_lets_its_requests_lease_on_their_own_and_the_rest_go_on():
+    async def main():
+        calls = []
+
+        def grant(wanted: dict[int, str]) -> dict[int, str]:
+            calls.append(sorted(wanted))
+            if len(calls) == 1:
+                raise RuntimeError("database hiccup")
+            return {cid: "leased" for cid in wanted}
+
+        waiters = LeaseWaiters(None, interval=30.0, grant=grant)
+        waiters.grant_chunk = 2
+        waiters._clients_with_tasks = lambda waiting: set(waiting)
+        waiters.start()
+        try:
+            held = [asyncio.create_task(waiters.wait(cid, 10.0)) for cid in (1, 2, 3, 4)]
+            await asyncio.sleep(0)
+            waiters.poke()
+            answers = await asyncio.wait_for(asyncio.gather(*held), 10)
+        finally:
+            await waiters.stop()
+        return calls, answers, waiters
+
+    calls, answers, waiters = asyncio.run(main())
+    assert len(calls) == 2 and sorted(calls[0] + calls[1]) == [1, 2, 3, 4]
+    by_client = dict(zip((1, 2, 3, 4), (a for _, a in answers)))
+    assert sorted(cid for cid, a in by_client.items() if a is None) == calls[0]     # lease on their own
+    assert sorted(cid for cid, a in by_client.items() if a == "leased") == calls[1]
+    assert not waiters._granting and not waiters._waiting
