@@ -5,7 +5,8 @@ manifest computed torch-free, and the commands that need an extra say which in o
 ``hilora[worker]`` from the same wheel, in another clean venv, runs ``hilora demo`` offline.
 
 Both venvs are made with ``python -m venv`` from the base interpreter (none of this project's venv
-is visible in them) and filled by their own pip from the machine's configured package index; torch
+is visible in them) and filled by their own pip from the machine's configured package index, with
+constraints.txt (the versions CI's own venv has, so torch is the same release and file); torch
 comes from there, never from the internet (HF_HUB_OFFLINE=1, and the demo's backbone comes from
 the HILORA_CACHE_DIR cache, warmed here). ``--no-compile`` skips byte-compiling torch's thousands
 of modules at install (they compile as they are imported). pip's own cache is left on: a
@@ -66,11 +67,11 @@ def _clean_env(venv: Path, **extra: str) -> dict[str, str]:
 
 
 def _make_venv(root: Path, requirement: str) -> Path:
-    """A clean venv at ``root`` with ``requirement`` installed by its own pip."""
+    """A clean venv at ``root`` with ``requirement`` installed by its own pip, constrained by the lock."""
     proc = _run([sys.executable, "-m", "venv", "--clear", str(root)])
     assert proc.returncode == 0, proc.stderr
-    proc = _run([str(root / "bin" / "python"), "-m", "pip", "install", "--no-compile", requirement],
-                env=_clean_env(root), cwd=root)
+    proc = _run([str(root / "bin" / "python"), "-m", "pip", "install", "--no-compile", "-c", str(REPO / "constraints.txt"),
+                 requirement], env=_clean_env(root), cwd=root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root
 
