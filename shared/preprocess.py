@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from shared.vit_shapes import VIT_MODELS
+
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
 
 
@@ -62,16 +64,17 @@ _VIT = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5, 0
         "crop_pct": 0.9}
 _IMAGENET = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.485, 0.456, 0.406),
              "std": (0.229, 0.224, 0.225), "crop_pct": 0.95}
+_VIT_384 = {**_VIT, "input_size": (3, 384, 384), "crop_pct": 1.0}
+_VIT_IMAGENET_STATS = {**_IMAGENET, "crop_pct": 0.9}            # the self-supervised tags (dino, mae)
+_CLIP_STATS = {**_VIT, "mean": (0.48145466, 0.4578275, 0.40821073), "std": (0.26862954, 0.26130258, 0.27577711),
+               "crop_pct": 1.0}
+_EXCEPTIONS = {"vit_base_patch16_224.bamboo": _CLIP_STATS, "vit_base_patch16_224.dino": _VIT_IMAGENET_STATS,
+               "vit_small_patch16_224.dino": _VIT_IMAGENET_STATS, "vit_base_patch16_224.mae": _VIT_IMAGENET_STATS,
+               "vit_large_patch16_224.mae": _VIT_IMAGENET_STATS}
+# Every ViT name shared.vit_shapes knows (so a coordinator without torch resolves both the manifest
+# and the preprocessing of the same models), plus resnet50.
 PREPROCESSING_TABLE: dict[str, dict[str, Any]] = {
-    "vit_tiny_patch16_224": _VIT,
-    "vit_small_patch16_224": _VIT,
-    "vit_base_patch16_224": _VIT,
-    "vit_base_patch16_224.augreg_in21k": _VIT,
-    "vit_base_patch16_224.augreg2_in21k_ft_in1k": _VIT,
-    "vit_base_patch16_224.augreg_in21k_ft_in1k": _VIT,
-    "vit_base_patch16_224.orig_in21k": _VIT,
-    "vit_large_patch16_224": _VIT,
-    "vit_large_patch16_224.augreg_in21k": _VIT,
+    **{name: _EXCEPTIONS.get(name, _VIT_384 if "_384" in name else _VIT) for name in VIT_MODELS},
     "resnet50": _IMAGENET,
 }
 
