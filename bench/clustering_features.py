@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import subprocess
 import sys
 from collections import defaultdict
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+FEATURES = "features.safetensors"   # the arrays; features.json beside it: groups, round stages, the service's K
 DISTANCES = ("update", "centered", "head", "lora", "rows", "classwise-held", "classwise", "classwise-mix",
              "update-rounds")
 
@@ -45,7 +45,7 @@ def generate(family: str, seeds: list[int], out: Path) -> None:
         for seed in seeds:
             name = f"{cell.name}-s{seed}"
             work = out / name
-            if (work / "features.pkl").is_file():
+            if (work / FEATURES).is_file():
                 continue
             partition = out / f"{name}.json"
             partition.write_text(json.dumps(cell.partition(seed)))
@@ -53,8 +53,7 @@ def generate(family: str, seeds: list[int], out: Path) -> None:
                 subprocess.run([sys.executable, "-m", "hilora.cli", "bench", "--partition", str(partition),
                                 "--standard", "--rounds", "6/1/1", "-m", "hilora", "--seed", str(seed),
                                 "--workdir", str(work), "--no-progress"], check=True, stdout=subprocess.DEVNULL)
-            with open(work / "features.pkl", "wb") as f:
-                pickle.dump(extract(work), f)
+            save_features(work, extract(work))
             print(name, flush=True)
 
 
@@ -100,6 +99,28 @@ def extract(work: Path) -> dict:
         service = None if first_run is None else {"k": first_run.k,
                                                    "classwise_weight": cfg.clustering.classwise_weight}
     return {"groups": [names[i].rsplit("-", 1)[0] for i in order], "rounds": rounds, "service": service}
+
+
+def save_features(work: Path, data: dict) -> None:
+    """``extract``'s result as safetensors (float64 arrays, round by round) and a JSON sidecar."""
+    from safetensors.numpy import save_file
+
+    arrays = {f"round{i}.{key}": np.ascontiguousarray(r[key], dtype=np.float64)
+              for i, r in enumerate(data["rounds"]) for key in ("lora_gram", "head_weight", "head_bias")}
+    (work / "features.json").write_text(json.dumps({"groups": data["groups"], "service": data["service"],
+                                                    "stages": [r["stage"] for r in data["rounds"]]}))
+    save_file(arrays, str(work / FEATURES))
+
+
+def load_features(work: Path) -> dict:
+    """What ``save_features`` wrote, in ``extract``'s shape (read with the project's safetensors reader)."""
+    from shared.tensors import unpack_tensors
+
+    meta = json.loads((work / "features.json").read_text())
+    arrays = unpack_tensors((work / FEATURES).read_bytes())
+    rounds = [{"stage": stage, **{key: arrays[f"round{i}.{key}"] for key in ("lora_gram", "head_weight", "head_bias")}}
+              for i, stage in enumerate(meta["stages"])]
+    return {"groups": meta["groups"], "service": meta["service"], "rounds": rounds}
 
 
 def _cosine_distance(gram: np.ndarray) -> np.ndarray:
@@ -157,15 +178,14 @@ def evaluate(folder: Path, names: list[str]) -> None:
 
     from shared.subspace import lsac
 
-    files = sorted(folder.glob("*/features.pkl"))
+    files = sorted(folder.glob(f"*/{FEATURES}"))
     if not files:
-        raise SystemExit(f"{folder}: no */features.pkl (run `generate` first)")
+        raise SystemExit(f"{folder}: no */{FEATURES} (run `generate` first)")
     summary: dict = defaultdict(list)
     print(f"{'cell-seed':<28}" + "".join(f"{n:>20}" for n in names))
     for path in files:
         cell = path.parent.name
-        with open(path, "rb") as f:
-            data = pickle.load(f)
+        data = load_features(path.parent)
         images = int(cell.split("-")[0][1:])
         structured = "-none-" not in cell
         row = f"{cell:<28}"

@@ -2,13 +2,14 @@
 bench runs are clustered offline exactly as the service clustered them."""
 from __future__ import annotations
 
-import pickle
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from support import bench_module
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -20,10 +21,9 @@ def test_generate_then_evaluate_the_smoke_family(tmp_path):
     gen = subprocess.run([sys.executable, str(SCRIPT), "generate", "--family", "smoke", "--seeds", "0",
                           "--out", str(out)], capture_output=True, text=True, timeout=540)
     assert gen.returncode == 0, gen.stderr[-3000:]
-    cells = sorted(p.parent.name for p in out.glob("*/features.pkl"))
+    cells = sorted(p.parent.name for p in out.glob("*/features.safetensors"))
     assert cells == ["n20-none-1x4-d1-s0", "n20-perm-2x3-d1-s0"]
-    with open(out / "n20-perm-2x3-d1-s0" / "features.pkl", "rb") as f:
-        data = pickle.load(f)
+    data = bench_module("clustering_features.py").load_features(out / "n20-perm-2x3-d1-s0")
     assert sorted(data["groups"]) == ["identity"] * 3 + ["perm-1"] * 3
     assert [r["stage"] for r in data["rounds"]][-1] == "probe" and len(data["rounds"]) == 7  # 6 root rounds, the probe
     assert data["rounds"][-1]["head_weight"].shape[:2] == (6, 10)
@@ -38,4 +38,4 @@ def test_generate_then_evaluate_the_smoke_family(tmp_path):
     assert mix_k == data["service"]["k"] and update_k >= 1
     bad = subprocess.run([sys.executable, str(SCRIPT), "evaluate", str(tmp_path / "nothing")],
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode != 0 and "no */features.pkl" in bad.stderr
+    assert bad.returncode != 0 and "no */features.safetensors" in bad.stderr
