@@ -107,7 +107,7 @@ class LeaseWaiters:
         self._waiting.setdefault(client_id, {})[event] = worker_id
         try:
             try:
-                await asyncio.wait_for(event.wait(), timeout)
+                await self._hold(client_id, event, timeout)
             except TimeoutError:
                 if event not in self._granting and event not in self._woken:  # (set just as it timed out)
                     return None
@@ -122,6 +122,10 @@ class LeaseWaiters:
                 events.pop(event, None)
                 if not events:
                     del self._waiting[client_id]
+
+    async def _hold(self, client_id: int, event: asyncio.Event, timeout: float) -> None:  # noqa: ARG002
+        """Wait for this held request's event; TimeoutError when its ``wait`` is over."""
+        await asyncio.wait_for(event.wait(), timeout)
 
     def _clients_with_tasks(self, waiting: list[int]) -> set[int]:
         query = select(Task.client_id).distinct().where(task_status_may_become(TaskStatus.leased))

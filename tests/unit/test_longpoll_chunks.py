@@ -3,7 +3,7 @@ a request whose wait ends while its chunk waits its turn still gets what is leas
 from __future__ import annotations
 
 import asyncio
-import time
+import threading
 
 import pytest
 
@@ -14,35 +14,49 @@ pytestmark = pytest.mark.unit
 
 def test_held_requests_are_leased_and_answered_chunk_by_chunk():
     calls: list[tuple[list[int], int]] = []
+    client_8_timed_out = threading.Event()
 
     async def main():
-        waiters: LeaseWaiters
+        loop = asyncio.get_running_loop()
+        first_chunk_started = asyncio.Event()
+
+        class Waiters(LeaseWaiters):
+            async def _hold(self, client_id, event, timeout):
+                if client_id != 8:
+                    return await super()._hold(client_id, event, timeout)
+                # client 8's wait ends while the first chunk is being leased: ordered by events, not by a
+                # short timeout racing the batch (which a slow machine loses)
+                await first_chunk_started.wait()
+                client_8_timed_out.set()
+                raise TimeoutError
 
         def grant(wanted: dict[int, str]) -> dict[int, str]:
             calls.append((sorted(wanted), len(waiters._granting)))
-            time.sleep(0.05)
+            if len(calls) == 1:
+                loop.call_soon_threadsafe(first_chunk_started.set)
+                assert client_8_timed_out.wait(60)
             return {cid: f"lease for {cid} ({worker})" for cid, worker in wanted.items()}
 
-        waiters = LeaseWaiters(None, interval=30.0, grant=grant)
+        waiters = Waiters(None, interval=300.0, grant=grant)
         waiters.grant_chunk = 3
         waiters._clients_with_tasks = lambda waiting: set(waiting)     # every held client has a task
         waiters.start()
         try:
-            held = [asyncio.create_task(waiters.wait(cid, 0.01 if cid == 8 else 10.0, f"w{cid}"))
-                    for cid in range(1, 9)]
+            held = [asyncio.create_task(waiters.wait(cid, 120.0, f"w{cid}")) for cid in range(1, 9)]
             await asyncio.sleep(0)                                        # every request is held
             assert sorted(waiters._waiting) == list(range(1, 9))
             waiters.poke()
-            return await asyncio.wait_for(asyncio.gather(*held), 10)
+            return await asyncio.wait_for(asyncio.gather(*held), 240)
         finally:
             await waiters.stop()
 
     answers = asyncio.run(main())
+    assert client_8_timed_out.is_set()
     # 8 clients in chunks of 3; before each chunk, the chunks already leased were answered (no longer granting)
     assert [len(chunk) for chunk, _ in calls] == [3, 3, 2]
     assert sorted(c for chunk, _ in calls for c in chunk) == list(range(1, 9))
     assert [granting for _, granting in calls] == [8, 5, 2]
-    # client 8's 10 ms wait ended while the first chunks were leased: it still takes its own lease
+    # client 8's wait ended while the first chunk was leased: it still takes its own lease
     assert [answer for _, answer in answers] == [f"lease for {cid} (w{cid})" for cid in range(1, 9)]
 
 
@@ -56,15 +70,15 @@ def test_a_failed_chunk_lets_its_requests_lease_on_their_own_and_the_rest_go_on(
                 raise RuntimeError("database hiccup")
             return {cid: "leased" for cid in wanted}
 
-        waiters = LeaseWaiters(None, interval=30.0, grant=grant)
+        waiters = LeaseWaiters(None, interval=300.0, grant=grant)
         waiters.grant_chunk = 2
         waiters._clients_with_tasks = lambda waiting: set(waiting)
         waiters.start()
         try:
-            held = [asyncio.create_task(waiters.wait(cid, 10.0)) for cid in (1, 2, 3, 4)]
+            held = [asyncio.create_task(waiters.wait(cid, 120.0)) for cid in (1, 2, 3, 4)]
             await asyncio.sleep(0)
             waiters.poke()
-            answers = await asyncio.wait_for(asyncio.gather(*held), 10)
+            answers = await asyncio.wait_for(asyncio.gather(*held), 240)
         finally:
             await waiters.stop()
         return calls, answers, waiters
