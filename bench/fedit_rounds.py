@@ -4,6 +4,7 @@ the rest goes.
     python bench/fedit_rounds.py                      # 18 clients, 2 workers, 10 rounds, --long-poll 20
     python bench/fedit_rounds.py --long-poll 0        # the worker sleeps retry_after between polls
     python bench/fedit_rounds.py --quick --json       # 3 rounds (the smoke test)
+    python bench/fedit_rounds.py --no-background-reports   # each task reported before the next lease
 
 The federation is what ``hilora bench -m fedit --transport http`` runs (``hilora.bench``'s own
 ``prepare`` and ``method_config``: the cached demo ViT, FedIT's factor-averaged root, the demo's
@@ -37,7 +38,11 @@ part of start -> completion no phase covers: the lease answer, packing the uploa
 request) + ``first_lease`` + ``between_tasks`` (completion -> the next lease: the worker's loop and
 the lease request) + ``imbalance`` (a worker done before the other) + ``close`` (last completion ->
 round closed: the scheduler's wake-up, aggregation, the next round's rows; it can be a few ms
-negative, the tick's clock being read before the last completion commits). Components are seconds
+negative, the tick's clock being read before the last completion commits). With background
+reports (the worker's default) a task's upload and completion overlap the next task: its
+completion comes after the next one started, so the split is that of the serial timeline (a task
+starts at the later of its lease and the previous completion) and only wall, floor and ratio
+compare directly with ``--no-background-reports``. Components are seconds
 per round (means over workers); the result gives them per round and their medians over rounds.
 
 Round 1 includes the workers' start (torch import, model build, first backbone download) and is
@@ -122,7 +127,8 @@ def prepare_federation(partition: Path, rounds: int, rank: int, local_epochs: in
 
 # ------------------------------------------------------------------------------ processes
 
-def start_worker(cluster: Any, name: str, config: dict, long_poll: float, max_seconds: float) -> subprocess.Popen:
+def start_worker(cluster: Any, name: str, config: dict, long_poll: float, max_seconds: float,
+                 background_reports: bool = True) -> subprocess.Popen:
     """``hilora worker`` as ``LocalCluster.start_worker`` starts it (1 thread, cpu, --exit-when-idle),
     with ``--long-poll``."""
     config_path = cluster.workdir / f"{name}.json"
@@ -133,7 +139,8 @@ def start_worker(cluster: Any, name: str, config: dict, long_poll: float, max_se
     proc = subprocess.Popen(
         [sys.executable, "-m", "hilora.cli", "worker", "--coordinator", cluster.url, "--config", str(config_path),
          "--state-dir", str(cluster.workdir / "state"), "--threads", "1", "--device", "cpu", "--exit-when-idle",
-         "--max-seconds", str(max_seconds), "--worker-id", name, "--long-poll", f"{long_poll:g}"],
+         "--max-seconds", str(max_seconds), "--worker-id", name, "--long-poll", f"{long_poll:g}",
+         "--background-reports" if background_reports else "--no-background-reports"],
         env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     proc.hilora_name = name  # type: ignore[attr-defined]
     cluster.workers.append(proc)
@@ -318,7 +325,7 @@ def summarize(rows: list[dict], include_first: bool) -> dict[str, Any]:
 def run(rounds: int = 10, clients: int = 18, workers: int = 2, long_poll: float = 20.0, rank: int = 8,
         local_epochs: int = 2, scheduler_interval: float | None = None, include_first: bool = False,
         workdir: Path | None = None, profile: Path | None = None, timeout: float = 900.0,
-        say: Any = None) -> dict[str, Any]:
+        say: Any = None, background_reports: bool = True) -> dict[str, Any]:
     """Run the federation and return its numbers (see the module docstring)."""
     from coordinator.db import make_engine, make_session_factory
     from hilora.bench.engine import register
@@ -358,7 +365,7 @@ def run(rounds: int = 10, clients: int = 18, workers: int = 2, long_poll: float 
             profilers.append(start_profiler(profile, "coordinator", cluster.coordinator.pid))
         for w, name in enumerate(names):
             proc = start_worker(cluster, name, {"federation_id": fid, "clients": hosted[w::len(names)]},
-                                long_poll, timeout)
+                                long_poll, timeout, background_reports)
             sampler.add(name, proc.pid)
             if profile is not None:
                 profilers.append(start_profiler(profile, name, proc.pid))
@@ -413,6 +420,7 @@ def run(rounds: int = 10, clients: int = 18, workers: int = 2, long_poll: float 
     out = {
         "bench": "fedit_rounds", "machine": machine(), "load_before": load_before, "load_after": load(),
         "options": {"rounds": rounds, "clients": len(setup.train), "workers": len(names), "long_poll": long_poll,
+                    "background_reports": background_reports,
                     "rank": rank, "local_epochs": local_epochs, "scheduler_interval": interval,
                     "include_first": include_first, "lease_seconds": lease_seconds,
                     "retry_after_seconds": config.schedule.retry_after_seconds,
@@ -440,7 +448,8 @@ def run(rounds: int = 10, clients: int = 18, workers: int = 2, long_poll: float 
 def format_report(res: dict[str, Any]) -> str:
     o = res["options"]
     lines = [f"FedIT, {o['clients']} clients, {o['workers']} workers x 1 thread, rank {o['rank']}, "
-             f"{o['local_epochs']} local epochs, long poll {o['long_poll']:g}s, scheduler interval "
+             f"{o['local_epochs']} local epochs, long poll {o['long_poll']:g}s, background reports "
+             f"{'on' if o.get('background_reports', True) else 'off'}, scheduler interval "
              f"{o['scheduler_interval']:g}s; load {res['load_before']} -> {res['load_after']}",
              f"{'round':>5} {'wall':>7} {'floor':>7} {'ratio':>6}  " + " ".join(
                  f"{k:>13}" for k in res["rounds"][0]["split"] if k != "floor")]
@@ -468,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="worker processes, 1 thread each")
     ap.add_argument("--long-poll", type=float, default=20.0, metavar="SECONDS",
                     help="hilora worker --long-poll (default 20, the worker's default; 0: sleep retry_after)")
+    ap.add_argument("--no-background-reports", dest="background_reports", action="store_false",
+                    help="hilora worker --no-background-reports: report each task before leasing the next")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--scheduler-interval", type=float, default=None,
@@ -487,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run(rounds=rounds, clients=args.clients, workers=args.workers, long_poll=args.long_poll, rank=args.rank,
               local_epochs=args.local_epochs, scheduler_interval=args.scheduler_interval,
               include_first=args.include_first, workdir=args.workdir, profile=args.profile, timeout=args.timeout,
+              background_reports=args.background_reports,
               say=(lambda m: print(m, file=sys.stderr, flush=True)))
     print(json.dumps(res, indent=1, default=float) if args.json else format_report(res), flush=True)
     return 0

@@ -653,7 +653,9 @@ def complete(task_id: DbId, body: TaskComplete, request: Request, session: Sessi
         task = tasks.complete_task(session, client, task_id, body.lease_id, body.num_samples, body.metrics,
                                    _now(request))
         result = TaskCompleted(task_id=task.id, status=TaskStatus(task.status))
-    request.app.state.scheduler.wake()
+        decides = not tasks.round_waits_on_others(session, task)
+    if decides:  # the round's last open task: the scheduler closes it now, not at its next periodic tick
+        request.app.state.scheduler.wake()
     return result
 
 

@@ -175,6 +175,10 @@ def worker(
         min=0, max=600, help="with nothing to do, hold one lease request per hosted client up to this many seconds: "
                              "the coordinator answers as soon as a task opens (capped by its "
                              "HILORA_LONG_POLL_MAX_SECONDS); 0 polls every retry_after instead")] = 20.0,
+    background_reports: Annotated[bool, typer.Option(
+        "--background-reports/--no-background-reports",
+        help="upload and complete a trained task in a background thread while the next task is leased and "
+             "trained (one report in flight at a time); off: report before leasing again")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error or critical")] = "info",
     log_format: Annotated[Optional[str], typer.Option(
         help="'text' or 'json' (one JSON object per line, with the task and client of each line); "
@@ -223,13 +227,14 @@ def worker(
     if len(devices) > 1:
         code = _worker_per_device(devices, coordinator_url, config, state_dir, threads, wid, exit_when_idle,
                                   max_seconds, retries, grace_seconds, checkpoint_every, data_workers, log_level,
-                                  log_format, long_poll)
+                                  log_format, long_poll, background_reports)
         raise typer.Exit(code)
     device = devices[0]
     with CoordinatorClient(_checked_url(coordinator_url), worker_id=wid, max_retries=retries) as client:
         daemon = WorkerDaemon(client, cfg, state_dir, device=device, exit_when_idle=exit_when_idle,
                               max_seconds=max_seconds, grace_seconds=grace_seconds,
-                              checkpoint_every=checkpoint_every, data_workers=data_workers, long_poll=long_poll)
+                              checkpoint_every=checkpoint_every, data_workers=data_workers, long_poll=long_poll,
+                              background_reports=background_reports)
 
         def _stop(signum, _frame):  # noqa: ANN001
             daemon.request_stop(signal.Signals(signum).name)
@@ -251,7 +256,7 @@ def worker(
 def _worker_per_device(devices: list[str], coordinator_url: str, config: Path, state_dir: Path, threads: int,
                        wid: str, exit_when_idle: bool, max_seconds: Optional[float], retries: int,
                        grace_seconds: float, checkpoint_every: int, data_workers: int, log_level: str,
-                       log_format: str, long_poll: float) -> int:
+                       log_format: str, long_poll: float, background_reports: bool = True) -> int:
     """``--device cuda:0,cuda:1``: one worker process per device, each hosting every client of the
     config and taking whichever of their tasks it leases next (a client's task goes to one lease at
     a time). The clients are registered (and checked) here first, so that no two processes register
@@ -276,7 +281,8 @@ def _worker_per_device(devices: list[str], coordinator_url: str, config: Path, s
                 "--state-dir", str(state_dir), "--device", one, "--threads", str(threads),
                 "--worker-id", f"{wid}-{i}", "--retries", str(retries), "--grace-seconds", str(grace_seconds),
                 "--checkpoint-every", str(checkpoint_every), "--data-workers", str(data_workers),
-                "--log-level", log_level, "--log-format", log_format, "--long-poll", str(long_poll)]
+                "--log-level", log_level, "--log-format", log_format, "--long-poll", str(long_poll),
+                "--background-reports" if background_reports else "--no-background-reports"]
         args += (["--exit-when-idle"] if exit_when_idle else []) + (
             ["--max-seconds", str(max_seconds)] if max_seconds is not None else [])
         children.append(subprocess.Popen(args))

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import hashlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -199,6 +200,7 @@ class Heartbeater:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat-{task.task_id}")
         self.lost: str | None = None
+        self.handed_off = False   # the task's report runs in the background and ends the heartbeats
 
     def __enter__(self) -> "Heartbeater":
         self._thread.start()
@@ -228,7 +230,8 @@ class WorkerDaemon:
     def __init__(self, client: CoordinatorClient, config: WorkerConfig, state_dir: Path, device: str = "cpu",
                  exit_when_idle: bool = False, max_seconds: float | None = None, grace_seconds: float = 30.0,
                  report_timeout: float = 300.0, data: Mapping[str, Any] | None = None,
-                 checkpoint_every: int = 100, data_workers: int = 0, long_poll: float = 20.0) -> None:
+                 checkpoint_every: int = 100, data_workers: int = 0, long_poll: float = 20.0,
+                 background_reports: bool = True) -> None:
         """``data``: the hosted clients' arrays by client name, looked up at every task (e.g. a bounded
         cache, so that many hosted clients need not all be in memory); by default each client's
         partition is read once at ``setup`` and kept. ``checkpoint_every``: optimizer steps between
@@ -236,7 +239,11 @@ class WorkerDaemon:
         task is stopped, by a lost lease or a shutdown); a task leased again resumes from it.
         ``data_workers``: processes decoding a client's images on disk while it trains (0: this one).
         ``long_poll``: with no task for any hosted client, hold a lease request per client up to this
-        many seconds (the coordinator answers as soon as a task opens); 0 sleeps ``retry_after``."""
+        many seconds (the coordinator answers as soon as a task opens); 0 sleeps ``retry_after``.
+        ``background_reports``: a training task's upload and completion run in a background thread
+        while the daemon leases and trains the next task (at most one report in flight: the next
+        one waits for it; its heartbeats go on until it is reported); False reports before leasing
+        again."""
         self.client = client
         client.interrupted = self.interrupted  # requests stop retrying once the daemon is stopping
         self.config = config
@@ -259,6 +266,9 @@ class WorkerDaemon:
         self.data_workers = data_workers
         self.long_poll = long_poll
         self._hold_off_until = 0.0  # a coordinator that does not hold lease requests: plain polling a while
+        self.background_reports = background_reports
+        self._reporter: concurrent.futures.ThreadPoolExecutor | None = None
+        self._report_in_flight: concurrent.futures.Future | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -392,12 +402,51 @@ class WorkerDaemon:
 
     def interrupted(self) -> bool:
         """For the client: stop retrying requests (stopping while idle, or past the grace)."""
-        return (self.stop_event.is_set() and not self._busy) or self.past_grace()
+        return (self.stop_event.is_set() and not self._busy and not self._reporting()) or self.past_grace()
+
+    # ------------------------------------------------------------------ background reports
+
+    def _reporting(self) -> bool:
+        pending = self._report_in_flight
+        return pending is not None and not pending.done()
+
+    def _defer_report(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (a task's upload and completion) in the reporter thread, after the report
+        before it: at most one is in flight, so a slow coordinator slows training down instead of
+        queueing results without bound."""
+        self.drain_reports()
+        if self._reporter is None:
+            self._reporter = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hilora-report")
+        self._report_in_flight = self._reporter.submit(contextvars.copy_context().run, job)
+
+    def drain_reports(self) -> None:
+        """Wait for the report in flight, if any (it ends within ``report_timeout``, or at once past
+        the shutdown grace)."""
+        pending = self._report_in_flight
+        if pending is not None:
+            try:
+                pending.result()   # still in flight meanwhile: requests keep retrying (interrupted())
+            except Exception:  # noqa: BLE001 - the job logs its own failures; never take the daemon down
+                log.exception("a background report failed")
+            finally:
+                self._report_in_flight = None
+
+    def close_reporter(self) -> None:
+        self.drain_reports()
+        if self._reporter is not None:
+            self._reporter.shutdown(wait=True)
+            self._reporter = None
 
     # ------------------------------------------------------------------ loop
 
     def run(self) -> int:
         """Poll until stopped (or, with exit_when_idle, until every hosted client is ready)."""
+        try:
+            return self._poll()
+        finally:
+            self.close_reporter()   # the last task's report goes out before the daemon ends
+
+    def _poll(self) -> int:
         started = time.monotonic()
         while not self.stop_event.is_set():
             if self.max_seconds is not None and time.monotonic() - started > self.max_seconds:
@@ -428,6 +477,8 @@ class WorkerDaemon:
                     worked = True
                 else:
                     wait = min(wait, response.retry_after)
+            if not worked:  # nothing to train: the last report lands before deciding what to do next
+                self.drain_reports()
             if all(s.last_state == "revoked" for s in self.slots):
                 log.error("every hosted client was revoked or deleted: nothing left to do")
                 return 2
@@ -502,7 +553,7 @@ class WorkerDaemon:
         dropped (its lease expires and the coordinator requeues it) and polling goes on."""
         self._busy = True
         try:
-            self.execute(slot, task)
+            self.execute(slot, task, defer_report=self.background_reports)
         except CoordinatorUnavailable as exc:
             log.warning("task %s (client %s): dropped, the coordinator is unreachable (%s); its lease expires "
                         "and the coordinator requeues it", task.task_id, slot.spec.name, exc)
@@ -515,18 +566,23 @@ class WorkerDaemon:
         finally:
             self._busy = False
 
-    def execute(self, slot: ClientSlot, task: TaskAssignment) -> dict[str, float]:
+    def execute(self, slot: ClientSlot, task: TaskAssignment, defer_report: bool = False) -> dict[str, float]:
         """Run one task for one hosted client and report it. Returns its metrics ({} when the
-        task was given up or its result dropped)."""
+        task was given up or its result dropped). With ``defer_report`` a trained task's upload and
+        completion go to the reporter thread (``_defer_report``; its heartbeats go on until then) and
+        its metrics are returned before they are reported."""
         token = _task_context.set({"federation_id": self.config.federation_id, "task_id": task.task_id,
                                    "client_id": slot.client_id, "client": slot.spec.name, "stage": task.stage})
+        hb = Heartbeater(self.client, slot.token, task).__enter__()
         try:
-            with Heartbeater(self.client, slot.token, task) as hb:
-                return self._execute(slot, task, hb)
+            return self._execute(slot, task, hb, defer_report)
         finally:
+            if not hb.handed_off:
+                hb.__exit__()
             _task_context.reset(token)
 
-    def _execute(self, slot: ClientSlot, task: TaskAssignment, hb: Heartbeater) -> dict[str, float]:
+    def _execute(self, slot: ClientSlot, task: TaskAssignment, hb: Heartbeater,
+                 defer_report: bool = False) -> dict[str, float]:
         from worker.train import (
             Checkpointing,
             TrainingStopped,
@@ -661,13 +717,29 @@ class WorkerDaemon:
         metrics["train_seconds"] = time.monotonic() - t0
         metrics.update(timer.metrics())
         body = pack_tensors(model.export_tier(tier, factors=tuple(task.upload))) if task.upload else None
-        reported = self.report(slot, task, body, metrics, num_samples=len(data.y_train))
-        slot.files.checkpoint.unlink(missing_ok=True)   # trained: nothing left to resume
-        if not reported:
-            return {}
-        log.info("client %s: %s round %s done in %.2fs %s", slot.spec.name, task.stage, task.round_number,
-                 time.monotonic() - t0, {k: round(v, 4) for k, v in metrics.items() if k.startswith("acc")})
-        return metrics
+        num_samples = len(data.y_train)
+
+        def finish() -> bool:
+            try:
+                reported = self.report(slot, task, body, metrics, num_samples=num_samples)
+            finally:
+                if hb.handed_off:
+                    hb.__exit__()
+            slot.files.checkpoint.unlink(missing_ok=True)   # trained: nothing left to resume
+            if reported:
+                log.info("client %s: %s round %s done in %.2fs %s", slot.spec.name, task.stage, task.round_number,
+                         time.monotonic() - t0, {k: round(v, 4) for k, v in metrics.items() if k.startswith("acc")})
+            return reported
+
+        if defer_report:
+            hb.handed_off = True   # the reporter ends its heartbeats once the task is reported
+            try:
+                self._defer_report(finish)
+            except BaseException:
+                hb.handed_off = False
+                raise
+            return metrics
+        return metrics if finish() else {}
 
     def _stopped(self, slot: ClientSlot, task: TaskAssignment, hb: Heartbeater) -> None:
         """Training stopped between batches: the lease was lost (nothing is reported), or the

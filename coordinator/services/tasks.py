@@ -453,6 +453,16 @@ def complete_task(session: Session, client: Client, task_id: int, lease_id: str,
     return task
 
 
+def round_waits_on_others(session: Session, task: Task) -> bool:
+    """Whether another task of ``task``'s round is still open (pending or leased). A completion
+    can decide its round (``scheduling._verdict``) only when none is: else the round waits for the
+    others, or for its deadline, which the scheduler's periodic tick catches."""
+    return session.execute(
+        select(Task.id).where(Task.round_id == task.round_id, Task.id != task.id,
+                              Task.status.in_((TaskStatus.pending, TaskStatus.leased))).limit(1)
+    ).first() is not None
+
+
 def expire_leases(session: Session, now: datetime) -> int:
     """Requeue tasks whose lease expired (or fail them at their last attempt). Returns the count."""
     expired = session.execute(

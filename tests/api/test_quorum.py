@@ -167,3 +167,23 @@ def test_expired_then_released_lease_counts_one_attempt(api, app, clock):
     tick(app)  # 3 leases - 1 release = 2 = max_attempts -> failed
     with app.state.session_factory() as s:
         assert s.get(Task, first["task_id"]).status == "failed"
+
+
+def test_a_completion_wakes_the_scheduler_only_when_its_round_waits_on_no_other_task(api, app, monkeypatch):
+    """Every other completion leaves the round waiting (``_verdict``): waking the scheduler for it is
+    a tick that finds nothing to do; the periodic tick still catches deadlines."""
+    fid, clients = setup_clients(api, app, 3)
+    woken = []
+    monkeypatch.setattr(app.state.scheduler, "wake", lambda: woken.append(1))
+    leased = [(lease(api, cid, token), token) for cid, token in clients]
+    assert all(task is not None for task, _ in leased)
+    for i, (task, token) in enumerate(leased):
+        finish(api, task, token, seed=i)
+        assert len(woken) == (1 if i == len(leased) - 1 else 0), f"completion {i + 1} of {len(leased)}"
+    # a repeated completion of the last task (a retried request) decides nothing new but is harmless
+    task, token = leased[-1]
+    r = api.post(f"/v1/tasks/{task['task_id']}/complete",
+                 json={"lease_id": task["lease_id"], "num_samples": 5, "metrics": {}}, headers=bearer(token))
+    assert r.status_code == 200 and len(woken) == 2
+    tick(app)
+    assert [r.status for r in rounds(app)][:1] == ["done"]

@@ -175,7 +175,7 @@ def test_the_loop_survives_a_task_whose_coordinator_vanished_and_keeps_polling(t
     daemon, _slot = _daemon(client, tmp_path)
     seen = []
 
-    def execute(slot, task):
+    def execute(slot, task, defer_report=False):
         seen.append(task.task_id)
         if task.task_id == 1:
             raise CoordinatorUnavailable("GET /v1/adapters/1 failed 9 times")
@@ -457,7 +457,7 @@ def test_with_nothing_to_do_the_worker_holds_a_lease_and_runs_the_task_it_gets(t
     client = FakeClient(lease=[_lease(None)], hold_lease=hold)
     daemon, _slot = _daemon(client, tmp_path, long_poll=15.0)
     seen = []
-    daemon.execute = lambda slot, task: seen.append((slot.client_id, task.task_id)) or {}  # type: ignore[method-assign]
+    daemon.execute = lambda slot, task, defer_report=False: seen.append((slot.client_id, task.task_id)) or {}  # type: ignore[method-assign]
     assert daemon.run() == 0
     assert seen == [(3, 9)]
     assert ("hold_lease", 3, 15.0) in client.calls
@@ -479,7 +479,7 @@ def test_a_held_task_that_waited_past_half_its_lease_is_given_back(tmp_path):
     daemon, _slot = _daemon(client, tmp_path, long_poll=15.0)
     _second_slot(daemon, tmp_path)
     seen = []
-    daemon.execute = lambda slot, task: seen.append(task.task_id) or {}  # type: ignore[method-assign]
+    daemon.execute = lambda slot, task, defer_report=False: seen.append(task.task_id) or {}  # type: ignore[method-assign]
     assert daemon.run() == 0
     assert seen == [1]
     assert [c for c in client.calls if c[0] == "release"] == [("release", 2, "lease-2")]
@@ -515,7 +515,7 @@ def test_stopping_while_a_lease_is_held_aborts_it_and_gives_back_what_it_got(tmp
     client = FakeClient(lease=[_lease(None)], hold_lease=hold, release=[None])
     client.abort_held = lambda: (client.calls.append(("abort_held",)), aborted.set())  # type: ignore[method-assign]
     daemon, _slot = _daemon(client, tmp_path, long_poll=15.0)
-    daemon.execute = lambda slot, task: pytest.fail("a task was run while stopping")  # type: ignore[method-assign]
+    daemon.execute = lambda slot, task, defer_report=False: pytest.fail("a task was run while stopping")  # type: ignore[method-assign]
     started = time.monotonic()
     assert daemon.run() == 0
     assert time.monotonic() - started < 5.0
@@ -548,3 +548,107 @@ def test_the_client_holds_a_lease_with_wait_and_abort_ends_it(tmp_path):
     thread.join(10)
     assert not thread.is_alive() and out["answer"] is None
     client.close()
+
+
+# ---------------------------------------------------------------- reports in the background
+
+def _fast_training(monkeypatch):
+    import worker.train as train
+
+    monkeypatch.setattr(train, "train_tier", lambda model, tier, data, **kw: {"train_loss": 0.5, "steps": 1})
+
+
+def _pipelined(tmp_path, small_runtime, monkeypatch, client_scripts, lease_seconds=60.0, **kw):
+    """A daemon whose leases hand out tasks 1 and 2 (then nothing, and a stop), with a real small model
+    and training replaced by a no-op."""
+    from types import SimpleNamespace
+
+    from shared.schemas import AdapterRef
+    from shared.tensors import pack_tensors
+
+    _fast_training(monkeypatch)
+    root = AdapterRef(id=1, tier="root", version=1, sha256="0" * 64)
+    tasks = [_task(1, lease_seconds=lease_seconds, root=root), _task(2, lease_seconds=lease_seconds, root=root)]
+    daemon: WorkerDaemon
+
+    def lease(_client_id):
+        if tasks:
+            return _lease(tasks.pop(0))
+        daemon.request_stop("test")
+        return _lease(None)
+
+    client = FakeClient(lease=lease, adapter=[pack_tensors(small_runtime.export_tier("root"))], **client_scripts)
+    daemon, slot = _daemon(client, tmp_path, long_poll=0, **kw)
+    cfg = SimpleNamespace(training=Training(seed=0), cluster=SimpleNamespace(enabled=False),
+                          schedule=SimpleNamespace(leaf_rounds=0))
+    daemon._runtime = (cfg, small_runtime)
+    return daemon, client
+
+
+def test_a_task_is_reported_in_the_background_while_the_next_one_is_leased(tmp_path, small_runtime, monkeypatch):
+    leased_again = threading.Event()
+    seen: dict[str, object] = {}
+    daemon: WorkerDaemon
+
+    def upload(task_id, _lease_id):
+        if task_id == 1:   # the first task's upload holds until the daemon has leased its next task
+            seen["leased while reporting"] = leased_again.wait(20)
+        else:              # the last one is still in flight when the daemon is told to stop
+            seen["stopping"] = daemon.stop_event.wait(20)
+            seen["interrupted"] = daemon.interrupted()
+
+    daemon, client = _pipelined(tmp_path, small_runtime, monkeypatch, {"upload": upload, "complete": [None]})
+    original = client.lease
+    client.lease = lambda cid, token: (leased_again.set() if client.routes().count("lease") >= 1 else None,
+                                       original(cid, token))[1]
+    assert daemon.run() == 0
+    assert seen == {"leased while reporting": True, "stopping": True, "interrupted": False}
+    routes = [c[:2] for c in client.calls if c[0] in ("lease", "upload", "complete")]
+    # task 1's report overlaps the next lease; task 2's waits for task 1's to end (one in flight);
+    # the last one lands before run() returns
+    assert routes.index(("complete", 1)) < routes.index(("upload", 2))
+    assert [r for r in routes if r[0] == "complete"] == [("complete", 1), ("complete", 2)]
+    assert daemon._report_in_flight is None and daemon._reporter is None
+
+
+def test_without_background_reports_a_task_is_reported_before_the_next_lease(tmp_path, small_runtime, monkeypatch):
+    daemon, client = _pipelined(tmp_path, small_runtime, monkeypatch, {"upload": [None], "complete": [None]},
+                                background_reports=False)
+    assert daemon.run() == 0
+    routes = [c[:2] for c in client.calls if c[0] in ("lease", "upload", "complete")]
+    assert routes[:6] == [("lease", 3), ("upload", 1), ("complete", 1), ("lease", 3), ("upload", 2), ("complete", 2)]
+    assert daemon._reporter is None
+
+
+def test_heartbeats_go_on_while_a_task_is_reported_in_the_background(tmp_path, small_runtime, monkeypatch):
+    beat_while_reporting = threading.Event()
+    reporting = threading.Event()
+
+    def heartbeat(task_id, _lease_id):
+        if task_id == 1 and reporting.is_set():
+            beat_while_reporting.set()
+
+    def upload(task_id, _lease_id):
+        if task_id == 1:
+            reporting.set()
+            assert beat_while_reporting.wait(20), "no heartbeat while the report was in flight"
+
+    daemon, client = _pipelined(tmp_path, small_runtime, monkeypatch,
+                                {"upload": upload, "complete": [None], "heartbeat": heartbeat}, lease_seconds=0.3)
+    assert daemon.run() == 0
+    assert beat_while_reporting.is_set()
+    assert [c[:2] for c in client.calls if c[0] == "complete"] == [("complete", 1), ("complete", 2)]
+    # once reported, the task's heartbeats stop
+    last_complete = max(i for i, c in enumerate(client.calls) if c[:2] == ("complete", 1))
+    time.sleep(1.2)   # two heartbeat intervals (lease 0.3 s: every 0.5 s)
+    assert not [c for c in client.calls[last_complete + 1:] if c[:2] == ("heartbeat", 1)][1:]
+
+
+def test_a_background_report_that_fails_is_dropped_and_polling_goes_on(tmp_path, small_runtime, monkeypatch, caplog):
+    daemon, client = _pipelined(tmp_path, small_runtime, monkeypatch,
+                                {"upload": [conflict("stale_lease"), None], "complete": [None]})
+    with caplog.at_level(logging.WARNING, logger="hilora.worker"):
+        assert daemon.run() == 0
+    assert [c[:2] for c in client.calls if c[0] in ("upload", "complete")] == [
+        ("upload", 1), ("upload", 2), ("complete", 2)]
+    assert sum("result dropped" in r.getMessage() for r in caplog.records) == 1
