@@ -12,6 +12,10 @@ with >= 30 images, K = 1 on cells without structure):
 
     python bench/clustering_features.py evaluate /tmp/probes [--distances update,classwise-mix]
 
+Step 3 (optional) compares K rules on one distance (``k_rule_labels``):
+
+    python bench/clustering_features.py k-rules /tmp/probes [--rules best,largest:0.05]
+
 Distances: ``update`` (the service's 'update' features: cosine of the flattened LoRA update plus
 the head delta), ``centered`` (the same Gram matrix double-centred first), ``head`` (head delta
 alone), ``lora`` (LoRA update alone), ``rows`` (each class's head-row delta scaled to unit norm,
@@ -37,11 +41,18 @@ DISTANCES = ("update", "centered", "head", "lora", "rows", "classwise-held", "cl
              "update-rounds")
 
 
-def generate(family: str, seeds: list[int], out: Path) -> None:
+def generate(family: str, seeds: list[int], out: Path, cells: list[str] | None = None) -> None:
     from hilora.bench.family import family_cells
 
+    chosen = family_cells(family)
+    if cells:
+        unknown = sorted(set(cells) - {cell.name for cell in chosen})
+        if unknown:
+            raise SystemExit(f"--cells: {', '.join(unknown)} not in family {family!r}; cells: "
+                             + ", ".join(cell.name for cell in chosen))
+        chosen = [cell for cell in chosen if cell.name in cells]
     out.mkdir(parents=True, exist_ok=True)
-    for cell in family_cells(family):
+    for cell in chosen:
         for seed in seeds:
             name = f"{cell.name}-s{seed}"
             work = out / name
@@ -211,6 +222,79 @@ def evaluate(folder: Path, names: list[str]) -> None:
           + "".join(f"{'%d/%d' % (sum(summary[n, 'k1']), len(summary[n, 'k1'])):>20}" for n in names))
 
 
+K_RULES = ("best", "smallest:0.05", "smallest:0.1", "largest:0.03", "largest:0.05", "largest:0.1", "knn:3",
+           "knn:4", "knn:7", "minsize:2", "minsize:3")
+
+
+def k_rule_labels(D: np.ndarray, rule: str) -> np.ndarray:
+    """LSAC's partition of D under one K rule (all with the silhouette floor 0.15: below it, K = 1):
+    ``best`` (the service: the K of the highest mean silhouette, knn 5), ``smallest:T`` (the service's
+    ``silhouette_tolerance`` T: the smallest K within (1 - T) of the best), ``largest:T`` (the largest
+    K within (1 - T) of the best: splitting preferred to merging), ``knn:N`` (best, another kNN for
+    the affinity's scale), ``minsize:M`` (best among the partitions whose clusters all have >= M
+    clients)."""
+    from shared.subspace import lsac, self_tuning_affinity, silhouette, spectral_labels
+
+    kind, _, value = rule.partition(":")
+    if kind not in ("best", "smallest", "largest", "knn", "minsize") or (kind == "best") == bool(value):
+        raise ValueError(f"unknown K rule {rule!r}; rules: {', '.join(K_RULES)}")
+    try:
+        float(value or 0)
+    except ValueError:
+        raise ValueError(f"K rule {rule!r}: {value!r} is not a number") from None
+    n = D.shape[0]
+    if kind == "best":
+        return lsac(D, k_rule="silhouette", min_silhouette=0.15, seed=0).labels
+    if kind == "smallest":
+        return lsac(D, k_rule="silhouette", min_silhouette=0.15, silhouette_tolerance=float(value), seed=0).labels
+    if kind == "knn":
+        return lsac(D, k_rule="silhouette", min_silhouette=0.15, knn=int(value), seed=0).labels
+    affinity = self_tuning_affinity(D, 5)
+    candidates = [spectral_labels(affinity, k, 0) for k in range(2, min(10, n - 1) + 1)]
+    scores = np.array([silhouette(D, c) if 2 <= c.max() + 1 <= n - 1 else -1.0 for c in candidates])
+    if kind == "largest":
+        if scores.size == 0 or scores.max() < 0.15:
+            return np.zeros(n, dtype=np.int64)
+        return candidates[int(np.flatnonzero(scores >= max(scores.max() * (1 - float(value)), 0.15))[-1])]
+    if kind == "minsize":
+        allowed = [i for i, c in enumerate(candidates) if np.bincount(c).min() >= int(value)]
+        if not allowed or scores[allowed].max() < 0.15:
+            return np.zeros(n, dtype=np.int64)
+        return candidates[max(allowed, key=lambda i: (scores[i], -i))]
+    raise ValueError(f"unknown K rule {rule!r}; rules: {', '.join(K_RULES)}")
+
+
+def evaluate_k_rules(folder: Path, rules: list[str], distance_name: str = "classwise-mix") -> None:
+    """Every K rule on the same stored probes (one distance): the evaluate summary, plus the cells
+    whose ARI is >= 0.9 on every seed (>= 30 images) and the per cell-seed K / ARI of the misses."""
+    from sklearn.metrics import adjusted_rand_score
+
+    files = sorted(folder.glob(f"*/{FEATURES}"))
+    if not files:
+        raise SystemExit(f"{folder}: no */{FEATURES} (run `generate` first)")
+    results: dict = {}
+    for path in files:
+        data = load_features(path.parent)
+        D = distance(data["rounds"][-1], distance_name)
+        for rule in rules:
+            labels = k_rule_labels(D, rule)
+            results[path.parent.name, rule] = (int(labels.max()) + 1, adjusted_rand_score(data["groups"], labels))
+    names = sorted({name for name, _ in results})
+    print(f"{'rule':<16}{'mean ARI':>10}{'cell-seeds':>12}{'cells':>8}{'K = 1':>8}")
+    for rule in rules:
+        structured = [results[n, rule][1] for n in names if "-none-" not in n]
+        big = [n for n in names if "-none-" not in n and int(n.split("-")[0][1:]) >= 30]
+        cells = sorted({n.rsplit("-s", 1)[0] for n in big})
+        good_cells = sum(all(results[n, rule][1] >= 0.9 for n in big if n.rsplit("-s", 1)[0] == c) for c in cells)
+        k1 = [results[n, rule][0] == 1 for n in names if "-none-" in n]
+        print(f"{rule:<16}{np.mean(structured):>10.3f}{'%d/%d' % (sum(results[n, rule][1] >= 0.9 for n in big), len(big)):>12}"
+              f"{'%d/%d' % (good_cells, len(cells)):>8}{'%d/%d' % (sum(k1), len(k1)):>8}")
+    print(f"\n{'cell-seed (a miss somewhere)':<30}" + "".join(f"{r:>15}" for r in rules))
+    for n in names:
+        if any(results[n, r][1] < 0.9 for r in rules):
+            print(f"{n:<30}" + "".join(f"{'K%d %.2f' % results[n, r]:>15}" for r in rules))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,12 +302,24 @@ def main() -> None:
     gen.add_argument("--family", default="core")
     gen.add_argument("--seeds", default="0,1,2")
     gen.add_argument("--out", type=Path, required=True)
+    gen.add_argument("--cells", default="", help="comma-separated cell names (default: every cell); "
+                     "two processes on disjoint cells may share --out")
     ev = sub.add_parser("evaluate")
     ev.add_argument("folder", type=Path)
     ev.add_argument("--distances", default=",".join(DISTANCES))
+    kr = sub.add_parser("k-rules", help="compare K rules on one distance (docs/benchmarks.md, \"K rules\")")
+    kr.add_argument("folder", type=Path)
+    kr.add_argument("--rules", default=",".join(K_RULES))
+    kr.add_argument("--distance", default="classwise-mix", choices=DISTANCES[:-1])
     args = parser.parse_args()
-    if args.command == "generate":
-        generate(args.family, [int(s) for s in args.seeds.split(",")], args.out)
+    if args.command == "k-rules":
+        try:
+            evaluate_k_rules(args.folder, args.rules.split(","), args.distance)
+        except ValueError as exc:   # an unknown or malformed rule
+            raise SystemExit(f"--rules: {exc}") from None
+    elif args.command == "generate":
+        generate(args.family, [int(s) for s in args.seeds.split(",")], args.out,
+                 [c for c in args.cells.split(",") if c] or None)
     else:
         evaluate(args.folder, args.distances.split(","))
 

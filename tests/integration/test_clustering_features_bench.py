@@ -39,3 +39,41 @@ def test_generate_then_evaluate_the_smoke_family(tmp_path):
     bad = subprocess.run([sys.executable, str(SCRIPT), "evaluate", str(tmp_path / "nothing")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "no */features.safetensors" in bad.stderr
+    # K rules on the same probes: the default rule is the service's K; a rule the script does not know fails
+    kr = subprocess.run([sys.executable, str(SCRIPT), "k-rules", str(out), "--rules", "best,largest:0.05,minsize:2"],
+                        capture_output=True, text=True, timeout=120)
+    assert kr.returncode == 0, kr.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in kr.stdout.splitlines() if line.strip()}
+    assert rows["best"][-1] == "1/1"           # K = 1 on the cell without structure
+    clustering_features = bench_module("clustering_features.py")
+    probe = clustering_features.distance(data["rounds"][-1], "classwise-mix")
+    assert clustering_features.k_rule_labels(probe, "best").max() + 1 == data["service"]["k"]
+    bad_rule = subprocess.run([sys.executable, str(SCRIPT), "k-rules", str(out), "--rules", "median"],
+                              capture_output=True, text=True, timeout=120)
+    assert bad_rule.returncode != 0 and "unknown K rule 'median'" in bad_rule.stderr
+
+
+@pytest.mark.unit
+@pytest.mark.timeout(60)
+def test_k_rules_on_planted_distances():
+    """Three tight groups of 5, 5 and 2 points far apart: every rule but minsize:3 finds them;
+    minsize:3 may not keep the pair, so it merges it; noise alone stays one cluster."""
+    import numpy as np
+
+    k_rule_labels = bench_module("clustering_features.py").k_rule_labels
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = np.concatenate([centres[g] + 0.1 * rng.standard_normal((size, 2)) for g, size in enumerate((5, 5, 2))])
+    truth = np.repeat([0, 1, 2], (5, 5, 2))
+    D = np.linalg.norm(points[:, None] - points[None], axis=2)
+    for rule in ("best", "smallest:0.05", "largest:0.05", "knn:3", "minsize:2"):
+        labels = k_rule_labels(D, rule)
+        assert len(set(zip(labels, truth))) == 3 and labels.max() == 2, rule
+    merged = k_rule_labels(D, "minsize:3")
+    assert np.bincount(merged).min() >= 3 and merged.max() + 1 == 2
+    noise = np.abs(rng.standard_normal((12, 12)))
+    noise = (noise + noise.T) / 2
+    np.fill_diagonal(noise, 0)
+    assert k_rule_labels(1.0 + 0.01 * noise, "best").max() == 0
+    with pytest.raises(ValueError, match="unknown K rule"):
+        k_rule_labels(D, "median")
