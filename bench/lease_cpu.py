@@ -5,7 +5,10 @@ and sequential lease requests over one keep-alive connection:
 - **granted**: once the first round is open every client has one pending task; each client leases
   it (N granted leases; the first tenth warm the process up and are not counted);
 - **empty**: every client then leases again, ``--empty-per-client`` times round robin (each already
-  holds its task, so every answer is "no work, retry after").
+  holds its task, so every answer is "no work, retry after");
+- **upload** and **complete**: then every client uploads its task's result (a valid root-tier body of
+  the 1-block test manifest, ``upload_bytes`` in the output) and completes it, one request each
+  (the scheduler runs in no process by then: a completion's wake-up costs nothing here).
 
 The figure is the serving process's CPU time (user + system, /proc/<pid>/stat) over the requests
 divided by their number: everything the coordinator spends on a lease (HTTP parsing, routing,
@@ -36,7 +39,7 @@ for p in (ROOT, ROOT / "tests", ROOT / "bench"):
 import httpx
 import numpy as np
 
-from load import ADMIN_TOKEN, CLASSES, DIM, Coordinator, federation_config, fresh_database
+from load import ADMIN_TOKEN, CLASSES, DIM, Coordinator, federation_config, fresh_database, upload_bodies
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -87,6 +90,8 @@ def measure(backend: str, clients: int, empty_per_client: int, workdir: Path) ->
         scheduler.stop()  # nothing else runs on the database while we measure
         pid = serving.proc.pid
 
+        held: dict[int, dict] = {}   # client id -> its granted task
+
         def run(rounds: int, clients: list) -> tuple[float, float, int]:
             granted = 0
             c0, t0 = cpu_seconds(pid), time.perf_counter()
@@ -94,7 +99,10 @@ def measure(backend: str, clients: int, empty_per_client: int, workdir: Path) ->
                 for cid, headers in clients:
                     r = http.post(f"/v1/clients/{cid}/lease", headers=headers)
                     r.raise_for_status()
-                    granted += r.json()["task"] is not None
+                    task = r.json()["task"]
+                    if task is not None:
+                        granted += 1
+                        held[cid] = task
             return cpu_seconds(pid) - c0, time.perf_counter() - t0, granted
 
         # the first requests of a process compile its SQL statements: a tenth of the clients warm up
@@ -112,11 +120,34 @@ def measure(backend: str, clients: int, empty_per_client: int, workdir: Path) ->
         for _ in range(1000):
             http.get("/v1/healthz").raise_for_status()
         healthz_ms = cpu_seconds(pid) - h0  # seconds over 1,000 requests = ms per request
+        # each client's result: one upload, then one completion (the first tenth warm up each route)
+        body, _sha = upload_bodies(depth=1)[0]
+
+        def report(step: str, clients: list) -> tuple[float, float, int]:
+            c0, t0 = cpu_seconds(pid), time.perf_counter()
+            for cid, headers in clients:
+                task = held[cid]
+                if step == "upload":
+                    r = http.put(f"/v1/tasks/{task['task_id']}/upload", params={"lease_id": task["lease_id"]},
+                                 content=body, headers=headers)
+                else:
+                    r = http.post(f"/v1/tasks/{task['task_id']}/complete", headers=headers,
+                                  json={"lease_id": task["lease_id"], "num_samples": 10, "metrics": {"acc": 0.5}})
+                r.raise_for_status()
+            return cpu_seconds(pid) - c0, time.perf_counter() - t0, len(clients)
+
+        steps = {}
+        for step in ("upload", "complete"):
+            report(step, tokens[:warm])
+            cpu, wall, n = report(step, tokens[warm:])
+            steps[step] = {"requests": n, "cpu_ms_per_request": round(1000 * cpu / n, 2),
+                           "wall_ms_per_request": round(1000 * wall / n, 2)}
         return {"backend": backend, "clients": clients,
                 "granted": {"requests": g_n, "cpu_ms_per_lease": round(1000 * g_cpu / g_n, 2),
                             "wall_ms_per_lease": round(1000 * g_wall / g_n, 2)},
                 "empty": {"requests": e_n, "cpu_ms_per_lease": round(1000 * e_cpu / e_n, 2),
                           "wall_ms_per_lease": round(1000 * e_wall / e_n, 2)},
+                "upload": {**steps["upload"], "upload_bytes": len(body)}, "complete": steps["complete"],
                 "healthz_cpu_ms_per_request": round(healthz_ms, 2)}
     finally:
         serving.stop()
