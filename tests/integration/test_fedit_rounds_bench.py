@@ -7,24 +7,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from support import run_bench_script
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 def test_quick_fedit_rounds_bench(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HILORA_") or k == "HILORA_CACHE_DIR"}
-    env["OMP_NUM_THREADS"] = "1"
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "fedit_rounds.py"), "--quick", "--json",
-                          "--workdir", str(tmp_path / "run"), "--timeout", "240"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    out = run_bench_script("fedit_rounds.py", "--quick", "--json", "--workdir", str(tmp_path / "run"),
+                           "--timeout", "240", timeout=280)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     res = json.loads(out.stdout)
 

@@ -6,24 +6,16 @@ the counts must be exact and the CPU figures real."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from support import run_bench_script
+
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
 def test_lease_cpu_bench_reports_every_request_kind(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HILORA_") or k == "HILORA_CACHE_DIR"}
-    env["OMP_NUM_THREADS"] = "1"
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "lease_cpu.py"), "--backend", "sqlite",
-                          "--clients", "20", "--empty-per-client", "2"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
+    out = run_bench_script("lease_cpu.py", "--backend", "sqlite", "--clients", "20", "--empty-per-client", "2",
+                           timeout=280)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     (res,) = json.loads(out.stdout)
     assert res["backend"] == "sqlite" and res["clients"] == 20

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -19,3 +21,12 @@ def bench_module(filename: str) -> ModuleType:
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def run_bench_script(filename: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``python bench/<filename> args`` from the repository root, one torch thread, with none of the
+    caller's HILORA_ settings but the cache directory; output captured as text."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HILORA_") or k == "HILORA_CACHE_DIR"}
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run([sys.executable, str(BENCH_DIR / filename), *args], cwd=BENCH_DIR.parent, env=env,
+                          capture_output=True, text=True, timeout=timeout)
