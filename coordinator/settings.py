@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.validation import error_message
+
 DEFAULT_ADMIN_TOKEN = "hilora-dev-admin"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -28,7 +30,7 @@ class Settings(BaseSettings):
                                 "advances them one after the other), so that one federation's long clustering or "
                                 "aggregation does not hold up the others")
     migrate_on_start: bool = True
-    log_level: str = "info"
+    log_level: str = Field(default="info", description="debug, info, warning, error or critical")
     log_format: Literal["text", "json"] = Field(default="text", description="'json': one JSON object per log "
                                                 "line with the request id and federation/round/task ids")
     upload_retention_seconds: float | None = Field(
@@ -83,6 +85,15 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        from shared.logformat import LOG_LEVELS
+
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"unknown log level {value!r} (one of: {', '.join(LOG_LEVELS)})")
+        return value.lower()
+
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> "Settings":
         if not self.dev and self.admin_token == DEFAULT_ADMIN_TOKEN:
@@ -118,7 +129,7 @@ def describe_settings_errors(exc: ValidationError) -> str:
     and the cross-field checks' own messages."""
     parts = []
     for error in exc.errors():
-        message = " ".join(str(error.get("msg", "")).split()).removeprefix("Value error, ")
+        message = error_message(error)
         loc = error.get("loc") or ()
         if not loc:
             parts.append(message)

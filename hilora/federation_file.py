@@ -28,11 +28,12 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.config import Backbone, FederationConfig
 from shared.manifest import AdapterManifest
 from shared.preprocess import Preprocessing, table_preprocessing, timm_preprocessing
+from shared.validation import describe_validation_error
 
 
 # The cached demo backbones a federation file may name, by the offline dataset each is pretrained on.
@@ -85,6 +86,8 @@ def load_federation_file(path: str | Path) -> FederationFile:
         raise ValueError(f"federation file {path} does not exist") from exc
     except json.JSONDecodeError as exc:
         raise ValueError(f"federation file {path} is not valid JSON: {exc}") from exc
+    except ValidationError as exc:
+        raise ValueError(describe_validation_error(exc, f"federation file {path}")) from None
 
 
 def resolve_checkpoint(source: BackboneSource) -> tuple[bytes, str, dict[str, Any]]:

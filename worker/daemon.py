@@ -34,11 +34,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.config import FederationConfig
 from shared.schemas import TaskAssignment, refine_metric
 from shared.tensors import pack_tensors, unpack_tensors
+from shared.validation import describe_validation_error
 from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 from worker.files import atomic_write
 from worker.model_policy import ModelRefused, check_remote_model
@@ -133,7 +134,10 @@ def load_worker_config(path: str | Path) -> WorkerConfig:
         raise ValueError(f"worker config {path} does not exist") from exc
     except json.JSONDecodeError as exc:
         raise ValueError(f"worker config {path} is not valid JSON: {exc}") from exc
-    return WorkerConfig.model_validate(raw)
+    try:
+        return WorkerConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(describe_validation_error(exc, f"worker config {path}")) from None
 
 
 @dataclass

@@ -19,6 +19,8 @@ from typing import Annotated, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shared.validation import describe_validation_error
+
 NUM_CLASSES = 10
 SYNTHETIC_DATASETS = ("digits", "mnist5k")
 FILE_DATASETS = ("imagefolder", "cifar100", "domainnet")
@@ -269,9 +271,7 @@ def parse_partition(raw: object, source: str = "partition") -> AnyPartitionSpec:
     try:
         return _SPEC_MODELS[dataset].model_validate(raw)  # type: ignore[return-value]
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors())
-        raise ValueError(f"{source} is invalid: {problems}") from exc
+        raise ValueError(describe_validation_error(exc, f"{source} is invalid", limit=None)) from exc
 
 
 def _stable_seed(*parts: object) -> list[int]:

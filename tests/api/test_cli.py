@@ -63,7 +63,23 @@ def test_worker_refuses_a_missing_or_invalid_config(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"federation_id": 1, "clients": []}))
     proc = hilora("worker", "--coordinator", "http://127.0.0.1:9", "--config", str(bad))
-    assert proc.returncode != 0 and "clients" in proc.stderr
+    one_line(proc, 2, f"worker config {bad}: clients:")
+    bad.write_text(json.dumps({"federation_id": 1, "clients": [{"name": "a", "data": "x"}]}))
+    proc = hilora("worker", "--coordinator", "http://127.0.0.1:9", "--config", str(bad))
+    one_line(proc, 2, f"worker config {bad}: clients.0.data: Input should be a valid dictionary")
+
+
+@pytest.mark.parametrize(("doc", "words"), [
+    ({"name": "x", "config": {"rank": 8}}, ["backbone: Field required", "config: Extra inputs are not permitted"]),
+    ({"name": "x", "backbone": {"model": "vit_tiny_patch16_224", "checkpoint": "demo"},
+      "schedule": {"root_rounds": "many"}}, ["schedule.root_rounds: Input should be a valid integer"]),
+])
+def test_admin_create_names_the_fields_of_an_invalid_file_in_one_line(tmp_path, doc, words):
+    f = tmp_path / "f.json"
+    f.write_text(json.dumps(doc))
+    proc = hilora("admin", "create", "--config", str(f), "--coordinator", "http://127.0.0.1:9",
+                  env={"HILORA_ADMIN_TOKEN": "t" * 20})
+    one_line(proc, 2, f"federation file {f}: ", *words)
 
 
 def test_admin_create_needs_a_token_and_a_valid_file(tmp_path):
@@ -215,6 +231,7 @@ def test_an_unusable_database_url_is_one_line(tmp_path):
     ("HILORA_PORT", "70000", ["HILORA_PORT='70000'", "65535"]),
     ("HILORA_SCHEDULER_INTERVAL", "-1", ["HILORA_SCHEDULER_INTERVAL='-1'", "greater than 0"]),
     ("HILORA_LOG_FORMAT", "xml", ["HILORA_LOG_FORMAT='xml'", "'text' or 'json'"]),
+    ("HILORA_LOG_LEVEL", "loud", ["HILORA_LOG_LEVEL='loud'", "unknown log level", "debug, info"]),
     ("HILORA_ADMIN_TOKEN", "short", ["HILORA_ADMIN_TOKEN must be at least 16 characters"]),
 ])
 @pytest.mark.parametrize("command", ["coordinator", "gc"])
