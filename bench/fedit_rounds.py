@@ -5,6 +5,7 @@ the rest goes.
     python bench/fedit_rounds.py --long-poll 0        # the worker sleeps retry_after between polls
     python bench/fedit_rounds.py --quick --json       # 3 rounds (the smoke test)
     python bench/fedit_rounds.py --no-background-reports   # each task reported before the next lease
+    python bench/fedit_rounds.py --evaluate-every 5   # the received root evaluated in rounds 1 and 6 only
 
 The federation is what ``hilora bench -m fedit --transport http`` runs (``hilora.bench``'s own
 ``prepare`` and ``method_config``: the cached demo ViT, FedIT's factor-averaged root, the demo's
@@ -108,9 +109,11 @@ def write_partition(folder: Path, clients: int) -> Path:
     return path
 
 
-def prepare_federation(partition: Path, rounds: int, rank: int, local_epochs: int, say: Any = None) -> tuple[Any, Any]:
+def prepare_federation(partition: Path, rounds: int, rank: int, local_epochs: int, say: Any = None,
+                       evaluate_every: int = 1) -> tuple[Any, Any]:
     """``hilora bench``'s set-up (backbone, data, manifest) and FedIT's federation config for it:
-    the quick preset's training settings, ``rank``, ``rounds`` root rounds and nothing else."""
+    the quick preset's training settings, ``rank``, ``rounds`` root rounds and nothing else
+    (``schedule.evaluate_every`` as given)."""
     from hilora.bench.methods import method_config, preset
     from hilora.bench.setup import prepare
     from shared.config import FederationConfig
@@ -119,10 +122,10 @@ def prepare_federation(partition: Path, rounds: int, rank: int, local_epochs: in
                    root_rounds=rounds, cluster_rounds=0, leaf_rounds=0, threads=1, transport="http")
     setup = prepare(opts, say)
     cfg = method_config("fedit", opts)
-    config = FederationConfig.model_validate(cfg.federation_config(
-        setup.backbone(), setup.manifest, name=f"fedit-rounds-{len(setup.train)}",
-        min_clients=len(setup.train)).model_dump())
-    return setup, config
+    doc = cfg.federation_config(setup.backbone(), setup.manifest, name=f"fedit-rounds-{len(setup.train)}",
+                                min_clients=len(setup.train)).model_dump()
+    doc["schedule"]["evaluate_every"] = evaluate_every
+    return setup, FederationConfig.model_validate(doc)
 
 
 # ------------------------------------------------------------------------------ processes
@@ -325,7 +328,7 @@ def summarize(rows: list[dict], include_first: bool) -> dict[str, Any]:
 def run(rounds: int = 10, clients: int = 18, workers: int = 2, long_poll: float = 20.0, rank: int = 8,
         local_epochs: int = 2, scheduler_interval: float | None = None, include_first: bool = False,
         workdir: Path | None = None, profile: Path | None = None, timeout: float = 900.0,
-        say: Any = None, background_reports: bool = True) -> dict[str, Any]:
+        say: Any = None, background_reports: bool = True, evaluate_every: int = 1) -> dict[str, Any]:
     """Run the federation and return its numbers (see the module docstring)."""
     from coordinator.db import make_engine, make_session_factory
     from hilora.bench.engine import register
@@ -340,7 +343,7 @@ def run(rounds: int = 10, clients: int = 18, workers: int = 2, long_poll: float 
     t_start = time.monotonic()
     load_before = load()
     partition = write_partition(workdir, clients)
-    setup, config = prepare_federation(partition, rounds, rank, local_epochs, say)
+    setup, config = prepare_federation(partition, rounds, rank, local_epochs, say, evaluate_every)
     lease_seconds = float(config.schedule.lease_seconds)
     say(f"{len(setup.train)} clients, {workers} workers, {rounds} rounds, rank {rank}, {local_epochs} local epochs, "
         f"long poll {long_poll:g}s, scheduler interval {interval:g}s, in {workdir}")
@@ -420,7 +423,7 @@ def run(rounds: int = 10, clients: int = 18, workers: int = 2, long_poll: float 
     out = {
         "bench": "fedit_rounds", "machine": machine(), "load_before": load_before, "load_after": load(),
         "options": {"rounds": rounds, "clients": len(setup.train), "workers": len(names), "long_poll": long_poll,
-                    "background_reports": background_reports,
+                    "background_reports": background_reports, "evaluate_every": evaluate_every,
                     "rank": rank, "local_epochs": local_epochs, "scheduler_interval": interval,
                     "include_first": include_first, "lease_seconds": lease_seconds,
                     "retry_after_seconds": config.schedule.retry_after_seconds,
@@ -449,7 +452,8 @@ def format_report(res: dict[str, Any]) -> str:
     o = res["options"]
     lines = [f"FedIT, {o['clients']} clients, {o['workers']} workers x 1 thread, rank {o['rank']}, "
              f"{o['local_epochs']} local epochs, long poll {o['long_poll']:g}s, background reports "
-             f"{'on' if o.get('background_reports', True) else 'off'}, scheduler interval "
+             f"{'on' if o.get('background_reports', True) else 'off'}, evaluate every "
+             f"{o.get('evaluate_every', 1)} rounds, scheduler interval "
              f"{o['scheduler_interval']:g}s; load {res['load_before']} -> {res['load_after']}",
              f"{'round':>5} {'wall':>7} {'floor':>7} {'ratio':>6}  " + " ".join(
                  f"{k:>13}" for k in res["rounds"][0]["split"] if k != "floor")]
@@ -479,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="hilora worker --long-poll (default 20, the worker's default; 0: sleep retry_after)")
     ap.add_argument("--no-background-reports", dest="background_reports", action="store_false",
                     help="hilora worker --no-background-reports: report each task before leasing the next")
+    ap.add_argument("--evaluate-every", type=int, default=1, metavar="K",
+                    help="schedule.evaluate_every: the received root is evaluated before training in rounds "
+                         "1, 1+K, ... (default 1: every round, the product's default)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--scheduler-interval", type=float, default=None,
@@ -492,13 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     rounds = args.rounds if args.rounds is not None else (QUICK_ROUNDS if args.quick else 10)
-    if rounds < 1 or args.clients < 1 or args.workers < 1:
-        ap.error("--rounds, --clients and --workers must be at least 1")
+    if rounds < 1 or args.clients < 1 or args.workers < 1 or args.evaluate_every < 1:
+        ap.error("--rounds, --clients, --workers and --evaluate-every must be at least 1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     res = run(rounds=rounds, clients=args.clients, workers=args.workers, long_poll=args.long_poll, rank=args.rank,
               local_epochs=args.local_epochs, scheduler_interval=args.scheduler_interval,
               include_first=args.include_first, workdir=args.workdir, profile=args.profile, timeout=args.timeout,
-              background_reports=args.background_reports,
+              background_reports=args.background_reports, evaluate_every=args.evaluate_every,
               say=(lambda m: print(m, file=sys.stderr, flush=True)))
     print(json.dumps(res, indent=1, default=float) if args.json else format_report(res), flush=True)
     return 0

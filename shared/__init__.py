@@ -7,4 +7,7 @@ __version__ = "0.1.0"
 # candidate of the client's validation choice): a protocol-3 worker would ignore it.
 # 5: tasks of stage 'refine' (the losses of the root and of each cluster adapter in the task's
 # candidates, reported as metrics; clustering.refine_rounds).
-PROTOCOL_VERSION = 6
+# 6: the federation's classes, preprocessing and training.precision.
+# 7: a task's `evaluate` (schedule.evaluate_every: root and cluster tasks evaluate the adapters they
+# receive only in some rounds).
+PROTOCOL_VERSION = 7

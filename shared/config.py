@@ -166,6 +166,18 @@ class Schedule(BaseModel):
         description="cycles: root rounds each cycle runs first (all active clients, newcomers included), before "
                     "its probe; 0: the probe starts from the current root")
 
+    evaluate_every: int = Field(
+        default=1, ge=1, le=10_000,
+        description="root and cluster training tasks evaluate the adapters they receive on the client's data "
+                    "before training (acc_root, acc_cluster: the per-round curves) in the first round of each "
+                    "stage and scope and every evaluate_every-th after it (rounds 1, 1+k, 1+2k, ...); the other "
+                    "rounds only train. 1: every round. The final evaluation round always runs (protocol 7)")
+
+    def evaluates_received(self, round_number: int) -> bool:
+        """Whether a root or cluster training task of round ``round_number`` (1-based, per stage and
+        scope) evaluates the adapters it receives before training (``evaluate_every``)."""
+        return (round_number - 1) % self.evaluate_every == 0
+
     def quorum(self, num_tasks: int) -> int:
         """Accepted uploads a round of ``num_tasks`` clients needs before it may aggregate."""
         return max(1, min(self.quorum_min_clients, num_tasks), math.ceil(self.quorum_min_fraction * num_tasks - 1e-9))

@@ -281,6 +281,9 @@ class TaskAssignment(BaseModel):
     upload: list[str] = Field(description="factors of train_tier to upload; empty: metrics only")
     local: list[str] = Field(description="factors the client keeps between rounds (never uploaded)")
     reset_leaf: bool = False
+    evaluate: bool = Field(
+        default=True, description="root and cluster training tasks: evaluate the adapters as received on the "
+                                  "client's data before training (schedule.evaluate_every; protocol 7)")
     training: Training
     candidates: list[RefineCandidate] = Field(
         default_factory=list,

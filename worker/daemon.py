@@ -675,8 +675,9 @@ class WorkerDaemon:
                 model.load_tier("leaf", unpack_tensors(slot.files.leaf.read_bytes()))
             tiers.append("leaf")
         metrics: dict[str, float] = {}
-        if tier in ("root", "cluster") and task.stage != "probe":
+        if tier in ("root", "cluster") and task.stage != "probe" and task.evaluate:
             # accuracy of the adapter as received: the federation's model on this client's data
+            # (schedule.evaluate_every: not every round)
             with evaluating():
                 metrics.update(evaluate_with_selection(model, data, tuple(tiers), split, self.device))
         log.info("client %s: training task %s (%s round %s, %s, %s)", slot.spec.name, task.task_id, task.stage,

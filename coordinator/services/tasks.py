@@ -270,6 +270,7 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime, 
         # which starts from the federation's root alone)
         local=[f for f in FACTORS if getattr(policy, f) == "local"] if task.stage != Stage.probe else [],
         reset_leaf=task.reset_leaf and not evaluating,
+        evaluate=cfg.schedule.evaluates_received(rnd.number),
         training=cfg.training,
         candidates=candidates,
     )

@@ -165,6 +165,40 @@ def test_probe_tasks_carry_the_clustering_probe_options_and_other_tasks_do_not(a
     assert {(t["stage"], t["steps"], t["loss"]) for t in cluster} == {("cluster", None, "ce")}
 
 
+def test_root_and_cluster_tasks_evaluate_what_they_receive_every_evaluate_every_rounds(api, app):
+    dirs = group_directions()
+    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 5, "cluster_rounds": 3,
+                                                   "leaf_rounds": 1, "evaluate_every": 2},
+                                    clustering={"k_max": 4, "knn": 2})
+    clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
+    tick(app)
+    seen = []
+    for seed in range(12):
+        ran = run_pending(api, clients, dirs, seed=seed)
+        seen += [(t["stage"], t["round_number"], t["scope"], t["evaluate"]) for t in ran]
+        if status(api, fid)["state"] == "serving":
+            break
+    flags: dict[tuple[str, int, str], set[bool]] = {}
+    for stage, number, scope, flag in seen:
+        flags.setdefault((stage, number, scope), set()).add(flag)
+    assert all(len(f) == 1 for f in flags.values()), flags   # every client of a round is told the same
+    root = {number: f.pop() for (stage, number, _), f in flags.items() if stage == "root"}
+    assert root == {1: True, 2: False, 3: True, 4: False, 5: True}
+    cluster = {(scope, number): f.pop() for (stage, number, scope), f in flags.items() if stage == "cluster"}
+    assert len({scope for scope, _ in cluster}) == 2
+    assert cluster == {(scope, n): n != 2 for scope, _ in cluster for n in (1, 2, 3)}
+    assert status(api, fid)["state"] == "serving"
+
+
+def test_evaluate_every_must_be_a_positive_round_count(api):
+    from conftest import tiny_config, upload_backbone
+
+    sha = upload_backbone(api)
+    for bad in (0, -1, "two", 1.5):
+        config = tiny_config("bad", sha)
+        config["schedule"]["evaluate_every"] = bad
+        r = api.post("/v1/federations", json={"config": config}, headers=admin_headers())
+        assert r.status_code == 422 and "evaluate_every" in r.text, r.text
 @pytest.mark.parametrize("clustering", [{"probe_loss": "focal"}, {"probe_steps": 0}, {"head_weight": -1},
                                         {"classwise_weight": -0.1}, {"classwise_weight": 1.5},
                                         {"head_weight": 1e4}])

@@ -16,13 +16,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 def test_quick_fedit_rounds_bench(tmp_path):
     out = run_bench_script("fedit_rounds.py", "--quick", "--json", "--workdir", str(tmp_path / "run"),
-                           "--timeout", "240", timeout=280)
+                           "--evaluate-every", "2", "--timeout", "240", timeout=280)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     res = json.loads(out.stdout)
 
     clients, workers, rounds = 18, 2, 3
     assert res["options"]["clients"] == clients and res["options"]["workers"] == workers
     assert res["options"]["long_poll"] == 20 and res["options"]["rank"] == 8 and res["options"]["local_epochs"] == 2
+    assert res["options"]["evaluate_every"] == 2
     fed = res["federation"]
     assert fed["root_rounds"] == rounds and fed["root_rounds_done"] == rounds      # every round closed
     assert fed["root_tasks"] == fed["root_tasks_done"] == clients * rounds
@@ -38,6 +39,8 @@ def test_quick_fedit_rounds_bench(tmp_path):
         # the split adds up to the round's wall time (each worker's timeline, averaged)
         assert r["split_sum"] == pytest.approx(r["wall"], rel=1e-6, abs=1e-6)
         assert r["per_task_median"]["time_compute"] > 0 and r["per_task_median"]["upload_bytes"] > 0
+        # schedule.evaluate_every 2: the received root is evaluated in rounds 1 and 3, not in round 2
+        assert (r["split"]["eval"] > 0) is (r["round"] != 2), r["split"]
 
     assert res["rounds_measured"] == [2, 3]                      # round 1 (worker start-up) left out
     assert res["median_floor"] > 0 and res["median_wall"] > 0

@@ -410,6 +410,31 @@ def test_only_the_leaf_trains_at_the_scaled_learning_rates(tmp_path, small_runti
     assert seen["tier"] == tier and (seen["lr"], seen["head_lr"]) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("evaluate", [True, False])
+def test_a_root_task_evaluates_what_it_received_only_when_told(tmp_path, small_runtime, monkeypatch, evaluate):
+    """schedule.evaluate_every: the task's ``evaluate`` decides whether the received root is scored
+    on the client's data before training (acc_root and the eval phase's time in the metrics)."""
+    from types import SimpleNamespace
+
+    import worker.train as train
+    from shared.schemas import AdapterRef
+    from shared.tensors import pack_tensors
+
+    monkeypatch.setattr(train, "train_tier", lambda model, tier_, data, **kw: {"train_loss": 0.0, "steps": 1})
+    client = FakeClient(adapter=[pack_tensors(small_runtime.export_tier("root"))], complete=[None])
+    daemon, slot = _daemon(client, tmp_path)
+    cfg = SimpleNamespace(training=Training(seed=0), cluster=SimpleNamespace(enabled=False),
+                          schedule=SimpleNamespace(leaf_rounds=1))
+    daemon._runtime = (cfg, small_runtime)
+    task = _task(root=AdapterRef(id=1, tier="root", version=1, sha256="0" * 64)).model_copy(
+        update={"evaluate": evaluate})
+    metrics = daemon.execute(slot, task)
+    assert metrics["train_loss"] == 0.0 and client.routes()[-2:] == ["upload", "complete"]
+    assert ("acc_root" in metrics) is evaluate and ("time_eval" in metrics) is evaluate, metrics
+    if evaluate:
+        assert 0.0 <= metrics["acc_root"] <= 1.0
+
+
 # ---------------------------------------------------------------- a model this worker refuses
 
 @pytest.mark.parametrize("backbone", [
