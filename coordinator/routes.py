@@ -647,16 +647,22 @@ def release(task_id: DbId, body: Heartbeat, request: Request, session: SessionDe
 
 
 @router.post("/tasks/{task_id}/complete", response_model=TaskCompleted)
-def complete(task_id: DbId, body: TaskComplete, request: Request, session: SessionDep, token: Token) -> TaskCompleted:
-    with session.begin():
-        client = registration.authenticate_client(session, token)
-        task = tasks.complete_task(session, client, task_id, body.lease_id, body.num_samples, body.metrics,
-                                   _now(request))
-        result = TaskCompleted(task_id=task.id, status=TaskStatus(task.status))
-        decides = not tasks.round_waits_on_others(session, task)
+async def complete(task_id: DbId, body: TaskComplete, request: Request, token: Token) -> Response:
+    factory = request.app.state.session_factory
+
+    def work() -> tuple[TaskCompleted, bool]:  # one hop to the threadpool, one transaction
+        with factory() as session, session.begin():
+            client = registration.authenticate_client(session, token)
+            task = tasks.complete_task(session, client, task_id, body.lease_id, body.num_samples, body.metrics,
+                                       _now(request))
+            return (TaskCompleted(task_id=task.id, status=TaskStatus(task.status)),
+                    not tasks.round_waits_on_others(session, task))
+
+    result, decides = await run_in_threadpool(work)
     if decides:  # the round's last open task: the scheduler closes it now, not at its next periodic tick
         request.app.state.scheduler.wake()
-    return result
+    # the model is already valid: serialized once, not validated again against response_model
+    return Response(content=result.model_dump_json(), media_type="application/json")
 
 
 # Starlette matches a request against the routes in order: the paths every worker polls go first.

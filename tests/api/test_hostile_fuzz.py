@@ -67,6 +67,15 @@ def _operations() -> list[tuple[str, str]]:
 OPERATIONS = _operations()
 
 
+@pytest.fixture
+def app(app):
+    """The conftest app with held lease requests capped at 0.2 s: a generated ``?wait=10`` must not
+    hold a request for the whole read timeout (under schemathesis's in-process ASGI calls a held
+    request is woken by nothing but its own timeout). Long polling has its own tests."""
+    app.state.settings = app.state.settings.model_copy(update={"long_poll_max_seconds": 0.2})
+    return app
+
+
 def _backend(database_url: str) -> str:
     return "sqlite" if database_url.startswith("sqlite") else "postgres"
 
