@@ -196,12 +196,34 @@ def _round_inputs_statement():  # noqa: ANN202
             .where(rounds.c.id == bindparam("round_id")))
 
 
+def _attach_upload_statement(first: bool):  # noqa: ANN202
+    """The guarded UPDATE that attaches an upload to its leased task: the task's first body, or one
+    that replaces the body ``up_previous`` (compare and set: a concurrent upload loses)."""
+    tasks = Task.__table__
+    body = tasks.c.upload_sha256.is_(None) if first else tasks.c.upload_sha256 == bindparam("up_previous")
+    return (update(tasks)
+            .where(tasks.c.id == bindparam("up_id"), tasks.c.status == TaskStatus.leased,
+                   tasks.c.lease_id == bindparam("up_lease"), body)
+            .values(upload_sha256=bindparam("up_sha"), upload_bytes=bindparam("up_bytes"),
+                    upload_count=tasks.c.upload_count + 1))
+
+
 # Built once: building a statement costs more than running it on the lease path. The targets whose
 # guards (``task_status_may_become``) are built into them, for tests that watch the guards asked for.
-PREBUILT_GUARDS = (TaskStatus.leased,)
+PREBUILT_GUARDS = {TaskStatus.leased: "update", TaskStatus.done: "complete"}
 _LEASE_STATEMENTS = {"auth": _clients_for_lease_statement(Client.token_hash == bindparam("token_hash")),
                      "many": _clients_for_lease_statement(Client.id.in_(bindparam("ids", expanding=True))), "update": _lease_update_statement(False),
                      "update_pg": _lease_update_statement(True), "round": _round_inputs_statement(),
+                     "complete": update(Task.__table__)
+                     .where(Task.__table__.c.id == bindparam("done_id"), task_status_may_become(TaskStatus.done),
+                            Task.__table__.c.lease_id == bindparam("done_lease"))
+                     .values(status=bindparam("new_status"), finished_at=bindparam("new_finished_at"),
+                             num_samples=bindparam("new_num_samples"), metrics=bindparam("new_metrics")),
+                     "others_open": select(Task.__table__.c.id).where(
+                         Task.__table__.c.round_id == bindparam("wait_round"), Task.__table__.c.id != bindparam("wait_task"),
+                         Task.__table__.c.status.in_((TaskStatus.pending, TaskStatus.leased))).limit(1),
+                     "attach_first": _attach_upload_statement(first=True),
+                     "attach_again": _attach_upload_statement(first=False),
                      "seen": update(Client.__table__).where(Client.__table__.c.id == bindparam("seen_id"))
                      .values(last_seen_at=bindparam("seen_at"))}
 
@@ -405,14 +427,13 @@ def accept_upload(session: Session, blobs: BlobStore, client: Client, task_id: i
                        f"(HILORA_MAX_UPLOADS_PER_TASK); complete it with the stored one", code="upload_quota")
     blobs.adopt(tmp, sha256)
     ensure_blob_row(session, sha256, size, "upload", now)
-    updated = session.execute(
-        update(Task)
-        .where(Task.id == task.id, Task.status == TaskStatus.leased, Task.lease_id == lease_id,
-               Task.upload_sha256.is_(None) if previous is None else Task.upload_sha256 == previous)
-        .values(upload_sha256=sha256, upload_bytes=size, upload_count=Task.upload_count + 1)
-    ).rowcount
+    updated = session.connection().execute(  # prebuilt Core statement, the task's new values set below
+        _LEASE_STATEMENTS["attach_first" if previous is None else "attach_again"],
+        {"up_id": task.id, "up_lease": lease_id, "up_sha": sha256, "up_bytes": size, "up_previous": previous}).rowcount
     if updated != 1:
         raise Conflict("the lease changed while uploading", code="stale_lease")
+    for key, value in (("upload_sha256", sha256), ("upload_bytes", size), ("upload_count", (task.upload_count or 0) + 1)):
+        set_committed_value(task, key, value)
     client.last_seen_at = now
     freed = previous if previous is not None and release_blob_if_unreferenced(session, previous) else None
     return AcceptedUpload(sha256, size, freed)
@@ -440,17 +461,17 @@ def complete_task(session: Session, client: Client, task_id: int, lease_id: str,
             raise Invalid(f"a refine task completes with a non-negative mean training loss for the root and for each "
                           f"candidate cluster; missing: {missing[:10]}, negative: {negative[:10]}",
                           code="bad_metrics")
-    updated = session.execute(
-        update(Task)
-        .where(Task.id == task.id, task_status_may_become(TaskStatus.done), Task.lease_id == lease_id)
-        .values(status=TaskStatus.done, finished_at=now, num_samples=num_samples,
-                metrics=dict(metrics))
-    ).rowcount
+    done = {"status": TaskStatus.done, "finished_at": now, "num_samples": num_samples, "metrics": dict(metrics)}
+    # the prebuilt Core statement: no ORM bulk-update bookkeeping, and the row's new values set on
+    # the loaded task (no read-back)
+    updated = session.connection().execute(_LEASE_STATEMENTS["complete"], {
+        "done_id": task.id, "done_lease": lease_id, **{f"new_{k}": v for k, v in done.items()}}).rowcount
     if updated != 1:
         raise Conflict("the lease changed while completing", code="stale_lease")
+    for key, value in done.items():
+        set_committed_value(task, key, value)
     client.num_samples = num_samples
     client.last_seen_at = now
-    session.refresh(task)
     return task
 
 
@@ -458,10 +479,8 @@ def round_waits_on_others(session: Session, task: Task) -> bool:
     """Whether another task of ``task``'s round is still open (pending or leased). A completion
     can decide its round (``scheduling._verdict``) only when none is: else the round waits for the
     others, or for its deadline, which the scheduler's periodic tick catches."""
-    return session.execute(
-        select(Task.id).where(Task.round_id == task.round_id, Task.id != task.id,
-                              Task.status.in_((TaskStatus.pending, TaskStatus.leased))).limit(1)
-    ).first() is not None
+    return session.connection().execute(_LEASE_STATEMENTS["others_open"],
+                                        {"wait_round": task.round_id, "wait_task": task.id}).first() is not None
 
 
 def expire_leases(session: Session, now: datetime) -> int:

@@ -98,11 +98,15 @@ def test_every_transition_of_the_table_happens(api, app, clock, monkeypatch):
 
     monkeypatch.setattr(states, "check", watched_check)
     monkeypatch.setattr(task_service, "sources", watched_sources)
-    # the lease's guarded UPDATE is built once at import (tasks._LEASE_STATEMENTS), from the same table
-    for target in task_service.PREBUILT_GUARDS:
+    # the lease's and the completion's guarded UPDATEs are built once at import (tasks._LEASE_STATEMENTS),
+    # from the same table
+    for target, statement in task_service.PREBUILT_GUARDS.items():
         froms = sources(Machine.task, target)
-        sql = str(task_service._LEASE_STATEMENTS["update"].compile())
+        sql = str(task_service._LEASE_STATEMENTS[statement].compile())
         assert "tasks.status" in sql and len(froms) >= 1
+        bound = [v for v in task_service._LEASE_STATEMENTS[statement].compile().params.values()
+                 for v in (v if isinstance(v, (list, tuple)) else [v])]
+        assert {str(f) for f in froms} <= {str(v) for v in bound}, (target, froms, bound)   # the table's sources
         asked.add(str(target))
 
     for name, schedule in SCHEDULES.items():
