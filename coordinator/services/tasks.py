@@ -208,8 +208,9 @@ def _attach_upload_statement(first: bool):  # noqa: ANN202
                     upload_count=tasks.c.upload_count + 1))
 
 
-# Built once: building a statement costs more than running it on the lease path. The targets whose
-# guards (``task_status_may_become``) are built into them, for tests that watch the guards asked for.
+# Built once: building a statement costs more than running it on the worker paths (lease, upload,
+# completion). The targets whose guards (``task_status_may_become``) are built into them, and the
+# statement of each, for tests that watch the guards asked for.
 PREBUILT_GUARDS = {TaskStatus.leased: "update", TaskStatus.done: "complete"}
 _LEASE_STATEMENTS = {"auth": _clients_for_lease_statement(Client.token_hash == bindparam("token_hash")),
                      "many": _clients_for_lease_statement(Client.id.in_(bindparam("ids", expanding=True))), "update": _lease_update_statement(False),
