@@ -179,21 +179,38 @@ def _lease_update_statement(postgres: bool):  # noqa: ANN202
             .order_by(tasks.c.id).limit(1))
     if postgres:
         pick = pick.with_for_update(skip_locked=True)
-    return (update(tasks)
-            .where(tasks.c.id == pick.scalar_subquery(), task_status_may_become(TaskStatus.leased))
-            .values(status=TaskStatus.leased, lease_id=bindparam("new_lease_id"), attempt=tasks.c.attempt + 1,
-                    lease_expires_at=bindparam("expires"), worker_id=bindparam("new_worker_id"))
-            .returning(tasks.c.id, tasks.c.round_id, tasks.c.stage, tasks.c.attempt, tasks.c.reset_leaf))
+    statement = (update(tasks)
+                 .where(tasks.c.id == pick.scalar_subquery(), task_status_may_become(TaskStatus.leased))
+                 .values(status=TaskStatus.leased, lease_id=bindparam("new_lease_id"), attempt=tasks.c.attempt + 1,
+                         lease_expires_at=bindparam("expires"), worker_id=bindparam("new_worker_id")))
+    returned = [tasks.c.id, tasks.c.round_id, tasks.c.stage, tasks.c.attempt, tasks.c.reset_leaf]
+    if postgres:
+        # UPDATE ... FROM the round's inputs: the assignment's round and adapter versions come back
+        # with the row (one round trip fewer; SQLite's RETURNING cannot name a FROM table)
+        inputs = _round_inputs_select().add_columns(Round.__table__.c.id.label("input_round")).subquery("inputs")
+        statement = statement.where(tasks.c.round_id == inputs.c.input_round)
+        returned += [inputs.c[name] for name in ROUND_INPUTS]
+    return statement.returning(*returned)
+
+
+ROUND_INPUTS = ("number", "scope", "root_id", "root_tier", "root_version", "root_sha",
+                "cluster_id", "cluster_tier", "cluster_version", "cluster_sha")
+
+
+def _round_inputs_select():  # noqa: ANN202
+    """A round's number, scope and input adapter versions (``ROUND_INPUTS``; the versions' columns
+    null when the round has none)."""
+    rounds, root, cluster = Round.__table__, AdapterVersion.__table__.alias(), AdapterVersion.__table__.alias()
+    versions = [column.label(f"{prefix}_{name}") for prefix, table in (("root", root), ("cluster", cluster))
+                for column, name in ((table.c.id, "id"), (table.c.tier, "tier"), (table.c.version, "version"),
+                                     (table.c.blob_sha256, "sha"))]
+    return (select(rounds.c.number, rounds.c.scope, *versions)
+            .select_from(rounds.outerjoin(root, root.c.id == rounds.c.input_root_version_id)
+                         .outerjoin(cluster, cluster.c.id == rounds.c.input_cluster_version_id)))
 
 
 def _round_inputs_statement():  # noqa: ANN202
-    rounds, root, cluster = Round.__table__, AdapterVersion.__table__.alias(), AdapterVersion.__table__.alias()
-    return (select(rounds.c.number, rounds.c.scope,
-                   root.c.id, root.c.tier, root.c.version, root.c.blob_sha256,
-                   cluster.c.id, cluster.c.tier, cluster.c.version, cluster.c.blob_sha256)
-            .select_from(rounds.outerjoin(root, root.c.id == rounds.c.input_root_version_id)
-                         .outerjoin(cluster, cluster.c.id == rounds.c.input_cluster_version_id))
-            .where(rounds.c.id == bindparam("round_id")))
+    return _round_inputs_select().where(Round.__table__.c.id == bindparam("round_id"))
 
 
 def _attach_upload_statement(first: bool):  # noqa: ANN202
@@ -268,8 +285,10 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime, 
                             "new_worker_id": worker_id[:200]}).one_or_none()
     if task is None:
         return nothing
-    rnd = conn.execute(_LEASE_STATEMENTS["round"], {"round_id": task.round_id}).one()
-    root_ref, cluster_ref = _version_ref(*rnd[2:6]), _version_ref(*rnd[6:10])
+    # PostgreSQL returned the round's inputs with the row (UPDATE ... FROM); SQLite reads them
+    rnd = task if postgres else conn.execute(_LEASE_STATEMENTS["round"], {"round_id": task.round_id}).one()
+    root_ref = _version_ref(rnd.root_id, rnd.root_tier, rnd.root_version, rnd.root_sha)
+    cluster_ref = _version_ref(rnd.cluster_id, rnd.cluster_tier, rnd.cluster_version, rnd.cluster_sha)
     tier = task_tier(task.stage, cluster_ref is not None)
     policy = cfg.tier_policy(tier)
     # the final evaluation and refinement: nothing trains, nothing is uploaded
