@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.logformat import LOG_LEVELS
 from shared.validation import error_message
 
 DEFAULT_ADMIN_TOKEN = "hilora-dev-admin"
@@ -88,8 +89,6 @@ class Settings(BaseSettings):
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
-        from shared.logformat import LOG_LEVELS
-
         if value.lower() not in LOG_LEVELS:
             raise ValueError(f"unknown log level {value!r} (one of: {', '.join(LOG_LEVELS)})")
         return value.lower()

@@ -392,15 +392,9 @@ def admin_create(
     """Create a federation: upload the backbone, send the config and manifest, print the secret."""
     from hilora.federation_file import build_federation_config, load_federation_file
 
-    from pydantic import ValidationError
-
-    from shared.validation import describe_validation_error
-
     token = _admin_token(admin_token)
     try:
-        fed_config, checkpoint = build_federation_config(load_federation_file(config))
-    except ValidationError as exc:   # the config the file builds (schedule, training, clustering, tiers)
-        _fail(describe_validation_error(exc, f"federation file {config}"))
+        fed_config, checkpoint = build_federation_config(load_federation_file(config), f"federation file {config}")
     except ValueError as exc:
         _fail(str(exc))
 

@@ -208,8 +208,9 @@ def resolve_preprocessing(file: FederationFile, model: str, model_kwargs: dict[s
     return found.model_dump(mode="json")
 
 
-def build_federation_config(file: FederationFile) -> tuple[FederationConfig, bytes]:
-    """The validated FederationConfig and the checkpoint bytes to upload."""
+def build_federation_config(file: FederationFile, source: str = "federation file") -> tuple[FederationConfig, bytes]:
+    """The validated FederationConfig and the checkpoint bytes to upload; a config the file's fields
+    do not make valid is a ValueError of one line, the fields named by their path after ``source``."""
     checkpoint, model, model_kwargs = resolve_checkpoint(file.backbone)
     on_disk = file.backbone.checkpoint not in DEMO_CHECKPOINTS and file.backbone.checkpoint != "pretrained"
     manifest = build_manifest(file, model, model_kwargs, Path(file.backbone.checkpoint) if on_disk else checkpoint)
@@ -224,6 +225,9 @@ def build_federation_config(file: FederationFile) -> tuple[FederationConfig, byt
     for tier in ("root", "cluster", "leaf"):
         if getattr(file, tier) is not None:
             doc[tier] = getattr(file, tier)
-    config = FederationConfig.model_validate(doc)   # the file's own mistakes first
+    try:
+        config = FederationConfig.model_validate(doc)   # the file's own mistakes first
+    except ValidationError as exc:
+        raise ValueError(describe_validation_error(exc, source)) from None
     preprocessing = resolve_preprocessing(file, model, model_kwargs)
     return FederationConfig.model_validate({**config.model_dump(mode="json"), "preprocessing": preprocessing}), checkpoint
