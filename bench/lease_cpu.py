@@ -6,9 +6,11 @@ and sequential lease requests over one keep-alive connection:
   it (N granted leases; the first tenth warm the process up and are not counted);
 - **empty**: every client then leases again, ``--empty-per-client`` times round robin (each already
   holds its task, so every answer is "no work, retry after");
-- **upload** and **complete**: then every client uploads its task's result (a valid root-tier body of
-  the 1-block test manifest, ``upload_bytes`` in the output) and completes it, one request each
-  (the scheduler runs in no process by then: a completion's wake-up costs nothing here).
+- **upload** and **complete**: then two thirds of the clients upload their task's result (a valid
+  root-tier body of the 1-block test manifest, ``upload_bytes`` in the output) and complete it, one
+  request each (the scheduler runs in no process by then: a completion's wake-up costs nothing
+  here); **upload_complete**: the last third uploads with the completion in ``X-Hilora-Complete``,
+  one request for both, as the worker does.
 
 The figure is the serving process's CPU time (user + system, /proc/<pid>/stat) over the requests
 divided by their number: everything the coordinator spends on a lease (HTTP parsing, routing,
@@ -123,13 +125,18 @@ def measure(backend: str, clients: int, empty_per_client: int, workdir: Path) ->
         # each client's result: one upload, then one completion (the first tenth warm up each route)
         body, _sha = upload_bodies(depth=1)[0]
 
+        completion = json.dumps({"num_samples": 10, "metrics": {"acc": 0.5}})
+
         def report(step: str, clients: list) -> tuple[float, float, int]:
             c0, t0 = cpu_seconds(pid), time.perf_counter()
             for cid, headers in clients:
                 task = held[cid]
-                if step == "upload":
+                if step in ("upload", "upload_complete"):
+                    extra = {"X-Hilora-Complete": completion} if step == "upload_complete" else {}
                     r = http.put(f"/v1/tasks/{task['task_id']}/upload", params={"lease_id": task["lease_id"]},
-                                 content=body, headers=headers)
+                                 content=body, headers={**headers, **extra})
+                    if step == "upload_complete" and r.json().get("status") != "done":
+                        raise RuntimeError(f"the upload did not complete its task: {r.text}")
                 else:
                     r = http.post(f"/v1/tasks/{task['task_id']}/complete", headers=headers,
                                   json={"lease_id": task["lease_id"], "num_samples": 10, "metrics": {"acc": 0.5}})
@@ -137,9 +144,11 @@ def measure(backend: str, clients: int, empty_per_client: int, workdir: Path) ->
             return cpu_seconds(pid) - c0, time.perf_counter() - t0, len(clients)
 
         steps = {}
-        for step in ("upload", "complete"):
-            report(step, tokens[:warm])
-            cpu, wall, n = report(step, tokens[warm:])
+        apart, merged = tokens[:clients - clients // 3], tokens[clients - clients // 3:]
+        for step, group in (("upload", apart), ("complete", apart), ("upload_complete", merged)):
+            warm = max(1, len(group) // 10)
+            report(step, group[:warm])
+            cpu, wall, n = report(step, group[warm:])
             steps[step] = {"requests": n, "cpu_ms_per_request": round(1000 * cpu / n, 2),
                            "wall_ms_per_request": round(1000 * wall / n, 2)}
         return {"backend": backend, "clients": clients,
@@ -148,6 +157,7 @@ def measure(backend: str, clients: int, empty_per_client: int, workdir: Path) ->
                 "empty": {"requests": e_n, "cpu_ms_per_lease": round(1000 * e_cpu / e_n, 2),
                           "wall_ms_per_lease": round(1000 * e_wall / e_n, 2)},
                 "upload": {**steps["upload"], "upload_bytes": len(body)}, "complete": steps["complete"],
+                "upload_complete": steps["upload_complete"],
                 "healthz_cpu_ms_per_request": round(healthz_ms, 2)}
     finally:
         serving.stop()

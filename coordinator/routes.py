@@ -13,6 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
@@ -46,6 +47,7 @@ from coordinator.services.scheduling import start_training
 from shared import PROTOCOL_VERSION, __version__
 from shared.config import FederationConfig
 from shared.schemas import (
+    COMPLETE_HEADER,
     PROTOCOL_HEADER,
     SHA256_HEADER,
     WORKER_ID_HEADER,
@@ -73,10 +75,12 @@ from shared.schemas import (
     RoundInfo,
     TaskComplete,
     TaskCompleted,
+    TaskResult,
     TaskStatus,
     UploadAck,
     VersionInfo,
 )
+from shared.validation import describe_validation_error
 
 MAX_BLOB_BYTES = 4 * 1024**3
 WRITEBACK_BYTES = 1 << 20  # start writing a streamed body to disk every MiB
@@ -570,16 +574,23 @@ async def _stream_to_temp(request: Request, limit: int) -> tuple[str, int, FileP
     return digest.hexdigest(), size, tmp
 
 
-@router.put("/tasks/{task_id}/upload", response_model=UploadAck, responses=_busy,
+@router.put("/tasks/{task_id}/upload", response_model=UploadAck, response_model_exclude_none=True, responses=_busy,
             openapi_extra={"requestBody": {"required": True,
                                            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
 async def upload(task_id: DbId, request: Request, token: Token,
                  lease_id: Annotated[str, Query(min_length=1, max_length=64)],
-                 declared_sha: Annotated[str | None, Header(alias=SHA256_HEADER)] = None) -> UploadAck:
-    """Upload the task's tensors (safetensors body) under its lease. Checked against the manifest."""
+                 declared_sha: Annotated[str | None, Header(alias=SHA256_HEADER)] = None,
+                 complete_with: Annotated[str | None, Header(alias=COMPLETE_HEADER, description=(
+                     "the completion's JSON ({num_samples, metrics}): the task completes with this upload, "
+                     "in the same transaction (one request instead of upload, then /complete); without "
+                     "time_upload in the metrics, the coordinator's own is recorded (the request's arrival "
+                     "to its body stored)"))] = None) -> UploadAck:
+    """Upload the task's tensors (safetensors body) under its lease. Checked against the manifest.
+    With ``X-Hilora-Complete`` the task also completes (answered with ``status: done``)."""
     metrics = request.app.state.metrics
+    started = time.perf_counter()
     try:
-        ack = await _upload(task_id, request, token, lease_id, declared_sha)
+        ack = await _upload(task_id, request, token, lease_id, declared_sha, complete_with, started)
     except ServiceError as exc:
         metrics.uploads.labels("rejected", exc.code).inc()
         raise
@@ -589,8 +600,19 @@ async def upload(task_id: DbId, request: Request, token: Token,
     return ack
 
 
+def _completion_header(value: str | None) -> TaskResult | None:
+    if value is None:
+        return None
+    try:
+        result = TaskResult.model_validate_json(value)
+    except ValidationError as exc:
+        raise Invalid(describe_validation_error(exc, COMPLETE_HEADER), code="bad_completion") from None
+    tasks.check_metrics(result.metrics)
+    return result
+
+
 async def _upload(task_id: int, request: Request, token: str, lease_id: str,
-                  declared_sha: str | None) -> UploadAck:
+                  declared_sha: str | None, complete_with: str | None, started: float) -> UploadAck:
     factory = request.app.state.session_factory
 
     def plan() -> tuple[int, tasks.UploadPlan]:
@@ -602,36 +624,51 @@ async def _upload(task_id: int, request: Request, token: str, lease_id: str,
     if plan_.limit == 0:
         raise Conflict("this task takes no upload (a leaf never leaves the client; an eval task only "
                        "evaluates): complete it with metrics", code="no_upload_expected")
+    result = _completion_header(complete_with)  # after the token and the lease, before the body
     # 429 / 503 when too many are in flight (for this client, its federation, this replica)
     with request.app.state.upload_slots.slot(client_id, plan_.federation_id):
-        return await _receive_upload(request, factory, task_id, token, lease_id, declared_sha, plan_)
+        ack, decides = await _receive_upload(request, factory, task_id, token, lease_id, declared_sha, plan_,
+                                             result, started)
+    if decides:  # the round's last open task: the scheduler closes it now, not at its next periodic tick
+        request.app.state.scheduler.wake()
+    return ack
 
 
 async def _receive_upload(request: Request, factory, task_id: int, token: str, lease_id: str,  # noqa: ANN001
-                          declared_sha: str | None, plan_: tasks.UploadPlan) -> UploadAck:
+                          declared_sha: str | None, plan_: tasks.UploadPlan, result: TaskResult | None,
+                          started: float) -> tuple[UploadAck, bool]:
     sha, size, tmp = await _stream_to_temp(request, plan_.limit)
     if declared_sha is not None and declared_sha.lower() != sha:
         tmp.unlink(missing_ok=True)
         raise Invalid(f"the body hashes to {sha}, but {SHA256_HEADER} says {declared_sha}", code="sha256_mismatch")
 
-    def check_and_accept() -> tasks.AcceptedUpload:
+    def check_and_accept() -> tuple[tasks.AcceptedUpload, TaskStatus | None, bool]:
         # parse and check the tensors before the transaction: no lock is held for a hostile body;
         # then make the body durable before the database may say it was accepted
         tasks.check_upload_body(tmp, plan_)
         fsync_file(tmp)
+        status, decides = None, False
         with factory() as session, session.begin():
             client = registration.authenticate_client(session, token)
+            now = _now(request)
             accepted = tasks.accept_upload(session, request.app.state.blobs, client, task_id, lease_id, tmp, sha,
-                                           size, _now(request), request.app.state.settings.max_uploads_per_task)
+                                           size, now, request.app.state.settings.max_uploads_per_task)
+            if result is not None:  # and the completion, in the same transaction
+                reported = result.metrics
+                if "time_upload" not in reported:
+                    reported = {**reported, "time_upload": time.perf_counter() - started}
+                task = tasks.complete_task(session, client, task_id, lease_id, result.num_samples, reported, now)
+                status = TaskStatus(task.status)
+                decides = not tasks.round_waits_on_others(session, task)
         if accepted.freed is not None:  # the superseded body: its row is gone now that we committed
             request.app.state.blobs.path(accepted.freed).unlink(missing_ok=True)
-        return accepted
+        return accepted, status, decides
 
     try:  # one hop to the threadpool for both
-        accepted = await run_in_threadpool(check_and_accept)
+        accepted, status, decides = await run_in_threadpool(check_and_accept)
     finally:
         tmp.unlink(missing_ok=True)
-    return UploadAck(task_id=task_id, sha256=accepted.sha256, bytes=accepted.size)
+    return UploadAck(task_id=task_id, sha256=accepted.sha256, bytes=accepted.size, status=status), decides
 
 
 @router.post("/tasks/{task_id}/release", response_model=TaskCompleted)

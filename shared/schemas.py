@@ -25,6 +25,9 @@ from shared.states import (
 PROTOCOL_HEADER = "X-Hilora-Protocol"
 WORKER_ID_HEADER = "X-Hilora-Worker-Id"
 SHA256_HEADER = "X-Hilora-Sha256"
+# an upload that also completes its task: the completion's JSON (``TaskResult``) in this header, so
+# a task's result is one request instead of two (upload, then ``/complete``)
+COMPLETE_HEADER = "X-Hilora-Complete"
 
 class ErrorBody(BaseModel):
     error: str = Field(description="machine-readable reason, e.g. 'wrong_shape', 'stale_lease'")
@@ -313,15 +316,22 @@ class UploadAck(BaseModel):
     task_id: int
     sha256: str
     bytes: int
+    status: TaskStatus | None = Field(default=None, description=(
+        f"present when the upload also completed its task ({COMPLETE_HEADER}): the task's status, done"))
 
 
-class TaskComplete(BaseModel):
+class TaskResult(BaseModel):
+    """What a completion reports: the body of ``/complete`` without its lease id, and the JSON of
+    an upload's ``X-Hilora-Complete`` header."""
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    lease_id: str = Field(max_length=64)
     num_samples: int = Field(ge=1, le=10**9)
     metrics: dict[str, float] = Field(default_factory=dict, max_length=256,
                                       description="at most 256 finite numbers, names up to 64 characters")
+
+
+class TaskComplete(TaskResult):
+    lease_id: str = Field(max_length=64)
 
 
 class TaskCompleted(BaseModel):

@@ -8,6 +8,7 @@ torch, so the admin CLI and the demo launcher use it too.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import random
@@ -20,6 +21,7 @@ import httpx
 from shared import PROTOCOL_VERSION, __version__
 from shared.config import FederationConfig
 from shared.schemas import (
+    COMPLETE_HEADER,
     PROTOCOL_HEADER,
     SHA256_HEADER,
     WORKER_ID_HEADER,
@@ -33,6 +35,10 @@ from shared.schemas import (
     UploadAck,
     VersionInfo,
 )
+
+# a completion rides on its upload's request when its JSON is at most this long (HTTP servers limit
+# a request's headers to 8-16 KB in all); a longer one (hundreds of metrics) goes to /complete
+COMPLETE_HEADER_MAX_BYTES = 4096
 
 log = logging.getLogger("hilora.client")
 
@@ -222,10 +228,19 @@ class CoordinatorClient:
         self.request("POST", f"/v1/tasks/{task_id}/release", token=token, json={"lease_id": lease_id},
                      max_retries=max_retries)
 
-    def upload(self, task_id: int, token: str, lease_id: str, body: bytes) -> UploadAck:
+    def upload(self, task_id: int, token: str, lease_id: str, body: bytes,
+               complete: tuple[int, dict[str, float]] | None = None) -> UploadAck:
+        """PUT the task's tensors. With ``complete`` (num_samples, metrics) the same request also
+        completes the task (``X-Hilora-Complete``) when its JSON fits ``COMPLETE_HEADER_MAX_BYTES``;
+        the answer's ``status`` is ``done`` then, and None when the caller must still ``complete``."""
         sha = hashlib.sha256(body).hexdigest()
+        headers = {SHA256_HEADER: sha, "Content-Type": "application/octet-stream"}
+        if complete is not None:
+            value = json.dumps({"num_samples": complete[0], "metrics": complete[1]}, separators=(",", ":"))
+            if len(value) <= COMPLETE_HEADER_MAX_BYTES:
+                headers[COMPLETE_HEADER] = value
         r = self.request("PUT", f"/v1/tasks/{task_id}/upload", token=token, params={"lease_id": lease_id},
-                         content=body, headers={SHA256_HEADER: sha, "Content-Type": "application/octet-stream"})
+                         content=body, headers=headers)
         return UploadAck.model_validate(r.json())
 
     def complete(self, task_id: int, token: str, lease_id: str, num_samples: int,

@@ -459,16 +459,21 @@ def accept_upload(session: Session, blobs: BlobStore, client: Client, task_id: i
     return AcceptedUpload(sha256, size, freed)
 
 
+def check_metrics(metrics: dict[str, float]) -> None:
+    """A completion's metrics: finite numbers named in at most 64 characters (422 bad_metrics)."""
+    bad = [k for k, v in metrics.items() if not math.isfinite(v) or len(k) > 64]
+    if bad:
+        raise Invalid(f"metrics must be finite numbers with names up to 64 characters: {bad}",
+                      code="bad_metrics")
+
+
 def complete_task(session: Session, client: Client, task_id: int, lease_id: str, num_samples: int,
                   metrics: dict[str, float], now: datetime) -> Task:
     task = _owned_task(session, client, task_id)
     if task.status == TaskStatus.done and task.lease_id == lease_id:
         return task
     _require_live_lease(task, lease_id, now)
-    bad = [k for k, v in metrics.items() if not math.isfinite(v) or len(k) > 64]
-    if bad:
-        raise Invalid(f"metrics must be finite numbers with names up to 64 characters: {bad}",
-                      code="bad_metrics")
+    check_metrics(metrics)
     cfg = federation_config(session.get(Federation, task.federation_id))
     if expected_upload(cfg, task.stage) and task.upload_sha256 is None:
         raise Conflict(f"task {task.id} ({task.stage}) needs its upload before completion",

@@ -21,12 +21,16 @@ def test_lease_cpu_bench_reports_every_request_kind(tmp_path):
     assert res["backend"] == "sqlite" and res["clients"] == 20
     # the first tenth (2 clients) warms each route up and is not counted
     assert res["granted"]["requests"] == 18 and res["empty"]["requests"] == 40
-    assert res["upload"]["requests"] == 18 and res["complete"]["requests"] == 18
+    # two thirds (14) upload and complete apart, a tenth of them (1) warming up; the last third (6)
+    # uploads with the completion riding along, 1 warming up
+    assert res["upload"]["requests"] == 13 and res["complete"]["requests"] == 13
+    assert res["upload_complete"]["requests"] == 5
     assert res["upload"]["upload_bytes"] > 100_000          # the 1-block manifest's root tier
     for kind, key in (("granted", "cpu_ms_per_lease"), ("empty", "cpu_ms_per_lease"),
-                      ("upload", "cpu_ms_per_request"), ("complete", "cpu_ms_per_request")):
+                      ("upload", "cpu_ms_per_request"), ("complete", "cpu_ms_per_request"),
+                      ("upload_complete", "cpu_ms_per_request")):
         assert res[kind][key] >= 0 and res[kind]["wall_ms_per_" + key.split("_per_")[1]] > 0, kind
     # CPU is read in 10 ms ticks: one kind may round to 0, all of them together cannot (~0.3 s of work)
     total = sum(res[k]["requests"] * res[k]["cpu_ms_per_lease" if k in ("granted", "empty") else "cpu_ms_per_request"]
-                for k in ("granted", "empty", "upload", "complete"))
+                for k in ("granted", "empty", "upload", "complete", "upload_complete"))
     assert total > 0 and res["healthz_cpu_ms_per_request"] >= 0
