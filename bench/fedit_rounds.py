@@ -51,7 +51,9 @@ reported but left out of the medians (``--include-first`` keeps it). CPU: the co
 workers' CPU seconds (/proc) and the whole machine's (/proc/stat) over the measured rounds, so the
 share other processes on the machine took is in the result too. ``--profile DIR`` attaches
 ``py-spy record -f raw --idle --nonblocking`` to the coordinator and every worker (DIR/<process>.txt,
-collapsed stacks, waiting threads included: wall time, not only CPU); a profiled run is slower and
+collapsed stacks, waiting threads included: wall time, not only CPU; with ``--profile-gil``,
+``--gil`` instead: only the thread holding the GIL, where each process's Python CPU goes); a
+profiled run is slower and
 its numbers are not the reference ones.
 """
 
@@ -222,10 +224,13 @@ class Sampler(threading.Thread):
                 "load_1min": {"min": min(loads), "max": max(loads), "mean": round(statistics.fmean(loads), 2)}}
 
 
-def start_profiler(out_dir: Path, name: str, pid: int) -> subprocess.Popen:
+def start_profiler(out_dir: Path, name: str, pid: int, gil: bool = False) -> subprocess.Popen:
+    """py-spy on one process: every thread, waiting included (wall time), or with ``gil`` only the
+    thread holding the GIL (where the process's Python CPU goes)."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw", "--nonblocking", "--idle",
+    mode = ["--gil"] if gil else ["--idle"]
+    return subprocess.Popen([py_spy, "record", "--pid", str(pid), "--format", "raw", "--nonblocking", *mode,
                              "--rate", "200", "--output", str(out_dir / f"{name}.txt")],
                             stdout=subprocess.DEVNULL, stderr=open(out_dir / f"{name}.py-spy.log", "wb"))  # noqa: SIM115
 
@@ -327,8 +332,8 @@ def summarize(rows: list[dict], include_first: bool) -> dict[str, Any]:
 
 def run(rounds: int = 10, clients: int = 18, workers: int = 2, long_poll: float = 20.0, rank: int = 8,
         local_epochs: int = 2, scheduler_interval: float | None = None, include_first: bool = False,
-        workdir: Path | None = None, profile: Path | None = None, timeout: float = 900.0,
-        say: Any = None, background_reports: bool = True, evaluate_every: int = 1) -> dict[str, Any]:
+        workdir: Path | None = None, profile: Path | None = None, profile_gil: bool = False,
+        timeout: float = 900.0, say: Any = None, background_reports: bool = True, evaluate_every: int = 1) -> dict[str, Any]:
     """Run the federation and return its numbers (see the module docstring)."""
     from coordinator.db import make_engine, make_session_factory
     from hilora.bench.engine import register
@@ -365,13 +370,13 @@ def run(rounds: int = 10, clients: int = 18, workers: int = 2, long_poll: float 
                               partition)
         names = [f"worker-{w}" for w in range(min(workers, len(hosted)))]
         if profile is not None:
-            profilers.append(start_profiler(profile, "coordinator", cluster.coordinator.pid))
+            profilers.append(start_profiler(profile, "coordinator", cluster.coordinator.pid, profile_gil))
         for w, name in enumerate(names):
             proc = start_worker(cluster, name, {"federation_id": fid, "clients": hosted[w::len(names)]},
                                 long_poll, timeout, background_reports)
             sampler.add(name, proc.pid)
             if profile is not None:
-                profilers.append(start_profiler(profile, name, proc.pid))
+                profilers.append(start_profiler(profile, name, proc.pid, profile_gil))
         engine = make_engine(f"sqlite:///{workdir / 'coordinator.db'}")
         session_factory = make_session_factory(engine)
         deadline = time.monotonic() + timeout
@@ -495,17 +500,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="keep the database, logs and worker state here")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
                     help="py-spy record -f raw of the coordinator and each worker into DIR")
+    ap.add_argument("--profile-gil", action="store_true",
+                    help="with --profile: sample only the thread holding the GIL (each process's Python CPU) "
+                         "instead of every thread, waiting included")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     rounds = args.rounds if args.rounds is not None else (QUICK_ROUNDS if args.quick else 10)
     if rounds < 1 or args.clients < 1 or args.workers < 1 or args.evaluate_every < 1:
         ap.error("--rounds, --clients, --workers and --evaluate-every must be at least 1")
+    if args.profile_gil and args.profile is None:
+        ap.error("--profile-gil needs --profile DIR")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     res = run(rounds=rounds, clients=args.clients, workers=args.workers, long_poll=args.long_poll, rank=args.rank,
               local_epochs=args.local_epochs, scheduler_interval=args.scheduler_interval,
-              include_first=args.include_first, workdir=args.workdir, profile=args.profile, timeout=args.timeout,
-              background_reports=args.background_reports, evaluate_every=args.evaluate_every,
+              include_first=args.include_first, workdir=args.workdir, profile=args.profile,
+              profile_gil=args.profile_gil, timeout=args.timeout, background_reports=args.background_reports, evaluate_every=args.evaluate_every,
               say=(lambda m: print(m, file=sys.stderr, flush=True)))
     print(json.dumps(res, indent=1, default=float) if args.json else format_report(res), flush=True)
     return 0

@@ -178,7 +178,9 @@ def worker(
     background_reports: Annotated[bool, typer.Option(
         "--background-reports/--no-background-reports",
         help="upload and complete a trained task in a background thread while the next task is leased and "
-             "trained (one report in flight at a time); off: report before leasing again")] = True,
+             "trained (one report in flight at a time), and, once tasks are known to take under a quarter of "
+             "their lease, lease the next hosted client's task while one trains; off: report, then lease, "
+             "in turn")] = True,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error or critical")] = "info",
     log_format: Annotated[Optional[str], typer.Option(
         help="'text' or 'json' (one JSON object per line, with the task and client of each line); "

@@ -37,7 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.config import FederationConfig
-from shared.schemas import TaskAssignment, refine_metric
+from shared.schemas import TaskAssignment, TaskStatus, refine_metric
 from shared.tensors import pack_tensors, unpack_tensors
 from shared.validation import describe_validation_error
 from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
@@ -180,6 +180,14 @@ class PhaseTimer:
         return {f"time_{phase}": seconds for phase, seconds in self.seconds.items()}
 
 
+def _lease_left(task: TaskAssignment) -> float:
+    """Seconds left of the task's lease, by this machine's clock."""
+    expires = task.lease_expires_at
+    if expires.tzinfo is None:
+        expires = expires.replace(tzinfo=timezone.utc)
+    return (expires - datetime.now(timezone.utc)).total_seconds()
+
+
 def task_seed(base: int, *parts: object) -> int:
     """The seed of one piece of training work: sha256 of its parts, first 4 bytes."""
     digest = hashlib.sha256("/".join(str(p) for p in (base, *parts)).encode()).digest()
@@ -273,6 +281,8 @@ class WorkerDaemon:
         self.background_reports = background_reports
         self._reporter: concurrent.futures.ThreadPoolExecutor | None = None
         self._report_in_flight: concurrent.futures.Future | None = None
+        self._leaser: concurrent.futures.ThreadPoolExecutor | None = None  # the next slot's lease (_lease_ahead)
+        self._last_task_seconds: float | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -448,6 +458,9 @@ class WorkerDaemon:
         try:
             return self._poll()
         finally:
+            if self._leaser is not None:
+                self._leaser.shutdown(wait=True)
+                self._leaser = None
             self.close_reporter()   # the last task's report goes out before the daemon ends
 
     def _poll(self) -> int:
@@ -458,29 +471,45 @@ class WorkerDaemon:
                 return 3
             worked = False
             wait = 5.0
-            for slot in self.slots:
-                if self.stop_event.is_set():
-                    break
-                if slot.last_state == "revoked":
-                    continue
-                try:
-                    response = self.client.lease(slot.client_id, slot.token)
-                except CoordinatorUnavailable as exc:  # keep polling: the coordinator may come back
-                    if not self.stop_event.is_set():
-                        log.warning("coordinator unavailable (%s); polling again", exc)
-                    break
-                except CoordinatorError as exc:
-                    self._drop_refused(slot, exc)
-                    continue
-                slot.last_state = response.client_state
-                if response.task is not None:
-                    if self.stop_event.is_set():  # leased while the stop came in: give it straight back
-                        self._release(slot, response.task, "the worker is stopping")
+            ahead: tuple[ClientSlot, concurrent.futures.Future] | None = None  # the next slot's lease, in flight
+            try:
+                for i, slot in enumerate(self.slots):
+                    if self.stop_event.is_set():
                         break
-                    self._run_task(slot, response.task)
-                    worked = True
-                else:
-                    wait = min(wait, response.retry_after)
+                    if slot.last_state == "revoked":
+                        continue
+                    prefetched = ahead is not None and ahead[0] is slot
+                    try:
+                        if prefetched:
+                            response = ahead[1].result()
+                            ahead = None
+                        else:
+                            response = self.client.lease(slot.client_id, slot.token)
+                    except CoordinatorUnavailable as exc:  # keep polling: the coordinator may come back
+                        ahead = None
+                        if not self.stop_event.is_set():
+                            log.warning("coordinator unavailable (%s); polling again", exc)
+                        break
+                    except CoordinatorError as exc:
+                        ahead = None
+                        self._drop_refused(slot, exc)
+                        continue
+                    slot.last_state = response.client_state
+                    if response.task is not None:
+                        if self.stop_event.is_set():  # leased while the stop came in: give it straight back
+                            self._release(slot, response.task, "the worker is stopping")
+                            break
+                        if prefetched and _lease_left(response.task) < response.task.lease_seconds / 2:
+                            self._release(slot, response.task, "it waited while another task ran")
+                            continue
+                        ahead = self._lease_ahead(i, response.task)
+                        self._run_task(slot, response.task)
+                        worked = True
+                    else:
+                        wait = min(wait, response.retry_after)
+            finally:
+                if ahead is not None:  # the loop ended before the next slot's turn: give its task back
+                    self._give_back_ahead(*ahead)
             if not worked:  # nothing to train: the last report lands before deciding what to do next
                 self.drain_reports()
             if all(s.last_state == "revoked" for s in self.slots):
@@ -494,6 +523,34 @@ class WorkerDaemon:
                 # nothing held (long polling off, paused, or the held requests failed): sleep
                 self.stop_event.wait(wait if self.long_poll <= 0 else min(wait, 1.0))
         return 0
+
+    def _lease_ahead(self, index: int, task: TaskAssignment) -> tuple[ClientSlot, concurrent.futures.Future] | None:
+        """With background reports, the lease of the next hosted client goes out while this task
+        trains, so that the next task starts without waiting for the coordinator's answer. Only
+        once this worker's tasks are known to take under a quarter of a lease (the task waits
+        leased, without heartbeats, while this one trains; one that has waited past half its lease
+        is given back, as a held lease's is)."""
+        if not self.background_reports or self._last_task_seconds is None \
+                or self._last_task_seconds >= task.lease_seconds / 4:
+            return None
+        following = next((s for s in self.slots[index + 1:] if s.last_state != "revoked"), None)
+        if following is None:
+            return None
+        if self._leaser is None:
+            self._leaser = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hilora-lease")
+        future = self._leaser.submit(contextvars.copy_context().run, self.client.lease, following.client_id,
+                                     following.token)
+        return following, future
+
+    def _give_back_ahead(self, slot: ClientSlot, future: concurrent.futures.Future) -> None:
+        try:
+            response = future.result()
+        except (CoordinatorUnavailable, CoordinatorError) as exc:
+            log.debug("lease ahead for client %s ended: %s", slot.spec.name, exc)
+            return
+        slot.last_state = response.client_state
+        if response.task is not None:
+            self._release(slot, response.task, "the worker stopped polling before its turn")
 
     @staticmethod
     def _drop_refused(slot: ClientSlot, exc: CoordinatorError) -> None:
@@ -540,13 +597,9 @@ class WorkerDaemon:
                             answered = True
                         continue
                     answered = True
-                    expires = task.lease_expires_at
-                    if expires.tzinfo is None:
-                        expires = expires.replace(tzinfo=timezone.utc)
-                    left = (expires - datetime.now(timezone.utc)).total_seconds()
                     if self.stop_event.is_set():
                         self._release(slot, task, "the worker is stopping")
-                    elif left < task.lease_seconds / 2:
+                    elif _lease_left(task) < task.lease_seconds / 2:
                         self._release(slot, task, "it waited while another task ran")
                     else:
                         self._run_task(slot, task)
@@ -556,8 +609,10 @@ class WorkerDaemon:
         """``execute`` that never takes the daemon down for a coordinator failure: the task is
         dropped (its lease expires and the coordinator requeues it) and polling goes on."""
         self._busy = True
+        started = time.monotonic()
         try:
             self.execute(slot, task, defer_report=self.background_reports)
+            self._last_task_seconds = time.monotonic() - started
         except CoordinatorUnavailable as exc:
             log.warning("task %s (client %s): dropped, the coordinator is unreachable (%s); its lease expires "
                         "and the coordinator requeues it", task.task_id, slot.spec.name, exc)
@@ -790,16 +845,21 @@ class WorkerDaemon:
         seconds, or the daemon is past its shutdown grace). Never raises for coordinator trouble."""
         deadline = time.monotonic() + self.report_timeout
         uploaded = body is None
+        if num_samples is None:
+            num_samples = len(self.client_data(slot).y_train)
         while True:
             try:
                 if not uploaded:
+                    # one request: the upload carries the completion (its time_upload is then the
+                    # coordinator's); a coordinator that did not complete the task answers no status
                     started = time.perf_counter()
-                    self.client.upload(task.task_id, slot.token, task.lease_id, body)
+                    ack = self.client.upload(task.task_id, slot.token, task.lease_id, body,
+                                             complete=(num_samples, metrics))
+                    if ack.status == TaskStatus.done:
+                        return True
                     metrics = {**metrics, "time_upload": time.perf_counter() - started}
                     uploaded = True
-                self.client.complete(task.task_id, slot.token, task.lease_id,
-                                     num_samples if num_samples is not None else len(self.client_data(slot).y_train),
-                                     metrics)
+                self.client.complete(task.task_id, slot.token, task.lease_id, num_samples, metrics)
                 return True
             except CoordinatorError as exc:
                 level = logging.WARNING if exc.status in (404, 409, 410) else logging.ERROR

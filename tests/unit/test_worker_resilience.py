@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from shared.config import Training
-from shared.schemas import FederationState, LeaseResponse, TaskAssignment
-from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
+from shared.schemas import COMPLETE_HEADER, FederationState, LeaseResponse, TaskAssignment, TaskStatus, UploadAck
+from worker.client import COMPLETE_HEADER_MAX_BYTES, CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 from worker.daemon import ClientSlot, HostedClient, WorkerConfig, WorkerDaemon
 from worker.data import ClientData
 from worker.state import ClientFiles
@@ -54,6 +54,7 @@ class FakeClient:
     def __init__(self, **scripts) -> None:
         self.scripts = scripts
         self.calls: list[tuple] = []
+        self.completes: list[tuple] = []
         self.interrupted = None
 
     def _answer(self, route: str, *args):
@@ -77,8 +78,13 @@ class FakeClient:
     def heartbeat(self, task_id, token, lease_id):
         return self._answer("heartbeat", task_id, lease_id)
 
-    def upload(self, task_id, token, lease_id, body):
-        return self._answer("upload", task_id, lease_id)
+    def upload(self, task_id, token, lease_id, body, complete=None):
+        """A scripted None answers as a coordinator that stored the body without completing the task
+        (no status: the daemon then completes it apart); ``completes`` records what rode along."""
+        if complete is not None:
+            self.completes.append((task_id, complete))
+        answer = self._answer("upload", task_id, lease_id)
+        return UploadAck(task_id=task_id, sha256="0" * 64, bytes=len(body)) if answer is None else answer
 
     def complete(self, task_id, token, lease_id, num_samples, metrics):
         return self._answer("complete", task_id, lease_id)
@@ -134,7 +140,7 @@ def test_a_refused_result_is_dropped_with_one_line_and_never_retried(tmp_path, c
 
 def test_an_unreachable_coordinator_is_retried_then_the_report_goes_through(tmp_path):
     down = CoordinatorUnavailable("connection refused")
-    client = FakeClient(upload=[down, down, {"ok": 1}], complete=[down, {"ok": 1}])
+    client = FakeClient(upload=[down, down, None], complete=[down, {"ok": 1}])
     daemon, slot = _daemon(client, tmp_path, report_timeout=30)
     assert daemon.report(slot, _task(), b"body", {}) is True
     # the upload is not repeated once it went through; complete is retried on its own
@@ -150,6 +156,53 @@ def test_a_coordinator_that_stays_away_drops_the_result_after_the_report_timeout
     assert time.monotonic() - t0 < 5
     assert "complete" not in client.routes()
     assert any("stayed unreachable" in r.getMessage() for r in caplog.records)
+
+
+def test_a_result_is_one_request_when_the_coordinator_completes_it_with_the_upload(tmp_path):
+    done = UploadAck(task_id=7, sha256="0" * 64, bytes=4, status=TaskStatus.done)
+    client = FakeClient(upload=[done])
+    daemon, slot = _daemon(client, tmp_path)
+    assert daemon.report(slot, _task(), b"body", {"acc_root": 0.5}, num_samples=12) is True
+    assert client.routes() == ["upload"]
+    assert client.completes == [(7, (12, {"acc_root": 0.5}))]   # time_upload is the coordinator's then
+    # unreachable, then through: the retry carries the completion again (a replay is idempotent)
+    client = FakeClient(upload=[CoordinatorUnavailable("connection refused"), done])
+    daemon, slot = _daemon(client, tmp_path, report_timeout=30)
+    assert daemon.report(slot, _task(), b"body", {}, num_samples=12) is True
+    assert client.routes() == ["upload", "upload"] and [c[0] for c in client.completes] == [7, 7]
+
+
+def test_a_coordinator_that_only_stores_the_upload_gets_the_completion_apart(tmp_path):
+    """An upload answered without status (a coordinator that ignores X-Hilora-Complete, or a
+    completion too long for a header): the completion follows, with the worker's time_upload."""
+    seen = []
+    client = FakeClient(upload=[None])
+    client.complete = lambda task_id, token, lease_id, num_samples, metrics: (  # type: ignore[method-assign]
+        seen.append((task_id, num_samples, sorted(metrics))), client.calls.append(("complete", task_id)))
+    daemon, slot = _daemon(client, tmp_path)
+    assert daemon.report(slot, _task(), b"body", {"acc_root": 0.5}, num_samples=12) is True
+    assert client.routes() == ["upload", "complete"]
+    assert seen == [(7, 12, ["acc_root", "time_upload"])]
+
+
+def test_the_client_sends_the_completion_in_a_header_only_when_it_fits():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get(COMPLETE_HEADER))
+        status = "done" if COMPLETE_HEADER in request.headers else None
+        return httpx.Response(200, json={"task_id": 7, "sha256": "0" * 64, "bytes": 4,
+                                         **({"status": status} if status else {})})
+
+    client = CoordinatorClient("http://coord", transport=httpx.MockTransport(handler))
+    ack = client.upload(7, "tok", "lease-7", b"body", complete=(12, {"acc_root": 0.5, "time_compute": 1.25}))
+    assert ack.status == TaskStatus.done
+    assert json.loads(seen[0]) == {"num_samples": 12, "metrics": {"acc_root": 0.5, "time_compute": 1.25}}
+    many = {f"metric_{i:03d}_{'x' * 40}": float(i) for i in range(120)}   # about 7 KB of JSON
+    assert len(json.dumps(many)) > COMPLETE_HEADER_MAX_BYTES
+    ack = client.upload(7, "tok", "lease-7", b"body", complete=(12, many))
+    assert seen[1] is None and ack.status is None   # too long for a header: the caller completes apart
+    assert client.upload(7, "tok", "lease-7", b"body").status is None and seen[2] is None
 
 
 def test_a_leaf_task_completes_without_upload(tmp_path):
@@ -508,6 +561,119 @@ def test_a_held_task_that_waited_past_half_its_lease_is_given_back(tmp_path):
     assert daemon.run() == 0
     assert seen == [1]
     assert [c for c in client.calls if c[0] == "release"] == [("release", 2, "lease-2")]
+
+
+def _two_clients_leasing(tmp_path, answers: dict[int, list], on_lease=None, **kw):
+    """A daemon hosting clients 3 and 4 whose plain leases answer from ``answers`` (then nothing,
+    and a stop); ``execute`` records each task it is given."""
+    daemon: WorkerDaemon
+    lock = threading.Lock()
+
+    def lease(client_id):
+        with lock:
+            if on_lease is not None:
+                on_lease(client_id)
+            if answers[client_id]:
+                return answers[client_id].pop(0)
+            if not any(answers.values()):
+                daemon.request_stop("test")
+            return _lease(None)
+
+    client = FakeClient(lease=lease, release=[None])
+    daemon, _slot = _daemon(client, tmp_path, long_poll=0, **kw)
+    _second_slot(daemon, tmp_path)
+    return daemon, client
+
+
+def test_with_short_tasks_the_next_clients_lease_goes_out_while_a_task_runs(tmp_path):
+    """Two hosted clients, two passes: in the first the worker knows nothing of its tasks' length
+    and leases in turn; once a task ran in far less than a quarter of its lease, the next client's
+    lease is in flight while the current task runs."""
+    answers = {3: [_lease(_fresh(_task(1), 60)), _lease(_fresh(_task(3), 60))],
+               4: [_lease(_fresh(_task(2), 60)), _lease(_fresh(_task(4), 60))]}
+    leases_of_4 = []
+    second_lease_of_4 = threading.Event()
+
+    def on_lease(client_id):
+        if client_id == 4:
+            leases_of_4.append(client_id)
+            if len(leases_of_4) == 2:
+                second_lease_of_4.set()
+
+    daemon, client = _two_clients_leasing(tmp_path, answers, on_lease)
+    seen = []
+
+    def execute(slot, task, defer_report=False):
+        # task 3 runs while client 4's lease is in flight: it waits for it (bounded), never the reverse
+        ahead = second_lease_of_4.wait(10) if task.task_id == 3 else len(leases_of_4)
+        seen.append((task.task_id, ahead))
+        return {}
+
+    daemon.execute = execute  # type: ignore[method-assign]
+    assert daemon.run() == 0
+    assert seen == [(1, 0), (2, 1), (3, True), (4, 2)]
+    assert "release" not in client.routes()
+    assert daemon._leaser is None   # shut down with the loop
+
+
+def test_without_background_reports_leases_go_out_in_turn(tmp_path):
+    answers = {3: [_lease(_fresh(_task(1), 60)), _lease(_fresh(_task(3), 60))],
+               4: [_lease(_fresh(_task(2), 60)), _lease(_fresh(_task(4), 60))]}
+    leases_of_4 = []
+    daemon, client = _two_clients_leasing(tmp_path, answers, lambda cid: cid == 4 and leases_of_4.append(cid),
+                                          background_reports=False)
+    seen = []
+    daemon.execute = lambda slot, task, defer_report=False: seen.append((task.task_id, len(leases_of_4))) or {}  # type: ignore[method-assign]
+    assert daemon.run() == 0
+    assert seen == [(1, 0), (2, 1), (3, 1), (4, 2)]
+
+
+def test_a_task_leased_ahead_that_waited_past_half_its_lease_is_given_back(tmp_path):
+    answers = {3: [_lease(_fresh(_task(1), 60)), _lease(_fresh(_task(3), 60))],
+               4: [_lease(_fresh(_task(2), 60)), _lease(_fresh(_task(4), 20))]}   # 20 s of 60 left
+    daemon, client = _two_clients_leasing(tmp_path, answers)
+    seen = []
+    daemon.execute = lambda slot, task, defer_report=False: seen.append(task.task_id) or {}  # type: ignore[method-assign]
+    assert daemon.run() == 0
+    assert seen == [1, 2, 3]
+    assert [c for c in client.calls if c[0] == "release"] == [("release", 4, "lease-4")]
+
+
+def test_stopping_while_a_lease_is_ahead_gives_its_task_back(tmp_path):
+    answers = {3: [_lease(_fresh(_task(1), 60)), _lease(_fresh(_task(3), 60))],
+               4: [_lease(_fresh(_task(2), 60)), _lease(_fresh(_task(4), 60))]}
+    daemon, client = _two_clients_leasing(tmp_path, answers)
+    seen = []
+
+    def execute(slot, task, defer_report=False):
+        seen.append(task.task_id)
+        if task.task_id == 3:
+            daemon.request_stop("test")
+        return {}
+
+    daemon.execute = execute  # type: ignore[method-assign]
+    assert daemon.run() == 0
+    assert seen == [1, 2, 3]
+    assert [c for c in client.calls if c[0] == "release"] == [("release", 4, "lease-4")]
+
+
+def test_long_tasks_are_not_leased_ahead(tmp_path):
+    """A task that took a quarter of its lease or more: the next lease waits for it."""
+    answers = {3: [_lease(_fresh(_task(1, lease_seconds=0.2), 60)), _lease(_fresh(_task(3, lease_seconds=0.2), 60))],
+               4: [_lease(_fresh(_task(2, lease_seconds=0.2), 60)), _lease(_fresh(_task(4, lease_seconds=0.2), 60))]}
+    leases_of_4 = []
+    daemon, client = _two_clients_leasing(tmp_path, answers, lambda cid: cid == 4 and leases_of_4.append(cid))
+    seen = []
+
+    def execute(slot, task, defer_report=False):
+        seen.append((task.task_id, len(leases_of_4)))
+        time.sleep(0.06)   # over a quarter of the 0.2 s lease
+        return {}
+
+    daemon.execute = execute  # type: ignore[method-assign]
+    assert daemon.run() == 0
+    assert seen == [(1, 0), (2, 1), (3, 1), (4, 2)]
+    assert daemon._leaser is None
 
 
 def test_a_coordinator_that_does_not_hold_leases_is_polled_plainly(tmp_path):
