@@ -136,6 +136,17 @@ def tiny_config(name: str = "fed", sha: str = "0" * 64, **overrides) -> dict:
     return config
 
 
+def tiny_root_body(seed: int) -> bytes:
+    """A valid root-tier upload for ``tiny_config``'s manifest: small random factors (safetensors)."""
+    from shared.config import FederationConfig
+    from shared.tensors import pack_tensors
+
+    manifest = FederationConfig.model_validate(tiny_config("x", "0" * 64)).manifest
+    rng = np.random.default_rng(seed)
+    return pack_tensors({k: (0.1 * rng.standard_normal(size=s)).astype(np.float32)
+                         for k, s in manifest.tier_shapes("root").items()})
+
+
 def create_federation_over_http(http, admin_token: str, name: str, **overrides) -> int:
     """Through a ``worker.client.CoordinatorClient`` on a real coordinator: upload the tiny backbone
     and create a federation; its id."""

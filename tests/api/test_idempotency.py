@@ -6,23 +6,17 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import pytest
-from conftest import bearer, create_federation, register, tick, tiny_config
+from conftest import bearer, create_federation, register, tick, tiny_root_body
 from sqlalchemy import func, select
 
 from coordinator.models import Blob, Task
-from shared.config import FederationConfig
-from shared.tensors import pack_tensors
 
 pytestmark = pytest.mark.api
 
 
 def root_body(seed: int) -> bytes:
-    manifest = FederationConfig.model_validate(tiny_config("x", "0" * 64)).manifest
-    rng = np.random.default_rng(seed)
-    return pack_tensors({k: (0.1 * rng.standard_normal(size=s)).astype(np.float32)
-                         for k, s in manifest.tier_shapes("root").items()})
+    return tiny_root_body(seed)
 
 
 def upload_rows(app) -> list[Blob]:
