@@ -7,16 +7,13 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from conftest import bearer, create_federation, register, tick, tiny_root_body
+from conftest import bearer, create_federation, register, tick
+from conftest import tiny_root_body as root_body
 from sqlalchemy import func, select
 
 from coordinator.models import Blob, Task
 
 pytestmark = pytest.mark.api
-
-
-def root_body(seed: int) -> bytes:
-    return tiny_root_body(seed)
 
 
 def upload_rows(app) -> list[Blob]:

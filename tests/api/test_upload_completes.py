@@ -8,17 +8,14 @@ import hashlib
 import json
 
 import pytest
-from conftest import bearer, create_federation, register, tick, tiny_root_body
+from conftest import bearer, create_federation, register, tick
+from conftest import tiny_root_body as root_body
 from sqlalchemy import select
 
 from coordinator.models import Blob, Round, Task
 from shared.schemas import COMPLETE_HEADER
 
 pytestmark = pytest.mark.api
-
-
-def root_body(seed: int) -> bytes:
-    return tiny_root_body(seed)
 
 
 def task_row(app, task_id: int) -> Task:
