@@ -3,16 +3,18 @@
 Step 1 keeps the probe and root-round uploads of every cell and seed of a family (one short bench
 run each: 6 root rounds, the probe, 1 cluster and 1 leaf round):
 
-    python bench/clustering_features.py generate --family core --seeds 0,1,2 --out /tmp/probes
+    python bench/clustering_features.py generate --family core --seeds 0,1,2 --out /tmp/probes \
+        [--bench-args "--probe-loss ce"]
 
-Step 2 clusters the stored probes with LSAC (silhouette K rule, min_silhouette 0.15, as the
-service) on each distance and prints K, the ARI against the planted groups and the best silhouette
+Step 2 clusters the stored probes with LSAC (silhouette K rule, min_silhouette 0.15, spectral and
+average-linkage partitions: the service's defaults; ``--partitions spectral`` as before 2026-12-06)
+on each distance and prints K, the ARI against the planted groups and the best silhouette
 per cell and seed, then a summary (mean ARI on structured cells, cells with ARI >= 0.9 among those
 with >= 30 images, K = 1 on cells without structure):
 
-    python bench/clustering_features.py evaluate /tmp/probes [--distances update,classwise-mix]
+    python bench/clustering_features.py evaluate /tmp/probes [--distances update,classwise-mix] [--partitions spectral]
 
-Step 3 (optional) compares K rules on one distance (``k_rule_labels``):
+Step 3 (optional) compares K rules on one distance (``k_rule_labels``, over spectral partitions):
 
     python bench/clustering_features.py k-rules /tmp/probes [--rules best,largest:0.05]
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 from collections import defaultdict
@@ -41,7 +44,11 @@ DISTANCES = ("update", "centered", "head", "lora", "rows", "classwise-held", "cl
              "update-rounds")
 
 
-def generate(family: str, seeds: list[int], out: Path, cells: list[str] | None = None) -> None:
+def generate(family: str, seeds: list[int], out: Path, cells: list[str] | None = None,
+             bench_args: list[str] | None = None) -> None:
+    """``bench_args``: more ``hilora bench`` options for every run (a probe option under study, e.g.
+    ``--probe-loss balanced``); they are written to ``out``/bench_args.json, and a folder generated
+    with other options is refused rather than mixed."""
     from hilora.bench.family import family_cells
 
     chosen = family_cells(family)
@@ -52,6 +59,12 @@ def generate(family: str, seeds: list[int], out: Path, cells: list[str] | None =
                              + ", ".join(cell.name for cell in chosen))
         chosen = [cell for cell in chosen if cell.name in cells]
     out.mkdir(parents=True, exist_ok=True)
+    bench_args = list(bench_args or [])
+    recorded = out / "bench_args.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != bench_args:
+        raise SystemExit(f"{out}: its probes were generated with bench options "
+                         f"{json.loads(recorded.read_text())}, not {bench_args}; use another --out")
+    recorded.write_text(json.dumps(bench_args))
     for cell in chosen:
         for seed in seeds:
             name = f"{cell.name}-s{seed}"
@@ -63,7 +76,7 @@ def generate(family: str, seeds: list[int], out: Path, cells: list[str] | None =
             if not work.is_dir():
                 subprocess.run([sys.executable, "-m", "hilora.cli", "bench", "--partition", str(partition),
                                 "--standard", "--rounds", "6/1/1", "-m", "hilora", "--seed", str(seed),
-                                "--workdir", str(work), "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+                                "--workdir", str(work), "--no-progress", *bench_args], check=True, stdout=subprocess.DEVNULL)
             save_features(work, extract(work))
             print(name, flush=True)
 
@@ -184,7 +197,7 @@ def distance(rnd: dict, name: str) -> np.ndarray:
     raise ValueError(f"unknown distance {name!r}; distances: {', '.join(DISTANCES)}")
 
 
-def evaluate(folder: Path, names: list[str]) -> None:
+def evaluate(folder: Path, names: list[str], partitions: str = "spectral+linkage") -> None:
     from sklearn.metrics import adjusted_rand_score
 
     from shared.subspace import lsac
@@ -205,7 +218,7 @@ def evaluate(folder: Path, names: list[str]) -> None:
                 D = np.mean([distance(r, "update") for r in data["rounds"]], axis=0)
             else:
                 D = distance(data["rounds"][-1], name)
-            result = lsac(D, k_rule="silhouette", min_silhouette=0.15, seed=0)
+            result = lsac(D, k_rule="silhouette", min_silhouette=0.15, seed=0, partitions=partitions)
             ari = adjusted_rand_score(data["groups"], result.labels)
             row += f"{'K%d ARI %.2f s %.2f' % (result.k, ari, result.silhouettes.max()):>20}"
             if structured:
@@ -227,7 +240,8 @@ K_RULES = ("best", "smallest:0.05", "smallest:0.1", "largest:0.03", "largest:0.0
 
 
 def k_rule_labels(D: np.ndarray, rule: str) -> np.ndarray:
-    """LSAC's partition of D under one K rule (all with the silhouette floor 0.15: below it, K = 1):
+    """LSAC's partition of D under one K rule, over spectral partitions only (the service's before
+    2026-12-06, when these rules were compared; all with the silhouette floor 0.15: below it, K = 1):
     ``best`` (the service: the K of the highest mean silhouette, knn 5), ``smallest:T`` (the service's
     ``silhouette_tolerance`` T: the smallest K within (1 - T) of the best), ``largest:T`` (the largest
     K within (1 - T) of the best: splitting preferred to merging), ``knn:N`` (best, another kNN for
@@ -304,9 +318,13 @@ def main() -> None:
     gen.add_argument("--out", type=Path, required=True)
     gen.add_argument("--cells", default="", help="comma-separated cell names (default: every cell); "
                      "two processes on disjoint cells may share --out")
+    gen.add_argument("--bench-args", default="", help="more `hilora bench` options for every run, one string "
+                     "(e.g. \"--probe-loss balanced\"); recorded in --out, which then refuses other options")
     ev = sub.add_parser("evaluate")
     ev.add_argument("folder", type=Path)
     ev.add_argument("--distances", default=",".join(DISTANCES))
+    ev.add_argument("--partitions", default="spectral+linkage", choices=("spectral", "spectral+linkage"),
+                    help="the partitions LSAC tries per K (clustering.partitions; 'spectral' before 2026-12-06)")
     kr = sub.add_parser("k-rules", help="compare K rules on one distance (docs/benchmarks.md, \"K rules\")")
     kr.add_argument("folder", type=Path)
     kr.add_argument("--rules", default=",".join(K_RULES))
@@ -319,9 +337,9 @@ def main() -> None:
             raise SystemExit(f"--rules: {exc}") from None
     elif args.command == "generate":
         generate(args.family, [int(s) for s in args.seeds.split(",")], args.out,
-                 [c for c in args.cells.split(",") if c] or None)
+                 [c for c in args.cells.split(",") if c] or None, shlex.split(args.bench_args))
     else:
-        evaluate(args.folder, args.distances.split(","))
+        evaluate(args.folder, args.distances.split(","), args.partitions)
 
 
 if __name__ == "__main__":

@@ -921,9 +921,9 @@ def bench(
     unseen_leaf_rounds: Annotated[Optional[int], typer.Option(min=0, help="leaf rounds of unseen clients")] = None,
     report: Annotated[Optional[Path], typer.Option(help="write the numbers as JSON here")] = None,
     plots: Annotated[Optional[Path], typer.Option(help="write PNG plots into this directory")] = None,
-    probe_loss: Annotated[str, typer.Option(
+    probe_loss: Annotated[Optional[str], typer.Option(
         help="clustering.probe_loss of every hierarchical method: 'ce' or 'balanced' (cross entropy weighted by "
-             "inverse class frequency)")] = "ce",
+             "inverse class frequency; the default)")] = None,
     probe_steps: Annotated[Optional[int], typer.Option(
         min=1, help="clustering.probe_steps: the probe's length in optimizer steps (default: 2 probe epochs)")
     ] = None,
@@ -959,6 +959,9 @@ def bench(
     silhouette_tolerance: Annotated[Optional[float], typer.Option(
         min=0.0, max=1.0, help="clustering.silhouette_tolerance (k_rule silhouette): the smallest K whose mean "
                                "silhouette is at least (1 - this) times the best")] = None,
+    partitions: Annotated[Optional[str], typer.Option(
+        help="clustering.partitions (k_rule silhouette): the partitions tried for each K: 'spectral+linkage' "
+             "(default: spectral and average-linkage clustering, the better silhouette wins) or 'spectral'")] = None,
     head_weight: Annotated[float, typer.Option(
         min=0.0, help="clustering.head_weight: the probe's head delta scaled by this in the update features")
     ] = 1.0,
@@ -1065,7 +1068,9 @@ def bench(
         _fail(f"--k-rule must be 'eigengap' or 'silhouette', got {k_rule!r}")
     if leaf not in ("all", "head"):
         _fail(f"--leaf must be 'all' or 'head', got {leaf!r}")
-    if probe_loss not in ("ce", "balanced"):
+    if partitions is not None and partitions not in ("spectral", "spectral+linkage"):
+        _fail(f"--partitions must be 'spectral' or 'spectral+linkage', got {partitions!r}")
+    if probe_loss is not None and probe_loss not in ("ce", "balanced"):
         _fail(f"--probe-loss must be 'ce' or 'balanced', got {probe_loss!r}")
     if standard and quick is not None:
         _fail("--standard excludes --quick and --full: each names the rounds")
@@ -1161,7 +1166,8 @@ def bench(
             check_partition_data(opts.partition, paper, opts.data_root, model, extra_kwargs, checkpoint)
     except ValueError as exc:
         _fail(str(exc))
-    opts = replace(opts, device=device, threads=threads, probe_loss=probe_loss, probe_steps=probe_steps,
+    opts = replace(opts, device=device, threads=threads, probe_loss=probe_loss or opts.probe_loss,
+                   partitions=partitions or opts.partitions, probe_steps=probe_steps,
                    head_weight=head_weight, classwise_weight=classwise_weight,
                    validation_fraction=validation_fraction, alone_epochs=alone_epochs,
                    leaf=leaf,

@@ -8,7 +8,7 @@ tuned settings (rank 4, learning rates, batch 32, 2 local and 2 probe epochs, 4/
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 Transport = Literal["inprocess", "http"]
@@ -54,7 +54,8 @@ class RunOptions:
     silhouette_tolerance: float = 0.0   # silhouette rule: the smallest K within this of the best
     force_k: int | None = None   # every hierarchical method but no-cluster (which forces 1)
     ema: float = 0.9             # lsac-paper: EMA factor lambda of the smoothed root-stage B
-    probe_loss: str = "ce"       # the probe's loss: "ce" or "balanced" (inverse class frequency)
+    probe_loss: str = "balanced"   # the probe's loss: "ce" or "balanced" (inverse class frequency); chosen on the family
+    partitions: str = "spectral+linkage"   # silhouette rule: partitions tried per K; chosen on the family
     probe_steps: int | None = None   # the probe's length in optimizer steps (None: probe_epochs)
     head_weight: float = 1.0     # update features: the probe's head delta scaled by this
     classwise_weight: float = 0.5   # update features: weight of the class-wise head distance
@@ -88,3 +89,13 @@ class RunOptions:
     def demo_backbone(self) -> bool:
         """No model and no paper set-up named: the cached demo ViT."""
         return self.model is None and self.paper is None
+
+
+# Options whose default is not what hilora did before the option existed: a report or results
+# folder written then (without the key) is read as having run with this value, not the default.
+VALUE_BEFORE_IT_EXISTED: dict[str, object] = {"partitions": "spectral"}
+
+
+def recorded_defaults() -> dict[str, object]:
+    """Every option's default as a run recorded before the option existed did it."""
+    return {**asdict(RunOptions()), **VALUE_BEFORE_IT_EXISTED}

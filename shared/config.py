@@ -275,11 +275,12 @@ class Clustering(BaseModel):
                     "per target (its first upload sets it); 0: the last upload only")
     features: Literal["update", "subspace"] = "update"
     probe_loss: Literal["ce", "balanced"] = Field(
-        default="ce",
+        default="balanced",
         description="the probe round's loss: 'ce' (cross entropy, as every other round) or 'balanced' (each "
                     "sample weighted by the inverse frequency of its class in the client's training data, so that "
                     "the probe update says how the client maps inputs to labels rather than which labels it "
-                    "happens to hold)")
+                    "happens to hold; the default since issue 14, chosen on the family: docs/method.md, \"Probe "
+                    "options\")")
     probe_steps: int | None = Field(
         default=None, ge=1, le=100_000,
         description="the probe trains exactly this many optimizer steps (mini-batches; the data is cycled), "
@@ -315,6 +316,13 @@ class Clustering(BaseModel):
         description="k_rule 'silhouette': take the smallest K whose mean silhouette is at least (1 - this) times "
                     "the best one (and reaches min_silhouette), since splitting a group in two often scores about as "
                     "well as keeping it whole; 0: the best K")
+    partitions: Literal["spectral", "spectral+linkage"] = Field(
+        default="spectral+linkage",
+        description="k_rule 'silhouette': the partitions tried for each K: 'spectral' (spectral clustering of the "
+                    "self-tuning affinity) or 'spectral+linkage' (also average-linkage clustering of the distances; "
+                    "the higher mean silhouette wins, spectral on ties), which finds groups smaller than knn + 1 "
+                    "clients that the affinity blurs into a neighbour (docs/method.md, \"Partitions tried\"). The "
+                    "approximate path (above approximate_above clients) tries spectral partitions only")
     force_k: int | None = Field(default=None, ge=1)
     approximate_above: int = Field(
         default=1000, ge=3, le=10_000_000,

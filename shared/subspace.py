@@ -341,6 +341,32 @@ def spectral_labels(S: np.ndarray, k: int, seed: int) -> np.ndarray:
     return canonical_labels(kmeans.fit_predict(embedding))
 
 
+def average_linkage_labels(D: np.ndarray, k: int) -> np.ndarray:
+    """Average-linkage agglomerative clustering of the distances D cut into ``k`` clusters (UPGMA:
+    start from singletons, repeatedly merge the two clusters of smallest mean pairwise distance;
+    ``scipy.cluster.hierarchy``). Canonical labels; ``k`` clamped to [1, n]; on tied merge heights
+    the cut may give fewer than ``k`` clusters.
+
+    Why beside spectral clustering: a group smaller than the affinity's ``knn`` + 1 points has its
+    kernel widths set by points outside it, so the spectral embedding blurs it into a neighbour,
+    while its mean distances still set it apart (docs/method.md, "Partitions tried")."""
+    distance = _clustering_distances(D)
+    n = distance.shape[0]
+    k = int(min(max(k, 1), n))
+    if k == 1:
+        return np.zeros(n, dtype=np.int64)
+    if k == n:
+        return np.arange(n, dtype=np.int64)
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    tree = linkage(squareform(distance, checks=False), method="average")
+    return canonical_labels(fcluster(tree, k, criterion="maxclust"))
+
+
+PARTITIONS = ("spectral", "spectral+linkage")
+
+
 def between_within_distance_ratio(D: np.ndarray, labels: np.ndarray) -> float:
     """Mean distance between points of different clusters over mean distance between distinct
     points of the same cluster (the LSAC contrast test statistic).
@@ -406,7 +432,8 @@ class LsacResult:
             was rejected), None when no partition into K >= 2 was tried.
         affinity: the self-tuning affinity matrix used.
         silhouettes: with the silhouette K rule, ``silhouettes[i]`` is the mean silhouette of the
-            spectral partition into ``k_lo + i`` clusters, for every K tried; else None.
+            partition tried for ``k_lo + i`` clusters (the better of spectral and average linkage
+            with ``partitions="spectral+linkage"``), for every K tried; else None.
     """
 
     k: int
@@ -441,6 +468,7 @@ def lsac(
     k_rule: str = "eigengap",
     min_silhouette: float = 0.15,
     silhouette_tolerance: float = 0.0,
+    partitions: str = "spectral",
 ) -> LsacResult:
     """Cluster n points from their distance matrix D (n x n) with the measured LSAC rule.
 
@@ -458,7 +486,10 @@ def lsac(
        ``silhouette_tolerance`` t > 0 the smallest K whose silhouette is at least (1 - t) times the
        highest (and >= ``min_silhouette``) is taken instead: splitting a group in two often scores
        about as well as keeping it. Relative, because silhouettes of probe updates range from
-       about 0.15 (20-image clients) to 0.5 (160-image clients).
+       about 0.15 (20-image clients) to 0.5 (160-image clients). With
+       ``partitions="spectral+linkage"`` each K also tries ``average_linkage_labels(D, K)`` and
+       keeps whichever of the two partitions has the higher silhouette (spectral on ties), so that
+       a small group the affinity blurs is still found where its mean distances set it apart.
     3. K in the result is the number of distinct labels actually produced.
 
     D must be square, finite and non-negative; it is symmetrised and its diagonal set to zero.
@@ -474,6 +505,8 @@ def lsac(
     silhouettes: np.ndarray | None = None
     if k_rule not in ("eigengap", "silhouette"):
         raise ValueError(f"unknown K rule {k_rule!r}: use 'eigengap' or 'silhouette'")
+    if partitions not in PARTITIONS:
+        raise ValueError(f"unknown partitions {partitions!r}: use {' or '.join(map(repr, PARTITIONS))}")
     if force_k is not None:
         labels = spectral_labels(affinity, int(min(max(force_k, 1), n)), seed)
         if labels.max() >= 1:
@@ -483,9 +516,16 @@ def lsac(
     elif k_rule == "silhouette":
         highest = min(k_max, n - 1)
         lowest = min(max(2, k_min), highest)
-        candidates = [spectral_labels(affinity, k, seed) for k in range(lowest, highest + 1)]
-        silhouettes = np.array([silhouette(distance, c) if 2 <= c.max() + 1 <= n - 1 else -1.0
-                                for c in candidates])
+        candidates, scores = [], []
+        for k in range(lowest, highest + 1):
+            tried = [spectral_labels(affinity, k, seed)]
+            if partitions == "spectral+linkage":
+                tried.append(average_linkage_labels(distance, k))
+            scored = [silhouette(distance, c) if 2 <= c.max() + 1 <= n - 1 else -1.0 for c in tried]
+            best_here = int(np.argmax(scored))   # the first (spectral) on ties
+            candidates.append(tried[best_here])
+            scores.append(scored[best_here])
+        silhouettes = np.array(scores)
         best = float(silhouettes.max())
         good_enough = max(best * (1.0 - silhouette_tolerance), min_silhouette) if best >= min_silhouette else best
         labels = candidates[int(np.flatnonzero(silhouettes >= good_enough)[0])]

@@ -105,7 +105,7 @@ def _cluster(session: Session, blobs: BlobStore, cfg: FederationConfig, c: Clust
     distance = probe_distance(cfg.manifest, c.features, root, probes, c.head_weight, c.classwise_weight)
     result = lsac(distance, k_min=c.k_min, k_max=c.k_max, knn=c.knn, contrast=c.contrast,
                   force_k=c.force_k, seed=c.seed, k_rule=c.k_rule, min_silhouette=c.min_silhouette,
-                  silhouette_tolerance=c.silhouette_tolerance)
+                  silhouette_tolerance=c.silhouette_tolerance, partitions=c.partitions)
     if c.algorithm == "kmeans-flat":  # LSAC's K, k-means on the flattened probe updates B A - B_root A_root
         gram = update_gram([factor_pairs(cfg.manifest, p) for p in probes], factor_pairs(cfg.manifest, root))
         labels = gram_kmeans_labels(gram, result.k, seed=c.seed)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from hilora.bench.methods import REFERENCES
-from hilora.options import RunOptions
+from hilora.options import VALUE_BEFORE_IT_EXISTED, RunOptions
 
 TEST_PER_CLIENT = 100  # mnist5k's test pool has 150 per class: one test image is one point at most
 KINDS = ("perm", "rot", "inv", "subset", "mix", "none")
@@ -174,11 +174,11 @@ _MISSING = object()
 def settings_to_record(recorded: Path, settings: dict[str, Any], family: str) -> dict[str, Any]:
     """The settings a results folder keeps: ``settings`` if the folder has none yet, else its own
     when they match (ValueError naming the differences otherwise). An option added to hilora since
-    that run, at its default, is what that run did, so it matches."""
+    that run is read as what that run did (its default, or ``VALUE_BEFORE_IT_EXISTED``)."""
     if not recorded.is_file():
         return settings
     before = json.loads(recorded.read_text())
-    defaults = run_settings(RunOptions(), family)
+    defaults = {**run_settings(RunOptions(), family), **VALUE_BEFORE_IT_EXISTED}
     before = {**{k: v for k, v in defaults.items() if k not in before}, **before}
     changed = sorted(k for k in set(before) | set(settings) if before.get(k, _MISSING) != settings.get(k, _MISSING))
     if changed:
@@ -374,6 +374,7 @@ def family_report(out: Path, family: str, methods: Sequence[str], seeds: Sequenc
     }
     if opts is not None:
         report["clustering"] = {"probe_loss": opts.probe_loss, "probe_steps": opts.probe_steps,
+                                "k_rule": opts.k_rule, "partitions": opts.partitions,
                                 "head_weight": opts.head_weight, "classwise_weight": opts.classwise_weight,
                                 "probe_epochs": opts.probe_epochs,
                                 "refine_rounds": opts.refine_rounds, "refine_margin": opts.refine_margin,

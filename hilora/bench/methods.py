@@ -151,7 +151,7 @@ def method_config(name: str, opts: RunOptions, groups: Mapping[str, str] | None 
                             probe_loss=opts.probe_loss, probe_steps=opts.probe_steps, head_weight=opts.head_weight,
                             classwise_weight=opts.classwise_weight,
                             k_rule=opts.k_rule, min_silhouette=opts.min_silhouette,
-                            silhouette_tolerance=opts.silhouette_tolerance,
+                            silhouette_tolerance=opts.silhouette_tolerance, partitions=opts.partitions,
                             refine_rounds=min(opts.refine_rounds, opts.cluster_rounds), refine_margin=opts.refine_margin,
                             refine_new_cluster=opts.refine_new_cluster, onboard=opts.onboard)
     root, cluster = TierPolicy(), TierPolicy()

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from hilora.bench.methods import METHOD_SUMMARIES
-from hilora.options import RunOptions
+from hilora.options import RunOptions, recorded_defaults
 
 
 def accuracy_stats(values: Sequence[float]) -> dict[str, float | int | None]:
@@ -116,12 +116,13 @@ def resumable_runs(previous: Mapping[str, Any], opts: RunOptions, methods: Seque
     """The finished runs of ``previous`` (a report ``hilora bench --report`` wrote, partial or not)
     that this bench asks for: seed -> method -> the run as it was written. ValueError, in one line,
     when it is not a bench report or was made with other options (every option but where and how
-    fast it runs, ``RUNTIME_OPTIONS``; an option added since, at its default, is what that run did)."""
+    fast it runs, ``RUNTIME_OPTIONS``; an option added since is read as what that run did: its default,
+    or ``hilora.options.VALUE_BEFORE_IT_EXISTED``)."""
     if not isinstance(previous, Mapping) or not isinstance(previous.get("options"), Mapping) \
             or not isinstance(previous.get("runs"), list) or "family" in previous:
         raise ValueError("not a report of `hilora bench --report` (no options and runs)")
     now = {k: v for k, v in asdict(opts).items() if k not in RUNTIME_OPTIONS}
-    defaults = asdict(RunOptions())
+    defaults = recorded_defaults()
     before = {k: previous["options"].get(k, defaults[k]) for k in now}
     changed = [k for k in sorted(now) if _plain(before[k]) != _plain(now[k])]
     if changed:

@@ -199,16 +199,47 @@ def test_evaluate_every_must_be_a_positive_round_count(api):
         config["schedule"]["evaluate_every"] = bad
         r = api.post("/v1/federations", json={"config": config}, headers=admin_headers())
         assert r.status_code == 422 and "evaluate_every" in r.text, r.text
+
+
 @pytest.mark.parametrize("clustering", [{"probe_loss": "focal"}, {"probe_steps": 0}, {"head_weight": -1},
                                         {"classwise_weight": -0.1}, {"classwise_weight": 1.5},
-                                        {"head_weight": 1e4}])
+                                        {"head_weight": 1e4}, {"partitions": "kmeans"}, {"partitions": None}])
 def test_bad_probe_options_are_refused(api, clustering):
     from conftest import tiny_config, upload_backbone
 
     sha = upload_backbone(api)
     r = api.post("/v1/federations", json={"config": tiny_config("bad", sha, clustering=clustering)},
                  headers=admin_headers())
-    assert r.status_code == 422, r.text
+    assert r.status_code == 422 and next(iter(clustering)) in r.text, r.text
+
+
+@pytest.mark.parametrize("partitions", [None, "spectral"])
+def test_the_probe_is_class_balanced_by_default_and_lsac_tries_the_configured_partitions(api, app, monkeypatch,
+                                                                                       partitions):
+    """The defaults chosen on the family (issue 14): probe tasks carry loss 'balanced' unless told
+    otherwise, and the clustering tries spectral and average-linkage partitions (or the configured
+    ones): the real lsac runs, watched for the partitions it was asked to try."""
+    import coordinator.services.clustering as clustering_service
+
+    asked = []
+    real_lsac = clustering_service.lsac
+
+    def watched(*args, **kwargs):
+        asked.append(kwargs.get("partitions"))
+        return real_lsac(*args, **kwargs)
+
+    monkeypatch.setattr(clustering_service, "lsac", watched)
+    dirs = group_directions()
+    options = {"k_max": 4, "knn": 2} | ({} if partitions is None else {"partitions": partitions})
+    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": 1,
+                                                   "leaf_rounds": 1}, clustering=options)
+    clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
+    tick(app)
+    run_pending(api, clients, dirs, seed=0)
+    probe = run_pending(api, clients, dirs, seed=1)
+    assert {(t["stage"], t["loss"]) for t in probe} == {("probe", "balanced")}
+    assert asked == [partitions or "spectral+linkage"]
+    assert status(api, fid)["clustering"]["k"] == 2
 
 
 def test_the_model_each_client_chose_shows_in_the_accuracy_views(api, app):

@@ -204,7 +204,7 @@ def test_resuming_a_finished_report_runs_nothing_and_writes_it_again(smoke, tiny
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--rounds", "2/1/1"], "the report was made with other options (root_rounds: 1 there, 2 now)"),
-    (["--probe-loss", "balanced"], "the report was made with other options (probe_loss: 'ce' there, 'balanced' now)"),
+    (["--probe-loss", "ce"], "the report was made with other options (probe_loss: 'balanced' there, 'ce' now)"),
     (["--partition", "demo"], "the report was made on partition 'tiny-unseen', this run's is 'demo'"),
 ])
 def test_resume_refuses_a_report_of_other_options(smoke, tiny_partition, tmp_path, args, message):

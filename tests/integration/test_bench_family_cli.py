@@ -72,6 +72,6 @@ def test_a_resumed_family_run_must_use_the_same_settings(tmp_path):
                    "--cells", "n20-none-1x4-d1")
     assert first.returncode == 0, first.stdout + first.stderr
     other = _bench("--family", "smoke", "--quick", "--rounds", "1/1/1", "-m", "local", "--out", str(out),
-                   "--probe-loss", "balanced")
+                   "--probe-loss", "ce")
     assert other.returncode == 1 and "other settings (probe_loss" in other.stderr + other.stdout
     assert len(list((out / "results").rglob("*.json"))) == 1

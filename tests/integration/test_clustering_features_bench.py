@@ -36,6 +36,12 @@ def test_generate_then_evaluate_the_smoke_family(tmp_path):
     assert data["service"]["classwise_weight"] == 0.5
     update_k, mix_k = (int(k) for k in re.findall(r"\bK(\d+) ARI", lines["n20-perm-2x3-d1-s0"]))
     assert mix_k == data["service"]["k"] and update_k >= 1
+    # a folder's probes all come from one set of bench options: other options are refused, nothing rerun
+    other = subprocess.run([sys.executable, str(SCRIPT), "generate", "--family", "smoke", "--seeds", "0",
+                            "--out", str(out), "--bench-args", "--probe-loss ce"], capture_output=True, text=True,
+                           timeout=120)
+    assert other.returncode != 0 and "generated with bench options [], not ['--probe-loss', 'ce']" in other.stderr
+    assert sorted(p.parent.name for p in out.glob("*/features.safetensors")) == cells
     bad = subprocess.run([sys.executable, str(SCRIPT), "evaluate", str(tmp_path / "nothing")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "no */features.safetensors" in bad.stderr

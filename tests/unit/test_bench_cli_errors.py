@@ -25,6 +25,8 @@ def _bench(tmp_path, *args: str):
     (("-m", "hilora", "-m", "nope"), "unknown method(s) 'nope'"),
     (("--partition", "no-such-partition"), "unknown partition 'no-such-partition'"),
     (("--rounds", "4/3"), "--rounds must be R/C/L"),
+    (("--partitions", "kmeans"), "--partitions must be 'spectral' or 'spectral+linkage', got 'kmeans'"),
+    (("--probe-loss", "focal"), "--probe-loss must be 'ce' or 'balanced', got 'focal'"),
     (("--rounds", "4/x/2"), "--rounds must be R/C/L"),
     (("--rounds", "0/3/2"), "the root stage needs at least one round"),
     (("--seeds", "0,one"), "--seeds must be integers"),

@@ -126,4 +126,20 @@ def test_a_results_folder_accepts_options_added_since_at_their_defaults(tmp_path
     with pytest.raises(ValueError, match=r"other settings \(silhouette_tolerance"):
         settings_to_record(recorded, run_settings(replace(RunOptions(), silhouette_tolerance=0.1), "core"), "core")
     with pytest.raises(ValueError, match=r"other settings \(probe_loss"):
-        settings_to_record(recorded, run_settings(replace(RunOptions(), probe_loss="balanced"), "core"), "core")
+        settings_to_record(recorded, run_settings(replace(RunOptions(), probe_loss="ce"), "core"), "core")
+
+
+def test_a_folder_from_before_partitions_existed_ran_spectral_partitions(tmp_path):
+    """clustering.partitions came in with a default that is not what older runs did: a results folder
+    recorded without it is read as 'spectral', so today's default does not resume into it."""
+    from dataclasses import replace
+
+    from hilora.bench.family import run_settings, settings_to_record
+    from hilora.options import RunOptions
+
+    recorded = tmp_path / "settings.json"
+    older = replace(RunOptions(), partitions="spectral")
+    recorded.write_text(json.dumps({k: v for k, v in run_settings(older, "core").items() if k != "partitions"}))
+    assert settings_to_record(recorded, run_settings(older, "core"), "core")["partitions"] == "spectral"
+    with pytest.raises(ValueError, match=r"other settings \(partitions: \{'partitions': 'spectral'\}\)"):
+        settings_to_record(recorded, run_settings(RunOptions(), "core"), "core")

@@ -137,8 +137,11 @@ def test_a_validation_fraction_outside_0_to_half_is_refused(fraction):
 
 def test_k_rule_and_min_silhouette_are_checked():
     assert Clustering().k_rule == "silhouette" and Clustering(k_rule="eigengap").min_silhouette == 0.15
+    # chosen on the family (issue 14): a class-balanced probe, spectral and average-linkage partitions
+    assert Clustering().probe_loss == "balanced" and Clustering().partitions == "spectral+linkage"
+    assert Clustering(partitions="spectral").partitions == "spectral"
     for bad in ({"k_rule": "gap"}, {"min_silhouette": 1.5}, {"min_silhouette": -2}, {"silhouette_tolerance": -0.1},
-                {"silhouette_tolerance": 1.5}):
+                {"silhouette_tolerance": 1.5}, {"partitions": "average"}):
         with pytest.raises(ValidationError):
             Clustering.model_validate(bad)
 

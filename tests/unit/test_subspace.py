@@ -613,3 +613,70 @@ def test_silhouette_tolerance_takes_the_smallest_k_near_the_best():
     noise = rng.normal(size=(20, 400))
     Dn = np.linalg.norm(noise[:, None] - noise[None, :], axis=2)
     assert lsac(Dn, knn=3, k_rule="silhouette", silhouette_tolerance=0.5).k == 1
+
+
+def _naive_average_linkage(D, k):
+    """UPGMA written out: merge the two clusters of smallest mean pairwise distance until k remain."""
+    clusters = [[i] for i in range(len(D))]
+    while len(clusters) > k:
+        best = None
+        for a in range(len(clusters)):
+            for b in range(a + 1, len(clusters)):
+                mean = sum(D[i][j] for i in clusters[a] for j in clusters[b]) / (len(clusters[a]) * len(clusters[b]))
+                if best is None or mean < best[0]:
+                    best = (mean, a, b)
+        _, a, b = best
+        clusters[a] = clusters[a] + clusters[b]
+        del clusters[b]
+    labels = [0] * len(D)
+    for label, members in enumerate(clusters):
+        for i in members:
+            labels[i] = label
+    return labels
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_average_linkage_labels_match_a_naive_upgma(seed):
+    from shared.subspace import average_linkage_labels
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 16))
+    points = rng.normal(size=(n, 3)) + rng.integers(0, 3, n)[:, None] * 2.5   # some structure, no ties
+    D = np.linalg.norm(points[:, None] - points[None, :], axis=2)
+    for k in range(1, n + 1):
+        got = average_linkage_labels(D, k)
+        want = _naive_average_linkage(D.tolist(), k)
+        assert adjusted_rand_score(want, got) == pytest.approx(1.0), (n, k)
+        assert got.max() + 1 == k and got[0] == 0                       # canonical, exactly k clusters
+    assert (average_linkage_labels(D, 0) == 0).all() and average_linkage_labels(D, n + 3).max() == n - 1
+    with pytest.raises(ValueError, match="non-negative"):
+        average_linkage_labels(-D, 2)
+
+
+@pytest.mark.parametrize("seed", [0, 14])
+def test_linkage_partitions_find_a_pair_the_affinity_blurs(seed):
+    """Two points far from a group of twelve, and a third group: with knn 5 the pair's kernel widths
+    come from outside it and spectral clustering merges it; average linkage keeps it apart, at a
+    higher silhouette, and 'spectral+linkage' takes that partition. Without structure both stay K = 1."""
+    from shared.subspace import lsac, silhouette
+
+    rng = np.random.default_rng(seed)
+    pair = rng.normal(size=(2, 4)) * 0.2 + [4.0, 0, 0, 0]
+    big = rng.normal(size=(12, 4)) * 0.6
+    other = rng.normal(size=(8, 4)) * 0.6 + [0, 6.0, 0, 0]
+    points = np.concatenate([pair, big, other])
+    truth = np.repeat([0, 1, 2], (2, 12, 8))
+    D = np.linalg.norm(points[:, None] - points[None, :], axis=2)
+    spectral = lsac(D, k_rule="silhouette")
+    both = lsac(D, k_rule="silhouette", partitions="spectral+linkage")
+    assert adjusted_rand_score(truth, both.labels) == 1.0 and both.k == 3
+    assert adjusted_rand_score(truth, spectral.labels) < 1.0
+    assert silhouette(D, both.labels) > silhouette(D, spectral.labels)
+    assert both.silhouettes.max() == pytest.approx(silhouette(D, both.labels))
+    assert np.all(both.silhouettes >= spectral.silhouettes - 1e-12)     # each K keeps the better partition
+    noise = rng.normal(size=(20, 400))
+    Dn = np.linalg.norm(noise[:, None] - noise[None, :], axis=2)
+    assert lsac(Dn, k_rule="silhouette", partitions="spectral+linkage").k == 1
+    assert lsac(D, k_rule="eigengap", partitions="spectral+linkage").k == lsac(D, k_rule="eigengap").k
+    with pytest.raises(ValueError, match="unknown partitions 'kmeans'"):
+        lsac(D, k_rule="silhouette", partitions="kmeans")
