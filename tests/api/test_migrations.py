@@ -98,3 +98,56 @@ def test_downgrade_to_base_then_upgrade_again(engine):
     upgrade_to_head(engine)
     assert schema_is_at_head(engine)
     _assert_no_drift(engine)
+
+
+def _move_to(engine, revision: str, down: bool = False) -> None:
+    cfg = alembic_config(engine.url.render_as_string(hide_password=False))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        (command.downgrade if down else command.upgrade)(cfg, revision)
+
+
+def test_federations_from_before_partitions_keep_spectral_partitions(engine):
+    """0011: a federation created before clustering.partitions existed keeps the spectral partitions
+    it was created with (the new default would otherwise apply at its next clustering); one that
+    names the option keeps its choice; the downgrade removes the key (the older model refuses it)."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy.orm import Session
+
+    from conftest import tiny_config
+    from coordinator.models import Blob, Federation
+    from shared.config import FederationConfig
+    from shared.states import FederationState
+
+    now = datetime(2026, 12, 6, tzinfo=timezone.utc)
+
+    def add(session, name, clustering):
+        config = tiny_config(name, "0" * 64)
+        config["clustering"] = clustering
+        session.add(Federation(name=name, config=config, state=FederationState.enrolling,
+                               enrollment_secret_hash="0" * 64, backbone_sha256="0" * 64, created_at=now,
+                               updated_at=now))
+
+    def clusterings(session):
+        return {f.name: f.config["clustering"] for f in session.query(Federation).order_by(Federation.id)}
+
+    _move_to(engine, "0010")
+    with Session(engine) as session, session.begin():
+        session.add(Blob(sha256="0" * 64, size=1, kind="backbone", created_at=now))
+        add(session, "old", {"k_max": 4, "probe_loss": "ce"})
+    upgrade_to_head(engine)
+    with Session(engine) as session, session.begin():
+        assert clusterings(session) == {"old": {"k_max": 4, "probe_loss": "ce", "partitions": "spectral"}}
+        add(session, "new", {"partitions": "spectral+linkage"})
+    with Session(engine) as session:
+        parsed = {f.name: FederationConfig.model_validate(f.config).clustering.partitions
+                  for f in session.query(Federation)}
+    assert parsed == {"old": "spectral", "new": "spectral+linkage"}
+    _move_to(engine, "0010", down=True)
+    with Session(engine) as session:
+        assert clusterings(session) == {"old": {"k_max": 4, "probe_loss": "ce"}, "new": {}}
+    upgrade_to_head(engine)
+    with Session(engine) as session:   # back on the new code, both ran spectral partitions meanwhile
+        assert clusterings(session) == {"old": {"k_max": 4, "probe_loss": "ce", "partitions": "spectral"},
+                                        "new": {"partitions": "spectral"}}
