@@ -323,7 +323,9 @@ def main() -> None:
     ev = sub.add_parser("evaluate")
     ev.add_argument("folder", type=Path)
     ev.add_argument("--distances", default=",".join(DISTANCES))
-    ev.add_argument("--partitions", default="spectral+linkage", choices=("spectral", "spectral+linkage"),
+    from shared.subspace import PARTITIONS
+
+    ev.add_argument("--partitions", default="spectral+linkage", choices=PARTITIONS,
                     help="the partitions LSAC tries per K (clustering.partitions; 'spectral' before 2026-12-06)")
     kr = sub.add_parser("k-rules", help="compare K rules on one distance (docs/benchmarks.md, \"K rules\")")
     kr.add_argument("folder", type=Path)

@@ -1068,8 +1068,10 @@ def bench(
         _fail(f"--k-rule must be 'eigengap' or 'silhouette', got {k_rule!r}")
     if leaf not in ("all", "head"):
         _fail(f"--leaf must be 'all' or 'head', got {leaf!r}")
-    if partitions is not None and partitions not in ("spectral", "spectral+linkage"):
-        _fail(f"--partitions must be 'spectral' or 'spectral+linkage', got {partitions!r}")
+    from shared.subspace import PARTITIONS
+
+    if partitions is not None and partitions not in PARTITIONS:
+        _fail(f"--partitions must be {' or '.join(map(repr, PARTITIONS))}, got {partitions!r}")
     if probe_loss is not None and probe_loss not in ("ce", "balanced"):
         _fail(f"--probe-loss must be 'ce' or 'balanced', got {probe_loss!r}")
     if standard and quick is not None:

@@ -351,16 +351,27 @@ def average_linkage_labels(D: np.ndarray, k: int) -> np.ndarray:
     kernel widths set by points outside it, so the spectral embedding blurs it into a neighbour,
     while its mean distances still set it apart (docs/method.md, "Partitions tried")."""
     distance = _clustering_distances(D)
-    n = distance.shape[0]
+    return _cut_average_linkage(_average_linkage_tree(distance), distance.shape[0], k)
+
+
+def _average_linkage_tree(distance: np.ndarray) -> np.ndarray | None:
+    """scipy's UPGMA merge tree of checked distances (None below 2 points): built once, cut at every K."""
+    if distance.shape[0] < 2:
+        return None
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import squareform
+
+    return linkage(squareform(distance, checks=False), method="average")
+
+
+def _cut_average_linkage(tree: np.ndarray | None, n: int, k: int) -> np.ndarray:
     k = int(min(max(k, 1), n))
     if k == 1:
         return np.zeros(n, dtype=np.int64)
     if k == n:
         return np.arange(n, dtype=np.int64)
-    from scipy.cluster.hierarchy import fcluster, linkage
-    from scipy.spatial.distance import squareform
+    from scipy.cluster.hierarchy import fcluster
 
-    tree = linkage(squareform(distance, checks=False), method="average")
     return canonical_labels(fcluster(tree, k, criterion="maxclust"))
 
 
@@ -517,10 +528,11 @@ def lsac(
         highest = min(k_max, n - 1)
         lowest = min(max(2, k_min), highest)
         candidates, scores = [], []
+        tree = _average_linkage_tree(distance) if partitions == "spectral+linkage" else None
         for k in range(lowest, highest + 1):
             tried = [spectral_labels(affinity, k, seed)]
-            if partitions == "spectral+linkage":
-                tried.append(average_linkage_labels(distance, k))
+            if tree is not None:
+                tried.append(_cut_average_linkage(tree, n, k))
             scored = [silhouette(distance, c) if 2 <= c.max() + 1 <= n - 1 else -1.0 for c in tried]
             best_here = int(np.argmax(scored))   # the first (spectral) on ties
             candidates.append(tried[best_here])
