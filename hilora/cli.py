@@ -942,6 +942,10 @@ def bench(
     leaf_lr_scale: Annotated[Optional[float], typer.Option(
         min=1e-6, max=10.0, help="training.leaf_lr_scale: the leaf tier's learning rates scaled by this "
                                  "(default 0.1)")] = None,
+    leaf_bias_fit: Annotated[Optional[float], typer.Option(
+        min=0.0, max=100.0, help="training.leaf_bias_fit: a new leaf's head bias starts shifted by the logit shift "
+                                 "that fits the client's own labels best, with a Gaussian prior of this standard "
+                                 "deviation (default 1; 0: off)")] = None,
     clip_relative: Annotated[Optional[float], typer.Option(
         min=0.0, help="root.clip_relative and cluster.clip_relative: each update clipped to this multiple of the "
                       "round's median update norm (default 3; 0: off)")] = None,
@@ -1174,6 +1178,7 @@ def bench(
                    validation_fraction=validation_fraction, alone_epochs=alone_epochs,
                    leaf=leaf,
                    leaf_lr_scale=opts.leaf_lr_scale if leaf_lr_scale is None else leaf_lr_scale,
+                   leaf_bias_fit=opts.leaf_bias_fit if leaf_bias_fit is None else leaf_bias_fit,
                    k_rule=k_rule or opts.k_rule, min_silhouette=min_silhouette,
                    silhouette_tolerance=opts.silhouette_tolerance if silhouette_tolerance is None
                    else silhouette_tolerance,

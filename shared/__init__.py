@@ -10,4 +10,4 @@ __version__ = "0.1.0"
 # 6: the federation's classes, preprocessing and training.precision.
 # 7: a task's `evaluate` (schedule.evaluate_every: root and cluster tasks evaluate the adapters they
 # receive only in some rounds).
-PROTOCOL_VERSION = 7
+PROTOCOL_VERSION = 8

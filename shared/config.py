@@ -211,6 +211,13 @@ class Training(BaseModel):
         description="the leaf tier trains with lr and head_lr multiplied by this: a leaf starts from the cluster "
                     "model with a fresh optimizer, and on a few dozen images Adam's first steps at the shared "
                     "learning rates move it away from what the cluster learned (docs/method.md)")
+    leaf_bias_fit: float = Field(
+        default=1.0, ge=0, le=100,
+        description="a new leaf's head bias starts shifted by the per-class logit shift that fits the client's own "
+                    "training labels best under the model it starts from (root + cluster), with a Gaussian prior of "
+                    "this standard deviation per class (Newton's method, forward passes only; shared/calibration.py): "
+                    "the client's label proportions, which the shared model cannot know, before the leaf trains "
+                    "(default 1, chosen on the partition family: docs/method.md). 0: off")
     validation_fraction: float = Field(
         default=0.0, ge=0, le=0.5,
         description="share of each client's training data held out (drawn once per client, seeded) to choose its "

@@ -648,6 +648,7 @@ class WorkerDaemon:
             add_alone_candidate,
             autocast,
             evaluate_with_selection,
+            fit_leaf_bias,
             mean_loss,
             resolve_precision,
             split_validation,
@@ -726,6 +727,11 @@ class WorkerDaemon:
                 head_from = "cluster" if task.cluster is not None else "root"
                 model.init_tier("leaf", seed=task_seed(cfg.training.seed, "leaf", slot.spec.name),
                                 head_from=head_from)
+                if task.training.leaf_bias_fit > 0:
+                    # the client's label proportions, fitted as a logit shift of the model the leaf
+                    # starts from (forward passes only)
+                    with evaluating():
+                        fit_leaf_bias(model, data, tuple(tiers), task.training.leaf_bias_fit, self.device)
             else:
                 model.load_tier("leaf", unpack_tensors(slot.files.leaf.read_bytes()))
             tiers.append("leaf")

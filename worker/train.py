@@ -321,6 +321,34 @@ def _input_batches(x: object, batch_size: int, device: str | torch.device) -> It
 
 
 @torch.no_grad()
+def logits_of(model: TieredLoRAModel, x: object, tiers: Iterable[str], device: str | torch.device = "cpu",
+              batch_size: int = 256) -> np.ndarray:
+    """The logits (N, classes) of ``x`` with exactly ``tiers`` active (forward passes only), float32."""
+    model.to(device)
+    model.eval()
+    model.set_active_tiers(tiers)
+    out = [model(inputs).float().cpu() for inputs in _input_batches(x, batch_size, device)]
+    if not out:
+        raise ValueError("cannot compute logits of zero samples")
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def fit_leaf_bias(model: TieredLoRAModel, data: ClientData, below: Sequence[str], prior_std: float,
+                  device: str | torch.device = "cpu") -> np.ndarray:
+    """``training.leaf_bias_fit``: shift the new leaf head's bias by the per-class logit shift that
+    fits this client's training labels best under the model of ``below`` (root, or root + cluster;
+    ``shared.calibration.fit_logit_shift``). Returns the shift (classes,)."""
+    from shared.calibration import fit_logit_shift
+
+    labels = np.asarray(data.y_train.cpu() if isinstance(data.y_train, torch.Tensor) else data.y_train)
+    delta = fit_logit_shift(logits_of(model, data.x_train, below, device), labels.astype(np.int64), prior_std)
+    bias = model.heads["leaf"].bias
+    bias.add_(torch.as_tensor(delta, dtype=bias.dtype, device=bias.device))
+    return delta
+
+
+@torch.no_grad()
 def mean_loss(model: TieredLoRAModel, x: object, y: object, tiers: Iterable[str], device: str | torch.device = "cpu",
               batch_size: int = 256) -> float:
     """Mean cross entropy on (x, y) with exactly ``tiers`` active (forward passes only): what a

@@ -151,3 +151,50 @@ def test_federations_from_before_partitions_keep_spectral_partitions(engine):
     with Session(engine) as session:   # back on the new code, both ran spectral partitions meanwhile
         assert clusterings(session) == {"old": {"k_max": 4, "probe_loss": "ce", "partitions": "spectral"},
                                         "new": {"partitions": "spectral"}}
+
+
+def test_federations_from_before_leaf_bias_fit_keep_their_leaf(engine):
+    """0012: a federation created before training.leaf_bias_fit existed keeps leaves without the
+    fitted bias (0), whether its stored config names a training section or not; one that names the
+    option keeps its choice; the downgrade removes the key (the older model refuses it)."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy.orm import Session
+
+    from conftest import tiny_config
+    from coordinator.models import Blob, Federation
+    from shared.config import FederationConfig
+    from shared.states import FederationState
+
+    now = datetime(2026, 12, 6, tzinfo=timezone.utc)
+
+    def add(session, name, training):
+        config = tiny_config(name, "0" * 64)
+        if training is not None:
+            config["training"] = training
+        session.add(Federation(name=name, config=config, state=FederationState.enrolling,
+                               enrollment_secret_hash="0" * 64, backbone_sha256="0" * 64, created_at=now,
+                               updated_at=now))
+
+    def trainings(session):
+        return {f.name: f.config.get("training") for f in session.query(Federation).order_by(Federation.id)}
+
+    _move_to(engine, "0011")
+    with Session(engine) as session, session.begin():
+        session.add(Blob(sha256="0" * 64, size=1, kind="backbone", created_at=now))
+        add(session, "old", {"lr": 0.01, "leaf_lr_scale": 0.2})
+        add(session, "bare", None)
+    upgrade_to_head(engine)
+    with Session(engine) as session, session.begin():
+        assert trainings(session) == {"old": {"lr": 0.01, "leaf_lr_scale": 0.2, "leaf_bias_fit": 0.0},
+                                      "bare": {"leaf_bias_fit": 0.0}}
+        add(session, "new", {"leaf_bias_fit": 2.0})
+        add(session, "default", None)
+    with Session(engine) as session:
+        parsed = {f.name: FederationConfig.model_validate(f.config).training.leaf_bias_fit
+                  for f in session.query(Federation)}
+    assert parsed == {"old": 0.0, "bare": 0.0, "new": 2.0, "default": 1.0}
+    _move_to(engine, "0011", down=True)
+    with Session(engine) as session:
+        assert trainings(session) == {"old": {"lr": 0.01, "leaf_lr_scale": 0.2}, "bare": {}, "new": {},
+                                      "default": None}

@@ -41,6 +41,8 @@ def _bench(tmp_path, *args: str):
      "--checkpoint /no/such.safetensors: no such file"),
     (("--model", "no_such_vit"), "timm has no such model"),
     (("--rank", "0"), "--rank"),
+    (("--leaf-bias-fit", "-1"), "--leaf-bias-fit"),
+    (("--leaf-bias-fit", "101"), "--leaf-bias-fit"),
 ])
 def test_bad_input_exits_2_with_a_message(tmp_path, args, message):
     code, output = _bench(tmp_path, *args)

@@ -155,3 +155,12 @@ def test_alone_epochs_needs_a_validation_part():
         Training(alone_epochs=18)
     with pytest.raises(ValueError):
         Training(alone_epochs=-1, validation_fraction=0.2)
+
+
+def test_leaf_bias_fit_is_a_bounded_prior_width():
+    from shared.config import Training
+
+    assert Training(leaf_bias_fit=2.5).leaf_bias_fit == 2.5 and Training(leaf_bias_fit=0).leaf_bias_fit == 0
+    for bad in (-0.5, 101, float("nan"), float("inf"), "wide"):
+        with pytest.raises(ValueError, match="leaf_bias_fit"):
+            Training(leaf_bias_fit=bad)

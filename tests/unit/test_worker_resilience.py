@@ -463,6 +463,47 @@ def test_only_the_leaf_trains_at_the_scaled_learning_rates(tmp_path, small_runti
     assert seen["tier"] == tier and (seen["lr"], seen["head_lr"]) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("prior_std", [0.0, 2.0])
+def test_a_new_leaf_starts_with_its_bias_fitted_to_the_clients_labels_only_when_asked(tmp_path, small_runtime,
+                                                                                     monkeypatch, prior_std):
+    """training.leaf_bias_fit: the fresh leaf's head is the model's below it plus, when asked, the
+    logit shift fitted to the client's training labels (shared.calibration), before it trains."""
+    from types import SimpleNamespace
+
+    import torch
+
+    import worker.train as train
+    from shared.calibration import fit_logit_shift
+    from shared.schemas import AdapterRef
+    from shared.tensors import pack_tensors
+
+    seen = {}
+
+    def spy(model, tier_, data, **kw):
+        seen.update(bias=model.heads["leaf"].bias.detach().clone(), weight=model.heads["leaf"].weight.detach().clone(),
+                    logits=train.logits_of(model, data.x_train, ("root",)), labels=np.asarray(data.y_train))
+        return {"train_loss": 0.0, "steps": 1}
+
+    monkeypatch.setattr(train, "train_tier", spy)
+    client = FakeClient(adapter=[pack_tensors(small_runtime.export_tier("root"))], complete=[None])
+    daemon, slot = _daemon(client, tmp_path)
+    cfg = SimpleNamespace(training=Training(seed=0), cluster=SimpleNamespace(enabled=False),
+                          schedule=SimpleNamespace(leaf_rounds=1))
+    daemon._runtime = (cfg, small_runtime)
+    task = _task(upload=(), root=AdapterRef(id=1, tier="root", version=1, sha256="0" * 64)).model_copy(update={
+        "stage": "leaf", "train_tier": "leaf", "training": Training(leaf_bias_fit=prior_std)})
+    daemon.execute(slot, task)
+    root_head = small_runtime.heads["root"]
+    assert torch.equal(seen["weight"], root_head.weight)
+    shift = (seen["bias"] - root_head.bias).numpy()
+    if prior_std == 0:
+        assert not shift.any()
+    else:
+        expected = fit_logit_shift(seen["logits"], seen["labels"], prior_std)
+        np.testing.assert_allclose(shift, expected, rtol=1e-4, atol=1e-5)
+        assert np.abs(expected).max() > 0.05   # the tiny client's labels do move it
+
+
 @pytest.mark.parametrize("evaluate", [True, False])
 def test_a_root_task_evaluates_what_it_received_only_when_told(tmp_path, small_runtime, monkeypatch, evaluate):
     """schedule.evaluate_every: the task's ``evaluate`` decides whether the received root is scored

@@ -1,0 +1,84 @@
+"""A client's label prior, fitted as a shift of a model's logits (``training.leaf_bias_fit``).
+
+Under label shift (the same images per class, other class proportions) the Bayes-optimal change of
+a classifier is a per-class shift of its logits, ``log(pi_client(c) / pi_model(c))``. A client
+knows its labels but not the proportions the federation's model learned from, so it fits the
+shift directly: the ``delta`` (one value per class) minimising the mean cross entropy of
+``logits + delta`` on its own training data, with a Gaussian prior ``delta ~ N(0, prior_std^2)``
+on each class (MAP). The objective
+
+    f(delta) = mean_i [logsumexp(z_i + delta) - (z_i + delta)_{y_i}] + |delta|^2 / (2 prior_std^2 N)
+
+is strictly convex, so Newton's method with a backtracking line search finds its one minimum in a
+few iterations, deterministically and without a learning rate. The prior's weight falls with the
+client's sample count N: a client of 20 images moves its logits less than one of 160, and a class
+it never saw is pushed down by a bounded amount (``|delta_c| = prior_std^2 N mean_i p_ic`` at the
+optimum) instead of to minus infinity.
+
+Pure numpy (the coordinator never imports torch); the worker passes the logits of its root +
+cluster model and adds ``delta`` to its new leaf head's bias (docs/method.md, "The leaf tier").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAX_NEWTON_STEPS = 50
+
+
+def _objective(z: np.ndarray, onehot: np.ndarray, delta: np.ndarray, ridge: float) -> float:
+    shifted = z + delta
+    top = shifted.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(shifted - top).sum(axis=1))
+    return float(np.mean(lse - (shifted * onehot).sum(axis=1)) + 0.5 * ridge * float(delta @ delta))
+
+
+def fit_logit_shift(logits: np.ndarray, labels: np.ndarray, prior_std: float,
+                    max_steps: int = MAX_NEWTON_STEPS, tol: float = 1e-9) -> np.ndarray:
+    """The per-class shift ``delta`` (C,) of ``logits`` (N, C) that fits ``labels`` (N,) best under
+    a N(0, ``prior_std``^2) prior per class (module docstring). float64; at most ``max_steps``
+    Newton steps, stopping once the gradient's largest entry is below ``tol``.
+
+    Raises:
+        ValueError: ``logits`` is not a non-empty finite 2-D array, ``labels`` do not match it or
+            lie outside ``[0, C)``, or ``prior_std`` is not a positive finite number.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels)
+    if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] == 0:
+        raise ValueError(f"logits must be a non-empty (samples, classes) array, got shape {z.shape}")
+    if not np.isfinite(z).all():
+        raise ValueError("logits must be finite")
+    n, c = z.shape
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be {n} integers, got shape {y.shape} of {y.dtype}")
+    if y.min() < 0 or y.max() >= c:
+        raise ValueError(f"labels must lie in [0, {c}), got {int(y.min())}..{int(y.max())}")
+    if not (np.isfinite(prior_std) and prior_std > 0):
+        raise ValueError(f"prior_std must be a positive finite number, got {prior_std}")
+    ridge = 1.0 / (float(prior_std) ** 2 * n)
+    onehot = np.zeros((n, c))
+    onehot[np.arange(n), y] = 1.0
+    target = onehot.mean(axis=0)
+    delta = np.zeros(c)
+    value = _objective(z, onehot, delta, ridge)
+    for _ in range(max_steps):
+        shifted = z + delta
+        p = np.exp(shifted - shifted.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        grad = p.mean(axis=0) - target + ridge * delta
+        if np.abs(grad).max() < tol:
+            break
+        hessian = np.diag(p.mean(axis=0)) - p.T @ p / n + ridge * np.eye(c)
+        step = np.linalg.solve(hessian, grad)
+        t = 1.0
+        while True:   # backtracking (Armijo); the objective is convex and smooth, so it ends
+            candidate = delta - t * step
+            new_value = _objective(z, onehot, candidate, ridge)
+            if new_value <= value - 1e-4 * t * float(grad @ step) or t < 1e-8:
+                break
+            t *= 0.5
+        if new_value > value:   # no descent left at float64 precision
+            break
+        delta, value = candidate, new_value
+    return delta
