@@ -299,14 +299,20 @@ def _class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return weight
 
 
+def _outputs(model: TieredLoRAModel, x: object, tiers: Iterable[str], device: str | torch.device,
+             batch_size: int) -> Iterable[torch.Tensor]:
+    """The model's logits of ``x``, batch by batch, with exactly ``tiers`` active (call under no_grad)."""
+    model.to(device)
+    model.eval()
+    model.set_active_tiers(tiers)
+    return (model(inputs) for inputs in _input_batches(x, batch_size, device))
+
+
 @torch.no_grad()
 def predict(model: TieredLoRAModel, x: object, tiers: Iterable[str], device: str | torch.device = "cpu",
             batch_size: int = 256) -> np.ndarray:
     """Predicted labels (N,) with exactly ``tiers`` active."""
-    model.to(device)
-    model.eval()
-    model.set_active_tiers(tiers)
-    out = [model(inputs).argmax(dim=1).cpu() for inputs in _input_batches(x, batch_size, device)]
+    out = [logits.argmax(dim=1).cpu() for logits in _outputs(model, x, tiers, device, batch_size)]
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
 
@@ -324,10 +330,7 @@ def _input_batches(x: object, batch_size: int, device: str | torch.device) -> It
 def logits_of(model: TieredLoRAModel, x: object, tiers: Iterable[str], device: str | torch.device = "cpu",
               batch_size: int = 256) -> np.ndarray:
     """The logits (N, classes) of ``x`` with exactly ``tiers`` active (forward passes only), float32."""
-    model.to(device)
-    model.eval()
-    model.set_active_tiers(tiers)
-    out = [model(inputs).float().cpu() for inputs in _input_batches(x, batch_size, device)]
+    out = [logits.float().cpu() for logits in _outputs(model, x, tiers, device, batch_size)]
     if not out:
         raise ValueError("cannot compute logits of zero samples")
     return torch.cat(out).numpy()

@@ -129,17 +129,20 @@ def test_a_results_folder_accepts_options_added_since_at_their_defaults(tmp_path
         settings_to_record(recorded, run_settings(replace(RunOptions(), probe_loss="ce"), "core"), "core")
 
 
-def test_a_folder_from_before_partitions_existed_ran_spectral_partitions(tmp_path):
-    """clustering.partitions came in with a default that is not what older runs did: a results folder
-    recorded without it is read as 'spectral', so today's default does not resume into it."""
+@pytest.mark.parametrize(("key", "before"), [("partitions", "spectral"), ("leaf_bias_fit", 0.0)])
+def test_a_folder_from_before_an_option_existed_ran_what_hilora_did_then(tmp_path, key, before):
+    """clustering.partitions and training.leaf_bias_fit came in with defaults that are not what older
+    runs did: a results folder recorded without one is read as having run the value before it
+    ('spectral'; 0, no fitted bias), so today's default does not resume into it."""
     from dataclasses import replace
 
     from hilora.bench.family import run_settings, settings_to_record
-    from hilora.options import RunOptions
+    from hilora.options import VALUE_BEFORE_IT_EXISTED, RunOptions
 
+    assert VALUE_BEFORE_IT_EXISTED[key] == before != getattr(RunOptions(), key)
     recorded = tmp_path / "settings.json"
-    older = replace(RunOptions(), partitions="spectral")
-    recorded.write_text(json.dumps({k: v for k, v in run_settings(older, "core").items() if k != "partitions"}))
-    assert settings_to_record(recorded, run_settings(older, "core"), "core")["partitions"] == "spectral"
-    with pytest.raises(ValueError, match=r"other settings \(partitions: \{'partitions': 'spectral'\}\)"):
+    older = replace(RunOptions(), **{key: before})
+    recorded.write_text(json.dumps({k: v for k, v in run_settings(older, "core").items() if k != key}))
+    assert settings_to_record(recorded, run_settings(older, "core"), "core")[key] == before
+    with pytest.raises(ValueError, match=rf"other settings \({key}: \{{'{key}': {before!r}\}}\)"):
         settings_to_record(recorded, run_settings(RunOptions(), "core"), "core")

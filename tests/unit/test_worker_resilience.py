@@ -436,30 +436,36 @@ def test_client_release_conflict_is_a_coordinator_error():
     assert info.value.status == 409 and info.value.code == "stale_lease"
 
 
-@pytest.mark.parametrize(("tier", "expected"), [("root", (1e-3, 1e-2)), ("leaf", (1e-4, 1e-3))])
-def test_only_the_leaf_trains_at_the_scaled_learning_rates(tmp_path, small_runtime, monkeypatch, tier, expected):
+def _run_one_task(tmp_path, small_runtime, monkeypatch, trainer, upload=("A", "B", "head"), **update):
+    """One task of a root-only federation through ``WorkerDaemon.execute``, with ``trainer``
+    standing in for ``train_tier`` and the task's fields ``update``d. Returns (metrics, the fake client)."""
     from types import SimpleNamespace
 
     import worker.train as train
     from shared.schemas import AdapterRef
     from shared.tensors import pack_tensors
 
+    monkeypatch.setattr(train, "train_tier", trainer)
+    client = FakeClient(adapter=[pack_tensors(small_runtime.export_tier("root"))], complete=[None])
+    daemon, slot = _daemon(client, tmp_path)
+    cfg = SimpleNamespace(training=Training(seed=0), cluster=SimpleNamespace(enabled=False),
+                          schedule=SimpleNamespace(leaf_rounds=1))
+    daemon._runtime = (cfg, small_runtime)
+    task = _task(upload=upload, root=AdapterRef(id=1, tier="root", version=1, sha256="0" * 64)).model_copy(
+        update=update)
+    return daemon.execute(slot, task), client
+
+
+@pytest.mark.parametrize(("tier", "expected"), [("root", (1e-3, 1e-2)), ("leaf", (1e-4, 1e-3))])
+def test_only_the_leaf_trains_at_the_scaled_learning_rates(tmp_path, small_runtime, monkeypatch, tier, expected):
     seen = {}
 
     def spy(model, tier_, data, **kw):
         seen.update(tier=tier_, lr=kw["lr"], head_lr=kw["head_lr"])
         return {"train_loss": 0.0, "steps": 1}
 
-    monkeypatch.setattr(train, "train_tier", spy)
-    client = FakeClient(adapter=[pack_tensors(small_runtime.export_tier("root"))], complete=[None])
-    daemon, slot = _daemon(client, tmp_path)
-    cfg = SimpleNamespace(training=Training(seed=0), cluster=SimpleNamespace(enabled=False),
-                          schedule=SimpleNamespace(leaf_rounds=1))
-    daemon._runtime = (cfg, small_runtime)
-    task = _task(upload=() if tier == "leaf" else ("A", "B", "head"),
-                 root=AdapterRef(id=1, tier="root", version=1, sha256="0" * 64)).model_copy(update={
-        "stage": tier, "train_tier": tier, "training": Training(lr=1e-3, head_lr=1e-2, leaf_lr_scale=0.1)})
-    daemon.execute(slot, task)
+    _run_one_task(tmp_path, small_runtime, monkeypatch, spy, upload=() if tier == "leaf" else ("A", "B", "head"),
+                  stage=tier, train_tier=tier, training=Training(lr=1e-3, head_lr=1e-2, leaf_lr_scale=0.1))
     assert seen["tier"] == tier and (seen["lr"], seen["head_lr"]) == pytest.approx(expected)
 
 
@@ -468,14 +474,10 @@ def test_a_new_leaf_starts_with_its_bias_fitted_to_the_clients_labels_only_when_
                                                                                      monkeypatch, prior_std):
     """training.leaf_bias_fit: the fresh leaf's head is the model's below it plus, when asked, the
     logit shift fitted to the client's training labels (shared.calibration), before it trains."""
-    from types import SimpleNamespace
-
     import torch
 
     import worker.train as train
     from shared.calibration import fit_logit_shift
-    from shared.schemas import AdapterRef
-    from shared.tensors import pack_tensors
 
     seen = {}
 
@@ -484,15 +486,8 @@ def test_a_new_leaf_starts_with_its_bias_fitted_to_the_clients_labels_only_when_
                     logits=train.logits_of(model, data.x_train, ("root",)), labels=np.asarray(data.y_train))
         return {"train_loss": 0.0, "steps": 1}
 
-    monkeypatch.setattr(train, "train_tier", spy)
-    client = FakeClient(adapter=[pack_tensors(small_runtime.export_tier("root"))], complete=[None])
-    daemon, slot = _daemon(client, tmp_path)
-    cfg = SimpleNamespace(training=Training(seed=0), cluster=SimpleNamespace(enabled=False),
-                          schedule=SimpleNamespace(leaf_rounds=1))
-    daemon._runtime = (cfg, small_runtime)
-    task = _task(upload=(), root=AdapterRef(id=1, tier="root", version=1, sha256="0" * 64)).model_copy(update={
-        "stage": "leaf", "train_tier": "leaf", "training": Training(leaf_bias_fit=prior_std)})
-    daemon.execute(slot, task)
+    _run_one_task(tmp_path, small_runtime, monkeypatch, spy, upload=(), stage="leaf", train_tier="leaf",
+                  training=Training(leaf_bias_fit=prior_std))
     root_head = small_runtime.heads["root"]
     assert torch.equal(seen["weight"], root_head.weight)
     shift = (seen["bias"] - root_head.bias).numpy()
@@ -508,21 +503,9 @@ def test_a_new_leaf_starts_with_its_bias_fitted_to_the_clients_labels_only_when_
 def test_a_root_task_evaluates_what_it_received_only_when_told(tmp_path, small_runtime, monkeypatch, evaluate):
     """schedule.evaluate_every: the task's ``evaluate`` decides whether the received root is scored
     on the client's data before training (acc_root and the eval phase's time in the metrics)."""
-    from types import SimpleNamespace
-
-    import worker.train as train
-    from shared.schemas import AdapterRef
-    from shared.tensors import pack_tensors
-
-    monkeypatch.setattr(train, "train_tier", lambda model, tier_, data, **kw: {"train_loss": 0.0, "steps": 1})
-    client = FakeClient(adapter=[pack_tensors(small_runtime.export_tier("root"))], complete=[None])
-    daemon, slot = _daemon(client, tmp_path)
-    cfg = SimpleNamespace(training=Training(seed=0), cluster=SimpleNamespace(enabled=False),
-                          schedule=SimpleNamespace(leaf_rounds=1))
-    daemon._runtime = (cfg, small_runtime)
-    task = _task(root=AdapterRef(id=1, tier="root", version=1, sha256="0" * 64)).model_copy(
-        update={"evaluate": evaluate})
-    metrics = daemon.execute(slot, task)
+    metrics, client = _run_one_task(tmp_path, small_runtime, monkeypatch,
+                                    lambda model, tier_, data, **kw: {"train_loss": 0.0, "steps": 1},
+                                    evaluate=evaluate)
     assert metrics["train_loss"] == 0.0 and client.routes()[-2:] == ["upload", "complete"]
     assert ("acc_root" in metrics) is evaluate and ("time_eval" in metrics) is evaluate, metrics
     if evaluate:
