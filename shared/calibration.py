@@ -26,11 +26,16 @@ import numpy as np
 MAX_NEWTON_STEPS = 50
 
 
-def _objective(z: np.ndarray, onehot: np.ndarray, delta: np.ndarray, ridge: float) -> float:
-    shifted = z + delta
-    top = shifted.max(axis=1, keepdims=True)
-    lse = top[:, 0] + np.log(np.exp(shifted - top).sum(axis=1))
-    return float(np.mean(lse - (shifted * onehot).sum(axis=1)) + 0.5 * ridge * float(delta @ delta))
+def _value_and_probs(z: np.ndarray, onehot: np.ndarray, delta: np.ndarray,
+                     ridge: float) -> tuple[float, np.ndarray]:
+    """The objective at ``delta`` and the softmax probabilities (N, C) of ``z + delta``, from one exp."""
+    centred = z + delta
+    centred = centred - centred.max(axis=1, keepdims=True)
+    e = np.exp(centred)
+    total = e.sum(axis=1, keepdims=True)
+    log_p = centred - np.log(total)
+    value = float(-np.mean((log_p * onehot).sum(axis=1)) + 0.5 * ridge * float(delta @ delta))
+    return value, e / total
 
 
 def fit_logit_shift(logits: np.ndarray, labels: np.ndarray, prior_std: float,
@@ -61,11 +66,8 @@ def fit_logit_shift(logits: np.ndarray, labels: np.ndarray, prior_std: float,
     onehot[np.arange(n), y] = 1.0
     target = onehot.mean(axis=0)
     delta = np.zeros(c)
-    value = _objective(z, onehot, delta, ridge)
+    value, p = _value_and_probs(z, onehot, delta, ridge)
     for _ in range(max_steps):
-        shifted = z + delta
-        p = np.exp(shifted - shifted.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
         grad = p.mean(axis=0) - target + ridge * delta
         if np.abs(grad).max() < tol:
             break
@@ -74,11 +76,11 @@ def fit_logit_shift(logits: np.ndarray, labels: np.ndarray, prior_std: float,
         t = 1.0
         while True:   # backtracking (Armijo); the objective is convex and smooth, so it ends
             candidate = delta - t * step
-            new_value = _objective(z, onehot, candidate, ridge)
+            new_value, new_p = _value_and_probs(z, onehot, candidate, ridge)
             if new_value <= value - 1e-4 * t * float(grad @ step) or t < 1e-8:
                 break
             t *= 0.5
         if new_value > value:   # no descent left at float64 precision
             break
-        delta, value = candidate, new_value
+        delta, value, p = candidate, new_value, new_p
     return delta

@@ -299,6 +299,11 @@ def _class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return weight
 
 
+def _labels(y: object) -> np.ndarray:
+    """Labels (a tensor or an array) as an int64 numpy array."""
+    return np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y).astype(np.int64, copy=False)
+
+
 def _outputs(model: TieredLoRAModel, x: object, tiers: Iterable[str], device: str | torch.device,
              batch_size: int) -> Iterable[torch.Tensor]:
     """The model's logits of ``x``, batch by batch, with exactly ``tiers`` active (call under no_grad)."""
@@ -344,8 +349,7 @@ def fit_leaf_bias(model: TieredLoRAModel, data: ClientData, below: Sequence[str]
     ``shared.calibration.fit_logit_shift``). Returns the shift (classes,)."""
     from shared.calibration import fit_logit_shift
 
-    labels = np.asarray(data.y_train.cpu() if isinstance(data.y_train, torch.Tensor) else data.y_train)
-    delta = fit_logit_shift(logits_of(model, data.x_train, below, device), labels.astype(np.int64), prior_std)
+    delta = fit_logit_shift(logits_of(model, data.x_train, below, device), _labels(data.y_train), prior_std)
     bias = model.heads["leaf"].bias
     bias.add_(torch.as_tensor(delta, dtype=bias.dtype, device=bias.device))
     return delta
@@ -356,15 +360,11 @@ def mean_loss(model: TieredLoRAModel, x: object, y: object, tiers: Iterable[str]
               batch_size: int = 256) -> float:
     """Mean cross entropy on (x, y) with exactly ``tiers`` active (forward passes only): what a
     refine task reports for the root and for root + each candidate cluster adapter."""
-    model.to(device)
-    model.eval()
-    model.set_active_tiers(tiers)
     labels = _as_tensor(y, torch.int64, device)
     if labels.shape[0] == 0:
         raise ValueError("cannot compute a loss on zero samples")
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for start, inputs in zip(range(0, labels.shape[0], batch_size), _input_batches(x, batch_size, device)):
-        logits = model(inputs)
+    for start, logits in zip(range(0, labels.shape[0], batch_size), _outputs(model, x, tiers, device, batch_size)):
         total += F.cross_entropy(logits, labels[start:start + batch_size], reduction="sum").to(torch.float64)
     return float(total) / int(labels.shape[0])
 
@@ -372,7 +372,7 @@ def mean_loss(model: TieredLoRAModel, x: object, y: object, tiers: Iterable[str]
 def evaluate(model: TieredLoRAModel, x: object, y: object, tiers: Iterable[str], device: str | torch.device = "cpu",
              batch_size: int = 256) -> float:
     """Accuracy on (x, y) with exactly ``tiers`` active (the highest active tier's head predicts)."""
-    labels = np.asarray(y.cpu() if isinstance(y, torch.Tensor) else y)
+    labels = _labels(y)
     if labels.shape[0] == 0:
         raise ValueError("cannot evaluate on zero samples")
     return float((predict(model, x, tiers, device, batch_size) == labels).mean())
