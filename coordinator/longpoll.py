@@ -163,10 +163,12 @@ class LeaseWaiters:
             # waiting for the whole batch. Every chosen request counts as being granted until it is
             # woken, so that its timeout cannot drop what its chunk leases for it.
             self._granting.update(chosen.values())
-            pending = list(chosen)
+            pending, workers = self._worker_by_worker(chosen)
+            size = min(self.grant_chunk, workers)   # the first chunk: one task for each waiting worker
             try:
                 while pending:
-                    chunk, pending = pending[:self.grant_chunk], pending[self.grant_chunk:]
+                    chunk, pending = pending[:size], pending[size:]
+                    size = self.grant_chunk
                     answers: dict[int, Any] = {}
                     try:
                         answers = await run_in_threadpool(self._grant, {
@@ -178,6 +180,19 @@ class LeaseWaiters:
                     self._granting.difference_update(chosen[cid] for cid in chunk)
             finally:
                 self._granting.difference_update(chosen.values())
+
+    def _worker_by_worker(self, chosen: dict[int, asyncio.Event]) -> tuple[list[int], int]:
+        """The chosen clients in the order their leases are granted, and how many workers hold them:
+        round robin over the workers, so that the first chunk gives every waiting worker one task
+        to start on (a worker trains one task at a time; the rest of its tasks can come while it
+        trains) and no worker's first task waits for another's whole batch. Returns the order and
+        the number of workers."""
+        by_worker: dict[str, list[int]] = {}
+        for client_id, event in chosen.items():
+            by_worker.setdefault(self._waiting[client_id].get(event, "anonymous"), []).append(client_id)
+        queues = list(by_worker.values())
+        order = [queue[i] for i in range(max(map(len, queues), default=0)) for queue in queues if i < len(queue)]
+        return order, len(queues)
 
     def _wake(self, client_ids, chosen: dict[int, asyncio.Event], answers: dict[int, Any], since: float) -> None:  # noqa: ANN001
         """Wake every held request of these clients: the chosen one with what was leased for it (None:

@@ -282,6 +282,8 @@ class WorkerDaemon:
         self._reporter: concurrent.futures.ThreadPoolExecutor | None = None
         self._report_in_flight: concurrent.futures.Future | None = None
         self._leaser: concurrent.futures.ThreadPoolExecutor | None = None  # the next slot's lease (_lease_ahead)
+        self._holder: concurrent.futures.ThreadPoolExecutor | None = None  # the held requests (_hold)
+        self._holder_size = 0
         self._last_task_seconds: float | None = None
 
     # ------------------------------------------------------------------ setup
@@ -458,13 +460,15 @@ class WorkerDaemon:
         try:
             return self._poll()
         finally:
-            if self._leaser is not None:
-                self._leaser.shutdown(wait=True)
-                self._leaser = None
+            for pool in (self._leaser, self._holder):
+                if pool is not None:
+                    pool.shutdown(wait=True)
+            self._leaser = self._holder = None
             self.close_reporter()   # the last task's report goes out before the daemon ends
 
     def _poll(self) -> int:
         started = time.monotonic()
+        held = False   # the last held requests answered: hold again without a round of plain leases
         while not self.stop_event.is_set():
             if self.max_seconds is not None and time.monotonic() - started > self.max_seconds:
                 log.warning("stopping after --max-seconds=%s", self.max_seconds)
@@ -473,10 +477,11 @@ class WorkerDaemon:
             wait = 5.0
             ahead: tuple[ClientSlot, concurrent.futures.Future] | None = None  # the next slot's lease, in flight
             try:
+                polled = self._to_poll(held)
                 for i, slot in enumerate(self.slots):
                     if self.stop_event.is_set():
                         break
-                    if slot.last_state == "revoked":
+                    if slot.last_state == "revoked" or i not in polled:
                         continue
                     prefetched = ahead is not None and ahead[0] is slot
                     try:
@@ -502,7 +507,7 @@ class WorkerDaemon:
                         if prefetched and _lease_left(response.task) < response.task.lease_seconds / 2:
                             self._release(slot, response.task, "it waited while another task ran")
                             continue
-                        ahead = self._lease_ahead(i, response.task)
+                        ahead = self._lease_ahead(i, response.task) if len(polled) == len(self.slots) else None
                         self._run_task(slot, response.task)
                         worked = True
                     else:
@@ -519,10 +524,28 @@ class WorkerDaemon:
                     s.last_state in ("ready", "revoked") for s in self.slots):
                 log.info("every hosted client is ready: exiting")
                 return 0
-            if not worked and not (self.long_poll > 0 and self._hold()):
-                # nothing held (long polling off, paused, or the held requests failed): sleep
-                self.stop_event.wait(wait if self.long_poll <= 0 else min(wait, 1.0))
+            if held and self.exit_when_idle and not worked and any(s.last_state == "ready" for s in self.slots):
+                held = False   # one client polled is ready: poll them all (to exit) before holding
+                continue
+            held = False
+            if not worked:
+                held = self.long_poll > 0 and self._hold()
+                if not held:
+                    # nothing held (long polling off, paused, or the held requests failed): sleep
+                    self.stop_event.wait(wait if self.long_poll <= 0 else min(wait, 1.0))
         return 0
+
+    def _to_poll(self, held: bool) -> range | list[int]:
+        """The clients (indices) to poll with plain leases before holding requests again. After held requests
+        that answered, none: a held request answers at once for a client with a task waiting, as a
+        plain lease would, so polling every client first would only cost a request per client and
+        delay the next hold (each worker's, at every round's end). With ``exit_when_idle``, one: its
+        state says whether the federation is serving (the others are then polled too, to exit)."""
+        if not held:
+            return range(len(self.slots))
+        if not self.exit_when_idle:
+            return []
+        return [i for i, s in enumerate(self.slots) if s.last_state != "revoked"][:1]
 
     def _lease_ahead(self, index: int, task: TaskAssignment) -> tuple[ClientSlot, concurrent.futures.Future] | None:
         """With background reports, the lease of the next hosted client goes out while this task
@@ -572,37 +595,43 @@ class WorkerDaemon:
         if not slots or self.stop_event.is_set() or time.monotonic() < self._hold_off_until:
             return False
         answered = False
-        with concurrent.futures.ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="hilora-hold") as pool:
-            pending = {pool.submit(self.client.hold_lease, s.client_id, s.token, self.long_poll): s for s in slots}
-            while pending:
-                done, _ = concurrent.futures.wait(pending, timeout=0.2,
-                                                  return_when=concurrent.futures.FIRST_COMPLETED)
-                if self.stop_event.is_set():
-                    self.client.abort_held()  # the held requests end now; a task they got is given back below
-                for future in done:
-                    slot = pending.pop(future)
-                    try:
-                        response = future.result()
-                    except CoordinatorError as exc:
-                        self._drop_refused(slot, exc)
-                        continue
-                    if response is None:
-                        continue
-                    slot.last_state = response.client_state
-                    task = response.task
-                    if task is None:
-                        if response.retry_after > 0:  # not held (a coordinator without long polling)
-                            self._hold_off_until = time.monotonic() + 60.0
-                        else:
-                            answered = True
-                        continue
-                    answered = True
-                    if self.stop_event.is_set():
-                        self._release(slot, task, "the worker is stopping")
-                    elif _lease_left(task) < task.lease_seconds / 2:
-                        self._release(slot, task, "it waited while another task ran")
+        if self._holder is None or self._holder_size < len(slots):
+            # kept from one hold to the next: threads started once, not at every round's end
+            if self._holder is not None:
+                self._holder.shutdown(wait=False)
+            self._holder = concurrent.futures.ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="hilora-hold")
+            self._holder_size = len(slots)
+        pool = self._holder
+        pending = {pool.submit(self.client.hold_lease, s.client_id, s.token, self.long_poll): s for s in slots}
+        while pending:
+            done, _ = concurrent.futures.wait(pending, timeout=0.2,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            if self.stop_event.is_set():
+                self.client.abort_held()  # the held requests end now; a task they got is given back below
+            for future in done:
+                slot = pending.pop(future)
+                try:
+                    response = future.result()
+                except CoordinatorError as exc:
+                    self._drop_refused(slot, exc)
+                    continue
+                if response is None:
+                    continue
+                slot.last_state = response.client_state
+                task = response.task
+                if task is None:
+                    if response.retry_after > 0:  # not held (a coordinator without long polling)
+                        self._hold_off_until = time.monotonic() + 60.0
                     else:
-                        self._run_task(slot, task)
+                        answered = True
+                    continue
+                answered = True
+                if self.stop_event.is_set():
+                    self._release(slot, task, "the worker is stopping")
+                elif _lease_left(task) < task.lease_seconds / 2:
+                    self._release(slot, task, "it waited while another task ran")
+                else:
+                    self._run_task(slot, task)
         return answered
 
     def _run_task(self, slot: ClientSlot, task: TaskAssignment) -> None:

@@ -84,8 +84,38 @@ def test_a_failed_chunk_lets_its_requests_lease_on_their_own_and_the_rest_go_on(
         return calls, answers, waiters
 
     calls, answers, waiters = asyncio.run(main())
-    assert len(calls) == 2 and sorted(calls[0] + calls[1]) == [1, 2, 3, 4]
+    # one worker ("anonymous"): its first task alone, then chunks of 2
+    assert calls == [[1], [2, 3], [4]]
     by_client = dict(zip((1, 2, 3, 4), (a for _, a in answers)))
     assert sorted(cid for cid, a in by_client.items() if a is None) == calls[0]     # lease on their own
-    assert sorted(cid for cid, a in by_client.items() if a == "leased") == calls[1]
+    assert sorted(cid for cid, a in by_client.items() if a == "leased") == calls[1] + calls[2]
     assert not waiters._granting and not waiters._waiting
+
+
+def test_the_first_chunk_gives_every_waiting_worker_one_task_and_the_rest_go_round_robin():
+    """Workers A (clients 1-4) and B (5, 6) hold requests when tasks open: the first transaction
+    leases one task for each worker (each can start training at once), the next ones alternate."""
+    async def main():
+        calls = []
+
+        def grant(wanted: dict[int, str]) -> dict[int, str]:
+            calls.append(list(wanted.items()))
+            return {cid: f"leased by {worker}" for cid, worker in wanted.items()}
+
+        waiters = LeaseWaiters(None, interval=300.0, grant=grant)
+        waiters.grant_chunk = 3
+        waiters._clients_with_tasks = lambda waiting: set(waiting)
+        waiters.start()
+        try:
+            worker = {1: "A", 2: "A", 3: "A", 4: "A", 5: "B", 6: "B"}
+            held = [asyncio.create_task(waiters.wait(cid, 120.0, worker[cid])) for cid in worker]
+            await asyncio.sleep(0)
+            waiters.poke()
+            answers = await asyncio.wait_for(asyncio.gather(*held), 240)
+        finally:
+            await waiters.stop()
+        return calls, answers
+
+    calls, answers = asyncio.run(main())
+    assert calls == [[(1, "A"), (5, "B")], [(2, "A"), (6, "B"), (3, "A")], [(4, "A")]]
+    assert [a for _, a in answers] == ["leased by A"] * 4 + ["leased by B"] * 2

@@ -565,6 +565,58 @@ def test_with_nothing_to_do_the_worker_holds_a_lease_and_runs_the_task_it_gets(t
     assert ("hold_lease", 3, 15.0) in client.calls
 
 
+def test_after_held_requests_answered_the_worker_holds_again_without_plain_leases(tmp_path):
+    """Two rounds come through held requests: between them the worker asks for no plain lease (a
+    held request answers at once when a task waits), so its only plain leases are the first sweep."""
+    daemon: WorkerDaemon
+    answers = {3: [_lease(_fresh(_task(1), 60.0)), _lease(_fresh(_task(3), 60.0))],
+               4: [_lease(_fresh(_task(2), 60.0)), _lease(_fresh(_task(4), 60.0))]}
+
+    def hold(client_id, wait):
+        if answers[client_id]:
+            return answers[client_id].pop(0)
+        daemon.request_stop("test")
+        return None
+
+    client = FakeClient(lease=[_lease(None)], hold_lease=hold)
+    daemon, _slot = _daemon(client, tmp_path, long_poll=15.0)
+    _second_slot(daemon, tmp_path)
+    seen = []
+    daemon.execute = lambda slot, task, defer_report=False: seen.append(task.task_id) or {}  # type: ignore[method-assign]
+    assert daemon.run() == 0
+    assert sorted(seen) == [1, 2, 3, 4]
+    routes = client.routes()
+    assert routes[:2] == ["lease", "lease"]          # the first sweep, one per hosted client
+    assert routes[2:].count("lease") == 0 and routes.count("hold_lease") == 6
+    assert daemon._holder is None                      # the held requests' threads end with the daemon
+
+
+def test_exit_when_idle_after_held_requests_polls_one_client_then_all_to_exit(tmp_path):
+    """With --exit-when-idle, after held requests answered the worker polls one client; once it is
+    ready it polls every client and exits when all are, without holding again."""
+    answers = {3: [_lease(_fresh(_task(1), 60.0))], 4: [_lease(_fresh(_task(2), 60.0))]}
+    leases: list[int] = []
+
+    def hold(client_id, wait):
+        return answers[client_id].pop(0)   # a second hold would fail the test (pop from empty)
+
+    def lease(client_id):
+        leases.append(client_id)
+        state = "training" if len(leases) <= 2 else "ready"   # the first sweep, then the federation serves
+        return LeaseResponse(task=None, retry_after=0.01, federation_state=FederationState.root,
+                             client_state=state)
+
+    client = FakeClient(lease=lease, hold_lease=hold)
+    daemon, _slot = _daemon(client, tmp_path, long_poll=15.0, exit_when_idle=True)
+    _second_slot(daemon, tmp_path)
+    seen = []
+    daemon.execute = lambda slot, task, defer_report=False: seen.append(task.task_id) or {}  # type: ignore[method-assign]
+    assert daemon.run() == 0
+    assert sorted(seen) == [1, 2]
+    assert leases == [3, 4, 3, 3, 4]   # sweep; one client after the hold (ready); every client, all ready
+    assert client.routes().count("hold_lease") == 2
+
+
 def test_a_held_task_that_waited_past_half_its_lease_is_given_back(tmp_path):
     """Two hosted clients' held requests both get a task: the first runs; the second, whose lease
     has less than half left once the first is done, is released (no attempt lost), not run."""
