@@ -19,11 +19,12 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
+from typing import NamedTuple
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import ColumnElement, Text, bindparam, cast, func, select, update
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
 from coordinator.blobs import BlobStore
@@ -138,15 +139,42 @@ def client_state(fed: Federation, client: Client) -> str:
     return "training"
 
 
+class LeaseClient(NamedTuple):
+    """The columns of a client that a lease reads (``lease_task`` takes this or a ``Client``)."""
+    id: int
+    federation_id: int
+    token_hash: str
+    status: ClientStatus
+    cohort: Cohort
+    onboarding: Onboarding
+    last_seen_at: datetime | None
+    inactive_since: datetime | None
+
+
+class LeaseFederation(NamedTuple):
+    """The columns of a federation that a lease reads (``lease_task`` takes this or a ``Federation``)."""
+    id: int
+    state: FederationState
+    paused_at: datetime | None
+
+
 def _clients_for_lease_statement(which):  # noqa: ANN001, ANN202
+    """Plain columns, not ORM entities: every poll of every worker runs it, and building two
+    instances (and expiring them at the commit) cost more than the query."""
     leasable = (select(Task.id).where(Task.client_id == Client.id, task_status_may_become(TaskStatus.leased))
                 .exists())
+    clients, feds = Client.__table__.c, Federation.__table__.c
     # the config comes as its stored text, the key of the parsed-config cache (not decoded and
-    # encoded again on every poll); the entity's own config attribute is not loaded
-    return (select(Client, Federation, leasable, cast(Federation.config, Text))
-            .join(Federation, Federation.id == Client.federation_id)
-            .where(which)
-            .options(defer(Federation.config, raiseload=True)))
+    # encoded again on every poll)
+    return (select(*(clients[name] for name in LeaseClient._fields), *(feds[name] for name in LeaseFederation._fields),
+                   leasable, cast(feds.config, Text))
+            .select_from(Client.__table__.join(Federation.__table__, feds.id == clients.federation_id))
+            .where(which))
+
+
+def _lease_row(row) -> tuple[LeaseClient, LeaseFederation, bool, str]:  # noqa: ANN001
+    n, m = len(LeaseClient._fields), len(LeaseFederation._fields)
+    return LeaseClient(*row[:n]), LeaseFederation(*row[n:n + m]), bool(row[n + m]), row[n + m + 1]
 
 
 def lease_many(session: Session, wanted: dict[int, str], now: datetime) -> dict[int, LeaseResponse]:
@@ -154,20 +182,23 @@ def lease_many(session: Session, wanted: dict[int, str], now: datetime) -> dict[
     in one transaction, each as ``lease_task`` gives it. A client that is no longer active is left
     out (its request leases on its own, and is refused)."""
     out = {}
-    for client, fed, has_pending, config in session.execute(_LEASE_STATEMENTS["many"], {"ids": list(wanted)}):
+    for row in session.connection().execute(_LEASE_STATEMENTS["many"], {"ids": list(wanted)}):
+        client, fed, has_pending, config = _lease_row(row)
         if client.status == ClientStatus.active:
             out[client.id] = lease_task(session, client, wanted[client.id], now, fed, config_from_text(config),
                                         has_pending)
     return out
 
 
-def authenticate_for_lease(session: Session, token: str) -> tuple[Client, Federation, FederationConfig, bool]:
+def authenticate_for_lease(session: Session, token: str) -> tuple[LeaseClient, LeaseFederation, FederationConfig, bool]:
     """``registration.authenticate_client`` for a lease, in one query that also reads the client's
     federation, its parsed config and whether the client has a task to lease (so "nothing to do"
     is this one read)."""
-    row = session.execute(_LEASE_STATEMENTS["auth"], {"token_hash": hash_secret(token)}).first()
-    client = check_client(None if row is None else row[0], token)
-    return client, row[1], config_from_text(row[3]), bool(row[2])
+    row = session.connection().execute(_LEASE_STATEMENTS["auth"], {"token_hash": hash_secret(token)}).first()
+    if row is None:
+        check_client(None, token)   # raises: unknown token
+    client, fed, has_pending, config = _lease_row(row)
+    return check_client(client, token), fed, config_from_text(config), has_pending
 
 
 def _lease_update_statement(postgres: bool):  # noqa: ANN202
@@ -243,14 +274,17 @@ _LEASE_STATEMENTS = {"auth": _clients_for_lease_statement(Client.token_hash == b
                      "attach_first": _attach_upload_statement(first=True),
                      "attach_again": _attach_upload_statement(first=False),
                      "seen": update(Client.__table__).where(Client.__table__.c.id == bindparam("seen_id"))
-                     .values(last_seen_at=bindparam("seen_at"))}
+                     .values(last_seen_at=bindparam("seen_at")),
+                     "back": update(Client.__table__).where(Client.__table__.c.id == bindparam("back_id"))
+                     .values(inactive_since=None, missed_rounds=0)}
 
 
 def _version_ref(id_: int | None, tier: str, version: int, sha: str) -> AdapterRef | None:
     return None if id_ is None else AdapterRef(id=id_, tier=tier, version=version, sha256=sha)
 
 
-def lease_task(session: Session, client: Client, worker_id: str, now: datetime, fed: Federation | None = None,
+def lease_task(session: Session, client: Client | LeaseClient, worker_id: str, now: datetime,
+               fed: Federation | LeaseFederation | None = None,
                cfg: FederationConfig | None = None, has_pending: bool | None = None) -> LeaseResponse:
     """Lease the client's oldest pending task, or answer 'no work, retry after N s'.
 
@@ -265,9 +299,13 @@ def lease_task(session: Session, client: Client, worker_id: str, now: datetime, 
     if client.last_seen_at is None or now - client.last_seen_at >= resolution:
         # one plain UPDATE, not a unit-of-work flush (this is every worker's poll)
         session.connection().execute(_LEASE_STATEMENTS["seen"], {"seen_id": client.id, "seen_at": now})
-        set_committed_value(client, "last_seen_at", now)
+        if isinstance(client, Client):
+            set_committed_value(client, "last_seen_at", now)
     if client.inactive_since is not None:  # back: the next rounds open tasks for it again
-        client.inactive_since, client.missed_rounds = None, 0
+        session.connection().execute(_LEASE_STATEMENTS["back"], {"back_id": client.id})
+        if isinstance(client, Client):
+            set_committed_value(client, "inactive_since", None)
+            set_committed_value(client, "missed_rounds", 0)
     state = FederationState(fed.state)
     if fed.paused_at is not None:
         return LeaseResponse(task=None, retry_after=max(cfg.schedule.retry_after_seconds, 5.0),
