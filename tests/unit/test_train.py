@@ -501,3 +501,18 @@ def test_an_augmented_run_resumes_to_the_same_bytes(tmp_path):
     assert out.pop("resumed_at_step") == 5 and out == expected
     for name, value in reference.export_tier("root").items():
         np.testing.assert_array_equal(resumed.export_tier("root")[name], value)
+
+
+def test_a_model_already_on_its_device_is_not_moved_and_one_elsewhere_is():
+    from worker.train import _to_device
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    moves: list[object] = []
+    original = model.to
+    model.to = lambda *a, **k: moves.append(a) or original(*a, **k)  # type: ignore[method-assign]
+    _to_device(model, "cpu")
+    _to_device(model, torch.device("cpu"))
+    assert moves == []
+    _to_device(model, "meta")            # a device the parameters are not on: moved
+    assert moves == [("meta",)]
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
