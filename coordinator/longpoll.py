@@ -185,8 +185,7 @@ class LeaseWaiters:
         """The chosen clients in the order their leases are granted, and how many workers hold them:
         round robin over the workers, so that the first chunk gives every waiting worker one task
         to start on (a worker trains one task at a time; the rest of its tasks can come while it
-        trains) and no worker's first task waits for another's whole batch. Returns the order and
-        the number of workers."""
+        trains) and no worker's first task waits for another's whole batch."""
         by_worker: dict[str, list[int]] = {}
         for client_id, event in chosen.items():
             by_worker.setdefault(self._waiting[client_id].get(event, "anonymous"), []).append(client_id)

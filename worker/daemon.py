@@ -536,8 +536,8 @@ class WorkerDaemon:
         return 0
 
     def _to_poll(self, held: bool) -> range | list[int]:
-        """The clients (indices) to poll with plain leases before holding requests again. After held requests
-        that answered, none: a held request answers at once for a client with a task waiting, as a
+        """The clients (indices) to poll with plain leases before holding requests again. After held
+        requests that answered, none: a held request answers at once for a client with a task waiting, as a
         plain lease would, so polling every client first would only cost a request per client and
         delay the next hold (each worker's, at every round's end). With ``exit_when_idle``, one: its
         state says whether the federation is serving (the others are then polled too, to exit)."""
@@ -599,7 +599,8 @@ class WorkerDaemon:
             # kept from one hold to the next: threads started once, not at every round's end
             if self._holder is not None:
                 self._holder.shutdown(wait=False)
-            self._holder = concurrent.futures.ThreadPoolExecutor(max_workers=len(slots), thread_name_prefix="hilora-hold")
+            self._holder = concurrent.futures.ThreadPoolExecutor(max_workers=len(slots),
+                                                                 thread_name_prefix="hilora-hold")
             self._holder_size = len(slots)
         pool = self._holder
         pending = {pool.submit(self.client.hold_lease, s.client_id, s.token, self.long_poll): s for s in slots}

@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from typing import NamedTuple
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 from sqlalchemy import ColumnElement, Text, bindparam, cast, func, select, update
 from sqlalchemy.orm import Session
@@ -126,7 +126,7 @@ def _ref(v: AdapterVersion | None) -> AdapterRef | None:
     return None if v is None else AdapterRef(id=v.id, tier=v.tier, version=v.version, sha256=v.blob_sha256)
 
 
-def client_state(fed: Federation, client: Client) -> str:
+def client_state(fed: Federation | LeaseFederation, client: Client | LeaseClient) -> str:
     """The client's state as its worker sees it (``LeaseResponse.client_state``): derived, not stored."""
     if client.status != ClientStatus.active:
         return "revoked"
