@@ -507,7 +507,7 @@ class WorkerDaemon:
                         if prefetched and _lease_left(response.task) < response.task.lease_seconds / 2:
                             self._release(slot, response.task, "it waited while another task ran")
                             continue
-                        ahead = self._lease_ahead(i, response.task) if len(polled) == len(self.slots) else None
+                        ahead = None if held else self._lease_ahead(i, response.task)   # (a full sweep only)
                         self._run_task(slot, response.task)
                         worked = True
                     else:

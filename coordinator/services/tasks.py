@@ -172,9 +172,13 @@ def _clients_for_lease_statement(which):  # noqa: ANN001, ANN202
             .where(which))
 
 
+_CLIENT_END = len(LeaseClient._fields)                   # a lease row: the client's columns,
+_FEDERATION_END = _CLIENT_END + len(LeaseFederation._fields)   # its federation's, has_pending, config
+
+
 def _lease_row(row) -> tuple[LeaseClient, LeaseFederation, bool, str]:  # noqa: ANN001
-    n, m = len(LeaseClient._fields), len(LeaseFederation._fields)
-    return LeaseClient(*row[:n]), LeaseFederation(*row[n:n + m]), bool(row[n + m]), row[n + m + 1]
+    return (LeaseClient(*row[:_CLIENT_END]), LeaseFederation(*row[_CLIENT_END:_FEDERATION_END]),
+            bool(row[_FEDERATION_END]), row[_FEDERATION_END + 1])
 
 
 def lease_many(session: Session, wanted: dict[int, str], now: datetime) -> dict[int, LeaseResponse]:
