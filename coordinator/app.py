@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator import faults
 from coordinator.blobs import BlobStore
-from coordinator.db import make_engine, make_read_session_factory, make_session_factory
+from coordinator.db import make_engine, make_lease_session_factory, make_read_session_factory, make_session_factory
 from coordinator.errors import ServiceError
 from coordinator.limits import (
     COMMON_RESPONSES,
@@ -213,6 +213,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.state.engine = engine
     app.state.session_factory = session_factory
     app.state.read_session_factory = make_read_session_factory(engine)
+    app.state.lease_session_factory = make_lease_session_factory(engine)
     app.state.blobs = blobs
     app.state.clock = clock
     app.state.scheduler = scheduler

@@ -92,3 +92,16 @@ def make_read_session_factory(engine: Engine) -> sessionmaker[Session]:
     for the database's single write lock behind the writers. Writing in one is a bug; SQLite then
     takes the lock late and may answer SQLITE_BUSY. On Postgres they are ordinary sessions."""
     return sessionmaker(bind=engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
+
+
+def make_lease_session_factory(engine: Engine) -> sessionmaker[Session]:
+    """Sessions for a lease. On PostgreSQL every statement is its own transaction: a lease's
+    statements (the authentication read, the ``last_seen_at`` step, the guarded UPDATE that takes
+    the task and reads the round's inputs with it) are each atomic alone and need no common
+    snapshot (under READ COMMITTED they had none), so BEGIN and COMMIT, two of an empty poll's four
+    round trips and two of a grant's six, are left out. On SQLite (no round trips) the ordinary
+    sessions: there a connection back from autocommit would run a PRAGMA and leave its transactions
+    to the driver again, which ``_sqlite_pragmas`` turns off."""
+    if engine.dialect.name != "postgresql":
+        return make_session_factory(engine)
+    return sessionmaker(bind=engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)

@@ -483,7 +483,7 @@ async def lease(client_id: DbId, request: Request, token: Token,
     factory = app.state.session_factory
 
     def attempt(first: bool) -> LeaseResponse:
-        with factory() as session, session.begin():
+        with app.state.lease_session_factory() as session, session.begin():
             client, fed, cfg, has_pending = tasks.authenticate_for_lease(session, token)
             if client.id != client_id:
                 raise Forbidden(f"this token belongs to client {client.id}; it cannot lease for client {client_id}",

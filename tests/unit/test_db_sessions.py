@@ -1,5 +1,6 @@
-"""Read-only sessions on SQLite take no write lock; the parsed federation config is cached by its
-content, never by id."""
+"""Read-only sessions on SQLite take no write lock; a lease's sessions on PostgreSQL run each
+statement as its own transaction and leave the pooled connection transactional again; the parsed federation config
+is cached by its content, never by id."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import threading
 import pytest
 from sqlalchemy import text
 
-from coordinator.db import make_engine, make_read_session_factory, make_session_factory
+from coordinator.db import (READ_ONLY, make_engine, make_lease_session_factory, make_read_session_factory,
+                            make_session_factory)
 from coordinator.models import Federation
 from coordinator.services.federations import federation_config
 
@@ -66,6 +68,50 @@ def test_read_session_does_not_wait_for_the_write_lock_but_a_write_session_does(
     with engine.connect() as conn:
         assert sorted(conn.scalars(text("SELECT x FROM t"))) == [7, 8, 9]
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_a_lease_session_commits_each_statement_on_postgres_and_the_pool_stays_transactional(backend, tmp_path,
+                                                                                             request):
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    else:
+        server = request.getfixturevalue("pg_server")
+        url = server.create_database()
+        request.addfinalizer(lambda: server.drop_database(url))
+    autocommit = backend == "postgres"  # SQLite's lease sessions are ordinary transactions
+    engine = make_engine(url)
+    observer = make_engine(url)  # a second engine, its own connections, reading (on SQLite: no write lock)
+    observing = observer.execution_options(**{READ_ONLY: True})
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        conn.execute(text("INSERT INTO t VALUES (1)"))
+
+    def others_see() -> list[int]:
+        with observing.connect() as conn:
+            return sorted(conn.scalars(text("SELECT x FROM t")))
+
+    try:
+        with make_lease_session_factory(engine)() as session, session.begin():
+            session.execute(text("UPDATE t SET x = 2"))
+            # PostgreSQL: committed by the statement itself, before the session ends
+            assert others_see() == ([2] if autocommit else [1])
+            session.execute(text("UPDATE t SET x = 3"))
+            assert others_see() == ([3] if autocommit else [1])
+        assert others_see() == [3]
+        # the same pooled connection (one is checked out at a time) serves an ordinary session:
+        # a transaction again, its writes unseen by others until the commit and undone by a rollback
+        for _ in range(2):
+            with make_session_factory(engine)() as session:
+                with session.begin():
+                    session.execute(text("UPDATE t SET x = 4"))
+                    assert others_see() == [3]
+                    session.rollback()
+            assert others_see() == [3]
+        assert engine.pool.checkedin() == 1
+    finally:
+        engine.dispose()
+        observer.dispose()
 
 
 def _config(name: str, quorum: int) -> dict:
