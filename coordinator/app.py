@@ -42,7 +42,7 @@ from coordinator.security import constant_time_equals
 from coordinator.services import tasks
 from coordinator.services.retention import collect_garbage
 from coordinator import api_docs
-from coordinator.services.scheduling import scheduler_tick
+from coordinator.services.scheduling import MAX_TRANSITIONS_PER_CALL, scheduler_tick
 from coordinator.settings import Settings
 from shared import __version__
 
@@ -61,9 +61,11 @@ class Scheduler:
 
     def __init__(self, session_factory, blobs: BlobStore, clock: Clock, interval: float,  # noqa: ANN001
                  metrics: Metrics | None = None, settings: Settings | None = None,
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[set[int] | None], None] | None = None) -> None:
         self._metrics = metrics
-        self._on_change = on_change  # after a tick that changed something (held lease requests look)
+        # after a tick that changed something, with the clients it made a task leasable for (None:
+        # not known): the held lease requests look
+        self._on_change = on_change
         self._settings = settings
         self._last_gc: float | None = None
         self._session_factory = session_factory
@@ -96,24 +98,26 @@ class Scheduler:
         if self._pool is not None:  # running advances finish (each is one transaction); queued ones are dropped
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _submit(self, fid: int, advance: Callable[[], int], started: list | None = None) -> None:
-        """Run a federation's advance as a job, unless its previous one is still running."""
+    def _submit(self, fid: int, advance: Callable[..., int], started: list | None = None) -> None:
+        """Run a federation's advance (``scheduling.advance_one``, its arguments bound but
+        ``leasable``) as a job, unless its previous one is still running."""
         with self._running_lock:
             if fid in self._running or self._stop.is_set():
                 return
             self._running.add(fid)
         metrics = self._metrics
+        leasable: set[int] = set()   # the clients the job opened tasks for, once it committed
 
         def job() -> int:
             with observing(metrics):
-                return advance()
+                return advance(leasable=leasable)
 
         def done(future: concurrent.futures.Future) -> None:
             with self._running_lock:
                 self._running.discard(fid)
             if not future.cancelled() and future.exception() is None and future.result() > 0:
                 if self._on_change is not None:
-                    self._on_change()
+                    self._on_change(leasable)
                 self.wake()  # what it changed may let the next tick go on at once
 
         try:
@@ -132,7 +136,11 @@ class Scheduler:
             if self._stop.is_set():
                 break
             try:
-                while self.tick(wait=False) and not self._stop.is_set():
+                # Again at once only when a tick may have stopped short: it advances every federation
+                # until nothing is due (at most MAX_TRANSITIONS_PER_CALL steps each). A second tick
+                # after every change found nothing, and took the write lock and the GIL just when
+                # the held lease requests were woken to take the tasks it had opened.
+                while self.tick(wait=False) >= MAX_TRANSITIONS_PER_CALL and not self._stop.is_set():
                     pass
                 self.collect_garbage_if_due()
             except Exception:  # keep the loop alive; the failure is logged with its traceback
@@ -157,16 +165,19 @@ class Scheduler:
         """One tick. With the job pool, ``wait`` waits for the advances it started and counts their
         changes (the background loop does not wait: a finished job wakes it)."""
         started: list[concurrent.futures.Future] = []
+        # the clients it made a task leasable for, which the held lease requests are told (with jobs,
+        # its lease expiries here; each job tells those it opened tasks for when it is done)
+        leasable: set[int] = set()
         with observing(self._metrics):
             changes = scheduler_tick(self._session_factory, self._blobs, self._clock(),
                                      submit=(lambda fid, advance: self._submit(fid, advance, started))
-                                     if self._pool is not None else None)
+                                     if self._pool is not None else None, leasable=leasable)
         if wait and started:
             changes += sum(f.result() for f in concurrent.futures.as_completed(started) if not f.cancelled())
         if self._metrics is not None:
             self._metrics.ticks.labels("ok" if changes >= 0 else "skipped").inc()
         if changes > 0 and self._on_change is not None:
-            self._on_change()
+            self._on_change(leasable)
         return max(changes, 0)
 
 

@@ -4,8 +4,9 @@ A held lease request is an ``asyncio.Event`` in this process's event loop: it ho
 connection and no threadpool thread while it waits. One background task per process (``LeaseWaiters``)
 wakes the held requests of clients that have a task to lease:
 
-- at once when this process changed tasks (the scheduler after a tick that did something, a
-  released lease: ``poke``, callable from any thread), and
+- at once when this process changed tasks (the scheduler after a tick that did something:
+  ``poke``, callable from any thread; when the tick says for which clients it opened or requeued
+  tasks, those are leased for without asking the database who has one), and
 - otherwise every ``interval`` seconds, so that tasks another replica opened are seen too (one
   short query for the clients with a pending task, whatever the number of held requests).
 
@@ -50,6 +51,8 @@ class LeaseWaiters:
         self._poked: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._poke_time: float | None = None
+        # the clients the pokes since the last pass made a task leasable for; None: a poke did not say
+        self._poked_for: set[int] | None = set()
         self._woken: dict[asyncio.Event, tuple[float, Any]] = {}
         self._granting: set[asyncio.Event] = set()  # held requests a batch is leasing for right now
         self.closed = False
@@ -81,20 +84,27 @@ class LeaseWaiters:
 
     # ------------------------------------------------------------------ waking
 
-    def poke(self) -> None:
-        """Something changed tasks: check the held requests now. Safe from any thread."""
+    def poke(self, clients: set[int] | None = None) -> None:
+        """Something changed tasks: check the held requests now. ``clients``: the only clients the
+        change made a task leasable for (committed), so that they are leased for at once; None
+        (not known): the database is asked which waiting clients have a task. Safe from any
+        thread."""
         loop = self._loop
         if loop is None or self._poked is None or loop.is_closed():
             return
         noticed = time.perf_counter()  # the change was committed just before this call
         try:
-            loop.call_soon_threadsafe(self._note_poke, noticed)
+            loop.call_soon_threadsafe(self._note_poke, noticed, None if clients is None else frozenset(clients))
         except RuntimeError:  # the loop closed meanwhile
             pass
 
-    def _note_poke(self, noticed: float) -> None:
+    def _note_poke(self, noticed: float, clients: frozenset[int] | None = None) -> None:
         if self._poke_time is None:
             self._poke_time = noticed
+        if clients is None:
+            self._poked_for = None
+        elif self._poked_for is not None:
+            self._poked_for.update(clients)
         self._poked.set()
 
     async def wait(self, client_id: int, timeout: float, worker_id: str = "anonymous") -> tuple[float, Any] | None:
@@ -141,18 +151,25 @@ class LeaseWaiters:
                 await asyncio.wait_for(self._poked.wait(), self.interval)
             except TimeoutError:
                 pass
+            poked = self._poked.is_set()
             self._poked.clear()
             since, self._poke_time = self._poke_time, None
+            poked_for, self._poked_for = self._poked_for, set()
             if self._closing():
                 self._close()
             if self.closed or not self._waiting:
                 continue
             since = since if since is not None else time.perf_counter()
-            try:
-                ready = await run_in_threadpool(self._clients_with_tasks, list(self._waiting))
-            except Exception:  # a database hiccup: the held requests time out or the next check finds them
-                log.warning("long polling: could not read the clients with tasks", exc_info=True)
-                continue
+            if poked and poked_for is not None:
+                # the change said whom it opened tasks for: lease for them (``grant`` reads whether
+                # each still has one); the periodic pass still asks, for other replicas' changes
+                ready = set(poked_for)
+            else:
+                try:
+                    ready = await run_in_threadpool(self._clients_with_tasks, list(self._waiting))
+                except Exception:  # a database hiccup: the held requests time out or the next check finds them
+                    log.warning("long polling: could not read the clients with tasks", exc_info=True)
+                    continue
             ready = ready.intersection(self._waiting)
             chosen = {cid: next(iter(self._waiting[cid])) for cid in ready}  # one held request per client
             if self._grant is None or not chosen:

@@ -679,7 +679,7 @@ def release(task_id: DbId, body: Heartbeat, request: Request, session: SessionDe
         client = registration.authenticate_client(session, token)
         task = tasks.release_task(session, client, task_id, body.lease_id, _now(request))
         result = TaskCompleted(task_id=task.id, status=TaskStatus(task.status))
-    request.app.state.lease_waiters.poke()  # pending again: a held lease of the same client may take it
+    request.app.state.lease_waiters.poke({client.id})  # pending again: a held lease of this client may take it
     return result
 
 

@@ -71,7 +71,14 @@ from coordinator.services.clustering import (
     unassigned_client_ids,
 )
 from coordinator.services.federations import federation_config, get_federation
-from coordinator.services.tasks import count_tasks, expire_leases, refine_candidates, task_status_may_become
+from coordinator.services.tasks import (
+    LEASABLE_FOR,
+    count_tasks,
+    expire_leases,
+    note_leasable,
+    refine_candidates,
+    task_status_may_become,
+)
 from shared import deadlines, sampling
 from shared.config import FederationConfig
 from shared.states import (
@@ -139,6 +146,7 @@ def open_round(session: Session, fed: Federation, stage: Stage, scope: str, clie
                  status=enter(Machine.task, TaskStatus.pending),
                  attempt=0, releases=0, upload_bytes=0, reset_leaf=reset_leaf, created_at=now)
             for cid in sorted(client_ids)])
+        note_leasable(session, client_ids)
     fault_point("round_open")
     return rnd
 
@@ -797,18 +805,23 @@ def exclusive_tick(session_factory):  # noqa: ANN001, ANN201
 FEDERATION_LOCK_SPACE = 0x686C72  # Postgres advisory locks (space, federation id): one advance at a time
 
 
-def advance_one(session_factory, blobs: BlobStore, fid: int, now: datetime) -> int:  # noqa: ANN001
+def advance_one(session_factory, blobs: BlobStore, fid: int, now: datetime,  # noqa: ANN001
+                leasable: set[int] | None = None) -> int:
     """Advance one federation in its own transaction; a failure is recorded, never raised. On
     Postgres the transaction holds the federation's advisory lock, so that of several replicas (or
     a job still running from an earlier tick) one advances it at a time: a federation whose lock is
-    taken is left for the next tick (0 changes)."""
+    taken is left for the next tick (0 changes). ``leasable`` receives, once committed, the clients
+    for which it opened tasks."""
     with log_context(federation_id=fid):
         try:
             with session_factory() as session, session.begin():
                 if session.get_bind().dialect.name == "postgresql" and not session.scalar(
                         select(func.pg_try_advisory_xact_lock(FEDERATION_LOCK_SPACE, fid))):
                     return 0
-                return advance_federation(session, blobs, fid, now)
+                made = advance_federation(session, blobs, fid, now)
+            if leasable is not None:
+                leasable.update(session.info.get(LEASABLE_FOR, ()))
+            return made
         except Exception as exc:  # one federation's failure never stalls the others
             log.exception("advancing federation %s failed", fid)
             record_failure(session_factory, fid, exc, now)
@@ -816,22 +829,27 @@ def advance_one(session_factory, blobs: BlobStore, fid: int, now: datetime) -> i
 
 
 def scheduler_tick(session_factory, blobs: BlobStore, now: datetime,  # noqa: ANN001
-                   submit: Callable[[int, Callable[[], int]], None] | None = None) -> int:
+                   submit: Callable[[int, Callable[[], int]], None] | None = None,
+                   leasable: set[int] | None = None) -> int:
     """One pass of the background loop: expire leases, then advance every federation, each in its
     own transaction (``advance_one``). With ``submit`` each federation's advance is handed to it as
     a job (the app's scheduler runs them on a thread pool, so that a long clustering or aggregation
     of one federation does not hold up the others) and only the expiries count as this tick's
-    changes. Returns the number of changes made, or -1 when another replica holds the lock."""
+    changes. ``leasable`` receives the clients for which the tick made a task leasable (requeued,
+    or in a round it opened; a job handed to ``submit`` takes its own set, ``advance_one``'s
+    ``leasable``). Returns the number of changes made, or -1 when another replica holds the lock."""
     with exclusive_tick(session_factory) as mine:
         if not mine:
             return -1
         with session_factory() as session, session.begin():
             changes = expire_leases(session, now)
+        if leasable is not None:
+            leasable.update(session.info.get(LEASABLE_FOR, ()))
         with session_factory() as session:
             ids = list(session.scalars(select(Federation.id).order_by(Federation.id)))
         for fid in ids:
             if submit is None:
-                changes += advance_one(session_factory, blobs, fid, now)
+                changes += advance_one(session_factory, blobs, fid, now, leasable)
             else:
                 submit(fid, functools.partial(advance_one, session_factory, blobs, fid, now))
         return changes

@@ -550,17 +550,29 @@ def round_waits_on_others(session: Session, task: Task) -> bool:
                                         {"wait_round": task.round_id, "wait_task": task.id}).first() is not None
 
 
+LEASABLE_FOR = "hilora_leasable_for"   # Session.info: clients this transaction made a task leasable for
+
+
+def note_leasable(session: Session, client_ids) -> None:  # noqa: ANN001
+    """Record in the session that its transaction makes a task leasable for these clients (a new
+    round's tasks, a requeued lease): after the commit the scheduler tells the held lease requests
+    whom to lease for (``LeaseWaiters.poke``) without asking the database who has a task."""
+    session.info.setdefault(LEASABLE_FOR, set()).update(client_ids)
+
+
 def expire_leases(session: Session, now: datetime) -> int:
     """Requeue tasks whose lease expired (or fail them at their last attempt). Returns the count."""
     expired = session.execute(
-        select(Task.id, Task.attempt, Task.releases, Task.lease_id, Federation.config)
+        select(Task.id, Task.attempt, Task.releases, Task.lease_id, Task.client_id, Federation.config)
         .join(Federation, Federation.id == Task.federation_id)
         .where(Task.status == TaskStatus.leased, Task.lease_expires_at < now)
     ).all()
-    for task_id, attempt, releases, lease_id, config in expired:
+    for task_id, attempt, releases, lease_id, client_id, config in expired:
         max_attempts = FederationConfig.model_validate(config).schedule.max_attempts
         final = attempt - (releases or 0) >= max_attempts
         target = TaskStatus.failed if final else TaskStatus.pending
+        if not final:
+            note_leasable(session, (client_id,))
         session.execute(
             update(Task)
             .where(Task.id == task_id, task_status_may_become(target), Task.lease_id == lease_id)

@@ -311,6 +311,31 @@ def test_expired_lease_is_requeued_and_the_old_lease_refused(api, app, clock):
         assert s.get(Task, first["task_id"]).status == "failed"
 
 
+def test_the_tick_names_the_clients_it_made_a_task_leasable_for(api, app, clock):
+    """What the scheduler tells the held lease requests (``LeaseWaiters.poke``): the clients of a
+    round it opened, a client whose expired lease it requeued; not one whose task failed at its last
+    attempt, and nobody after a tick that changed nothing."""
+    from coordinator.services.scheduling import scheduler_tick
+
+    def tick_naming() -> tuple[int, set[int]]:
+        leasable: set[int] = set()
+        changes = scheduler_tick(app.state.session_factory, app.state.blobs, app.state.clock(), leasable=leasable)
+        return changes, leasable
+
+    fid, secret = create_federation(api)
+    a, token_a = register(api, fid, secret, "a")
+    b, _token_b = register(api, fid, secret, "b")
+    assert tick_naming()[1] == {a, b}               # the first root round
+    assert tick_naming() == (0, set())
+    lease(api, a, token_a)
+    clock.advance(31)  # lease_seconds is 30
+    assert tick_naming() == (1, {a})                # requeued at attempt 1 of 2
+    lease(api, a, token_a)
+    clock.advance(31)
+    changes, leasable = tick_naming()
+    assert changes >= 1 and a not in leasable       # failed at its last attempt: nothing to lease
+
+
 def test_heartbeat_extends_the_lease(api, app, clock):
     fid, secret = create_federation(api)
     a, token_a = register(api, fid, secret, "a")

@@ -81,3 +81,28 @@ def test_the_federation_lock_keeps_two_advances_of_one_federation_apart(app, api
         assert _status(api, fid)["state"] == "enrolling"
     assert scheduling.advance_one(factory, app.state.blobs, fid, app.state.clock()) > 0
     assert _status(api, fid)["state"] == "root"
+
+
+def test_the_scheduler_tells_the_held_requests_whom_it_opened_tasks_for(api, app, database_url):
+    """After a tick (on PostgreSQL: after each federation's job), the held lease requests are told
+    the clients for which tasks opened, so that they are leased for without a query."""
+    fid, secret = create_federation(api, "named", schedule={"min_clients": 2})
+    a, _ = register(api, fid, secret, "a")
+    b, _ = register(api, fid, secret, "b")
+    told: list[set[int]] = []
+    lock = threading.Lock()
+
+    def on_change(clients):  # noqa: ANN001, ANN202
+        with lock:
+            told.append(None if clients is None else set(clients))
+
+    scheduler: Scheduler = app.state.scheduler
+    scheduler._on_change = on_change
+    assert scheduler.tick(wait=True) >= 1
+    deadline = time.monotonic() + 20
+    while not any(t and {a, b} <= t for t in told) and time.monotonic() < deadline:
+        time.sleep(0.05)   # a job's callback may run just after the tick has its result
+    with lock:
+        assert None not in told
+        assert set().union(*told) == {a, b}
+    assert _status(api, fid)["state"] == "root"

@@ -119,3 +119,44 @@ def test_the_first_chunk_gives_every_waiting_worker_one_task_and_the_rest_go_rou
     calls, answers = asyncio.run(main())
     assert calls == [[(1, "A"), (5, "B")], [(2, "A"), (6, "B"), (3, "A")], [(4, "A")]]
     assert [a for _, a in answers] == ["leased by A"] * 4 + ["leased by B"] * 2
+
+
+def test_a_poke_that_names_its_clients_leases_for_them_without_asking_the_database():
+    """The scheduler's poke says for which clients its tick opened tasks: those held requests are
+    leased for without the query for clients with a task; a poke that names none asks the database,
+    and pokes that come together add up (one not naming its clients makes the pass ask)."""
+    async def main():
+        queried: list[list[int]] = []
+        granted: list[list[int]] = []
+
+        def grant(wanted: dict[int, str]) -> dict[int, str]:
+            granted.append(sorted(wanted))
+            return {cid: f"leased {cid}" for cid in wanted}
+
+        def clients_with_tasks(waiting: list[int]) -> set[int]:
+            queried.append(sorted(waiting))
+            return {4}
+
+        waiters = LeaseWaiters(None, interval=300.0, grant=grant)
+        waiters._clients_with_tasks = clients_with_tasks
+        waiters.start()
+        try:
+            held = {cid: asyncio.create_task(waiters.wait(cid, 120.0)) for cid in (1, 2, 3, 4, 5)}
+            await asyncio.sleep(0)
+            waiters.poke({2, 3, 9})                        # 9 holds no request: left out
+            first = await asyncio.wait_for(asyncio.gather(held[2], held[3]), 60)
+            assert queried == [] and granted == [[2], [3]]    # one worker: its first task alone, then the rest
+            assert not held[1].done() and not held[4].done()
+            # two pokes before the next pass: one names client 1, one does not: the pass asks
+            waiters._loop.call_soon(waiters._note_poke, 0.0, frozenset({1}))
+            waiters._loop.call_soon(waiters._note_poke, 0.0, None)
+            fourth = await asyncio.wait_for(held[4], 60)
+            assert queried == [[1, 4, 5]]                  # the database said: client 4
+            assert not held[1].done() and not held[5].done()
+            return first, fourth, granted
+        finally:
+            await waiters.stop()
+
+    first, fourth, granted = asyncio.run(main())
+    assert [answer for _, answer in first] == ["leased 2", "leased 3"]
+    assert fourth[1] == "leased 4" and granted[-1] == [4]
