@@ -21,7 +21,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator import faults
 from coordinator.blobs import BlobStore
-from coordinator.db import make_engine, make_lease_session_factory, make_read_session_factory, make_session_factory
+from coordinator.db import (
+    make_engine,
+    make_lease_session_factory,
+    make_read_session_factory,
+    make_session_factory,
+)
 from coordinator.errors import ServiceError
 from coordinator.limits import (
     COMMON_RESPONSES,
@@ -61,10 +66,10 @@ class Scheduler:
 
     def __init__(self, session_factory, blobs: BlobStore, clock: Clock, interval: float,  # noqa: ANN001
                  metrics: Metrics | None = None, settings: Settings | None = None,
-                 on_change: Callable[[set[int] | None], None] | None = None) -> None:
+                 on_change: Callable[[set[int]], None] | None = None) -> None:
         self._metrics = metrics
-        # after a tick that changed something, with the clients it made a task leasable for (None:
-        # not known): the held lease requests look
+        # after a tick (or a federation's job) that changed something, with the clients it made a
+        # task leasable for: the held lease requests lease for them
         self._on_change = on_change
         self._settings = settings
         self._last_gc: float | None = None

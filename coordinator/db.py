@@ -100,9 +100,11 @@ def make_lease_session_factory(engine: Engine) -> sessionmaker[Session]:
     the task and reads the round's inputs with it) are each atomic alone and need no common
     snapshot (under READ COMMITTED they had none), so BEGIN and COMMIT, two of an empty poll's four
     round trips and two of a grant's six, are left out. A failure after the UPDATE (building the
-    answer) leaves the task leased until its lease expires, as an answer lost on its way does. On SQLite (no round trips) the ordinary
-    sessions: there a connection back from autocommit would run a PRAGMA and leave its transactions
-    to the driver again, which ``_sqlite_pragmas`` turns off."""
+    answer) leaves the task leased until its lease expires, as an answer lost on its way does.
+
+    On SQLite (no round trips) the ordinary sessions: there a connection switched back from
+    autocommit would run a PRAGMA and leave its transactions to the driver again, which
+    ``_sqlite_pragmas`` turns off."""
     if engine.dialect.name != "postgresql":
         return make_session_factory(engine)
     return sessionmaker(bind=engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
