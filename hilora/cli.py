@@ -985,6 +985,10 @@ def bench(
     onboard: Annotated[Optional[str], typer.Option(
         help="clustering.onboard: how unseen clients join a cluster: 'probe' (default: probe similarity) or "
              "'loss' (the lowest loss of the cluster adapters on their training data)")] = None,
+    skip_single_cluster: Annotated[Optional[bool], typer.Option(
+        "--skip-single-cluster/--train-single-cluster",
+        help="clustering.skip_single_cluster: when the clustering finds K = 1 (not forced), skip the cluster "
+             "stage, whose one adapter starts as the root's model (default), or train its rounds")] = None,
     threads: Annotated[int, typer.Option(
         min=1, help="torch CPU threads (the demo backbone is tiny: on a busy machine more than 1 is much slower)")
                        ] = 1,
@@ -1189,6 +1193,7 @@ def bench(
                    refine_margin=opts.refine_margin if refine_margin is None else refine_margin,
                    refine_new_cluster=opts.refine_new_cluster if refine_new_cluster is None else refine_new_cluster,
                    onboard=onboard or opts.onboard,
+                   skip_single_cluster=opts.skip_single_cluster if skip_single_cluster is None else skip_single_cluster,
                    local_epochs=local_epochs or opts.local_epochs,
                    unseen_leaf_rounds=opts.unseen_leaf_rounds if unseen_leaf_rounds is None else unseen_leaf_rounds)
     try:

@@ -64,6 +64,7 @@ class RunOptions:
     refine_margin: float = 0.05  # refinement: a move needs a loss this much (relatively) lower
     refine_new_cluster: int = 0  # refinement: this many clients no cluster fits form a new one (0: never)
     onboard: str = "probe"       # late clients: "probe" (probe similarity) or "loss" (every cluster's loss)
+    skip_single_cluster: bool = True   # K = 1 found: no cluster stage (chosen on the family)
     # where it runs
     threads: int = 1             # torch threads per process (the demo backbone is tiny)
     device: str = "cpu"
@@ -94,7 +95,8 @@ class RunOptions:
 
 # Options whose default is not what hilora did before the option existed: a report or results
 # folder written then (without the key) is read as having run with this value, not the default.
-VALUE_BEFORE_IT_EXISTED: dict[str, object] = {"partitions": "spectral", "leaf_bias_fit": 0.0}
+VALUE_BEFORE_IT_EXISTED: dict[str, object] = {"partitions": "spectral", "leaf_bias_fit": 0.0,
+                                              "skip_single_cluster": False}
 
 
 def recorded_defaults() -> dict[str, object]:

@@ -331,6 +331,16 @@ class Clustering(BaseModel):
                     "clients that the affinity blurs into a neighbour (docs/method.md, \"Partitions tried\"). The "
                     "approximate path (above approximate_above clients) tries spectral partitions only")
     force_k: int | None = Field(default=None, ge=1)
+    skip_single_cluster: bool = Field(
+        default=True,
+        description="when the federation's first clustering finds a single cluster (K = 1 chosen by its rule: not "
+                    "forced by force_k, not a manual assignment) and no refinement follows (refine_rounds 0), the "
+                    "cluster stage is skipped: the cluster adapter stays at its version 0, which is the root's model, "
+                    "and the leaf stage follows the probe (a cycle's reclustering keeps its cluster rounds: its one "
+                    "cluster starts from the adapters it merges). Chosen on the partition family (docs/method.md, "
+                    "\"One cluster\"): the one cluster's rounds trained a second adapter for everyone, which ended "
+                    "within a few tenths of the root, and the final accuracy was level or a little lower for 35-40 % "
+                    "more time. false: the single cluster trains schedule.cluster_rounds rounds like any other")
     approximate_above: int = Field(
         default=1000, ge=3, le=10_000_000,
         description="with more clients than this, 'lsac' runs its approximate path (shared.lsac_scale: "

@@ -495,13 +495,24 @@ def _advance_probe(session: Session, blobs: BlobStore, fed: Federation, cfg: Fed
     else:
         cluster_probes(session, blobs, cfg, rnd, now)
     _close(session, rnd, RoundStatus.done, now)
-    if cfg.schedule.cluster_rounds > 0:
+    if cfg.schedule.cluster_rounds > 0 and not _skips_single_cluster(session, fed, cfg):
         _set_state(fed, FederationState.cluster, now)
         for cluster in _clusters(session, fed):
             _open_cluster_round(session, fed, cluster, now)
     else:
         _enter_leaf(session, fed, cfg, now)
     return True
+
+
+def _skips_single_cluster(session: Session, fed: Federation, cfg: FederationConfig) -> bool:
+    """``clustering.skip_single_cluster``: the federation's first clustering found one cluster by its
+    rule (not forced, not a manual assignment) and no refinement follows: the cluster stage is left
+    out. Not in a cycle, whose one cluster starts from the adapters it merges, not from the root."""
+    c = cfg.clustering
+    if (not c.skip_single_cluster or fed.cycle or c.force_k is not None or c.algorithm == "manual"
+            or c.refine_rounds):
+        return False
+    return len({client.cluster_id for client in _training_clients(session, fed)} - {None}) == 1
 
 
 def _clusters(session: Session, fed: Federation) -> list[Cluster]:

@@ -153,7 +153,8 @@ def method_config(name: str, opts: RunOptions, groups: Mapping[str, str] | None 
                             k_rule=opts.k_rule, min_silhouette=opts.min_silhouette,
                             silhouette_tolerance=opts.silhouette_tolerance, partitions=opts.partitions,
                             refine_rounds=min(opts.refine_rounds, opts.cluster_rounds), refine_margin=opts.refine_margin,
-                            refine_new_cluster=opts.refine_new_cluster, onboard=opts.onboard)
+                            refine_new_cluster=opts.refine_new_cluster, onboard=opts.onboard,
+                            skip_single_cluster=opts.skip_single_cluster)
     root, cluster = TierPolicy(), TierPolicy()
     if name in BASELINES:
         root = {"local": TierPolicy(A="local", B="local", head="local"),

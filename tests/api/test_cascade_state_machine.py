@@ -261,3 +261,35 @@ def test_the_model_each_client_chose_shows_in_the_accuracy_views(api, app):
     assert {c["acc_selected"] for c in accuracy["clients"]} == {0.7}
     table = api.get(f"/v1/federations/{fid}/clients", headers=headers).json()
     assert {c["acc_selected"] for c in table} == {0.7}
+
+
+@pytest.mark.parametrize(("clustering", "cluster_stage"), [
+    ({}, False),                                   # K = 1 found: the cluster stage is skipped (default)
+    ({"skip_single_cluster": False}, True),        # ... or trained, when asked
+    ({"force_k": 1}, True),                        # K = 1 forced (the no-cluster ablation): trained
+    ({"refine_rounds": 1}, True),                  # a refinement follows the first cluster round: trained
+])
+def test_a_single_cluster_found_skips_the_cluster_stage(api, app, clustering, cluster_stage):
+    """clustering.skip_single_cluster: when the clustering finds one cluster by its rule and no
+    refinement follows, the leaf stage follows the probe, and the leaves start from the root's model
+    (the cluster adapter at version 0: B = 0, the root's head)."""
+    dirs = group_directions()
+    one_group = {name: 0 for name in GROUP_OF}
+    fid, secret = create_federation(api, schedule={"min_clients": 6, "root_rounds": 1, "cluster_rounds": 2,
+                                                   "leaf_rounds": 1, "unseen_leaf_rounds": 1},
+                                    clustering={"k_max": 4, "knn": 2, **clustering})
+    clients = {name: register(api, fid, secret, name) for name in GROUP_OF}
+    tick(app)
+    run_pending(api, clients, dirs, seed=0, groups=one_group)
+    assert status(api, fid)["state"] == "probe"
+    run_pending(api, clients, dirs, seed=10, groups=one_group)
+    s = status(api, fid)
+    assert s["clustering"]["k"] == 1 and len(s["clusters"]) == 1
+    assert s["state"] == ("cluster" if cluster_stage else "leaf")
+    ran = run_pending(api, clients, dirs, seed=20, groups=one_group)
+    assert {t["stage"] for t in ran} == {"cluster" if cluster_stage else "leaf"} and len(ran) == 6
+    if not cluster_stage:
+        assert all(t["cluster"]["version"] == 0 and t["reset_leaf"] for t in ran)
+        assert status(api, fid)["state"] == "serving"
+        with app.state.session_factory() as session:
+            assert not session.scalars(select(Round).where(Round.stage == "cluster")).all()

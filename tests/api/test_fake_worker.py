@@ -59,8 +59,10 @@ def test_fake_uploads_are_deterministic_and_pass_the_coordinators_checks():
 
 
 def test_fake_workers_in_threads_run_the_tiny_cascade_in_process(api, app):
+    # every stage, the cluster's included (the fake uploads have no groups: K = 1 is found)
     fid, secret = create_federation(api, schedule={"min_clients": 4, "root_rounds": 2, "cluster_rounds": 1,
-                                                   "leaf_rounds": 1})
+                                                   "leaf_rounds": 1},
+                                    clustering={"k_max": 4, "knn": 2, "skip_single_cluster": False})
     events: list[dict] = []
     workers = [FakeWorker(coordinator=str(api.base_url), federation_id=fid, secret=secret, clients=names,
                           max_seconds=60, poll_interval=0.01, emit=events.append, transport=ThroughTestClient(api),

@@ -136,7 +136,7 @@ def test_federations_from_before_partitions_keep_spectral_partitions(engine):
     with Session(engine) as session, session.begin():
         session.add(Blob(sha256="0" * 64, size=1, kind="backbone", created_at=now))
         add(session, "old", {"k_max": 4, "probe_loss": "ce"})
-    upgrade_to_head(engine)
+    _move_to(engine, "0011")   # (later revisions add their own keys: tested on their own)
     with Session(engine) as session, session.begin():
         assert clusterings(session) == {"old": {"k_max": 4, "probe_loss": "ce", "partitions": "spectral"}}
         add(session, "new", {"partitions": "spectral+linkage"})
@@ -147,7 +147,7 @@ def test_federations_from_before_partitions_keep_spectral_partitions(engine):
     _move_to(engine, "0010", down=True)
     with Session(engine) as session:
         assert clusterings(session) == {"old": {"k_max": 4, "probe_loss": "ce"}, "new": {}}
-    upgrade_to_head(engine)
+    _move_to(engine, "0011")
     with Session(engine) as session:   # back on the new code, both ran spectral partitions meanwhile
         assert clusterings(session) == {"old": {"k_max": 4, "probe_loss": "ce", "partitions": "spectral"},
                                         "new": {"partitions": "spectral"}}
@@ -198,3 +198,51 @@ def test_federations_from_before_leaf_bias_fit_keep_their_leaf(engine):
     with Session(engine) as session:
         assert trainings(session) == {"old": {"lr": 0.01, "leaf_lr_scale": 0.2}, "bare": {}, "new": {},
                                       "default": None}
+
+
+def test_federations_from_before_skip_single_cluster_keep_training_one_cluster(engine):
+    """0013: a federation created before clustering.skip_single_cluster existed keeps training a
+    single cluster's rounds (false), whether its stored config names a clustering section or not;
+    one that names the option keeps its choice; the downgrade removes the key (the older model
+    refuses it)."""
+    from datetime import datetime, timezone
+
+    from sqlalchemy.orm import Session
+
+    from conftest import tiny_config
+    from coordinator.models import Blob, Federation
+    from shared.config import FederationConfig
+    from shared.states import FederationState
+
+    now = datetime(2026, 12, 7, tzinfo=timezone.utc)
+
+    def add(session, name, clustering):
+        config = tiny_config(name, "0" * 64)
+        config.pop("clustering")
+        if clustering is not None:
+            config["clustering"] = clustering
+        session.add(Federation(name=name, config=config, state=FederationState.enrolling,
+                               enrollment_secret_hash="0" * 64, backbone_sha256="0" * 64, created_at=now,
+                               updated_at=now))
+
+    def clusterings(session):
+        return {f.name: f.config.get("clustering") for f in session.query(Federation).order_by(Federation.id)}
+
+    _move_to(engine, "0012")
+    with Session(engine) as session, session.begin():
+        session.add(Blob(sha256="0" * 64, size=1, kind="backbone", created_at=now))
+        add(session, "old", {"k_max": 4})
+        add(session, "bare", None)
+    upgrade_to_head(engine)
+    with Session(engine) as session, session.begin():
+        assert clusterings(session) == {"old": {"k_max": 4, "skip_single_cluster": False},
+                                        "bare": {"skip_single_cluster": False}}
+        add(session, "new", {"skip_single_cluster": True})
+        add(session, "default", None)
+    with Session(engine) as session:
+        parsed = {f.name: FederationConfig.model_validate(f.config).clustering.skip_single_cluster
+                  for f in session.query(Federation)}
+    assert parsed == {"old": False, "bare": False, "new": True, "default": True}
+    _move_to(engine, "0012", down=True)
+    with Session(engine) as session:
+        assert clusterings(session) == {"old": {"k_max": 4}, "bare": {}, "new": {}, "default": None}

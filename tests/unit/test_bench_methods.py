@@ -258,6 +258,24 @@ def tiny_service(tmp_path_factory):
     service.close()
 
 
+def test_a_single_cluster_found_skips_the_cluster_stage(tiny_service):
+    """clustering.skip_single_cluster (RunOptions, default on) reaches the service: on data without
+    groups the clustering finds K = 1, no cluster round runs, and +cluster is the root's model (the
+    cluster adapter at its version 0). (A forced K = 1 keeps its rounds: tests/api.)"""
+    from dataclasses import replace
+
+    from hilora.bench import run_method
+
+    service, setup, partition_file = tiny_service
+    o = setup.opts
+    assert o.skip_single_cluster and method_config("hilora", o).clustering.skip_single_cluster
+    assert not method_config("hilora", replace(o, skip_single_cluster=False)).clustering.skip_single_cluster
+    found = run_method(service, setup, "lsac-subspace", partition_file)
+    assert found["clustering"]["k"] == 1
+    assert [r["stage"] for r in found["rounds"]] == ["root"] * o.root_rounds + ["leaf"] * o.leaf_rounds
+    assert found["tiers"]["cluster"] == found["tiers"]["root"]
+
+
 def _factor_bytes(manifest, factors, rounds, clients):
     from shared.tensors import pack_tensors
 
@@ -283,9 +301,13 @@ def test_engine_uploads_exactly_the_aggregated_factors(tiny_service):
 
 
 def test_engine_runs_the_cascade_for_hierarchical_methods(tiny_service):
+    from dataclasses import replace
+
     from hilora.bench import run_method
 
     service, setup, partition_file = tiny_service
+    # the random data has no groups (K = 1 found): the cluster stage runs only when asked to
+    setup = replace(setup, opts=replace(setup.opts, skip_single_cluster=False))
     o = setup.opts
     for name in ("no-cluster", "kmeans-flat", "lsac-paper"):
         result = run_method(service, setup, name, partition_file)

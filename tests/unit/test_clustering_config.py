@@ -164,3 +164,10 @@ def test_leaf_bias_fit_is_a_bounded_prior_width():
     for bad in (-0.5, 101, float("nan"), float("inf"), "wide"):
         with pytest.raises(ValueError, match="leaf_bias_fit"):
             Training(leaf_bias_fit=bad)
+
+
+def test_a_single_cluster_found_is_skipped_by_default_and_the_option_is_a_boolean():
+    assert Clustering().skip_single_cluster is True
+    assert Clustering(skip_single_cluster=False).skip_single_cluster is False
+    with pytest.raises(ValueError, match="skip_single_cluster"):
+        Clustering(skip_single_cluster="sometimes")
