@@ -210,7 +210,10 @@ class FakeWorkerProc:
 def create_tiny_federation(url: str, name: str, schedule: dict) -> tuple[int, str, FederationConfig]:
     with CoordinatorClient(url, max_retries=2) as client:
         sha = client.put_blob(ADMIN_TOKEN, tiny_checkpoint())
-        config = FederationConfig.model_validate(tiny_config(name, sha, schedule=schedule))
+        # the fake workers' uploads are random, without groups: their clustering may find K = 1, whose
+        # cluster stage is skipped by default; these runs cover the cluster rounds' recovery too
+        config = FederationConfig.model_validate(tiny_config(
+            name, sha, schedule=schedule, clustering={"k_max": 4, "knn": 2, "skip_single_cluster": False}))
         created = client.create_federation(ADMIN_TOKEN, config)
     return created.federation_id, created.enrollment_secret, config
 
