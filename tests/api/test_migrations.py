@@ -153,58 +153,17 @@ def test_federations_from_before_partitions_keep_spectral_partitions(engine):
                                         "new": {"partitions": "spectral"}}
 
 
-def test_federations_from_before_leaf_bias_fit_keep_their_leaf(engine):
-    """0012: a federation created before training.leaf_bias_fit existed keeps leaves without the
-    fitted bias (0), whether its stored config names a training section or not; one that names the
-    option keeps its choice; the downgrade removes the key (the older model refuses it)."""
-    from datetime import datetime, timezone
-
-    from sqlalchemy.orm import Session
-
-    from conftest import tiny_config
-    from coordinator.models import Blob, Federation
-    from shared.config import FederationConfig
-    from shared.states import FederationState
-
-    now = datetime(2026, 12, 6, tzinfo=timezone.utc)
-
-    def add(session, name, training):
-        config = tiny_config(name, "0" * 64)
-        if training is not None:
-            config["training"] = training
-        session.add(Federation(name=name, config=config, state=FederationState.enrolling,
-                               enrollment_secret_hash="0" * 64, backbone_sha256="0" * 64, created_at=now,
-                               updated_at=now))
-
-    def trainings(session):
-        return {f.name: f.config.get("training") for f in session.query(Federation).order_by(Federation.id)}
-
-    _move_to(engine, "0011")
-    with Session(engine) as session, session.begin():
-        session.add(Blob(sha256="0" * 64, size=1, kind="backbone", created_at=now))
-        add(session, "old", {"lr": 0.01, "leaf_lr_scale": 0.2})
-        add(session, "bare", None)
-    upgrade_to_head(engine)
-    with Session(engine) as session, session.begin():
-        assert trainings(session) == {"old": {"lr": 0.01, "leaf_lr_scale": 0.2, "leaf_bias_fit": 0.0},
-                                      "bare": {"leaf_bias_fit": 0.0}}
-        add(session, "new", {"leaf_bias_fit": 2.0})
-        add(session, "default", None)
-    with Session(engine) as session:
-        parsed = {f.name: FederationConfig.model_validate(f.config).training.leaf_bias_fit
-                  for f in session.query(Federation)}
-    assert parsed == {"old": 0.0, "bare": 0.0, "new": 2.0, "default": 1.0}
-    _move_to(engine, "0011", down=True)
-    with Session(engine) as session:
-        assert trainings(session) == {"old": {"lr": 0.01, "leaf_lr_scale": 0.2}, "bare": {}, "new": {},
-                                      "default": None}
-
-
-def test_federations_from_before_skip_single_cluster_keep_training_one_cluster(engine):
-    """0013: a federation created before clustering.skip_single_cluster existed keeps training a
-    single cluster's rounds (false), whether its stored config names a clustering section or not;
-    one that names the option keeps its choice; the downgrade removes the key (the older model
-    refuses it)."""
+@pytest.mark.parametrize(("revision", "before", "section", "key", "old_value", "chosen", "default", "named"), [
+    # 0012: training.leaf_bias_fit (0: no fitted bias; the default 1)
+    ("0012", "0011", "training", "leaf_bias_fit", 0.0, 2.0, 1.0, {"lr": 0.01, "leaf_lr_scale": 0.2}),
+    # 0013: clustering.skip_single_cluster (false: a single cluster found trains its rounds; the default true)
+    ("0013", "0012", "clustering", "skip_single_cluster", False, True, True, {"k_max": 4}),
+])
+def test_federations_from_before_an_option_keep_what_hilora_did_then(engine, revision, before, section, key,
+                                                                      old_value, chosen, default, named):
+    """A federation created before the option existed keeps the value hilora used then, whether its
+    stored config names the option's section or not; one that names the option keeps its choice; one
+    created after gets the default; the downgrade removes the key (the older model refuses it)."""
     from datetime import datetime, timezone
 
     from sqlalchemy.orm import Session
@@ -216,33 +175,32 @@ def test_federations_from_before_skip_single_cluster_keep_training_one_cluster(e
 
     now = datetime(2026, 12, 7, tzinfo=timezone.utc)
 
-    def add(session, name, clustering):
+    def add(session, name, value):
         config = tiny_config(name, "0" * 64)
-        config.pop("clustering")
-        if clustering is not None:
-            config["clustering"] = clustering
+        config.pop(section, None)
+        if value is not None:
+            config[section] = value
         session.add(Federation(name=name, config=config, state=FederationState.enrolling,
                                enrollment_secret_hash="0" * 64, backbone_sha256="0" * 64, created_at=now,
                                updated_at=now))
 
-    def clusterings(session):
-        return {f.name: f.config.get("clustering") for f in session.query(Federation).order_by(Federation.id)}
+    def sections(session):
+        return {f.name: f.config.get(section) for f in session.query(Federation).order_by(Federation.id)}
 
-    _move_to(engine, "0012")
+    _move_to(engine, before)
     with Session(engine) as session, session.begin():
         session.add(Blob(sha256="0" * 64, size=1, kind="backbone", created_at=now))
-        add(session, "old", {"k_max": 4})
+        add(session, "old", named)
         add(session, "bare", None)
-    upgrade_to_head(engine)
+    _move_to(engine, revision)
     with Session(engine) as session, session.begin():
-        assert clusterings(session) == {"old": {"k_max": 4, "skip_single_cluster": False},
-                                        "bare": {"skip_single_cluster": False}}
-        add(session, "new", {"skip_single_cluster": True})
+        assert sections(session) == {"old": {**named, key: old_value}, "bare": {key: old_value}}
+        add(session, "new", {key: chosen})
         add(session, "default", None)
     with Session(engine) as session:
-        parsed = {f.name: FederationConfig.model_validate(f.config).clustering.skip_single_cluster
+        parsed = {f.name: getattr(getattr(FederationConfig.model_validate(f.config), section), key)
                   for f in session.query(Federation)}
-    assert parsed == {"old": False, "bare": False, "new": True, "default": True}
-    _move_to(engine, "0012", down=True)
+    assert parsed == {"old": old_value, "bare": old_value, "new": chosen, "default": default}
+    _move_to(engine, before, down=True)
     with Session(engine) as session:
-        assert clusterings(session) == {"old": {"k_max": 4}, "bare": {}, "new": {}, "default": None}
+        assert sections(session) == {"old": named, "bare": {}, "new": {}, "default": None}
