@@ -91,13 +91,14 @@ class BlobStore:
         fd, tmp = tempfile.mkstemp(dir=self.root / "tmp")
         return fd, Path(tmp)
 
-    def adopt(self, tmp: Path, sha256: str) -> str:
+    def adopt(self, tmp: Path, sha256: str, synced: bool = False) -> str:
         """Move a fully written temp file whose sha256 the caller computed into the store, durably
-        (fsynced first: cheap when the caller already did, outside its transaction)."""
+        (fsynced first, unless the caller says it has fsynced it: ``synced``)."""
         if self.exists(sha256):
             tmp.unlink(missing_ok=True)
             return sha256
-        fsync_file(tmp)
+        if not synced:
+            fsync_file(tmp)
         self._move_into_place(tmp, sha256)
         return sha256
 

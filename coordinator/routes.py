@@ -617,8 +617,12 @@ async def _upload(task_id: int, request: Request, token: str, lease_id: str,
 
     def plan() -> tuple[int, tasks.UploadPlan]:
         with request.app.state.read_session_factory() as session, session.begin():
+            now = _now(request)
+            usual = tasks.live_upload_plan(session, token, task_id, lease_id, now)  # the usual case, Core reads
+            if usual is not None:
+                return usual
             client = registration.authenticate_client(session, token)
-            return client.id, tasks.upload_plan(session, client, task_id, lease_id, _now(request))
+            return client.id, tasks.upload_plan(session, client, task_id, lease_id, now)
 
     client_id, plan_ = await run_in_threadpool(plan)  # the lease is checked before the body is read
     if plan_.limit == 0:
@@ -648,15 +652,23 @@ async def _receive_upload(request: Request, factory, task_id: int, token: str, l
         tasks.check_upload_body(tmp, plan_)
         fsync_file(tmp)
         status, decides = None, False
+        blobs = request.app.state.blobs
         with factory() as session, session.begin():
-            client = registration.authenticate_client(session, token)
             now = _now(request)
-            accepted = tasks.accept_upload(session, request.app.state.blobs, client, task_id, lease_id, tmp, sha,
-                                           size, now, request.app.state.settings.max_uploads_per_task)
             if result is not None:  # and the completion, in the same transaction
                 reported = result.metrics
                 if "time_upload" not in reported:
                     reported = {**reported, "time_upload": time.perf_counter() - started}
+                # the usual case in the fewest statements; any other, the general path below
+                round_id = tasks.attach_and_complete(session, blobs, token, task_id, lease_id, tmp, sha, size,
+                                                     result.num_samples, reported, now)
+                if round_id is not None:
+                    return (tasks.AcceptedUpload(sha, size), TaskStatus.done,
+                            not tasks.others_open(session, round_id, task_id))
+            client = registration.authenticate_client(session, token)
+            accepted = tasks.accept_upload(session, blobs, client, task_id, lease_id, tmp, sha,
+                                           size, now, request.app.state.settings.max_uploads_per_task)
+            if result is not None:
                 task = tasks.complete_task(session, client, task_id, lease_id, result.num_samples, reported, now)
                 status = TaskStatus(task.status)
                 decides = not tasks.round_waits_on_others(session, task)
@@ -689,9 +701,15 @@ async def complete(task_id: DbId, body: TaskComplete, request: Request, token: T
 
     def work() -> tuple[TaskCompleted, bool]:  # one hop to the threadpool, one transaction
         with factory() as session, session.begin():
+            now = _now(request)
+            round_id = tasks.complete_live(session, token, task_id, body.lease_id, body.num_samples, body.metrics,
+                                           now)   # the usual case in Core statements; any other, below
+            if round_id is not None:
+                return (TaskCompleted(task_id=task_id, status=TaskStatus.done),
+                        not tasks.others_open(session, round_id, task_id))
             client = registration.authenticate_client(session, token)
             task = tasks.complete_task(session, client, task_id, body.lease_id, body.num_samples, body.metrics,
-                                       _now(request))
+                                       now)
             return (TaskCompleted(task_id=task.id, status=TaskStatus(task.status)),
                     not tasks.round_waits_on_others(session, task))
 

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -29,12 +30,8 @@ def ensure_blob_row(session: Session, sha256: str, size: int, kind: str, now: da
     ignored. The first row wins: its kind stays."""
     dialect = session.get_bind().dialect.name
     if dialect in ("postgresql", "sqlite"):
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
-        session.execute(insert(Blob).values(sha256=sha256, size=size, kind=kind, created_at=now)
-                        .on_conflict_do_nothing(index_elements=[Blob.sha256]))
+        session.connection().execute(_insert_blob_statement(dialect),
+                                     {"blob_sha": sha256, "blob_size": size, "blob_kind": kind, "blob_at": now})
         return
     if session.get(Blob, sha256) is not None:
         return
@@ -43,6 +40,19 @@ def ensure_blob_row(session: Session, sha256: str, size: int, kind: str, now: da
             session.add(Blob(sha256=sha256, size=size, kind=kind, created_at=now))
     except IntegrityError:
         pass  # recorded concurrently by another transaction
+
+
+@functools.cache
+def _insert_blob_statement(dialect: str):  # noqa: ANN202
+    """INSERT .. ON CONFLICT DO NOTHING of a blob row, built once per dialect (every upload runs it)."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return (insert(Blob.__table__)
+            .values(sha256=bindparam("blob_sha"), size=bindparam("blob_size"), kind=bindparam("blob_kind"),
+                    created_at=bindparam("blob_at"))
+            .on_conflict_do_nothing(index_elements=[Blob.__table__.c.sha256]))
 
 
 def _seed_for(*parts: object) -> int:

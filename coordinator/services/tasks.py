@@ -16,14 +16,17 @@ State contract (``shared.states.TaskStatus``; every status change is one guarded
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import NamedTuple
 
-from sqlalchemy import ColumnElement, Text, bindparam, cast, func, select, update
+from sqlalchemy import ColumnElement, Text, bindparam, cast, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -260,6 +263,35 @@ def _attach_upload_statement(first: bool):  # noqa: ANN202
                     upload_count=tasks.c.upload_count + 1))
 
 
+def _attach_and_complete_statement():  # noqa: ANN202
+    """The guarded UPDATE of ``attach_and_complete``: the task's first body and its completion at
+    once, only under the client's live lease; the round and the lease's expiry come back."""
+    tasks = Task.__table__
+    return (update(tasks)
+            .where(tasks.c.id == bindparam("ac_id"), tasks.c.client_id == bindparam("ac_client"),
+                   task_status_may_become(TaskStatus.done), tasks.c.status == TaskStatus.leased,
+                   tasks.c.lease_id == bindparam("ac_lease"), tasks.c.upload_sha256.is_(None))
+            .values(upload_sha256=bindparam("ac_sha"), upload_bytes=bindparam("ac_bytes"),
+                    upload_count=tasks.c.upload_count + 1, status=TaskStatus.done,
+                    finished_at=bindparam("ac_finished_at"), num_samples=bindparam("ac_num_samples"),
+                    metrics=bindparam("ac_metrics"))
+            .returning(tasks.c.round_id, tasks.c.lease_expires_at))
+
+
+def _complete_live_statement():  # noqa: ANN202
+    """The guarded UPDATE of ``complete_live``: done under the client's live lease, for a task that
+    needs no upload or has its body; the round and the lease's expiry come back."""
+    tasks = Task.__table__
+    return (update(tasks)
+            .where(tasks.c.id == bindparam("cl_id"), tasks.c.client_id == bindparam("cl_client"),
+                   task_status_may_become(TaskStatus.done), tasks.c.status == TaskStatus.leased,
+                   tasks.c.lease_id == bindparam("cl_lease"), tasks.c.stage != Stage.refine,
+                   or_(tasks.c.upload_sha256.is_not(None), tasks.c.stage.in_((Stage.leaf, Stage.eval))))
+            .values(status=TaskStatus.done, finished_at=bindparam("cl_finished_at"),
+                    num_samples=bindparam("cl_num_samples"), metrics=bindparam("cl_metrics"))
+            .returning(tasks.c.round_id, tasks.c.lease_expires_at))
+
+
 # Built once: building a statement costs more than running it on the worker paths (lease, upload,
 # completion). The targets whose guards (``task_status_may_become``) are built into them, and the
 # statement of each, for tests that watch the guards asked for.
@@ -277,6 +309,19 @@ _LEASE_STATEMENTS = {"auth": _clients_for_lease_statement(Client.token_hash == b
                          Task.__table__.c.status.in_((TaskStatus.pending, TaskStatus.leased))).limit(1),
                      "attach_first": _attach_upload_statement(first=True),
                      "attach_again": _attach_upload_statement(first=False),
+                     "attach_complete": _attach_and_complete_statement(),
+                     "complete_live": _complete_live_statement(),
+                     "client_by_token": select(Client.__table__.c.id, Client.__table__.c.token_hash,
+                                               Client.__table__.c.status)
+                     .where(Client.__table__.c.token_hash == bindparam("token_hash")),
+                     "plan": select(Task.__table__.c.client_id, Task.__table__.c.status, Task.__table__.c.lease_id,
+                                    Task.__table__.c.lease_expires_at, Task.__table__.c.stage,
+                                    Task.__table__.c.federation_id, cast(Federation.__table__.c.config, Text).label("config"))
+                     .select_from(Task.__table__.join(Federation.__table__,
+                                                      Federation.__table__.c.id == Task.__table__.c.federation_id))
+                     .where(Task.__table__.c.id == bindparam("plan_id")),
+                     "done_by": update(Client.__table__).where(Client.__table__.c.id == bindparam("done_by_id"))
+                     .values(num_samples=bindparam("done_by_samples"), last_seen_at=bindparam("done_by_at")),
                      "seen": update(Client.__table__).where(Client.__table__.c.id == bindparam("seen_id"))
                      .values(last_seen_at=bindparam("seen_at")),
                      "back": update(Client.__table__).where(Client.__table__.c.id == bindparam("back_id"))
@@ -421,9 +466,38 @@ class UploadPlan:
     tensors ``shapes``, every value within +-``max_abs``."""
 
     limit: int
-    shapes: dict[str, tuple[int, ...]]
+    shapes: Mapping[str, tuple[int, ...]]
     max_abs: float | None = None
     federation_id: int = 0
+
+
+@functools.lru_cache(maxsize=256)
+def _plan_for(config_text: str, stage: str, federation_id: int) -> UploadPlan:
+    """The plan of a live task's upload from its federation's stored config and its stage: the
+    same for every task of that stage, so parsed and built once (the config is immutable text)."""
+    cfg = config_from_text(config_text)
+    factors = expected_upload(cfg, stage)
+    if not factors:
+        return UploadPlan(0, {}, federation_id=federation_id)
+    tier = STAGE_TIER[Stage(stage)]
+    return UploadPlan(upload_limit(cfg, stage), MappingProxyType(cfg.manifest.tier_shapes(tier, factors)),
+                      cfg.tier_policy(tier).max_abs_value, federation_id)   # shared: read-only
+
+
+def live_upload_plan(session: Session, token: str, task_id: int, lease_id: str,
+                     now: datetime) -> tuple[int, UploadPlan] | None:
+    """``authenticate_client`` and ``upload_plan`` for the usual upload, in two Core reads: the
+    client's own task under its current, unexpired lease. Returns the client's id and the plan,
+    or None for any other case (a finished task, someone else's, a stale or expired lease, no such
+    task), which the caller answers by the general path (``upload_plan``) with its exact result
+    or error. An unknown token or a revoked client is refused here as there."""
+    conn = session.connection()
+    client = _client_by_token(conn, token)
+    task = conn.execute(_LEASE_STATEMENTS["plan"], {"plan_id": task_id}).first()
+    if (task is None or task.client_id != client.id or task.status != TaskStatus.leased
+            or task.lease_id != lease_id or (task.lease_expires_at is not None and task.lease_expires_at < now)):
+        return None
+    return client.id, _plan_for(task.config, task.stage, task.federation_id)
 
 
 def upload_plan(session: Session, client: Client, task_id: int, lease_id: str, now: datetime) -> UploadPlan:
@@ -501,12 +575,79 @@ def accept_upload(session: Session, blobs: BlobStore, client: Client, task_id: i
     return AcceptedUpload(sha256, size, freed)
 
 
+def attach_and_complete(session: Session, blobs: BlobStore, token: str, task_id: int, lease_id: str, tmp: Path,
+                        sha256: str, size: int, num_samples: int, metrics: dict[str, float],
+                        now: datetime) -> int | None:
+    """An upload that carries its completion (the worker's ``X-Hilora-Complete``) in its usual
+    case: the task's first body under the client's live lease. Authentication, the blob's row,
+    one guarded UPDATE that attaches the body and completes the task, and the client's row: Core
+    statements, no ORM instance loaded. The caller has checked the body against the task's plan
+    and the metrics (``check_metrics``). Returns the task's round id; None when the UPDATE
+    matched no row (a retry, a replaced body, someone else's task, a lease no longer current,
+    a task that does not exist): the caller then takes the general path (``accept_upload`` and
+    ``complete_task``), which answers each of those with its own result or error, in the same
+    transaction. An expired lease raises here (409 lease_expired): the caller's transaction,
+    UPDATE included, rolls back."""
+    conn = session.connection()
+    client = _client_by_token(conn, token)
+    ensure_blob_row(session, sha256, size, "upload", now)   # before the row refers to it (a foreign key)
+    row = conn.execute(_LEASE_STATEMENTS["attach_complete"], {
+        "ac_id": task_id, "ac_client": client.id, "ac_lease": lease_id, "ac_sha": sha256, "ac_bytes": size,
+        "ac_finished_at": now, "ac_num_samples": num_samples, "ac_metrics": dict(metrics)}).first()
+    if row is None:
+        return None
+    _refuse_expired(task_id, row.lease_expires_at, now)
+    blobs.adopt(tmp, sha256, synced=True)   # in place before the commit says it was accepted
+    conn.execute(_LEASE_STATEMENTS["done_by"], {"done_by_id": client.id, "done_by_samples": num_samples,
+                                                "done_by_at": now})
+    return row.round_id
+
+
+def complete_live(session: Session, token: str, task_id: int, lease_id: str, num_samples: int,
+                  metrics: dict[str, float], now: datetime) -> int | None:
+    """``complete_task`` in its usual case, in Core statements: the client's task under its live
+    lease, a leaf or eval task (nothing to upload) or one whose body is attached; not a refine task
+    (its metrics are checked against the candidates), with metrics that pass ``check_metrics``.
+    Returns the task's round id, or None for any other case, which the caller answers by the
+    general path in the same transaction (so each error comes in the order it always did); an
+    expired lease raises (409 lease_expired) and the caller's transaction rolls back."""
+    conn = session.connection()
+    client = _client_by_token(conn, token)
+    if _bad_metrics(metrics):
+        return None
+    row = conn.execute(_LEASE_STATEMENTS["complete_live"], {
+        "cl_id": task_id, "cl_client": client.id, "cl_lease": lease_id, "cl_finished_at": now,
+        "cl_num_samples": num_samples, "cl_metrics": dict(metrics)}).first()
+    if row is None:
+        return None
+    _refuse_expired(task_id, row.lease_expires_at, now)
+    conn.execute(_LEASE_STATEMENTS["done_by"], {"done_by_id": client.id, "done_by_samples": num_samples,
+                                                "done_by_at": now})
+    return row.round_id
+
+
+def _client_by_token(conn, token: str):  # noqa: ANN001, ANN202
+    """The id, token hash and status of the active client holding ``token`` (``check_client``'s
+    401 / 403 otherwise), one Core read."""
+    return check_client(conn.execute(_LEASE_STATEMENTS["client_by_token"],
+                                     {"token_hash": hash_secret(token)}).first(), token)
+
+
+def _refuse_expired(task_id: int, expires: datetime | None, now: datetime) -> None:
+    if expires is not None and expires < now:
+        raise Conflict(f"the lease of task {task_id} expired at {expires.isoformat()}", code="lease_expired")
+
+
 def check_metrics(metrics: dict[str, float]) -> None:
     """A completion's metrics: finite numbers named in at most 64 characters (422 bad_metrics)."""
-    bad = [k for k, v in metrics.items() if not math.isfinite(v) or len(k) > 64]
+    bad = _bad_metrics(metrics)
     if bad:
         raise Invalid(f"metrics must be finite numbers with names up to 64 characters: {bad}",
                       code="bad_metrics")
+
+
+def _bad_metrics(metrics: dict[str, float]) -> list[str]:
+    return [k for k, v in metrics.items() if not math.isfinite(v) or len(k) > 64]
 
 
 def complete_task(session: Session, client: Client, task_id: int, lease_id: str, num_samples: int,
@@ -546,8 +687,13 @@ def round_waits_on_others(session: Session, task: Task) -> bool:
     """Whether another task of ``task``'s round is still open (pending or leased). A completion
     can decide its round (``scheduling._verdict``) only when none is: else the round waits for the
     others, or for its deadline, which the scheduler's periodic tick catches."""
+    return others_open(session, task.round_id, task.id)
+
+
+def others_open(session: Session, round_id: int, task_id: int) -> bool:
+    """``round_waits_on_others`` by the round's and the task's ids."""
     return session.connection().execute(_LEASE_STATEMENTS["others_open"],
-                                        {"wait_round": task.round_id, "wait_task": task.id}).first() is not None
+                                        {"wait_round": round_id, "wait_task": task_id}).first() is not None
 
 
 LEASABLE_FOR = "hilora_leasable_for"   # Session.info: clients this transaction made a task leasable for

@@ -158,3 +158,155 @@ def test_the_token_and_the_lease_are_checked_before_the_completion(api, app):
     r = put(api, stale, token, root_body(1), "{not json")
     assert r.status_code == 409 and r.json()["error"] == "stale_lease", r.text
     assert task_row(app, task["task_id"]).status == "leased"
+
+
+def test_a_completing_upload_after_an_earlier_body_replaces_it_and_frees_the_old_one(api, app):
+    """The first body without a completion, then a different one with it (a worker that retried
+    after a crash): the task takes the second body and completes; the first body's row and file go."""
+    (task, token), _ = leased_root_tasks(api, app)
+    first, second = root_body(1), root_body(2)
+    assert put(api, task, token, first, None).status_code == 200
+    first_sha = hashlib.sha256(first).hexdigest()
+    assert app.state.blobs.exists(first_sha)
+    r = put(api, task, token, second, {"num_samples": 6, "metrics": {"loss": 0.5}})
+    assert r.status_code == 200 and r.json()["status"] == "done", r.text
+    sha = hashlib.sha256(second).hexdigest()
+    row = task_row(app, task["task_id"])
+    assert (row.status, row.upload_sha256, row.upload_count, row.num_samples) == ("done", sha, 2, 6)
+    assert upload_rows(app) == [(sha, len(second))]
+    assert not app.state.blobs.exists(first_sha) and app.state.blobs.exists(sha)
+
+
+def test_a_completing_upload_to_another_clients_task_is_refused_and_stores_nothing(api, app):
+    (task, _token), (_other_task, other_token) = leased_root_tasks(api, app)
+    r = put(api, task, other_token, root_body(1), {"num_samples": 2, "metrics": {}})
+    assert r.status_code == 403 and r.json()["error"] == "not_your_task", r.text
+    row = task_row(app, task["task_id"])
+    assert (row.status, row.upload_sha256) == ("leased", None)
+    assert upload_rows(app) == []
+    assert not app.state.blobs.exists(hashlib.sha256(root_body(1)).hexdigest())
+
+
+def test_a_completing_upload_from_a_revoked_client_is_refused(api, app):
+    from conftest import admin_headers
+
+    (task, token), _ = leased_root_tasks(api, app)
+    cid = task["client_id"]
+    fid = task["federation_id"]
+    assert api.post(f"/v1/federations/{fid}/clients/{cid}/revoke", json={}, headers=admin_headers()).status_code == 200
+    r = put(api, task, token, root_body(1), {"num_samples": 2, "metrics": {}})
+    assert r.status_code == 403 and r.json()["error"] == "revoked", r.text
+    assert task_row(app, task["task_id"]).upload_sha256 is None
+    assert upload_rows(app) == []
+
+
+def test_a_lease_that_expires_under_the_completing_upload_changes_nothing(app):
+    """``attach_and_complete`` itself, with a clock past the lease's expiry (the plan checked the
+    lease before the body arrived; the body took longer than the lease had left): 409
+    lease_expired, and the rollback leaves the task leased, without body or blob row."""
+    from datetime import timedelta
+
+    from coordinator.errors import Conflict, Unauthorized
+    from coordinator.services.tasks import attach_and_complete
+    from fastapi.testclient import TestClient
+
+    api = TestClient(app)
+    (task, token), _ = leased_root_tasks(api, app)
+    body = root_body(1)
+    sha = hashlib.sha256(body).hexdigest()
+    fd, tmp = app.state.blobs.temp_file()
+    with open(fd, "wb") as fh:
+        fh.write(body)
+    row = task_row(app, task["task_id"])
+    late = row.lease_expires_at + timedelta(seconds=1)
+    with pytest.raises(Conflict) as refused:
+        with app.state.session_factory() as s, s.begin():
+            attach_and_complete(s, app.state.blobs, token, task["task_id"], task["lease_id"], tmp, sha, len(body), 3,
+                                {}, late)
+    assert refused.value.code == "lease_expired"
+    after = task_row(app, task["task_id"])
+    assert (after.status, after.upload_sha256, after.num_samples) == ("leased", None, None)
+    assert upload_rows(app) == [] and not app.state.blobs.exists(sha)
+    # an unknown token, before anything is written
+    with pytest.raises(Unauthorized):
+        with app.state.session_factory() as s, s.begin():
+            attach_and_complete(s, app.state.blobs, "not-a-token", task["task_id"], task["lease_id"], tmp, sha,
+                                len(body), 3, {}, late)
+    # the same call before the expiry applies, and answers the task's round
+    with app.state.session_factory() as s, s.begin():
+        assert attach_and_complete(s, app.state.blobs, token, task["task_id"], task["lease_id"], tmp, sha, len(body),
+                                   3, {"loss": 0.5}, row.lease_expires_at - timedelta(seconds=1)) == row.round_id
+    done = task_row(app, task["task_id"])
+    assert (done.status, done.upload_sha256, done.num_samples, done.metrics) == ("done", sha, 3, {"loss": 0.5})
+
+
+def complete(api, task: dict, token: str, num_samples: int = 3, metrics: dict | None = None):
+    return api.post(f"/v1/tasks/{task['task_id']}/complete", headers=bearer(token),
+                    json={"lease_id": task["lease_id"], "num_samples": num_samples, "metrics": metrics or {}})
+
+
+def test_a_completion_of_a_task_that_takes_no_upload_finishes_it_and_a_replay_changes_nothing(api, app):
+    from test_final_evaluation import flat_federation
+
+    _fid, _secret, clients = flat_federation(api, app)
+    cid, token = clients[0]
+    task = api.post(f"/v1/clients/{cid}/lease", headers=bearer(token)).json()["task"]
+    assert task["stage"] == "eval"
+    r = complete(api, task, token, 7, {"acc_root": 0.5})
+    assert r.status_code == 200 and r.json() == {"task_id": task["task_id"], "status": "done"}, r.text
+    row = task_row(app, task["task_id"])
+    assert (row.status, row.num_samples, row.metrics) == ("done", 7, {"acc_root": 0.5})
+    assert row.finished_at is not None
+    again = complete(api, task, token, 2, {"acc_root": 0.1})
+    assert again.status_code == 200 and again.json() == r.json()
+    assert (task_row(app, task["task_id"]).num_samples, task_row(app, task["task_id"]).metrics) == (7, {"acc_root": 0.5})
+
+
+def test_a_completion_keeps_its_errors_and_their_order(api, app):
+    (task, token), (other, other_token) = leased_root_tasks(api, app)
+    # a root task without its body
+    r = complete(api, task, token)
+    assert r.status_code == 409 and r.json()["error"] == "upload_missing", r.text
+    # a stale lease comes before bad metrics; with the lease right, the metrics are refused
+    r = complete(api, dict(task, lease_id="0" * 32), token, metrics={"loss": 1.0, "x" * 65: 1.0})
+    assert r.status_code == 409 and r.json()["error"] == "stale_lease", r.text
+    assert put(api, task, token, root_body(1), None).status_code == 200
+    r = complete(api, task, token, metrics={"x" * 65: 1.0})
+    assert r.status_code == 422 and r.json()["error"] == "bad_metrics", r.text
+    # someone else's task, an unknown token
+    r = complete(api, other, token)
+    assert r.status_code == 403 and r.json()["error"] == "not_your_task", r.text
+    assert complete(api, task, "not-a-token").status_code == 401
+    assert task_row(app, task["task_id"]).status == "leased" and task_row(app, other["task_id"]).status == "leased"
+    # and the right one finishes the task, body attached
+    r = complete(api, task, token, 4, {"loss": 0.5})
+    assert r.status_code == 200 and r.json()["status"] == "done", r.text
+    row = task_row(app, task["task_id"])
+    assert (row.status, row.num_samples, row.upload_sha256) == ("done", 4, hashlib.sha256(root_body(1)).hexdigest())
+    assert complete(api, other, other_token).json()["error"] == "upload_missing"
+
+
+def test_a_completion_under_an_expired_lease_changes_nothing(app):
+    from datetime import timedelta
+
+    from coordinator.errors import Conflict
+    from coordinator.services.tasks import complete_live
+    from fastapi.testclient import TestClient
+
+    api = TestClient(app)
+    (task, token), _ = leased_root_tasks(api, app)
+    assert put(api, task, token, root_body(1), None).status_code == 200
+    row = task_row(app, task["task_id"])
+    with pytest.raises(Conflict) as refused:
+        with app.state.session_factory() as s, s.begin():
+            complete_live(s, token, task["task_id"], task["lease_id"], 3, {}, row.lease_expires_at + timedelta(seconds=1))
+    assert refused.value.code == "lease_expired"
+    assert task_row(app, task["task_id"]).status == "leased"
+    with app.state.session_factory() as s, s.begin():   # bad metrics: left to the general path
+        assert complete_live(s, token, task["task_id"], task["lease_id"], 3, {"loss": float("nan")},
+                             row.lease_expires_at) is None
+    with app.state.session_factory() as s, s.begin():
+        assert complete_live(s, token, task["task_id"], task["lease_id"], 3, {"loss": 0.5},
+                             row.lease_expires_at) == row.round_id
+    done = task_row(app, task["task_id"])
+    assert (done.status, done.num_samples, done.metrics) == ("done", 3, {"loss": 0.5})
