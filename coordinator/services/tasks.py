@@ -20,7 +20,7 @@ import functools
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import MappingProxyType
@@ -414,9 +414,7 @@ def _require_live_lease(task: Task, lease_id: str, now: datetime) -> None:
     if task.status != TaskStatus.leased or task.lease_id != lease_id:
         raise Conflict(f"lease {lease_id} is not the current lease of task {task.id} "
                        f"(task is {task.status})", code="stale_lease")
-    if task.lease_expires_at is not None and task.lease_expires_at < now:
-        raise Conflict(f"the lease of task {task.id} expired at {task.lease_expires_at.isoformat()}",
-                       code="lease_expired")
+    _refuse_expired(task.id, task.lease_expires_at, now)
 
 
 def heartbeat(session: Session, client: Client, task_id: int, lease_id: str, now: datetime) -> datetime:
@@ -475,13 +473,17 @@ class UploadPlan:
 def _plan_for(config_text: str, stage: str, federation_id: int) -> UploadPlan:
     """The plan of a live task's upload from its federation's stored config and its stage: the
     same for every task of that stage, so parsed and built once (the config is immutable text)."""
-    cfg = config_from_text(config_text)
+    plan = _plan_of(config_from_text(config_text), stage, federation_id)
+    return replace(plan, shapes=MappingProxyType(plan.shapes))   # shared: read-only
+
+
+def _plan_of(cfg: FederationConfig, stage: str, federation_id: int) -> UploadPlan:
     factors = expected_upload(cfg, stage)
     if not factors:
         return UploadPlan(0, {}, federation_id=federation_id)
     tier = STAGE_TIER[Stage(stage)]
-    return UploadPlan(upload_limit(cfg, stage), MappingProxyType(cfg.manifest.tier_shapes(tier, factors)),
-                      cfg.tier_policy(tier).max_abs_value, federation_id)   # shared: read-only
+    return UploadPlan(upload_limit(cfg, stage), cfg.manifest.tier_shapes(tier, factors),
+                      cfg.tier_policy(tier).max_abs_value, federation_id)
 
 
 def live_upload_plan(session: Session, token: str, task_id: int, lease_id: str,
@@ -508,13 +510,7 @@ def upload_plan(session: Session, client: Client, task_id: int, lease_id: str, n
     task = _owned_task(session, client, task_id)
     if not (task.status == TaskStatus.done and task.lease_id == lease_id):
         _require_live_lease(task, lease_id, now)
-    cfg = federation_config(session.get(Federation, task.federation_id))
-    factors = expected_upload(cfg, task.stage)
-    if not factors:
-        return UploadPlan(0, {}, federation_id=task.federation_id)
-    tier = STAGE_TIER[Stage(task.stage)]
-    return UploadPlan(upload_limit(cfg, task.stage), cfg.manifest.tier_shapes(tier, factors),
-                      cfg.tier_policy(tier).max_abs_value, task.federation_id)
+    return _plan_of(federation_config(session.get(Federation, task.federation_id)), task.stage, task.federation_id)
 
 
 def check_upload_body(path: Path, plan: UploadPlan) -> None:
