@@ -946,6 +946,10 @@ def bench(
         min=0.0, max=100.0, help="training.leaf_bias_fit: a new leaf's head bias starts shifted by the logit shift "
                                  "that fits the client's own labels best, with a Gaussian prior of this standard "
                                  "deviation (default 1; 0: off)")] = None,
+    leaf_bias_fit_skewed: Annotated[Optional[float], typer.Option(
+        min=0.0, max=100.0, help="training.leaf_bias_fit_skewed: the bias fit's prior standard deviation for a "
+                                 "client whose labels a chi-square test rejects as uniform (default 4; 0: "
+                                 "--leaf-bias-fit for every client)")] = None,
     clip_relative: Annotated[Optional[float], typer.Option(
         min=0.0, help="root.clip_relative and cluster.clip_relative: each update clipped to this multiple of the "
                       "round's median update norm (default 3; 0: off)")] = None,
@@ -1183,6 +1187,8 @@ def bench(
                    leaf=leaf,
                    leaf_lr_scale=opts.leaf_lr_scale if leaf_lr_scale is None else leaf_lr_scale,
                    leaf_bias_fit=opts.leaf_bias_fit if leaf_bias_fit is None else leaf_bias_fit,
+                   leaf_bias_fit_skewed=opts.leaf_bias_fit_skewed if leaf_bias_fit_skewed is None
+                   else leaf_bias_fit_skewed,
                    k_rule=k_rule or opts.k_rule, min_silhouette=min_silhouette,
                    silhouette_tolerance=opts.silhouette_tolerance if silhouette_tolerance is None
                    else silhouette_tolerance,

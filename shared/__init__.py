@@ -10,4 +10,6 @@ __version__ = "0.1.0"
 # 6: the federation's classes, preprocessing and training.precision.
 # 7: a task's `evaluate` (schedule.evaluate_every: root and cluster tasks evaluate the adapters they
 # receive only in some rounds).
-PROTOCOL_VERSION = 8
+# 8: training.leaf_bias_fit. 9: training.leaf_bias_fit_skewed (a wider prior for the bias fit of a
+# client whose labels are not uniform): a protocol-8 worker would fit every client with one width.
+PROTOCOL_VERSION = 9

@@ -84,3 +84,67 @@ def fit_logit_shift(logits: np.ndarray, labels: np.ndarray, prior_std: float,
             break
         delta, value, p = candidate, new_value, new_p
     return delta
+
+
+UNIFORM_TEST_DRAWS = 4000
+UNIFORM_TEST_SEED = 12345
+_UNIFORM_TEST_CHUNK = 500
+
+
+def uniform_labels_p_value(labels: np.ndarray, classes: int, draws: int = UNIFORM_TEST_DRAWS) -> float:
+    """The p-value of Pearson's chi-square test that ``labels`` (N,) were drawn uniformly over
+    ``classes`` classes (``training.leaf_label_test``), by Monte Carlo: ``draws`` label counts drawn
+    from that uniform multinomial with a fixed seed (the same counts always give the same p), and
+    ``p = (1 + #{draws at least as far from uniform}) / (draws + 1)``. A client of 20 images
+    expects two per class, too few for the chi-square distribution's tail, hence the draws. The
+    statistic is compared through the sum of squared counts (Pearson's statistic is
+    ``classes / N * sum(counts^2) - N``), in integers, so that ties are exact.
+
+    Raises:
+        ValueError: ``labels`` is not a non-empty 1-D integer array within ``[0, classes)``,
+            ``classes`` < 2 or ``draws`` < 1.
+    """
+    y = np.asarray(labels)
+    if classes < 2:
+        raise ValueError(f"classes must be at least 2, got {classes}")
+    if draws < 1:
+        raise ValueError(f"draws must be at least 1, got {draws}")
+    if y.ndim != 1 or y.shape[0] == 0 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be a non-empty 1-D integer array, got shape {y.shape} of {y.dtype}")
+    if y.min() < 0 or y.max() >= classes:
+        raise ValueError(f"labels must lie in [0, {classes}), got {int(y.min())}..{int(y.max())}")
+    n = int(y.shape[0])
+    observed = int((np.bincount(y, minlength=classes).astype(np.int64) ** 2).sum())
+    rng = np.random.default_rng(UNIFORM_TEST_SEED)
+    uniform = np.full(classes, 1.0 / classes)
+    as_far = 0
+    for start in range(0, draws, _UNIFORM_TEST_CHUNK):
+        counts = rng.multinomial(n, uniform, size=min(_UNIFORM_TEST_CHUNK, draws - start)).astype(np.int64)
+        as_far += int(((counts ** 2).sum(axis=1) >= observed).sum())
+    return (1 + as_far) / (draws + 1)
+
+
+UNIFORM_LABELS_ALPHA = 0.05
+
+
+def leaf_prior_width(labels: np.ndarray, classes: int, width: float, skewed_width: float,
+                     alpha: float = UNIFORM_LABELS_ALPHA) -> float:
+    """The prior's standard deviation of a client's bias fit (``fit_logit_shift``):
+    ``skewed_width`` (``training.leaf_bias_fit_skewed``) when it is > 0 and the chi-square test
+    rejects the client's ``labels`` as uniform over the ``classes`` at level ``alpha``
+    (``uniform_labels_p_value``), else ``width`` (``training.leaf_bias_fit``). A client with a label
+    mix of its own (Dir(0.3): one to three classes) gains from following it closely, and the model
+    it fits under was trained on those very images, so its predictions already lean towards them
+    and a narrow prior under-corrects; on a client whose labels look uniform a wide prior only
+    fits their sampling noise.
+
+    Raises:
+        ValueError: a width is negative or not finite, or ``labels`` are refused by
+            ``uniform_labels_p_value``.
+    """
+    for name, value in (("width", width), ("skewed_width", skewed_width)):
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a non-negative finite number, got {value}")
+    if skewed_width == 0:
+        return float(width)
+    return float(skewed_width) if uniform_labels_p_value(labels, classes) < alpha else float(width)

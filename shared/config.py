@@ -218,6 +218,13 @@ class Training(BaseModel):
                     "this standard deviation per class (Newton's method, forward passes only; shared/calibration.py): "
                     "the client's label proportions, which the shared model cannot know, before the leaf trains "
                     "(default 1, chosen on the partition family: docs/method.md). 0: off")
+    leaf_bias_fit_skewed: float = Field(
+        default=4.0, ge=0, le=100,
+        description="with leaf_bias_fit > 0: the prior's standard deviation for a client whose training labels a "
+                    "chi-square test rejects as uniform over the federation's classes at 5 % (Monte Carlo p-value, "
+                    "seeded: shared/calibration.py): a client with a label mix of its own follows it more closely, "
+                    "a client whose labels look uniform keeps leaf_bias_fit's narrower prior (default 4, chosen on "
+                    "the partition family: docs/method.md). 0: leaf_bias_fit for every client")
     validation_fraction: float = Field(
         default=0.0, ge=0, le=0.5,
         description="share of each client's training data held out (drawn once per client, seeded) to choose its "

@@ -761,7 +761,8 @@ class WorkerDaemon:
                     # the client's label proportions, fitted as a logit shift of the model the leaf
                     # starts from (forward passes only)
                     with evaluating():
-                        fit_leaf_bias(model, data, tuple(tiers), task.training.leaf_bias_fit, self.device)
+                        fit_leaf_bias(model, data, tuple(tiers), task.training.leaf_bias_fit, self.device,
+                                      skewed_prior_std=task.training.leaf_bias_fit_skewed)
             else:
                 model.load_tier("leaf", unpack_tensors(slot.files.leaf.read_bytes()))
             tiers.append("leaf")

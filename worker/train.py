@@ -353,14 +353,19 @@ def logits_of(model: TieredLoRAModel, x: object, tiers: Iterable[str], device: s
 
 @torch.no_grad()
 def fit_leaf_bias(model: TieredLoRAModel, data: ClientData, below: Sequence[str], prior_std: float,
-                  device: str | torch.device = "cpu") -> np.ndarray:
+                  device: str | torch.device = "cpu", skewed_prior_std: float = 0.0) -> np.ndarray:
     """``training.leaf_bias_fit``: shift the new leaf head's bias by the per-class logit shift that
     fits this client's training labels best under the model of ``below`` (root, or root + cluster;
-    ``shared.calibration.fit_logit_shift``). Returns the shift (classes,)."""
-    from shared.calibration import fit_logit_shift
+    ``shared.calibration.fit_logit_shift``), with a prior of ``prior_std``, or of
+    ``skewed_prior_std`` (``training.leaf_bias_fit_skewed``, when > 0) for a client whose labels
+    are not uniform over the classes (``shared.calibration.leaf_prior_width``). Returns the shift
+    (classes,)."""
+    from shared.calibration import fit_logit_shift, leaf_prior_width
 
-    delta = fit_logit_shift(logits_of(model, data.x_train, below, device), _labels(data.y_train), prior_std)
+    labels = _labels(data.y_train)
     bias = model.heads["leaf"].bias
+    width = leaf_prior_width(labels, int(bias.shape[0]), prior_std, skewed_prior_std)
+    delta = fit_logit_shift(logits_of(model, data.x_train, below, device), labels, width)
     bias.add_(torch.as_tensor(delta, dtype=bias.dtype, device=bias.device))
     return delta
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from shared.calibration import fit_logit_shift
+from shared.calibration import UNIFORM_TEST_DRAWS, fit_logit_shift, uniform_labels_p_value
 
 pytestmark = pytest.mark.unit
 
@@ -137,3 +137,105 @@ def test_the_worker_hook_shifts_only_the_leaf_heads_bias_and_lowers_the_training
                                atol=1e-6)
     assert mean_loss(model, data.x_train, data.y_train, ("root", "cluster", "leaf")) < loss_before - 0.1
     assert delta[3] > 0 and delta[8] > 0 and (np.delete(delta, [3, 8]) < 0).all()
+
+
+def _exact_uniform_p_value(counts: list[int], classes: int) -> float:
+    """Slow reference: P(sum of squared counts >= the observed one) under the uniform multinomial,
+    by enumerating every count vector (small n and classes only)."""
+    n = sum(counts)
+    observed = sum(k * k for k in counts)
+
+    def vectors(left: int, slots: int):
+        if slots == 1:
+            yield (left,)
+            return
+        for k in range(left + 1):
+            for rest in vectors(left - k, slots - 1):
+                yield (k, *rest)
+
+    total = 0.0
+    for vector in vectors(n, classes):
+        if sum(k * k for k in vector) >= observed:
+            total += math.factorial(n) / math.prod(math.factorial(k) for k in vector) / classes ** n
+    return total
+
+
+@pytest.mark.parametrize(("counts", "classes"), [
+    ([3, 3, 2, 2], 4), ([5, 2, 1, 0], 4), ([8, 0, 0, 0], 4), ([4, 4, 4], 3), ([7, 4, 1], 3),
+    ([2, 1, 1, 1, 1, 0], 6), ([6, 3, 1, 0, 0, 0], 6),
+])
+def test_the_uniform_label_test_matches_the_exact_p_value(counts, classes):
+    """The Monte Carlo p-value against the exact one from every count vector: within five standard
+    errors of its draws (binomial, at the exact p), plus the 1 / (draws + 1) of its estimator."""
+    labels = np.repeat(np.arange(len(counts)), counts)
+    exact = _exact_uniform_p_value(counts, classes)
+    got = uniform_labels_p_value(labels, classes)
+    tolerance = 5 * math.sqrt(max(exact * (1 - exact), 0.0) / UNIFORM_TEST_DRAWS) + 1 / (UNIFORM_TEST_DRAWS + 1)
+    assert abs(got - exact) <= tolerance, (counts, got, exact)
+
+
+def test_the_uniform_label_test_separates_uniform_from_skewed_clients_and_is_deterministic():
+    rng = np.random.default_rng(3)
+    balanced = np.arange(20) % 10                      # two of each class
+    assert uniform_labels_p_value(balanced, 10) == 1.0
+    assert uniform_labels_p_value(np.array([0] * 12 + [1] * 8), 10) < 0.001   # two classes of ten
+    labels = rng.integers(0, 10, size=50)
+    assert uniform_labels_p_value(labels, 10) == uniform_labels_p_value(labels.copy(), 10)
+    # the order of the labels, and which classes carry which counts, do not matter
+    assert uniform_labels_p_value(labels[::-1], 10) == uniform_labels_p_value((labels + 3) % 10, 10)
+    # the p-value never reaches 0: at least 1 / (draws + 1)
+    assert uniform_labels_p_value(np.zeros(160, dtype=np.int64), 10) == pytest.approx(1 / (UNIFORM_TEST_DRAWS + 1))
+
+
+@pytest.mark.parametrize(("labels", "classes", "draws", "message"), [
+    (np.array([0, 1]), 1, 100, "classes"),
+    (np.array([0, 1]), 2, 0, "draws"),
+    (np.zeros(0, dtype=np.int64), 3, 100, "non-empty"),
+    (np.array([[0, 1]]), 3, 100, "1-D"),
+    (np.array([0.0, 1.0]), 3, 100, "integer"),
+    (np.array([0, 3]), 3, 100, r"\[0, 3\)"),
+    (np.array([-1, 0]), 3, 100, r"\[0, 3\)"),
+])
+def test_the_uniform_label_test_refuses_bad_input(labels, classes, draws, message):
+    with pytest.raises(ValueError, match=message):
+        uniform_labels_p_value(labels, classes, draws)
+
+
+def test_a_client_whose_labels_are_not_uniform_fits_with_the_wider_prior():
+    from shared.calibration import leaf_prior_width
+
+    uniform = np.arange(20) % 10
+    skewed = np.array([0] * 12 + [1] * 8)
+    assert leaf_prior_width(uniform, 10, 1.0, 4.0) == 1.0
+    assert leaf_prior_width(skewed, 10, 1.0, 4.0) == 4.0
+    assert leaf_prior_width(skewed, 10, 1.0, 0.0) == 1.0   # off: one width for everyone
+    # the level decides: p = 1 for the uniform client passes any alpha below 1; the skewed one
+    # (p = 1 / 4001) is rejected even at a tiny alpha, and not at one below its p-value
+    assert leaf_prior_width(uniform, 10, 1.0, 4.0, alpha=0.99) == 1.0
+    assert leaf_prior_width(skewed, 10, 1.0, 4.0, alpha=0.001) == 4.0
+    assert leaf_prior_width(skewed, 10, 1.0, 4.0, alpha=1e-4) == 1.0
+
+
+def test_the_wider_prior_follows_a_skewed_clients_labels_more_closely():
+    """What the option is for: on logits that know nothing of the client's mix, the fitted shift
+    of a two-class client moves its classes further apart from the absent ones with the wider prior."""
+    from shared.calibration import leaf_prior_width
+
+    labels = np.array([0] * 12 + [1] * 8)
+    logits = np.zeros((20, 10))
+    narrow = fit_logit_shift(logits, labels, leaf_prior_width(labels, 10, 1.0, 0.0))
+    wide = fit_logit_shift(logits, labels, leaf_prior_width(labels, 10, 1.0, 4.0))
+    gap = lambda d: float(d[:2].mean() - d[2:].mean())  # noqa: E731
+    assert gap(wide) > gap(narrow) > 0
+
+
+@pytest.mark.parametrize(("width", "skewed", "message"), [
+    (-0.1, 4.0, "width"), (1.0, -1.0, "skewed_width"), (float("nan"), 4.0, "width"), (1.0, float("inf"), "skewed_width"),
+])
+def test_the_prior_width_refuses_bad_input(width, skewed, message):
+    from shared.calibration import leaf_prior_width
+
+    with pytest.raises(ValueError, match=message):
+        leaf_prior_width(np.arange(10), 10, width, skewed)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        leaf_prior_width(np.array([0, 10]), 10, 1.0, 4.0)

@@ -166,6 +166,17 @@ def test_leaf_bias_fit_is_a_bounded_prior_width():
             Training(leaf_bias_fit=bad)
 
 
+def test_leaf_bias_fit_skewed_is_a_bounded_prior_width():
+    from shared.config import Training
+
+    assert Training().leaf_bias_fit_skewed == 4.0
+    assert Training(leaf_bias_fit_skewed=0).leaf_bias_fit_skewed == 0
+    assert Training(leaf_bias_fit_skewed=2.5).leaf_bias_fit_skewed == 2.5
+    for bad in (-0.5, 101, float("nan"), float("inf"), "wide"):
+        with pytest.raises(ValueError, match="leaf_bias_fit_skewed"):
+            Training(leaf_bias_fit_skewed=bad)
+
+
 def test_a_single_cluster_found_is_skipped_by_default_and_the_option_is_a_boolean():
     assert Clustering().skip_single_cluster is True
     assert Clustering(skip_single_cluster=False).skip_single_cluster is False

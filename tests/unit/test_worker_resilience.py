@@ -469,15 +469,25 @@ def test_only_the_leaf_trains_at_the_scaled_learning_rates(tmp_path, small_runti
     assert seen["tier"] == tier and (seen["lr"], seen["head_lr"]) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("prior_std", [0.0, 2.0])
-def test_a_new_leaf_starts_with_its_bias_fitted_to_the_clients_labels_only_when_asked(tmp_path, small_runtime,
-                                                                                     monkeypatch, prior_std):
+@pytest.mark.parametrize(("prior_std", "skewed", "p_value", "width"), [
+    (0.0, 4.0, 0.01, None),   # no fit at all
+    (2.0, 0.0, 0.01, 2.0),    # one width for every client
+    (2.0, 4.0, 0.5, 2.0),     # labels that look uniform: leaf_bias_fit's width
+    (2.0, 4.0, 0.01, 4.0),    # labels that do not: leaf_bias_fit_skewed's
+])
+def test_a_new_leaf_starts_with_its_bias_fitted_to_the_clients_labels_only_when_asked(
+        tmp_path, small_runtime, monkeypatch, prior_std, skewed, p_value, width):
     """training.leaf_bias_fit: the fresh leaf's head is the model's below it plus, when asked, the
-    logit shift fitted to the client's training labels (shared.calibration), before it trains."""
+    logit shift fitted to the client's training labels (shared.calibration), before it trains;
+    training.leaf_bias_fit_skewed: with a wider prior when the client's labels are not uniform
+    (the test's p-value is set here: the tiny client's 16 labels)."""
     import torch
 
+    import shared.calibration as calibration
     import worker.train as train
     from shared.calibration import fit_logit_shift
+
+    monkeypatch.setattr(calibration, "uniform_labels_p_value", lambda labels, classes, draws=4000: p_value)
 
     seen = {}
 
@@ -487,14 +497,16 @@ def test_a_new_leaf_starts_with_its_bias_fitted_to_the_clients_labels_only_when_
         return {"train_loss": 0.0, "steps": 1}
 
     _run_one_task(tmp_path, small_runtime, monkeypatch, spy, upload=(), stage="leaf", train_tier="leaf",
-                  training=Training(leaf_bias_fit=prior_std))
+                  training=Training(leaf_bias_fit=prior_std, leaf_bias_fit_skewed=skewed))
     root_head = small_runtime.heads["root"]
     assert torch.equal(seen["weight"], root_head.weight)
     shift = (seen["bias"] - root_head.bias).numpy()
-    if prior_std == 0:
+    if width is None:
         assert not shift.any()
     else:
-        expected = fit_logit_shift(seen["logits"], seen["labels"], prior_std)
+        expected = fit_logit_shift(seen["logits"], seen["labels"], width)
+        other = fit_logit_shift(seen["logits"], seen["labels"], 6.0 - width)   # the width not chosen
+        assert np.abs(expected - other).max() > 1e-3
         np.testing.assert_allclose(shift, expected, rtol=1e-4, atol=1e-5)
         assert np.abs(expected).max() > 0.05   # the tiny client's labels do move it
 
