@@ -93,7 +93,7 @@ _UNIFORM_TEST_CHUNK = 500
 
 def uniform_labels_p_value(labels: np.ndarray, classes: int, draws: int = UNIFORM_TEST_DRAWS) -> float:
     """The p-value of Pearson's chi-square test that ``labels`` (N,) were drawn uniformly over
-    ``classes`` classes (``training.leaf_label_test``), by Monte Carlo: ``draws`` label counts drawn
+    ``classes`` classes (``training.leaf_bias_fit_skewed``), by Monte Carlo: ``draws`` label counts drawn
     from that uniform multinomial with a fixed seed (the same counts always give the same p), and
     ``p = (1 + #{draws at least as far from uniform}) / (draws + 1)``. A client of 20 images
     expects two per class, too few for the chi-square distribution's tail, hence the draws. The
