@@ -313,6 +313,13 @@ def _robust(value: Optional[float], default: Optional[float], flag: str) -> Opti
     return value
 
 
+def _leaf_mix(value: float) -> float:
+    """--leaf-mix: a share of the leaf's change, above 0 (typer has checked it is at most 1)."""
+    if not value > 0:
+        _fail(f"--leaf-mix must be above 0 (1: the leaf as trained), got {value}")
+    return value
+
+
 def _admin_token(token: Optional[str]) -> str:
     token = token or os.environ.get("HILORA_ADMIN_TOKEN")
     if not token:
@@ -950,6 +957,10 @@ def bench(
         min=0.0, max=100.0, help="training.leaf_bias_fit_skewed: the bias fit's prior standard deviation for a "
                                  "client whose labels a chi-square test rejects as uniform (default 4; 0: "
                                  "--leaf-bias-fit for every client)")] = None,
+    leaf_mix: Annotated[Optional[float], typer.Option(
+        min=0.0, max=1.0, help="training.leaf_mix: a client whose labels look uniform takes its leaf this fraction "
+                               "of the way from root + cluster (its LoRA change and head weight; its head bias "
+                               "whole) (default 0.5; 1: the leaf as trained)")] = None,
     clip_relative: Annotated[Optional[float], typer.Option(
         min=0.0, help="root.clip_relative and cluster.clip_relative: each update clipped to this multiple of the "
                       "round's median update norm (default 3; 0: off)")] = None,
@@ -1189,6 +1200,7 @@ def bench(
                    leaf_bias_fit=opts.leaf_bias_fit if leaf_bias_fit is None else leaf_bias_fit,
                    leaf_bias_fit_skewed=opts.leaf_bias_fit_skewed if leaf_bias_fit_skewed is None
                    else leaf_bias_fit_skewed,
+                   leaf_mix=opts.leaf_mix if leaf_mix is None else _leaf_mix(leaf_mix),
                    k_rule=k_rule or opts.k_rule, min_silhouette=min_silhouette,
                    silhouette_tolerance=opts.silhouette_tolerance if silhouette_tolerance is None
                    else silhouette_tolerance,

@@ -40,6 +40,7 @@ class RunOptions:
     leaf_lr_scale: float = 0.1   # the leaf's learning rates scaled by this (chosen on the family)
     leaf_bias_fit: float = 1.0   # a new leaf's bias fitted to the client's labels (prior std; chosen on the family)
     leaf_bias_fit_skewed: float = 4.0   # ... with this prior std where its labels are not uniform (0: one width)
+    leaf_mix: float = 0.5        # a client with uniform-looking labels takes its leaf this far (1: as trained)
     leaf: str = "all"            # what the leaf tier trains: "all" (LoRA A, B and head) or "head" (a personal head)
     validation_fraction: float = 0.0   # held out per client to choose its model (hierarchical methods)
     alone_epochs: int = 0              # a model each client trains alone, a candidate of that choice (0: none)
@@ -97,7 +98,8 @@ class RunOptions:
 # Options whose default is not what hilora did before the option existed: a report or results
 # folder written then (without the key) is read as having run with this value, not the default.
 VALUE_BEFORE_IT_EXISTED: dict[str, object] = {"partitions": "spectral", "leaf_bias_fit": 0.0,
-                                              "skip_single_cluster": False, "leaf_bias_fit_skewed": 0.0}
+                                              "skip_single_cluster": False, "leaf_bias_fit_skewed": 0.0,
+                                              "leaf_mix": 1.0}
 
 
 def recorded_defaults() -> dict[str, object]:

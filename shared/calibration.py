@@ -148,3 +148,22 @@ def leaf_prior_width(labels: np.ndarray, classes: int, width: float, skewed_widt
     if skewed_width == 0:
         return float(width)
     return float(skewed_width) if uniform_labels_p_value(labels, classes) < alpha else float(width)
+
+
+def leaf_mix_for(labels: np.ndarray, classes: int, mix: float, alpha: float = UNIFORM_LABELS_ALPHA) -> float:
+    """The share of its leaf's change a client's model takes (``training.leaf_mix``;
+    ``shared.merge.served_leaf``): ``mix`` for a client whose ``labels`` the chi-square test does
+    not reject as uniform over the ``classes`` at level ``alpha`` (``uniform_labels_p_value``), 1
+    (the leaf as trained) for one with a label mix of its own. A client whose labels look uniform
+    has nothing of its own for the leaf to learn beyond what its cluster pooled, and its leaf's
+    head fits the noise of its few images; a skewed client's leaf learns its label mix, which the
+    shared tiers cannot know.
+
+    Raises:
+        ValueError: ``mix`` outside (0, 1], or ``labels`` refused by ``uniform_labels_p_value``.
+    """
+    if not (np.isfinite(mix) and 0 < mix <= 1):
+        raise ValueError(f"mix must be in (0, 1], got {mix}")
+    if mix == 1:
+        return 1.0
+    return float(mix) if uniform_labels_p_value(labels, classes) >= alpha else 1.0

@@ -225,6 +225,16 @@ class Training(BaseModel):
                     "seeded: shared/calibration.py): a client with a label mix of its own follows it more closely, "
                     "a client whose labels look uniform keeps leaf_bias_fit's narrower prior (default 4, chosen on "
                     "the partition family: docs/method.md). 0: leaf_bias_fit for every client")
+    leaf_mix: float = Field(
+        default=0.5, gt=0, le=1,
+        description="a client whose training labels look uniform over the federation's classes (the chi-square test "
+                    "of leaf_bias_fit_skewed does not reject them at 5 %) takes its leaf this fraction of the way from "
+                    "the model below it (root + cluster): the leaf's LoRA change and head weight scaled toward the "
+                    "tier below's, its head bias (the bias fit and what training added) kept whole "
+                    "(shared/merge.py served_leaf); a client whose labels have a mix of their own keeps its leaf "
+                    "whole. The leaf's file keeps what it trained and records the client's share, which evaluation, "
+                    "selection and `hilora export` use (default 0.5, chosen on the partition family: "
+                    "docs/method.md). 1: the leaf as trained for every client")
     validation_fraction: float = Field(
         default=0.0, ge=0, le=0.5,
         description="share of each client's training data held out (drawn once per client, seeded) to choose its "

@@ -131,6 +131,78 @@ def merge_lora(backbone: Mapping[str, np.ndarray], manifest: AdapterManifest,
     return merged
 
 
+def served_leaf(leaf: TierTensors, below_head: TierTensors, mix: float) -> dict[str, np.ndarray]:
+    """The leaf as the client's model uses it (``training.leaf_mix``, docs/method.md "The leaf
+    tier"): its LoRA change scaled by ``mix`` (each ``lora_B`` times ``mix``, so every target's
+    ``B A`` is), its head's weight ``mix`` of the way from the tier below's (``below_head``: the
+    cluster's head, or the root's for a client without one) to its own, and its own head bias
+    whole (the client's label mix: the bias fit and what training added to it). ``mix`` = 1 is the
+    leaf as trained. A weight-space interpolation between the model the leaf started from and the
+    leaf, evaluated where it is used; the leaf's file keeps what it trained (and the mix its client
+    uses, ``leaf_file_metadata``), so later leaf rounds continue from it. Returns new float32 arrays.
+
+    Raises:
+        ValueError: ``mix`` outside (0, 1], a leaf without ``head.weight`` and ``head.bias``, or a
+            ``below_head`` without a ``head.weight`` of the leaf's shape.
+    """
+    mix = float(mix)
+    if not 0.0 < mix <= 1.0:
+        raise ValueError(f"leaf mix must be in (0, 1], got {mix}")
+    missing = [name for name in HEAD_NAMES if name not in leaf]
+    if missing:
+        raise ValueError(f"the leaf has no {missing[0]!r}")
+    weight = np.asarray(leaf["head.weight"], dtype=np.float32)
+    if "head.weight" not in below_head or np.shape(below_head["head.weight"]) != weight.shape:
+        raise ValueError(f"the tier below has no head.weight of shape {weight.shape} to mix the leaf's head with")
+    out: dict[str, np.ndarray] = {}
+    for name, value in leaf.items():
+        array = np.asarray(value, dtype=np.float32)
+        if mix == 1.0:
+            out[name] = array.copy()
+        elif name.endswith(".lora_B"):
+            out[name] = (array * np.float32(mix)).astype(np.float32)
+        elif name == "head.weight":
+            below = np.asarray(below_head["head.weight"], dtype=np.float32)
+            out[name] = (below + np.float32(mix) * (array - below)).astype(np.float32)
+        else:
+            out[name] = array.copy()
+    return out
+
+
+LEAF_MIX_METADATA = "hilora_leaf_mix"
+
+
+def leaf_file_metadata(mix: float) -> dict[str, str]:
+    """The safetensors metadata of a client's leaf file: the share of the leaf's change its model
+    takes (``served_leaf``), decided when the leaf trained (``shared.calibration.leaf_mix_for``)."""
+    return {LEAF_MIX_METADATA: repr(float(mix))}
+
+
+def leaf_file_mix(data: bytes) -> float:
+    """The mix a leaf file (safetensors bytes) records (``leaf_file_metadata``); 1 when it records
+    none (a leaf written before ``training.leaf_mix``: used as trained).
+
+    Raises:
+        ValueError: the file is not readable safetensors, or its mix is not a number in (0, 1].
+    """
+    from shared.tensors import TensorValidationError, read_safetensors_header
+
+    try:
+        meta = read_safetensors_header(data).get("__metadata__") or {}
+    except TensorValidationError as exc:
+        raise ValueError(f"the leaf file cannot be read: {exc.message}") from None
+    if LEAF_MIX_METADATA not in meta:
+        return 1.0
+    try:
+        mix = float(meta[LEAF_MIX_METADATA])
+    except ValueError:
+        mix = float("nan")
+    if not 0.0 < mix <= 1.0:
+        raise ValueError(f"the leaf file's {LEAF_MIX_METADATA} must be a number in (0, 1], got "
+                         f"{meta[LEAF_MIX_METADATA][:40]!r}")
+    return mix
+
+
 def model_metadata(*, model: str, model_kwargs: Mapping[str, Any], tiers: Sequence[str],
                    versions: Mapping[str, Any], **extra: Any) -> dict[str, str]:
     """The ``__metadata__`` of a merged model file: ``format`` and ``model`` as plain strings,

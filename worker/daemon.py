@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from shared.config import FederationConfig
+from shared.merge import leaf_file_metadata, leaf_file_mix
 from shared.schemas import TaskAssignment, TaskStatus, refine_metric
 from shared.tensors import pack_tensors, unpack_tensors
 from shared.validation import describe_validation_error
@@ -677,8 +678,10 @@ class WorkerDaemon:
             TrainingStopped,
             add_alone_candidate,
             autocast,
+            client_leaf_mix,
             evaluate_with_selection,
             fit_leaf_bias,
+            leaf_as_served,
             mean_loss,
             resolve_precision,
             split_validation,
@@ -735,11 +738,14 @@ class WorkerDaemon:
         if task.stage == "eval":
             # the federation's final versions as this client uses them, with its leaf if it has one:
             # forward passes only, nothing trained or uploaded
+            served_mix = 1.0
             if slot.files.leaf.exists():
                 with timer("fetch"):
-                    model.load_tier("leaf", unpack_tensors(slot.files.leaf.read_bytes()))
+                    leaf_bytes = slot.files.leaf.read_bytes()
+                    model.load_tier("leaf", unpack_tensors(leaf_bytes))
+                    served_mix = leaf_file_mix(leaf_bytes)   # decided when the leaf trained
                 tiers.append("leaf")
-            with evaluating():
+            with evaluating(), leaf_as_served(model, tiers, served_mix):
                 evaluated = evaluate_with_selection(model, data, tuple(tiers), split, self.device)
             if slot.files.alone.exists() and split is not None:  # trained at its first leaf task
                 model.load_tier("root", unpack_tensors(slot.files.alone.read_bytes()))
@@ -800,9 +806,12 @@ class WorkerDaemon:
             return {}
         metrics.update({k: float(v) for k, v in train_metrics.items()})
         if tier == "leaf":
-            with evaluating():
+            # training.leaf_mix: the share of its leaf this client's model takes (its labels decide)
+            served_mix = client_leaf_mix(model, data, task.training.leaf_mix)
+            with evaluating(), leaf_as_served(model, tiers, served_mix):
                 metrics.update(evaluate_with_selection(model, data, tuple(tiers), split, self.device))
-            atomic_write(slot.files.leaf, pack_tensors(model.export_tier("leaf")))
+            atomic_write(slot.files.leaf, pack_tensors(model.export_tier("leaf"),
+                                                       metadata=leaf_file_metadata(served_mix)))
             if cfg.training.alone_epochs and split is not None:
                 try:
                     self._alone_candidate(slot, cfg, model, data, split, metrics, hb, precision, timer)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from shared.manifest import AdapterManifest
-from shared.merge import merge_lora, model_metadata, pack_model, read_model_metadata
+from shared.merge import leaf_file_mix, merge_lora, model_metadata, pack_model, read_model_metadata, served_leaf
 from shared.tensors import TensorValidationError, unpack_tensors
 from worker.client import CoordinatorClient
 from worker.files import atomic_write
@@ -108,12 +108,25 @@ def export_client_model(client: CoordinatorClient, state_dir: str | os.PathLike,
                              f"leaf rounds, or export without it (--no-leaf)")
         data = leaf_file.read_bytes()
         tiers["leaf"] = _read_tensor_file(leaf_file)
-        versions["leaf"] = {"sha256": hashlib.sha256(data).hexdigest()}
+        try:
+            mix = leaf_file_mix(data)   # the share of its leaf the client's model takes (training.leaf_mix)
+        except ValueError as exc:
+            raise ValueError(f"{leaf_file}: {exc}") from None
+        versions["leaf"] = {"sha256": hashlib.sha256(data).hexdigest(), "mix": mix}
     checkpoint = client.backbone(federation_id, token, cfg.backbone.sha256)
     try:
         backbone = unpack_tensors(checkpoint)
     except TensorValidationError as exc:
         raise ValueError(f"the backbone checkpoint cannot be read: {exc.message}") from None
+    if "leaf" in tiers and versions["leaf"]["mix"] < 1.0:
+        # the leaf as the client's model uses it (training.leaf_mix), as the worker evaluates it:
+        # its change taken part of the way from the head below it (the highest tier's that carries
+        # one, else the backbone's own)
+        below = next((tiers[t] for t in ("cluster", "root") if t in tiers and "head.weight" in tiers[t]), backbone)
+        try:
+            tiers["leaf"] = served_leaf(tiers["leaf"], below, versions["leaf"]["mix"])
+        except ValueError as exc:
+            raise ValueError(f"client {client_name}'s leaf cannot be mixed into its model: {exc}") from None
     merged = merge_lora(backbone, cfg.manifest, tiers)
     metadata = model_metadata(model=cfg.backbone.model, model_kwargs=cfg.backbone.model_kwargs,
                               tiers=list(tiers), versions=versions, federation_id=federation_id,

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -368,6 +368,34 @@ def fit_leaf_bias(model: TieredLoRAModel, data: ClientData, below: Sequence[str]
     delta = fit_logit_shift(logits_of(model, data.x_train, below, device), labels, width)
     bias.add_(torch.as_tensor(delta, dtype=bias.dtype, device=bias.device))
     return delta
+
+
+def client_leaf_mix(model: TieredLoRAModel, data: ClientData, mix: float) -> float:
+    """``training.leaf_mix`` for this client: ``mix`` when its training labels look uniform over the
+    model's classes, 1 when they have a mix of their own (``shared.calibration.leaf_mix_for``)."""
+    from shared.calibration import leaf_mix_for
+
+    return leaf_mix_for(_labels(data.y_train), int(model.heads["leaf"].bias.shape[0]), mix)
+
+
+@contextlib.contextmanager
+def leaf_as_served(model: TieredLoRAModel, tiers: Iterable[str], mix: float) -> Iterator[None]:
+    """``training.leaf_mix``: inside the block the model's leaf is the one the client's model uses
+    (``shared.merge.served_leaf``: its LoRA change and head weight ``mix`` of the way from the tier
+    below to the trained leaf, its own head bias); the trained leaf is back on exit, whatever
+    happens inside. Nothing changes with ``mix`` = 1 or without a leaf in ``tiers``."""
+    tiers = [t for t in TIERS if t in set(tiers)]
+    if mix >= 1.0 or "leaf" not in tiers:
+        yield
+        return
+    from shared.merge import served_leaf
+
+    trained = model.export_tier("leaf")
+    model.load_tier("leaf", served_leaf(trained, model.export_tier(tiers[-2], ("head",)), mix))
+    try:
+        yield
+    finally:
+        model.load_tier("leaf", trained)
 
 
 @torch.no_grad()

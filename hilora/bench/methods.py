@@ -146,7 +146,7 @@ def method_config(name: str, opts: RunOptions, groups: Mapping[str, str] | None 
                         gamma_c=opts.gamma_c, gamma_l=opts.gamma_l, seed=opts.seed,
                         validation_fraction=opts.validation_fraction, leaf_lr_scale=opts.leaf_lr_scale,
                         leaf_bias_fit=opts.leaf_bias_fit, leaf_bias_fit_skewed=opts.leaf_bias_fit_skewed,
-                        alone_epochs=opts.alone_epochs)
+                        leaf_mix=opts.leaf_mix, alone_epochs=opts.alone_epochs)
     clustering = Clustering(features=opts.features, k_min=opts.k_min, k_max=opts.k_max, knn=opts.knn,
                             contrast=opts.contrast, force_k=opts.force_k, seed=opts.seed, ema=opts.ema,
                             probe_loss=opts.probe_loss, probe_steps=opts.probe_steps, head_weight=opts.head_weight,

@@ -55,7 +55,7 @@ def lease(api, cid: int, token: str) -> dict:
 def test_version_and_protocol_check(api):
     r = api.get("/v1/version")
     # 2: eval tasks; 3: probe steps and loss; 4: training.alone_epochs; 5: refine tasks; 6: classes
-    assert r.status_code == 200 and r.json()["protocol"] == PROTOCOL_VERSION == 9
+    assert r.status_code == 200 and r.json()["protocol"] == PROTOCOL_VERSION == 10
     r = api.get("/v1/version", headers={"X-Hilora-Protocol": "1"})  # a worker without eval tasks
     assert r.status_code == 426
     r = api.get("/v1/version", headers={"X-Hilora-Protocol": "3"})  # one that would ignore alone_epochs

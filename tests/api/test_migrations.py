@@ -160,6 +160,8 @@ def test_federations_from_before_partitions_keep_spectral_partitions(engine):
     ("0013", "0012", "clustering", "skip_single_cluster", False, True, True, {"k_max": 4}),
     # 0014: training.leaf_bias_fit_skewed (0: one prior width for every client; the default 4)
     ("0014", "0013", "training", "leaf_bias_fit_skewed", 0.0, 2.0, 4.0, {"leaf_bias_fit": 2.0}),
+    # 0015: training.leaf_mix (1: the leaf as trained; the default 0.5)
+    ("0015", "0014", "training", "leaf_mix", 1.0, 0.25, 0.5, {"leaf_bias_fit": 2.0}),
 ])
 def test_federations_from_before_an_option_keep_what_hilora_did_then(engine, revision, before, section, key,
                                                                       old_value, chosen, default, named):

@@ -21,7 +21,7 @@ from conftest import (
 )
 
 from shared.manifest import AdapterManifest, qv_targets
-from shared.merge import merge_lora, read_model_metadata
+from shared.merge import leaf_file_metadata, merge_lora, read_model_metadata, served_leaf
 from shared.tensors import pack_tensors, read_safetensors_header, unpack_tensors
 
 pytestmark = pytest.mark.api
@@ -202,9 +202,11 @@ def test_a_backbone_that_does_not_fit_the_manifest_is_a_clear_conflict(api):
     assert "blocks.1.attn.qkv.weight" in r.json()["detail"]
 
 
-def test_export_composes_local_factors_and_the_leaf_like_the_worker(api, app, tmp_path):
+@pytest.mark.parametrize("mix", [None, 0.75, 1.0])
+def test_export_composes_local_factors_and_the_leaf_like_the_worker(api, app, tmp_path, mix):
     """FedSA-style (root B kept on the clients, no clusters): ``export_client_model`` takes the
-    coordinator's root, puts the client's local B over it and adds the leaf, as the daemon does."""
+    coordinator's root, puts the client's local B over it and adds the leaf as the daemon uses it
+    (training.leaf_mix: the mix its leaf file records; a leaf file without one is used as trained)."""
     import json
 
     from worker.client import CoordinatorClient
@@ -229,7 +231,7 @@ def test_export_composes_local_factors_and_the_leaf_like_the_worker(api, app, tm
     cdir.mkdir(parents=True)
     (cdir / "credentials.json").write_text(json.dumps({"client_id": cid, "token": token, "name": "a0"}))
     (cdir / "local-root.safetensors").write_bytes(pack_tensors(local_b))
-    (cdir / "leaf.safetensors").write_bytes(pack_tensors(leaf))
+    (cdir / "leaf.safetensors").write_bytes(pack_tensors(leaf, metadata=None if mix is None else leaf_file_metadata(mix)))
     backbone = unpack_tensors(tiny_checkpoint())
 
     client = CoordinatorClient("http://testserver", max_retries=0)
@@ -240,10 +242,15 @@ def test_export_composes_local_factors_and_the_leaf_like_the_worker(api, app, tm
     assert result.tiers == ["root", "leaf"] and result.versions["root"] == refs["root"]
     data = out.read_bytes()
     assert hashlib.sha256(data).hexdigest() == result.sha256
-    _assert_same(unpack_tensors(data), merge_lora(backbone, manifest, {"root": {**root, **local_b}, "leaf": leaf}))
+    # the leaf as the client's model uses it (training.leaf_mix): its change taken the recorded
+    # share of the way from the root's head and LoRA, as the worker evaluates it
+    served = served_leaf(leaf, root, 1.0 if mix is None else mix)
+    assert np.array_equal(served["head.weight"], leaf["head.weight"]) is (mix in (None, 1.0))
+    _assert_same(unpack_tensors(data), merge_lora(backbone, manifest, {"root": {**root, **local_b}, "leaf": served}))
     meta = read_model_metadata(read_safetensors_header(data)["__metadata__"])
     assert meta["local_factors"] == {"root": sorted(local_b)} and meta["client"] == "a0"
     assert meta["client_id"] == cid and meta["tiers"] == ["root", "leaf"]
+    assert meta["versions"]["leaf"]["mix"] == (1.0 if mix is None else mix)
 
     no_leaf = export_client_model(client, tmp_path / "state", fid, "a0", tmp_path / "r.safetensors",
                                   include_leaf=False)
@@ -251,6 +258,9 @@ def test_export_composes_local_factors_and_the_leaf_like_the_worker(api, app, tm
     _assert_same(unpack_tensors((tmp_path / "r.safetensors").read_bytes()),
                  merge_lora(backbone, manifest, [{**root, **local_b}]))
 
+    (cdir / "leaf.safetensors").write_bytes(pack_tensors(leaf, metadata={"hilora_leaf_mix": "2"}))
+    with pytest.raises(ValueError, match=r"leaf.safetensors: the leaf file's hilora_leaf_mix must be a number in"):
+        export_client_model(client, tmp_path / "state", fid, "a0", tmp_path / "x.safetensors")
     (cdir / "leaf.safetensors").unlink()
     with pytest.raises(ValueError, match=r"no leaf yet .*\(--no-leaf\)"):
         export_client_model(client, tmp_path / "state", fid, "a0", tmp_path / "x.safetensors")

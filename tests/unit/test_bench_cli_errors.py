@@ -45,6 +45,8 @@ def _bench(tmp_path, *args: str):
     (("--leaf-bias-fit", "101"), "--leaf-bias-fit"),
     (("--leaf-bias-fit-skewed", "-0.1"), "--leaf-bias-fit-skewed"),
     (("--leaf-bias-fit-skewed", "101"), "--leaf-bias-fit-skewed"),
+    (("--leaf-mix", "0"), "--leaf-mix"),
+    (("--leaf-mix", "1.5"), "--leaf-mix"),
 ])
 def test_bad_input_exits_2_with_a_message(tmp_path, args, message):
     code, output = _bench(tmp_path, *args)

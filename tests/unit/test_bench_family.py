@@ -130,7 +130,8 @@ def test_a_results_folder_accepts_options_added_since_at_their_defaults(tmp_path
 
 
 @pytest.mark.parametrize(("key", "before"), [("partitions", "spectral"), ("leaf_bias_fit", 0.0),
-                                             ("skip_single_cluster", False), ("leaf_bias_fit_skewed", 0.0)])
+                                             ("skip_single_cluster", False), ("leaf_bias_fit_skewed", 0.0),
+                                             ("leaf_mix", 1.0)])
 def test_a_folder_from_before_an_option_existed_ran_what_hilora_did_then(tmp_path, key, before):
     """clustering.partitions and training.leaf_bias_fit came in with defaults that are not what older
     runs did: a results folder recorded without one is read as having run the value before it

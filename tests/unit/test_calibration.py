@@ -239,3 +239,23 @@ def test_the_prior_width_refuses_bad_input(width, skewed, message):
         leaf_prior_width(np.arange(10), 10, width, skewed)
     with pytest.raises(ValueError, match=r"\[0, 10\)"):
         leaf_prior_width(np.array([0, 10]), 10, 1.0, 4.0)
+
+
+def test_only_a_client_whose_labels_look_uniform_takes_part_of_its_leaf():
+    """training.leaf_mix: the share of its leaf's change a client's model takes is the option's for
+    labels the chi-square test does not reject as uniform, 1 for a client with a mix of its own."""
+    from shared.calibration import leaf_mix_for
+
+    uniform = np.arange(20) % 10
+    skewed = np.array([0] * 12 + [1] * 8)
+    assert leaf_mix_for(uniform, 10, 0.5) == 0.5
+    assert leaf_mix_for(skewed, 10, 0.5) == 1.0
+    assert leaf_mix_for(uniform, 10, 1.0) == 1.0
+    # the level decides, as for the prior's width
+    assert leaf_mix_for(uniform, 10, 0.5, alpha=0.99) == 0.5
+    assert leaf_mix_for(skewed, 10, 0.5, alpha=1e-4) == 0.5
+    for bad in (0.0, -0.5, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"mix must be in \(0, 1\]"):
+            leaf_mix_for(uniform, 10, bad)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        leaf_mix_for(np.array([0, 10]), 10, 0.5)

@@ -177,6 +177,17 @@ def test_leaf_bias_fit_skewed_is_a_bounded_prior_width():
             Training(leaf_bias_fit_skewed=bad)
 
 
+def test_leaf_mix_is_a_fraction_above_zero():
+    from shared.config import Training
+
+    assert Training().leaf_mix == 0.5
+    assert Training(leaf_mix=1).leaf_mix == 1.0
+    assert Training(leaf_mix=0.01).leaf_mix == 0.01
+    for bad in (0, -0.5, 1.01, float("nan"), float("inf"), "half"):
+        with pytest.raises(ValueError, match="leaf_mix"):
+            Training(leaf_mix=bad)
+
+
 def test_a_single_cluster_found_is_skipped_by_default_and_the_option_is_a_boolean():
     assert Clustering().skip_single_cluster is True
     assert Clustering(skip_single_cluster=False).skip_single_cluster is False

@@ -143,3 +143,81 @@ def test_model_file_round_trip():
     assert decoded["tiers"] == ["root"] and decoded["client"] == "12" and decoded["federation_id"] == 1
     with pytest.raises(ValueError, match="not a hilora merged model"):
         read_model_metadata({})
+
+
+def _reference_served_leaf(leaf, below_head, mix):
+    """training.leaf_mix, the slow way: every target's product B A scaled by mix, the head's weight
+    element by element from the tier below's, its bias the leaf's own (float64)."""
+    products, head = {}, {}
+    for name in leaf:
+        if name.endswith(".lora_B"):
+            target = name[: -len(".lora_B")]
+            b, a = np.asarray(leaf[name], np.float64), np.asarray(leaf[target + ".lora_A"], np.float64)
+            products[target] = [[mix * sum(b[i, k] * a[k, j] for k in range(b.shape[1])) for j in range(a.shape[1])]
+                                for i in range(b.shape[0])]
+    w, w0 = np.asarray(leaf["head.weight"], np.float64), np.asarray(below_head["head.weight"], np.float64)
+    head["head.weight"] = [[(1 - mix) * w0[i, j] + mix * w[i, j] for j in range(w.shape[1])] for i in range(w.shape[0])]
+    head["head.bias"] = list(np.asarray(leaf["head.bias"], np.float64))
+    return products, head
+
+
+@pytest.mark.parametrize("mix", [0.25, 0.75, 1.0])
+def test_served_leaf_scales_the_leafs_change_and_keeps_its_bias(mix):
+    from shared.merge import served_leaf
+
+    backbone, state, manifest, model, tiers = _setup(ranks={"root": 2, "cluster": 3, "leaf": 2})
+    leaf, below = tiers["leaf"], {k: tiers["cluster"][k] for k in ("head.weight", "head.bias")}
+    served = served_leaf(leaf, below, mix)
+    products, head = _reference_served_leaf(leaf, below, mix)
+    assert set(served) == set(leaf) and all(v.dtype == np.float32 for v in served.values())
+    for target, product in products.items():
+        got = served[target + ".lora_B"].astype(np.float64) @ served[target + ".lora_A"].astype(np.float64)
+        np.testing.assert_allclose(got, np.array(product), rtol=1e-5, atol=1e-6)
+        assert np.array_equal(served[target + ".lora_A"], leaf[target + ".lora_A"])  # A is never scaled
+    np.testing.assert_allclose(served["head.weight"], np.array(head["head.weight"]), rtol=1e-6, atol=1e-6)
+    assert np.array_equal(served["head.bias"], leaf["head.bias"])
+    if mix == 1.0:
+        assert all(np.array_equal(served[k], leaf[k]) for k in leaf)
+    # new arrays: the leaf it was given is untouched
+    served["head.bias"][0] += 1.0
+    assert not np.array_equal(served["head.bias"], leaf["head.bias"])
+    # the merged model with the served leaf predicts as the tiered model with it loaded
+    model.load_tier("leaf", served)
+    model.set_active_tiers(("root", "cluster", "leaf"))
+    x = _images()
+    with torch.no_grad():
+        expected = model(x)
+    merged = merge_lora(state, manifest, {"root": tiers["root"], "cluster": tiers["cluster"], "leaf": served})
+    torch.testing.assert_close(_logits_of_merged(backbone, merged, x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_served_leaf_refuses_bad_input_clearly():
+    from shared.merge import served_leaf
+
+    _, _, _, _, tiers = _setup()
+    leaf, below = tiers["leaf"], tiers["cluster"]
+    for bad in (0.0, -0.1, 1.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"leaf mix must be in \(0, 1\]"):
+            served_leaf(leaf, below, bad)
+    with pytest.raises(ValueError, match="the leaf has no 'head.bias'"):
+        served_leaf({k: v for k, v in leaf.items() if k != "head.bias"}, below, 0.5)
+    with pytest.raises(ValueError, match="no head.weight of shape"):
+        served_leaf(leaf, {"head.weight": np.zeros((2, 3), np.float32)}, 0.5)
+    with pytest.raises(ValueError, match="no head.weight of shape"):
+        served_leaf(leaf, {}, 0.5)
+
+
+def test_a_leaf_file_records_the_mix_its_client_uses():
+    from shared.merge import LEAF_MIX_METADATA, leaf_file_metadata, leaf_file_mix
+    from shared.tensors import pack_tensors
+
+    leaf = {"head.bias": np.zeros(3, np.float32)}
+    for mix in (0.5, 0.1 + 0.2, 1.0):   # the exact float comes back
+        assert leaf_file_mix(pack_tensors(leaf, metadata=leaf_file_metadata(mix))) == mix
+    assert leaf_file_mix(pack_tensors(leaf)) == 1.0                              # written before the option
+    assert leaf_file_mix(pack_tensors(leaf, metadata={"other": "x"})) == 1.0
+    for bad in ("0", "-0.5", "1.5", "nan", "inf", "half", ""):
+        with pytest.raises(ValueError, match=f"{LEAF_MIX_METADATA} must be a number in"):
+            leaf_file_mix(pack_tensors(leaf, metadata={LEAF_MIX_METADATA: bad}))
+    with pytest.raises(ValueError, match="the leaf file cannot be read"):
+        leaf_file_mix(b"not safetensors")

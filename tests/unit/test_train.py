@@ -516,3 +516,34 @@ def test_a_model_already_on_its_device_is_not_moved_and_one_elsewhere_is():
     _to_device(model, "meta")            # a device the parameters are not on: moved
     assert moves == [("meta",)]
     assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
+
+
+@pytest.mark.parametrize("tiers", [("root", "cluster", "leaf"), ("root", "leaf")])
+def test_leaf_as_served_swaps_the_leaf_in_and_always_back(tiers):
+    """training.leaf_mix: inside the block the model's leaf is shared.merge.served_leaf of the
+    trained one against the head of the tier below it (cluster, or root without one); on exit,
+    an exception included, the trained leaf is back; mix 1 or no leaf in ``tiers`` change nothing."""
+    from shared.merge import served_leaf
+    from worker.train import leaf_as_served
+
+    model = small_model()
+    rng = np.random.default_rng(4)
+    for tier in TIERS:
+        model.load_tier(tier, {name: rng.normal(size=shape).astype(np.float32)
+                               for name, shape in model.manifest.tier_shapes(tier).items()})
+    trained = model.export_tier("leaf")
+    expected = served_leaf(trained, model.export_tier(tiers[-2], ("head",)), 0.3)
+
+    def leaf_is(reference):
+        return all(np.array_equal(model.export_tier("leaf")[k], v) for k, v in reference.items())
+
+    with leaf_as_served(model, tiers, 0.3):
+        assert leaf_is(expected) and not leaf_is(trained)
+    assert leaf_is(trained)
+    with pytest.raises(RuntimeError, match="inside"):
+        with leaf_as_served(model, tiers, 0.3):
+            raise RuntimeError("inside")
+    assert leaf_is(trained)
+    for mix, active in ((1.0, tiers), (0.3, tiers[:-1])):
+        with leaf_as_served(model, active, mix):
+            assert leaf_is(trained)

@@ -511,6 +511,65 @@ def test_a_new_leaf_starts_with_its_bias_fitted_to_the_clients_labels_only_when_
         assert np.abs(expected).max() > 0.05   # the tiny client's labels do move it
 
 
+@pytest.mark.parametrize(("mix", "p_value", "served"), [
+    (0.5, 0.5, 0.5),     # labels that look uniform: the client's model takes half its leaf's change
+    (0.5, 0.01, 1.0),    # labels with a mix of their own: the leaf as trained
+    (1.0, 0.5, 1.0),     # leaf_mix 1: the leaf as trained for everyone
+])
+def test_a_leaf_is_scored_as_the_client_uses_it_and_kept_as_trained(tmp_path, small_runtime, monkeypatch, mix,
+                                                                   p_value, served):
+    """training.leaf_mix: the leaf task's accuracy is the model with the served leaf (its change
+    ``served`` of the way from the root's head and LoRA; shared.merge.served_leaf), ``mix`` for a
+    client whose labels look uniform (the test's p-value is set here), 1 for the others; the leaf's
+    file keeps the leaf as trained (the next leaf round continues from it) and records the mix,
+    which the final evaluation then uses whatever the labels' test would say."""
+    import shared.calibration as calibration
+    import worker.train as train
+    from shared.merge import leaf_file_mix, served_leaf
+    from shared.tensors import unpack_tensors
+
+    monkeypatch.setattr(calibration, "uniform_labels_p_value", lambda labels, classes, draws=4000: p_value)
+    seen = {}
+
+    def trainer(model, tier_, data, **kw):   # "training": a leaf far from the model below it
+        rng = np.random.default_rng(11)
+        model.load_tier("leaf", {name: (3.0 * rng.normal(size=shape)).astype(np.float32)
+                                 for name, shape in model.manifest.tier_shapes("leaf").items()})
+        seen.update(trained=model.export_tier("leaf"), data=data)
+        return {"train_loss": 0.0, "steps": 1}
+
+    metrics, _ = _run_one_task(tmp_path, small_runtime, monkeypatch, trainer, upload=(), stage="leaf",
+                               train_tier="leaf", training=Training(leaf_bias_fit=0.0, leaf_mix=mix))
+    trained, data = seen["trained"], seen["data"]
+    assert all(np.array_equal(small_runtime.export_tier("leaf")[k], v) for k, v in trained.items())
+    (leaf_file,) = tmp_path.rglob("leaf.safetensors")
+    stored = unpack_tensors(leaf_file.read_bytes())
+    assert all(np.array_equal(stored[k], v) for k, v in trained.items())
+    assert leaf_file_mix(leaf_file.read_bytes()) == served
+
+    def accuracy(leaf):
+        small_runtime.load_tier("leaf", leaf)
+        try:
+            return train.evaluate(small_runtime, data.x_test, data.y_test, ("root", "leaf"))
+        finally:
+            small_runtime.load_tier("leaf", trained)
+
+    expected = accuracy(served_leaf(trained, small_runtime.export_tier("root", ("head",)), served))
+    assert metrics["acc_leaf"] == expected
+    if served < 1:
+        assert accuracy(trained) != expected   # the mix does change this leaf's predictions
+
+    # the final evaluation: the mix the leaf's file records, not the labels' test or the option now
+    monkeypatch.setattr(calibration, "uniform_labels_p_value", lambda labels, classes, draws=4000: 0.5 - p_value)
+
+    def no_training(*a, **kw):
+        raise AssertionError("an evaluation trains nothing")
+
+    final, _ = _run_one_task(tmp_path, small_runtime, monkeypatch, no_training, upload=(), stage="eval",
+                             training=Training(leaf_bias_fit=0.0, leaf_mix=0.25))
+    assert final["acc_leaf"] == expected and final["acc_root"] == metrics["acc_root"]
+
+
 @pytest.mark.parametrize("evaluate", [True, False])
 def test_a_root_task_evaluates_what_it_received_only_when_told(tmp_path, small_runtime, monkeypatch, evaluate):
     """schedule.evaluate_every: the task's ``evaluate`` decides whether the received root is scored
