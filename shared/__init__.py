@@ -12,6 +12,6 @@ __version__ = "0.1.0"
 # receive only in some rounds).
 # 8: training.leaf_bias_fit. 9: training.leaf_bias_fit_skewed (a wider prior for the bias fit of a
 # client whose labels are not uniform): a protocol-8 worker would fit every client with one width.
-# 10: training.leaf_mix (the client's model takes its leaf part of the way from root + cluster): a
-# protocol-9 worker would evaluate the leaf as trained.
+# 10: training.leaf_mix (a client whose labels look uniform takes its leaf part of the way from
+# root + cluster): a protocol-9 worker would evaluate the leaf as trained.
 PROTOCOL_VERSION = 10
