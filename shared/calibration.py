@@ -21,6 +21,8 @@ cluster model and adds ``delta`` to its new leaf head's bias (docs/method.md, "T
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 MAX_NEWTON_STEPS = 50
@@ -113,8 +115,15 @@ def uniform_labels_p_value(labels: np.ndarray, classes: int, draws: int = UNIFOR
         raise ValueError(f"labels must be a non-empty 1-D integer array, got shape {y.shape} of {y.dtype}")
     if y.min() < 0 or y.max() >= classes:
         raise ValueError(f"labels must lie in [0, {classes}), got {int(y.min())}..{int(y.max())}")
-    n = int(y.shape[0])
     observed = int((np.bincount(y, minlength=classes).astype(np.int64) ** 2).sum())
+    return _uniform_p_value(int(y.shape[0]), int(classes), observed, int(draws))
+
+
+@functools.lru_cache(maxsize=1024)
+def _uniform_p_value(n: int, classes: int, observed: int, draws: int) -> float:
+    """``uniform_labels_p_value`` of ``n`` labels whose counts' squares sum to ``observed``: all the
+    Monte Carlo p-value depends on, so a client's leaf task that asks twice (its bias fit's width,
+    its leaf's mix) and its later leaf rounds draw once (6 ms at 10 classes, 0.3 s at 1,000)."""
     rng = np.random.default_rng(UNIFORM_TEST_SEED)
     uniform = np.full(classes, 1.0 / classes)
     as_far = 0
@@ -125,6 +134,17 @@ def uniform_labels_p_value(labels: np.ndarray, classes: int, draws: int = UNIFOR
 
 
 UNIFORM_LABELS_ALPHA = 0.05
+
+
+def labels_look_uniform(labels: np.ndarray, classes: int, alpha: float = UNIFORM_LABELS_ALPHA) -> bool:
+    """Whether the chi-square test (``uniform_labels_p_value``) does not reject ``labels`` as uniform
+    over the ``classes`` at level ``alpha``: the one decision both ``leaf_prior_width`` and
+    ``leaf_mix_for`` take.
+
+    Raises:
+        ValueError: ``labels`` refused by ``uniform_labels_p_value``.
+    """
+    return uniform_labels_p_value(labels, classes) >= alpha
 
 
 def leaf_prior_width(labels: np.ndarray, classes: int, width: float, skewed_width: float,
@@ -147,7 +167,7 @@ def leaf_prior_width(labels: np.ndarray, classes: int, width: float, skewed_widt
             raise ValueError(f"{name} must be a non-negative finite number, got {value}")
     if skewed_width == 0:
         return float(width)
-    return float(skewed_width) if uniform_labels_p_value(labels, classes) < alpha else float(width)
+    return float(width) if labels_look_uniform(labels, classes, alpha) else float(skewed_width)
 
 
 def leaf_mix_for(labels: np.ndarray, classes: int, mix: float, alpha: float = UNIFORM_LABELS_ALPHA) -> float:
@@ -166,4 +186,4 @@ def leaf_mix_for(labels: np.ndarray, classes: int, mix: float, alpha: float = UN
         raise ValueError(f"mix must be in (0, 1], got {mix}")
     if mix == 1:
         return 1.0
-    return float(mix) if uniform_labels_p_value(labels, classes) >= alpha else 1.0
+    return float(mix) if labels_look_uniform(labels, classes, alpha) else 1.0

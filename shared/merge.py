@@ -157,7 +157,7 @@ def served_leaf(leaf: TierTensors, below_head: TierTensors, mix: float) -> dict[
     out: dict[str, np.ndarray] = {}
     for name, value in leaf.items():
         array = np.asarray(value, dtype=np.float32)
-        if mix == 1.0:
+        if mix == 1.0:   # the leaf as trained
             out[name] = array.copy()
         elif name.endswith(".lora_B"):
             out[name] = (array * np.float32(mix)).astype(np.float32)

@@ -384,7 +384,8 @@ def leaf_as_served(model: TieredLoRAModel, tiers: Iterable[str], mix: float) -> 
     (``shared.merge.served_leaf``: its LoRA change and head weight ``mix`` of the way from the tier
     below to the trained leaf, its own head bias); the trained leaf is back on exit, whatever
     happens inside. Nothing changes with ``mix`` = 1 or without a leaf in ``tiers``."""
-    tiers = [t for t in TIERS if t in set(tiers)]
+    present = set(tiers)
+    tiers = [t for t in TIERS if t in present]
     if mix >= 1.0 or "leaf" not in tiers:
         yield
         return
