@@ -20,7 +20,7 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coordinator import faults
-from coordinator.blobs import BlobStore
+from coordinator.blobs import BlobStore, InlineAdapters
 from coordinator.db import (
     make_engine,
     make_lease_session_factory,
@@ -231,6 +231,7 @@ def create_app(settings: Settings | None = None, clock: Clock | None = None) -> 
     app.state.read_session_factory = make_read_session_factory(engine)
     app.state.lease_session_factory = make_lease_session_factory(engine)
     app.state.blobs = blobs
+    app.state.inline_adapters = InlineAdapters(blobs, settings.inline_adapter_max_bytes)
     app.state.clock = clock
     app.state.scheduler = scheduler
     app.state.metrics = metrics

@@ -6,11 +6,13 @@ complete; the name is the sha256 of the bytes, verified before the rename.
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import functools
 import hashlib
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +124,35 @@ class BlobStore:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, dest)
         fsync_file(dest.parent)
+
+
+class InlineAdapters:
+    """Adapter versions as the base64 text a lease answer carries inline (``TaskAssignment.
+    inline_adapters``), the few most recent kept: at a round's opening every held lease of the round
+    names the same new version, so it is read and encoded once. A blob is content-addressed, so a
+    kept text never goes stale. ``max_bytes`` 0 (or less) inlines nothing."""
+
+    def __init__(self, blobs: BlobStore, max_bytes: int, keep: int = 16) -> None:
+        self.blobs, self.max_bytes, self.keep = blobs, max_bytes, keep
+        self._texts: dict[str, str] = {}   # sha256 -> base64 text ("" for a blob over max_bytes or gone)
+        self._lock = threading.Lock()
+
+    def cached(self, sha256: str) -> str | None:
+        """The kept text (\"\": not inlined), or None when the blob must be read first (``load``)."""
+        with self._lock:
+            return self._texts.get(sha256)
+
+    def load(self, sha256: str) -> str:
+        """Read and encode the blob (a file read: not in the event loop), and keep its text."""
+        text = ""
+        if self.max_bytes > 0:
+            try:
+                if self.blobs.path(sha256).stat().st_size <= self.max_bytes:
+                    text = base64.b64encode(self.blobs.get_bytes(sha256)).decode("ascii")
+            except (OSError, BlobNotFound):   # gone (retention): the worker's download says so clearly
+                text = ""
+        with self._lock:
+            self._texts[sha256] = text
+            while len(self._texts) > self.keep:
+                self._texts.pop(next(iter(self._texts)))
+        return text

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from coordinator.blobs import fsync_file, start_writeback
+from coordinator.blobs import InlineAdapters, fsync_file, start_writeback
 from coordinator.errors import (
     BodyTimeout,
     Conflict,
@@ -48,6 +48,7 @@ from shared import PROTOCOL_VERSION, __version__
 from shared.config import FederationConfig
 from shared.schemas import (
     COMPLETE_HEADER,
+    HAVE_ADAPTERS_HEADER,
     PROTOCOL_HEADER,
     SHA256_HEADER,
     WORKER_ID_HEADER,
@@ -79,6 +80,7 @@ from shared.schemas import (
     TaskStatus,
     UploadAck,
     VersionInfo,
+    parse_have_adapters,
 )
 from shared.validation import describe_validation_error
 
@@ -475,12 +477,19 @@ async def lease(client_id: DbId, request: Request, token: Token,
                     "long polling: hold the request up to this many seconds (capped by the coordinator's "
                     "long_poll_max_seconds) and answer as soon as a task opens for the client; after a full "
                     "wait without one, retry_after is 0 (ask again at once)"))] = 0.0,
+                have_adapters: Annotated[str | None, Header(alias=HAVE_ADAPTERS_HEADER, max_length=4096, description=(
+                    "the adapter version ids the worker holds, comma-separated (may be empty): the task's other "
+                    "input versions come inline when small (TaskAssignment.inline_adapters)"))] = None,
                 ) -> LeaseResponse:
     """Lease the client's next task, or get 'no work, retry after N s'. With ``wait``, an empty
     answer comes only when the wait is over (or the federation is paused, the client revoked)."""
     app = request.app
     started = time.perf_counter()
     factory = app.state.session_factory
+    try:
+        have = parse_have_adapters(have_adapters)   # refused before anything is leased
+    except ValueError as exc:
+        raise Invalid(str(exc), code="bad_have_adapters") from None
 
     def attempt(first: bool) -> LeaseResponse:
         with app.state.lease_session_factory() as session, session.begin():
@@ -520,11 +529,31 @@ async def lease(client_id: DbId, request: Request, token: Token,
         if answer.task is None and answer.client_state not in ("paused", "revoked") \
                 and time.monotonic() >= deadline - 0.05:  # (asyncio's timers may fire a hair early)
             answer = answer.model_copy(update={"retry_after": 0.0})  # held in full: ask again at once
+    if answer.task is not None and have is not None:
+        answer = await _with_inline_adapters(app.state.inline_adapters, answer, have)
     outcome = "granted" if answer.task is not None else "empty"
     app.state.metrics.leases.labels(outcome).inc()
     app.state.metrics.lease_seconds.labels(outcome).observe(time.perf_counter() - started)
     # the model is already valid: serialized once, not validated again against response_model
     return Response(content=answer.model_dump_json(), media_type="application/json")
+
+
+async def _with_inline_adapters(inline: InlineAdapters, answer: LeaseResponse, have: frozenset[int]) -> LeaseResponse:
+    """The answer with the task's input versions the worker does not hold, where small enough, as
+    base64 (read once per version: every held lease of a new round names the same one)."""
+    task = answer.task
+    texts: dict[int, str] = {}
+    for ref in (task.root, task.cluster):
+        if ref is None or ref.id in have or ref.id in texts:
+            continue
+        text = inline.cached(ref.sha256)
+        if text is None:
+            text = await run_in_threadpool(inline.load, ref.sha256)
+        if text:
+            texts[ref.id] = text
+    if not texts:
+        return answer
+    return answer.model_copy(update={"task": task.model_copy(update={"inline_adapters": texts})})
 
 
 @router.post("/tasks/{task_id}/heartbeat", response_model=HeartbeatAck)

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     long_poll_interval_seconds: float = Field(default=0.5, gt=0, le=60, description="how often held lease "
                                               "requests look for tasks opened by another replica (this "
                                               "replica's own changes wake them at once)")
+    inline_adapter_max_bytes: int = Field(default=256 << 10, ge=0, le=16 << 20, description="a lease answer "
+                                          "carries the task's input adapter versions up to this size inline "
+                                          "(base64) for a worker that says which versions it holds, so the "
+                                          "task starts without a download; 0: never inline")
     max_uploads_in_flight: int = Field(default=64, ge=1, description="concurrent uploads of this replica: "
                                        "503 with Retry-After")
 

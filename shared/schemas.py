@@ -6,6 +6,7 @@ against the federation's adapter manifest.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal
 
@@ -28,6 +29,35 @@ SHA256_HEADER = "X-Hilora-Sha256"
 # an upload that also completes its task: the completion's JSON (``TaskResult``) in this header, so
 # a task's result is one request instead of two (upload, then ``/complete``)
 COMPLETE_HEADER = "X-Hilora-Complete"
+# a lease request's adapter versions the worker already holds (ids, comma-separated; may be empty):
+# its presence asks the coordinator to send the task's other input versions inline when they are small
+# (``TaskAssignment.inline_adapters``), so the task starts without a download
+HAVE_ADAPTERS_HEADER = "X-Hilora-Have-Adapters"
+MAX_HAVE_ADAPTERS = 128
+
+
+def format_have_adapters(ids: Iterable[int]) -> str:
+    """The value of ``HAVE_ADAPTERS_HEADER`` for these version ids (the newest ``MAX_HAVE_ADAPTERS``)."""
+    return ",".join(str(int(i)) for i in list(ids)[-MAX_HAVE_ADAPTERS:])
+
+
+def parse_have_adapters(value: str | None) -> frozenset[int] | None:
+    """``HAVE_ADAPTERS_HEADER`` as version ids; None when the header is absent (nothing is inlined).
+    Raises ValueError, with what is wrong, on anything but up to ``MAX_HAVE_ADAPTERS`` positive
+    integer ids separated by commas."""
+    if value is None:
+        return None
+    parts = [part.strip() for part in value.split(",")] if value.strip() else []
+    if len(parts) > MAX_HAVE_ADAPTERS:
+        raise ValueError(f"{HAVE_ADAPTERS_HEADER} names {len(parts)} adapter versions; at most {MAX_HAVE_ADAPTERS}")
+    ids = set()
+    for part in parts:
+        if not part.isascii() or not part.isdigit() or len(part) > 18 or int(part) < 1:
+            raise ValueError(f"{HAVE_ADAPTERS_HEADER} must be adapter version ids (positive integers) separated "
+                             f"by commas; got {part[:40]!r}")
+        ids.add(int(part))
+    return frozenset(ids)
+
 
 class ErrorBody(BaseModel):
     error: str = Field(description="machine-readable reason, e.g. 'wrong_shape', 'stale_lease'")
@@ -293,6 +323,12 @@ class TaskAssignment(BaseModel):
         description="stage 'refine' only: the cluster adapters to evaluate (protocol 5); the task completes with "
                     "refine_loss_root and refine_loss_c<cluster_id> for each, the mean cross entropy on the client's "
                     "training data")
+    inline_adapters: dict[int, str] = Field(
+        default_factory=dict,
+        description=f"input adapter versions of this task (root, cluster) by id, as base64 safetensors: sent when "
+                    f"the lease request had {HAVE_ADAPTERS_HEADER} without their ids and they are small "
+                    "(HILORA_INLINE_ADAPTER_MAX_BYTES); the worker checks each against its reference's sha256 and "
+                    "does not download it. Optional on both sides: any other version is downloaded as before")
 
 
 class LeaseResponse(BaseModel):

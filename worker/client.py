@@ -7,13 +7,14 @@ torch, so the admin CLI and the demo launcher use it too.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import threading
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import httpx
@@ -22,18 +23,22 @@ from shared import PROTOCOL_VERSION, __version__
 from shared.config import FederationConfig
 from shared.schemas import (
     COMPLETE_HEADER,
+    HAVE_ADAPTERS_HEADER,
     PROTOCOL_HEADER,
     SHA256_HEADER,
     WORKER_ID_HEADER,
+    AdapterRef,
     ClientAdapters,
     ClientRegistered,
     FederationCreated,
     FederationReport,
     FederationStatus,
     LeaseResponse,
+    TaskAssignment,
     TaskCompleted,
     UploadAck,
     VersionInfo,
+    format_have_adapters,
 )
 
 # a completion rides on its upload's request when its JSON is at most this long (HTTP servers limit
@@ -185,10 +190,14 @@ class CoordinatorClient:
         return ClientAdapters.model_validate(
             self.request("GET", f"/v1/clients/{client_id}/adapters", token=token).json())
 
-    def lease(self, client_id: int, token: str) -> LeaseResponse:
-        return LeaseResponse.model_validate(self.request("POST", f"/v1/clients/{client_id}/lease", token=token).json())
+    def lease(self, client_id: int, token: str, have: Iterable[int] | None = None) -> LeaseResponse:
+        """The client's next task, or none. ``have``: the adapter version ids this worker holds (its
+        task's other input versions then come inline when small; None: never inline)."""
+        return LeaseResponse.model_validate(self.request("POST", f"/v1/clients/{client_id}/lease", token=token,
+                                                         headers=_have_header(have)).json())
 
-    def hold_lease(self, client_id: int, token: str, wait: float) -> LeaseResponse | None:
+    def hold_lease(self, client_id: int, token: str, wait: float,
+                   have: Iterable[int] | None = None) -> LeaseResponse | None:
         """A long poll: the coordinator holds the request up to ``wait`` seconds and answers as soon
         as a task opens for the client. One try: None when it failed in transport or was aborted
         (``abort_held``); the caller polls again. A 4xx raises ``CoordinatorError`` as ``lease`` does;
@@ -201,7 +210,7 @@ class CoordinatorClient:
             http = self._held
         try:
             response = http.post(f"/v1/clients/{client_id}/lease", params={"wait": f"{wait:g}"},
-                                 headers={"Authorization": f"Bearer {token}"})
+                                 headers={"Authorization": f"Bearer {token}", **_have_header(have)})
         except (httpx.TransportError, RuntimeError) as exc:  # RuntimeError: the client was closed meanwhile
             log.debug("held lease of client %s ended: %s", client_id, exc)
             return None
@@ -285,6 +294,28 @@ class CoordinatorClient:
     def start_federation(self, admin_token: str, federation_id: int) -> FederationStatus:
         return FederationStatus.model_validate(
             self.request("POST", f"/v1/federations/{federation_id}/start", token=admin_token).json())
+
+
+def _have_header(have: Iterable[int] | None) -> dict[str, str]:
+    return {} if have is None else {HAVE_ADAPTERS_HEADER: format_have_adapters(have)}
+
+
+def inline_adapter(task: TaskAssignment, ref: AdapterRef) -> bytes | None:
+    """The bytes of an input version that came inline with ``task`` (checked against the reference's
+    sha256), or None: not sent, or not as referenced (then it is downloaded, and checked, as before)."""
+    text = task.inline_adapters.get(ref.id)
+    if text is None:
+        return None
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError:
+        log.warning("task %s: adapter version %s came inline but is not base64; downloading it", task.task_id, ref.id)
+        return None
+    if hashlib.sha256(data).hexdigest() != ref.sha256:
+        log.warning("task %s: adapter version %s came inline with bytes that do not hash to %s; downloading it",
+                    task.task_id, ref.id, ref.sha256)
+        return None
+    return data
 
 
 def _verify(data: bytes, expected: str, what: str) -> None:

@@ -41,7 +41,7 @@ from shared.merge import leaf_file_metadata, leaf_file_mix
 from shared.schemas import TaskAssignment, TaskStatus, refine_metric
 from shared.tensors import pack_tensors, unpack_tensors
 from shared.validation import describe_validation_error
-from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable
+from worker.client import CoordinatorClient, CoordinatorError, CoordinatorUnavailable, inline_adapter
 from worker.files import atomic_write
 from worker.model_policy import ModelRefused, check_remote_model
 from worker.state import ClientFiles
@@ -285,6 +285,8 @@ class WorkerDaemon:
         self._leaser: concurrent.futures.ThreadPoolExecutor | None = None  # the next slot's lease (_lease_ahead)
         self._holder: concurrent.futures.ThreadPoolExecutor | None = None  # the held requests (_hold)
         self._holder_size = 0
+        # each hosted client's next held request, sent as soon as its task was handed off (``_hold``)
+        self._carried: dict[concurrent.futures.Future, ClientSlot] = {}
         self._last_task_seconds: float | None = None
 
     # ------------------------------------------------------------------ setup
@@ -389,12 +391,22 @@ class WorkerDaemon:
             self._runtime = (cfg, model)
         return self._runtime
 
-    def _adapter(self, ref, token: str) -> dict:  # noqa: ANN001
+    def _adapter(self, ref, token: str, task: TaskAssignment | None = None) -> dict:  # noqa: ANN001
+        """An adapter version's tensors: kept from an earlier task, come inline with ``task``'s lease
+        answer, or downloaded (each checked against the reference's sha256)."""
         if ref.id not in self._adapter_cache:
             if len(self._adapter_cache) > 64:
                 self._adapter_cache.clear()
-            self._adapter_cache[ref.id] = unpack_tensors(self.client.adapter(ref.id, token, ref.sha256))
+            data = inline_adapter(task, ref) if task is not None else None
+            if data is None:
+                data = self.client.adapter(ref.id, token, ref.sha256)
+            self._adapter_cache[ref.id] = unpack_tensors(data)
         return self._adapter_cache[ref.id]
+
+    def _have(self) -> list[int]:
+        """The adapter versions this worker holds: a lease answer sends the task's others inline when
+        small (``TaskAssignment.inline_adapters``)."""
+        return list(self._adapter_cache)
 
     # ------------------------------------------------------------------ stopping
 
@@ -461,6 +473,7 @@ class WorkerDaemon:
         try:
             return self._poll()
         finally:
+            self._drop_carried()
             for pool in (self._leaser, self._holder):
                 if pool is not None:
                     pool.shutdown(wait=True)
@@ -490,7 +503,7 @@ class WorkerDaemon:
                             response = ahead[1].result()
                             ahead = None
                         else:
-                            response = self.client.lease(slot.client_id, slot.token)
+                            response = self.client.lease(slot.client_id, slot.token, have=self._have())
                     except CoordinatorUnavailable as exc:  # keep polling: the coordinator may come back
                         ahead = None
                         if not self.stop_event.is_set():
@@ -563,7 +576,7 @@ class WorkerDaemon:
         if self._leaser is None:
             self._leaser = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hilora-lease")
         future = self._leaser.submit(contextvars.copy_context().run, self.client.lease, following.client_id,
-                                     following.token)
+                                     following.token, self._have())
         return following, future
 
     def _give_back_ahead(self, slot: ClientSlot, future: concurrent.futures.Future) -> None:
@@ -604,7 +617,12 @@ class WorkerDaemon:
                                                                  thread_name_prefix="hilora-hold")
             self._holder_size = len(slots)
         pool = self._holder
-        pending = {pool.submit(self.client.hold_lease, s.client_id, s.token, self.long_poll): s for s in slots}
+        # the held requests already out (sent as each client's task was handed off), then the rest
+        pending, self._carried = self._carried, {}
+        out = {id(s) for s in pending.values()}
+        have = self._have()
+        pending.update({pool.submit(self.client.hold_lease, s.client_id, s.token, self.long_poll, have): s
+                        for s in slots if id(s) not in out})
         while pending:
             done, _ = concurrent.futures.wait(pending, timeout=0.2,
                                               return_when=concurrent.futures.FIRST_COMPLETED)
@@ -634,7 +652,28 @@ class WorkerDaemon:
                     self._release(slot, task, "it waited while another task ran")
                 else:
                     self._run_task(slot, task)
+                    if not self.stop_event.is_set() and slot.last_state not in ("revoked", "paused"):
+                        # this client's next held request goes out now, while the worker trains its other
+                        # clients' tasks, not with all of them once the last one is done: at a round's
+                        # end the coordinator then gets one lease request with the last upload instead
+                        # of one per hosted client while it decides and opens the next round
+                        self._carried[pool.submit(self.client.hold_lease, slot.client_id, slot.token,
+                                                  self.long_poll, self._have())] = slot
         return answered
+
+    def _drop_carried(self) -> None:
+        """End the held requests still out when the daemon stops; a task one of them got is given back."""
+        carried, self._carried = self._carried, {}
+        if not carried:
+            return
+        self.client.abort_held()
+        for future, slot in carried.items():
+            try:
+                response = future.result(timeout=10.0)   # aborted just above: they end at once
+            except Exception:  # noqa: BLE001 - aborted, refused or still stuck: nothing to give back
+                continue
+            if response is not None and response.task is not None:
+                self._release(slot, response.task, "the worker is stopping")
 
     def _run_task(self, slot: ClientSlot, task: TaskAssignment) -> None:
         """``execute`` that never takes the daemon down for a coordinator failure: the task is
@@ -706,9 +745,9 @@ class WorkerDaemon:
         tier = task.train_tier
         tiers = ["root"] + (["cluster"] if task.cluster is not None else [])
         with timer("fetch"):
-            model.load_tier("root", self._adapter(task.root, slot.token))
+            model.load_tier("root", self._adapter(task.root, slot.token, task))
             if task.cluster is not None:
-                model.load_tier("cluster", self._adapter(task.cluster, slot.token))
+                model.load_tier("cluster", self._adapter(task.cluster, slot.token, task))
             if task.stage != "probe":
                 # Factors a tier keeps local (e.g. FedSA's B) are this client's own: lay them over the
                 # coordinator's version for every tier in use, as export does. A probe starts from the

@@ -10,6 +10,7 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 
 from shared.config import Training
 from shared.schemas import COMPLETE_HEADER, FederationState, LeaseResponse, TaskAssignment, TaskStatus, UploadAck
+from shared.tensors import pack_tensors, unpack_tensors
 from worker.client import COMPLETE_HEADER_MAX_BYTES, CoordinatorClient, CoordinatorError, CoordinatorUnavailable
 from worker.daemon import ClientSlot, HostedClient, WorkerConfig, WorkerDaemon
 from worker.data import ClientData
@@ -55,6 +57,7 @@ class FakeClient:
         self.scripts = scripts
         self.calls: list[tuple] = []
         self.completes: list[tuple] = []
+        self.haves: list[tuple] = []   # (route, client id, the adapter versions the lease said it holds)
         self.interrupted = None
 
     def _answer(self, route: str, *args):
@@ -72,7 +75,8 @@ class FakeClient:
     def routes(self) -> list[str]:
         return [c[0] for c in self.calls]
 
-    def lease(self, client_id, token):
+    def lease(self, client_id, token, have=None):
+        self.haves.append(("lease", client_id, have))
         return self._answer("lease", client_id)
 
     def heartbeat(self, task_id, token, lease_id):
@@ -95,7 +99,8 @@ class FakeClient:
     def adapter(self, version_id, token, sha):
         return self._answer("adapter", version_id)
 
-    def hold_lease(self, client_id, token, wait):
+    def hold_lease(self, client_id, token, wait, have=None):
+        self.haves.append(("hold_lease", client_id, have))
         return self._answer("hold_lease", client_id, wait)
 
     def abort_held(self):
@@ -638,28 +643,43 @@ def test_with_nothing_to_do_the_worker_holds_a_lease_and_runs_the_task_it_gets(t
 
 def test_after_held_requests_answered_the_worker_holds_again_without_plain_leases(tmp_path):
     """Two rounds come through held requests: between them the worker asks for no plain lease (a
-    held request answers at once when a task waits), so its only plain leases are the first sweep."""
+    held request answers at once when a task waits), so its only plain leases are the first sweep;
+    each client's next held request goes out as soon as its task ran, not after all of them."""
     daemon: WorkerDaemon
     answers = {3: [_lease(_fresh(_task(1), 60.0)), _lease(_fresh(_task(3), 60.0))],
                4: [_lease(_fresh(_task(2), 60.0)), _lease(_fresh(_task(4), 60.0))]}
+    second_hold_of_3 = threading.Event()
 
     def hold(client_id, wait):
+        if client_id == 3 and len(answers[3]) == 1:
+            second_hold_of_3.set()
         if answers[client_id]:
             return answers[client_id].pop(0)
-        daemon.request_stop("test")
+        daemon.stop_event.wait(10)   # held: no task for it until the test stops the worker
         return None
+
+    def execute(slot, task, defer_report=False):
+        if task.task_id == 2:   # client 3's task ran: its next held request is out while this one runs
+            assert second_hold_of_3.wait(10), "client 3's next held request waited for the other task"
+        seen.append(task.task_id)
+        if len(seen) == 4:
+            daemon.request_stop("test")
+        return {}
 
     client = FakeClient(lease=[_lease(None)], hold_lease=hold)
     daemon, _slot = _daemon(client, tmp_path, long_poll=15.0)
     _second_slot(daemon, tmp_path)
-    seen = []
-    daemon.execute = lambda slot, task, defer_report=False: seen.append(task.task_id) or {}  # type: ignore[method-assign]
+    seen: list[int] = []
+    daemon.execute = execute  # type: ignore[method-assign]
     assert daemon.run() == 0
     assert sorted(seen) == [1, 2, 3, 4]
     routes = client.routes()
     assert routes[:2] == ["lease", "lease"]          # the first sweep, one per hosted client
-    assert routes[2:].count("lease") == 0 and routes.count("hold_lease") == 6
-    assert daemon._holder is None                      # the held requests' threads end with the daemon
+    # the first two holds, each client's next one as its task ran (tasks 3 and 4), client 3's after
+    # task 3 (held until the stop); none after task 4 (the stop came with it)
+    assert routes[2:].count("lease") == 0 and routes.count("hold_lease") == 5
+    assert "abort_held" in routes                      # the held request still out ends with the daemon
+    assert daemon._holder is None and daemon._carried == {}   # the held requests' threads end with the daemon
 
 
 def test_exit_when_idle_after_held_requests_polls_one_client_then_all_to_exit(tmp_path):
@@ -667,9 +687,13 @@ def test_exit_when_idle_after_held_requests_polls_one_client_then_all_to_exit(tm
     ready it polls every client and exits when all are, without holding again."""
     answers = {3: [_lease(_fresh(_task(1), 60.0))], 4: [_lease(_fresh(_task(2), 60.0))]}
     leases: list[int] = []
+    aborted = threading.Event()
 
     def hold(client_id, wait):
-        return answers[client_id].pop(0)   # a second hold would fail the test (pop from empty)
+        if answers[client_id]:
+            return answers[client_id].pop(0)
+        assert aborted.wait(10), "the held request sent after the task ran was never ended"
+        return None   # each client's next hold, out since its task ran: ended when the worker exits
 
     def lease(client_id):
         leases.append(client_id)
@@ -678,6 +702,7 @@ def test_exit_when_idle_after_held_requests_polls_one_client_then_all_to_exit(tm
                              client_state=state)
 
     client = FakeClient(lease=lease, hold_lease=hold)
+    client.abort_held = lambda: (client.calls.append(("abort_held",)), aborted.set())  # type: ignore[method-assign]
     daemon, _slot = _daemon(client, tmp_path, long_poll=15.0, exit_when_idle=True)
     _second_slot(daemon, tmp_path)
     seen = []
@@ -685,7 +710,8 @@ def test_exit_when_idle_after_held_requests_polls_one_client_then_all_to_exit(tm
     assert daemon.run() == 0
     assert sorted(seen) == [1, 2]
     assert leases == [3, 4, 3, 3, 4]   # sweep; one client after the hold (ready); every client, all ready
-    assert client.routes().count("hold_lease") == 2
+    assert client.routes().count("hold_lease") == 4   # two that got tasks, two sent as the tasks ran
+    assert "abort_held" in client.routes() and daemon._carried == {}
 
 
 def test_a_held_task_that_waited_past_half_its_lease_is_given_back(tmp_path):
@@ -937,8 +963,8 @@ def test_a_task_is_reported_in_the_background_while_the_next_one_is_leased(tmp_p
 
     daemon, client = _pipelined(tmp_path, small_runtime, monkeypatch, {"upload": upload, "complete": [None]})
     original = client.lease
-    client.lease = lambda cid, token: (leased_again.set() if client.routes().count("lease") >= 1 else None,
-                                       original(cid, token))[1]
+    client.lease = lambda cid, token, have=None: (leased_again.set() if client.routes().count("lease") >= 1 else None,
+                                                  original(cid, token, have))[1]
     assert daemon.run() == 0
     assert seen == {"leased while reporting": True, "stopping": True, "interrupted": False}
     routes = [c[:2] for c in client.calls if c[0] in ("lease", "upload", "complete")]
@@ -990,3 +1016,52 @@ def test_a_background_report_that_fails_is_dropped_and_polling_goes_on(tmp_path,
     assert [c[:2] for c in client.calls if c[0] in ("upload", "complete")] == [
         ("upload", 1), ("upload", 2), ("complete", 2)]
     assert sum("result dropped" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("intact", [True, False])
+def test_an_input_version_that_came_inline_is_used_without_a_download(tmp_path, small_runtime, monkeypatch, intact):
+    """A lease answer that carried the task's root inline (base64, ``inline_adapters``): the worker
+    loads it, checked against the reference's sha256, and downloads nothing; inline bytes that do
+    not hash to the reference are ignored and the version is downloaded as before. The version is
+    then held: the next lease says so."""
+    import base64
+    import hashlib
+
+    from shared.schemas import AdapterRef
+
+    root = small_runtime.export_tier("root")
+    body = pack_tensors({k: v + 0.5 if k.startswith("head.") else v for k, v in root.items()})
+    sent = body if intact else body[:-4] + b"\x00\x00\x80\x3f"   # the last float changed: another hash
+    loaded = {}
+
+    def spy(model, tier_, data, **kw):
+        loaded.update(model.export_tier("root"))
+        return {"train_loss": 0.0, "steps": 1}
+
+    import worker.train as train
+
+    monkeypatch.setattr(train, "train_tier", spy)
+    client = FakeClient(adapter=[body], complete=[None])
+    daemon, slot = _daemon(client, tmp_path)
+    daemon._runtime = (SimpleNamespace(training=Training(seed=0), cluster=SimpleNamespace(enabled=False),
+                                       schedule=SimpleNamespace(leaf_rounds=1)), small_runtime)
+    ref = AdapterRef(id=12, tier="root", version=3, sha256=hashlib.sha256(body).hexdigest())
+    task = _task(root=ref).model_copy(update={"inline_adapters": {12: base64.b64encode(sent).decode()}})
+    daemon.execute(slot, task)
+    assert client.routes().count("adapter") == (0 if intact else 1)
+    expected = unpack_tensors(body)
+    assert set(loaded) == set(expected) and all(np.array_equal(loaded[k], expected[k]) for k in expected)
+    assert daemon._have() == [12]
+
+
+def test_an_inline_version_that_is_not_base64_is_downloaded(tmp_path, small_runtime, monkeypatch):
+    import hashlib
+
+    from shared.schemas import AdapterRef
+
+    body = pack_tensors(small_runtime.export_tier("root"))
+    ref = AdapterRef(id=5, tier="root", version=1, sha256=hashlib.sha256(body).hexdigest())
+    metrics, client = _run_one_task(tmp_path, small_runtime, monkeypatch,
+                                    lambda *a, **k: {"train_loss": 0.0, "steps": 1},
+                                    root=ref, inline_adapters={5: "not base64 at all!"})
+    assert client.routes().count("adapter") == 1 and metrics
