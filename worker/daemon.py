@@ -285,8 +285,6 @@ class WorkerDaemon:
         self._leaser: concurrent.futures.ThreadPoolExecutor | None = None  # the next slot's lease (_lease_ahead)
         self._holder: concurrent.futures.ThreadPoolExecutor | None = None  # the held requests (_hold)
         self._holder_size = 0
-        # each hosted client's next held request, sent as soon as its task was handed off (``_hold``)
-        self._carried: dict[concurrent.futures.Future, ClientSlot] = {}
         self._last_task_seconds: float | None = None
 
     # ------------------------------------------------------------------ setup
@@ -473,7 +471,6 @@ class WorkerDaemon:
         try:
             return self._poll()
         finally:
-            self._drop_carried()
             for pool in (self._leaser, self._holder):
                 if pool is not None:
                     pool.shutdown(wait=True)
@@ -617,12 +614,8 @@ class WorkerDaemon:
                                                                  thread_name_prefix="hilora-hold")
             self._holder_size = len(slots)
         pool = self._holder
-        # the held requests already out (sent as each client's task was handed off), then the rest
-        pending, self._carried = self._carried, {}
-        out = {id(s) for s in pending.values()}
         have = self._have()
-        pending.update({pool.submit(self.client.hold_lease, s.client_id, s.token, self.long_poll, have): s
-                        for s in slots if id(s) not in out})
+        pending = {pool.submit(self.client.hold_lease, s.client_id, s.token, self.long_poll, have): s for s in slots}
         while pending:
             done, _ = concurrent.futures.wait(pending, timeout=0.2,
                                               return_when=concurrent.futures.FIRST_COMPLETED)
@@ -652,28 +645,7 @@ class WorkerDaemon:
                     self._release(slot, task, "it waited while another task ran")
                 else:
                     self._run_task(slot, task)
-                    if not self.stop_event.is_set() and slot.last_state not in ("revoked", "paused"):
-                        # this client's next held request goes out now, while the worker trains its other
-                        # clients' tasks, not with all of them once the last one is done: at a round's
-                        # end the coordinator then gets one lease request with the last upload instead
-                        # of one per hosted client while it decides and opens the next round
-                        self._carried[pool.submit(self.client.hold_lease, slot.client_id, slot.token,
-                                                  self.long_poll, self._have())] = slot
         return answered
-
-    def _drop_carried(self) -> None:
-        """End the held requests still out when the daemon stops; a task one of them got is given back."""
-        carried, self._carried = self._carried, {}
-        if not carried:
-            return
-        self.client.abort_held()
-        for future, slot in carried.items():
-            try:
-                response = future.result(timeout=10.0)   # aborted just above: they end at once
-            except Exception:  # noqa: BLE001 - aborted, refused or still stuck: nothing to give back
-                continue
-            if response is not None and response.task is not None:
-                self._release(slot, response.task, "the worker is stopping")
 
     def _run_task(self, slot: ClientSlot, task: TaskAssignment) -> None:
         """``execute`` that never takes the daemon down for a coordinator failure: the task is

@@ -10,11 +10,13 @@ from datetime import datetime, timezone
 
 import pytest
 from conftest import admin_headers, bearer, create_federation, register, tick
+from test_fake_worker import ThroughTestClient
 from test_quorum import finish
 
 from coordinator.blobs import BlobStore, InlineAdapters
 from coordinator.routes import _with_inline_adapters
 from shared.config import Training
+from worker.client import CoordinatorClient, inline_adapter
 from shared.schemas import (
     HAVE_ADAPTERS_HEADER,
     MAX_HAVE_ADAPTERS,
@@ -79,6 +81,16 @@ def test_the_next_round_inlines_the_new_version(api, app):
     assert task["round_number"] == 2 and task["root"]["id"] != first_root
     data = base64.b64decode(task["inline_adapters"][str(task["root"]["id"])])
     assert data == downloaded(api, task["root"]["id"])
+
+
+def test_the_worker_client_asks_for_and_checks_inline_versions(api, app):
+    """``CoordinatorClient.lease`` with ``have`` through the app: the root comes inline and passes the
+    worker's sha256 check; with ``have`` None (an older worker's call) nothing is inlined."""
+    _, [(c0, t0), (c1, t1)] = started(api, app)
+    http = CoordinatorClient(str(api.base_url), transport=ThroughTestClient(api), max_retries=0)
+    task = http.lease(c0, t0, have=[]).task
+    assert inline_adapter(task, task.root) == downloaded(api, task.root.id)
+    assert http.lease(c1, t1).task.inline_adapters == {}
 
 
 @pytest.mark.parametrize("value", ["abc", "-1", "0", "1,,2", "1.5", "1;2", "9" * 19, ",".join(["7"] * (MAX_HAVE_ADAPTERS + 1))])
