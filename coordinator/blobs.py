@@ -130,11 +130,13 @@ class InlineAdapters:
     """Adapter versions as the base64 text a lease answer carries inline (``TaskAssignment.
     inline_adapters``), the few most recent kept: at a round's opening every held lease of the round
     names the same new version, so it is read and encoded once. A blob is content-addressed, so a
-    kept text never goes stale. ``max_bytes`` 0 (or less) inlines nothing."""
+    kept text never goes stale. ``max_bytes`` 0 (or less) inlines nothing. At most ``keep`` texts and
+    ``keep_chars`` characters in all are kept (the oldest go first)."""
 
-    def __init__(self, blobs: BlobStore, max_bytes: int, keep: int = 16) -> None:
-        self.blobs, self.max_bytes, self.keep = blobs, max_bytes, keep
+    def __init__(self, blobs: BlobStore, max_bytes: int, keep: int = 16, keep_chars: int = 64 << 20) -> None:
+        self.blobs, self.max_bytes, self.keep, self.keep_chars = blobs, max_bytes, keep, keep_chars
         self._texts: dict[str, str] = {}   # sha256 -> base64 text ("" for a blob over max_bytes or gone)
+        self._chars = 0
         self._lock = threading.Lock()
 
     def cached(self, sha256: str) -> str | None:
@@ -152,7 +154,8 @@ class InlineAdapters:
             except (OSError, BlobNotFound):   # gone (retention): the worker's download says so clearly
                 text = ""
         with self._lock:
+            self._chars += len(text) - len(self._texts.pop(sha256, ""))
             self._texts[sha256] = text
-            while len(self._texts) > self.keep:
-                self._texts.pop(next(iter(self._texts)))
+            while len(self._texts) > 1 and (len(self._texts) > self.keep or self._chars > self.keep_chars):
+                self._chars -= len(self._texts.pop(next(iter(self._texts))))
         return text

@@ -150,6 +150,12 @@ def test_the_kept_texts_are_bounded(tmp_path):
     for sha in shas:
         inline.load(sha)
     assert [inline.cached(sha) is not None for sha in shas] == [False, False, True, True, True]
+    # and by their characters in all: 10 bytes are 16 base64 characters
+    inline = InlineAdapters(blobs, max_bytes=1000, keep=16, keep_chars=40)
+    for sha in shas:
+        inline.load(sha)
+    assert [inline.cached(sha) is not None for sha in shas] == [False, False, False, True, True]
+    assert inline._chars == 32 == sum(len(inline.cached(sha)) for sha in shas[3:])
 
 
 @pytest.mark.unit
